@@ -1,0 +1,41 @@
+"""Atomic file writes: a reader never sees a half-written output."""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import os
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8"):
+    """Open ``path`` for writing through a temporary file in the same folder, renamed into
+    place on success and removed on failure. A ``.gz`` suffix writes gzip."""
+    path = Path(path)
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes only ('w' or 'wb'), got mode={mode!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            stream = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if path.suffix == ".gz" else raw
+            try:
+                if mode == "w":
+                    text = io.TextIOWrapper(stream, encoding=encoding, newline="\n")
+                    yield text
+                    text.flush()
+                    text.detach()
+                else:
+                    yield stream
+            finally:
+                if stream is not raw:
+                    stream.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

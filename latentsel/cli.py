@@ -1,0 +1,138 @@
+"""The ``latentsel`` command line. The only module that knows about all the others."""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {n}")
+    return n
+
+
+# --------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------
+def cmd_world(args) -> int:
+    from latentsel.world import default_world
+
+    world = default_world()
+    history = ["abcd", "xyz", "pqrstu"]
+    print(f"alphabet: {world.alphabet} (A = {world.n_chars}), max_len = {world.max_len}, "
+          f"modules = {world.n_routes} routings x {world.n_skills} skills = {world.n_modules}")
+    print()
+    print(f"{'#':>2}  {'skill':<12} abcde ->")
+    for k, skill in enumerate(world.skills):
+        print(f"{k:>2}  {skill.name:<12} {world.skill(k, 'abcde')}")
+    print()
+    print(f"{'#':>2}  {'routing':<22} H = {history} ->")
+    for r, route in enumerate(world.routes):
+        print(f"{r:>2}  {route.name:<22} {world.route(r, history)}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from latentsel.regimes import bigram_split, generate
+    from latentsel.traces import write_traces
+    from latentsel.world import default_world
+
+    world = default_world()
+    traces = generate(args.regime, args.n, args.seed, world=world, split=bigram_split(world.n_skills, args.split_seed))
+    n = write_traces(args.output, traces, world=world)
+    print(f"wrote {n} {args.regime} traces to {args.output}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from latentsel.traces import read_traces
+
+    errors: list = []
+    traces = read_traces(args.traces, skip_invalid=args.skip_invalid, errors=errors)
+    for err in errors[: args.show]:
+        print(f"skipped {err}", file=sys.stderr)
+    depths = sorted({t.depth for t in traces})
+    missing = sum(s is None for t in traces for s in t.steps)
+    print(f"{args.traces}: {len(traces)} valid traces, depths {depths}, {missing} unobserved steps"
+          + (f", {len(errors)} invalid records skipped" if args.skip_invalid else ""))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from latentsel.demo import run_demo
+
+    run_demo(out=args.out, n=args.n, seed=args.seed)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from latentsel import __version__
+    from latentsel.regimes import REGIMES
+
+    parser = _Parser(prog="latentsel", description="The hierarchical latent selection model of reasoning traces.")
+    parser.add_argument("--version", action="version", version=f"latentsel {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("demo", help="the embedded end-to-end run (minutes on a laptop CPU)")
+    p.add_argument("--out", default="latentsel-demo", help="output folder (default: %(default)s)")
+    p.add_argument("--n", type=_positive_int, default=2000, help="prompts per regime (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("world", help="print the module table of the default world")
+    p.set_defaults(func=cmd_world)
+
+    p = sub.add_parser("generate", help="write seeded golden traces of a data regime")
+    p.add_argument("--regime", required=True, choices=list(REGIMES))
+    p.add_argument("--n", type=_positive_int, required=True, help="number of prompts")
+    p.add_argument("--seed", type=int, default=0, help="prompt seed (default: %(default)s)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the skill-bigram split (default: %(default)s)")
+    p.add_argument("-o", "--output", required=True, help="trace file to write (.jsonl, or .jsonl.gz)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("validate", help="check a trace file and summarize it")
+    p.add_argument("traces", help="trace file (.jsonl or .jsonl.gz)")
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and count them")
+    p.add_argument("--show", type=_positive_int, default=5, help="skipped records to print (default: %(default)s)")
+    p.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("latentsel: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error becomes one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        else:
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if isinstance(e, KeyError) and message.startswith(("'", '"')):
+                message = message[1:-1]
+            print(f"latentsel {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

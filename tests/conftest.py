@@ -1,0 +1,21 @@
+"""Test platform: CPU, float64, fixed seeds."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_ENABLE_X64", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from latentsel.world import default_world  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def world():
+    return default_world()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261126)
