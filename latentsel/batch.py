@@ -11,6 +11,8 @@ fixed column operation on a dense block: that is what makes it fast.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -30,22 +32,33 @@ def encode(strings: Sequence[str], world: World) -> tuple[np.ndarray, np.ndarray
     if world.n_chars >= PAD:
         raise ValueError(f"the batch executor supports alphabets of < {PAD} characters, got {world.n_chars}")
     w = world.max_len
-    lookup = np.full(0x110000 if any(ord(c) > 255 for c in world.alphabet) else 256, PAD, dtype=np.uint8)
-    for i, c in enumerate(world.alphabet):
-        lookup[ord(c)] = i
+    lens = np.fromiter((len(s) for s in strings), dtype=np.int32, count=len(strings))
     codes = np.full((len(strings), w), PAD, dtype=np.uint8)
-    lens = np.zeros(len(strings), dtype=np.int32)
-    for n, s in enumerate(strings):
-        if len(s) > w:
-            raise ValueError(f"string {s!r} is longer than max_len={w}")
-        if s:
-            idx = np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32)
-            row = lookup[np.minimum(idx, lookup.size - 1)]
-            if (row == PAD).any() or (idx >= lookup.size).any():
-                world.check_string(s)
-            codes[n, : len(s)] = row
-        lens[n] = len(s)
+    if lens.size and lens.max() > w:
+        i = int(np.argmax(lens > w))
+        raise ValueError(f"string {strings[i]!r} is longer than max_len={w}")
+    chars = np.frombuffer("".join(strings).encode("utf-32-le"), dtype=np.uint32)
+    mapped = _lookup_table(world.alphabet)[np.minimum(chars, 0x10FFFF)]
+    if (mapped == PAD).any():
+        i = int(np.searchsorted(np.cumsum(lens), int(np.argmax(mapped == PAD)), side="right"))
+        world.check_string(strings[i])
+    rows = np.repeat(np.arange(len(strings)), lens)
+    cols = np.arange(chars.size) - np.repeat(np.cumsum(lens) - lens, lens)
+    codes[rows, cols] = mapped
     return codes, lens
+
+
+_TABLES: dict[str, np.ndarray] = {}
+
+
+def _lookup_table(alphabet: str) -> np.ndarray:
+    """``uint8[0x110000]``: code point -> index in the alphabet, PAD for any other."""
+    table = _TABLES.get(alphabet)
+    if table is None:
+        table = np.full(0x110000, PAD, dtype=np.uint8)
+        table[[ord(c) for c in alphabet]] = np.arange(len(alphabet))
+        _TABLES[alphabet] = table
+    return table
 
 
 def decode(codes: np.ndarray, lens: np.ndarray, world: World) -> list[str]:
@@ -107,11 +120,12 @@ def route_all(world: World, codes: np.ndarray, lens: np.ndarray, depth: np.ndarr
     return out, out_lens
 
 
-def skill_all(world: World, codes: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def skill_all(world: World, codes: np.ndarray, lens: np.ndarray, *, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every skill on every string.
 
     Args:
         codes: uint8[M, W]; lens: int[M].
+        threads: worker threads (default: one per core, at most 8).
     Returns:
         ``(codes: uint8[M, K, W], lens: int32[M, K])``, truncated to ``max_len``. The
         arrays are views of skill-major buffers (not C-contiguous).
@@ -126,30 +140,46 @@ def skill_all(world: World, codes: np.ndarray, lens: np.ndarray) -> tuple[np.nda
     # skill-major layout: each write below is a contiguous block of rows
     out = np.empty((k_n, m, w), dtype=np.uint8)
     out_lens = np.empty((k_n, m), dtype=np.int32)
-    for length in range(w + 1):
-        lo, hi = bounds[length], bounds[length + 1]
-        if lo == hi:
-            continue
-        block = sorted_codes[lo:hi, :length]
-        for k, skill in enumerate(world.skills):
-            if skill.batch is not None:
-                res, res_lens = skill.batch(block, world.n_chars)
-            else:
-                strings = decode(block, np.full(hi - lo, length), world)
-                res, res_lens = encode([world.skill(k, s) for s in strings], world)
-            width = min(w, res.shape[1])
-            target = out[k, lo:hi]
-            target[:, :width] = res[:, :width]
-            target[:, width:] = PAD
-            if np.ndim(res_lens):
-                res_lens = np.minimum(res_lens, w)
-                _mask(target, res_lens)
-            else:
-                res_lens = min(int(res_lens), w)
-            out_lens[k, lo:hi] = res_lens
+
+    def run(skill_indices):
+        for length in range(w + 1):
+            lo, hi = bounds[length], bounds[length + 1]
+            if lo == hi:
+                continue
+            block = sorted_codes[lo:hi, :length]
+            for k in skill_indices:
+                _apply_skill(world, k, block, out[k, lo:hi], out_lens[k, lo:hi])
+
+    # numpy releases the GIL inside these kernels, so threads over skills use the cores
+    n_threads = max(1, min(threads or os.cpu_count() or 1, k_n, 8))
+    if n_threads == 1 or m < 2048:
+        run(range(k_n))
+    else:
+        with ThreadPoolExecutor(n_threads) as pool:
+            list(pool.map(run, [range(i, k_n, n_threads) for i in range(n_threads)]))
     inverse = np.empty_like(order)
     inverse[order] = np.arange(m)
     return np.take(out, inverse, axis=1).transpose(1, 0, 2), np.take(out_lens, inverse, axis=1).T
+
+
+def _apply_skill(world: World, k: int, block: np.ndarray, target: np.ndarray, target_lens: np.ndarray) -> None:
+    """Skill ``k`` on a block of equal-length strings, written into ``target: uint8[m, W]``."""
+    w = target.shape[1]
+    skill = world.skills[k]
+    if skill.batch is not None:
+        res, res_lens = skill.batch(block, world.n_chars)
+    else:
+        strings = decode(block, np.full(block.shape[0], block.shape[1]), world)
+        res, res_lens = encode([world.skill(k, s) for s in strings], world)
+    width = min(w, res.shape[1])
+    target[:, :width] = res[:, :width]
+    target[:, width:] = PAD
+    if np.ndim(res_lens):
+        res_lens = np.minimum(res_lens, w)
+        _mask(target, res_lens)
+    else:
+        res_lens = min(int(res_lens), w)
+    target_lens[...] = res_lens
 
 
 def apply_all(world: World, codes: np.ndarray, lens: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -167,12 +167,12 @@ def generate(
     skills = candidates[rng.integers(len(candidates), size=n)]
     routes = rng.integers(world.n_routes, size=(n, spec.depth))
     if regime == "sft":
-        cover = _cover(candidates, world.n_skills, rng)[:n]
-        if cover:
-            skills[: len(cover)] = np.stack(cover)
-            route_cover = rng.permutation(np.resize(rng.permutation(world.n_routes), len(cover) * spec.depth))
-            m = min(len(cover) * spec.depth, world.n_routes)
-            routes[: len(cover)].reshape(-1)[:m] = route_cover[:m]
+        cover = _cover(candidates, world.n_skills, rng)
+        n_cover = min(n, max(len(cover), -(-world.n_routes // spec.depth)))
+        if n_cover:
+            skills[: len(cover[:n_cover])] = np.stack(cover[:n_cover])
+            slots = np.resize(rng.permutation(world.n_routes), n_cover * spec.depth)
+            routes[:n_cover] = rng.permutation(slots).reshape(n_cover, spec.depth)
         perm = rng.permutation(n)
         skills, routes = skills[perm], routes[perm]
 

@@ -1,0 +1,5 @@
+import sys
+
+from latentsel.cli import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from latentsel.cli import main
+from latentsel.traces import read_traces
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("demo", "world", "generate", "validate"):
+        assert cmd in out
+
+
+def test_world_table(capsys):
+    assert main(["world"]) == 0
+    out = capsys.readouterr().out
+    assert "zip_prev_input" in out and "paqbrcsdtu" in out
+    assert "mirror" in out and "abcdeedcba" in out
+
+
+def test_generate_and_validate(tmp_path, capsys):
+    path = tmp_path / "sft.jsonl.gz"
+    assert main(["generate", "--regime", "sft", "--n", "40", "--seed", "2", "-o", str(path)]) == 0
+    traces = read_traces(path)
+    assert len(traces) == 40 and traces[0].source["regime"] == "sft"
+    assert main(["validate", str(path)]) == 0
+    assert "40 valid traces" in capsys.readouterr().out
+
+
+def test_validate_skip_invalid_reports_count(tmp_path, capsys):
+    path = tmp_path / "mixed.jsonl"
+    good = {"id": "a", "input": "abc", "program": None, "steps": ["cba"]}
+    path.write_text(json.dumps(good) + "\n{bad\n" + json.dumps(dict(good, id="b", input="ABC")) + "\n")
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}:2: invalid JSON" in err
+    assert main(["validate", str(path), "--skip-invalid"]) == 0
+    captured = capsys.readouterr()
+    assert "1 valid traces" in captured.out and "2 invalid records skipped" in captured.out
+    assert f"{path}:3:" in captured.err
+
+
+def test_usage_error_is_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--regime", "nope", "--n", "3", "-o", "x.jsonl"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid choice: 'nope'" in err
+
+
+def test_debug_shows_traceback(tmp_path):
+    missing = str(tmp_path / "missing.jsonl")
+    plain = subprocess.run([sys.executable, "-m", "latentsel", "validate", missing], capture_output=True, text=True)
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    assert plain.stderr.strip() == f"latentsel validate: error: {missing}: no such file"
+    debug = subprocess.run([sys.executable, "-m", "latentsel", "--debug", "validate", missing],
+                           capture_output=True, text=True)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_demo_runs(tmp_path, capsys):
+    assert main(["demo", "--n", "30", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "eval-ood" in out and "unique" in out
+    assert len(read_traces(tmp_path / "demo" / "sft.jsonl.gz")) == 30

@@ -1,0 +1,27 @@
+"""The layout of DESIGN §1: models/ and inference/ live in the latentsel namespace only."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_models_and_inference_are_namespaced():
+    import latentsel.inference
+    import latentsel.models
+
+    assert Path(latentsel.models.__file__).parent.name == "models"
+    assert Path(latentsel.inference.__file__).parent.name == "inference"
+
+
+def test_nothing_named_models_or_inference_at_top_level(tmp_path):
+    # run from an empty folder so the checkout itself is not on sys.path
+    code = "import importlib.util as u; print(u.find_spec('models'), u.find_spec('inference'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None None"
+
+
+def test_console_script_is_installed():
+    assert importlib.util.find_spec("latentsel.cli") is not None
+    exe = Path(sys.executable).parent / "latentsel"
+    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("latentsel ")

@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+
+from latentsel.regimes import HELD_OUT, REGIMES, RL, SEEN, bigram_split, generate, regime_programs
+
+
+def test_split_sizes_and_disjointness():
+    split = bigram_split(24, seed=0)
+    assert split.counts() == {"seen": 288, "rl": 144, "held_out": 144}
+    assert (split.seen.astype(int) + split.rl + split.held_out == 1).all()
+    # every skill has a seen successor and a seen predecessor
+    assert split.seen.any(axis=1).all() and split.seen.any(axis=0).all()
+    assert (bigram_split(24, seed=0).labels == split.labels).all()
+    assert (bigram_split(24, seed=1).labels != split.labels).any()
+
+
+@pytest.mark.parametrize("regime", list(REGIMES))
+def test_regime_constraints(world, regime):
+    split = bigram_split(world.n_skills, seed=0)
+    traces = generate(regime, 300, seed=7, world=world, split=split)
+    assert len(traces) == 300 and len({t.id for t in traces}) == 300
+    for t in traces:
+        assert t.depth == REGIMES[regime].depth
+        assert 4 <= len(t.input) <= 8
+        assert t.steps == world.run(t.program, t.input)
+        ks = [world.skill_index(k) for _, k in t.program]
+        labels = [split.labels[a, b] for a, b in zip(ks, ks[1:])]
+        if regime in ("sft", "eval-seen"):
+            assert all(lab == SEEN for lab in labels)
+        elif regime == "rl-compound":
+            assert RL in labels and HELD_OUT not in labels
+        elif regime == "eval-unseen":
+            assert HELD_OUT in labels
+
+
+@pytest.mark.parametrize("n", [8, 10, 100])
+def test_sft_covers_every_skill_and_routing(world, n):
+    traces = generate("sft", n, seed=11)
+    assert {k for t in traces for _, k in t.program} == set(world.skill_names)
+    assert {r for t in traces for r, _ in t.program} == set(world.route_names)
+
+
+def test_deterministic_and_independent_streams():
+    a = [t.to_dict() for t in generate("eval-seen", 50, seed=5)]
+    assert a == [t.to_dict() for t in generate("eval-seen", 50, seed=5)]
+    assert a != [t.to_dict() for t in generate("eval-seen", 50, seed=6)]
+    sft = [(t.input, t.program) for t in generate("sft", 50, seed=5)]
+    assert sft != [(t["input"], t["program"]) for t in a]
+
+
+def test_program_sets():
+    split = bigram_split(24)
+    assert len(regime_programs("rl-atomic", split)) == 24
+    assert len(regime_programs("eval-ood", split)) == 24**4
+    seen = regime_programs("sft", split)
+    # an sft program of skills (a, b, c) needs a->b and b->c seen
+    s = split.seen.astype(int)
+    assert len(seen) == int(np.einsum("ab,bc->", s, s))
+
+
+def test_bad_arguments():
+    with pytest.raises(KeyError, match="unknown regime 'sf'"):
+        generate("sf", 3)
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        generate("sft", -1)
+    assert generate("sft", 0) == []
