@@ -1,0 +1,207 @@
+"""Exact inference by enumeration, in closed form (log-sum-exp over the emission tensor).
+
+For the modular and entangled models the steps of a fully observed trace are independent
+given the trace, so
+
+    log p(D | θ) = Σ_t log Σ_{r,k} p(r | ·) p(k | ·) p(y_t | r, k)
+
+and the posterior of each step is the normalized summand. The grammar model is a chain
+over executed modules whose transition factorizes over routing and skill,
+``p(r_t, k_t | r_{t-1}, k_{t-1}) = route_trans[r_{t-1}, r_t] skill_trans[k_{t-1}, k_t]``, so
+forward-backward and Viterbi cost O(R K (R + K)) per step instead of O((R K)^2).
+
+Everything here is a pure function of arrays (jitted JAX, float64 when x64 is enabled).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import logsumexp
+
+from latentsel.models.data import HLSMData, log_emission, log_p_off
+
+__all__ = ["ExactPosterior", "step_log_priors", "exact_posterior", "independent_posterior", "chain_posterior"]
+
+
+class ExactPosterior(NamedTuple):
+    """Exact per-trace results.
+
+    Attributes:
+        log_evidence: [N], log p(y_{1:T} | θ) of each trace.
+        route_probs: [N, T, R], p(r_t = r | D, θ).
+        skill_probs: [N, T, K], p(k_t = k | D, θ).
+        p_off: [N, T], p(u_t = 1 | D, θ).
+        map_route: [N, T], map_skill: [N, T]; the MAP selections with the off-module flags
+            summed out (per step for the independent models; the Viterbi path for grammar).
+        joint_probs: [N, T, R, K], p(r_t, k_t | D, θ).
+    """
+
+    log_evidence: jax.Array
+    route_probs: jax.Array
+    skill_probs: jax.Array
+    p_off: jax.Array
+    map_route: jax.Array
+    map_skill: jax.Array
+    joint_probs: jax.Array
+
+
+def step_log_priors(model: str, params, data: HLSMData):
+    """log p(r_t | program) and log p(k_t | program) per step: ``([N, T, R], [N, T, K])``
+    for the modular and entangled models."""
+    cr, ck = jnp.asarray(data.route_intended), jnp.asarray(data.skill_intended)
+    if model == "modular":
+        return jnp.log(params.route_exec)[cr], jnp.log(params.skill_exec)[ck]
+    if model == "entangled":
+        r_n, k_n = data.n_routes, data.n_skills
+        prev_r = jnp.concatenate([jnp.full_like(cr[:, :1], r_n), cr[:, :-1]], axis=1)
+        prev_k = jnp.concatenate([jnp.full_like(ck[:, :1], k_n), ck[:, :-1]], axis=1)
+        return jnp.log(params.route_exec_ctx)[prev_r, cr], jnp.log(params.skill_exec_ctx)[prev_k, ck]
+    raise ValueError(f"step_log_priors is for the modular and entangled models, not {model!r}")
+
+
+def _off_posterior(post, le, log_off_term):
+    """p(u_t = 1 | D) = Σ_{r,k} p(r, k | D) off p_off(y) / p(y | r, k)."""
+    p = jnp.sum(post * jnp.exp(log_off_term[..., None, None] - le), axis=(-2, -1))
+    return jnp.clip(p, 0.0, 1.0)  # rounding can leave it 1 ulp outside
+
+
+def independent_posterior(log_route_prior, log_skill_prior, le, log_off_term, mask) -> ExactPosterior:
+    """Exact posterior of the independent-step models.
+
+    Args:
+        log_route_prior: [N, T, R]; log_skill_prior: [N, T, K]; le: [N, T, R, K] log p(y_t | r, k);
+        log_off_term: [N, T] log(off_module) + log p_off(y_t); mask: bool[N, T].
+    """
+    joint = log_route_prior[..., :, None] + log_skill_prior[..., None, :] + le
+    log_py = logsumexp(joint, axis=(-2, -1))
+    post = jnp.exp(joint - log_py[..., None, None])
+    n, t, r, k = joint.shape
+    flat_map = jnp.argmax(joint.reshape(n, t, r * k), axis=-1)
+    maskf = mask.astype(joint.dtype)
+    return ExactPosterior(
+        log_evidence=jnp.sum(jnp.where(mask, log_py, 0.0), axis=1),
+        route_probs=post.sum(-1) * maskf[..., None],
+        skill_probs=post.sum(-2) * maskf[..., None],
+        p_off=_off_posterior(post, le, log_off_term) * maskf,
+        map_route=jnp.where(mask, flat_map // k, -1),
+        map_skill=jnp.where(mask, flat_map % k, -1),
+        joint_probs=post * maskf[..., None, None],
+    )
+
+
+def chain_posterior(log_route_trans, log_skill_trans, le, log_off_term, mask) -> ExactPosterior:
+    """Forward-backward and Viterbi for the grammar model.
+
+    Args:
+        log_route_trans: [R + 1, R]; log_skill_trans: [K + 1, K] (last row = start);
+        le: [N, T, R, K]; log_off_term: [N, T]; mask: bool[N, T] (steps ``t < depth``, a prefix).
+    """
+    rt, st = jnp.exp(log_route_trans), jnp.exp(log_skill_trans)
+    n, t_max, r_n, k_n = le.shape
+    shift = jnp.max(le, axis=(-2, -1))  # [N, T]; the emission is finite, so this is too
+    e = jnp.exp(le - shift[..., None, None])  # [N, T, R, K], scaled emission
+    init = rt[r_n][:, None] * st[k_n][None, :]  # [R, K]
+
+    def propagate(a):  # Σ_{r', k'} a(r', k') rt[r', r] st[k', k]
+        return jnp.einsum("nab,ar,bk->nrk", a, rt[:r_n], st[:k_n])
+
+    def fwd(carry, xs):
+        alpha, log_z, first = carry
+        e_t, m_t = xs
+        pred = jnp.where(first[:, None, None], init[None], propagate(alpha))
+        a = pred * e_t
+        z = a.sum(axis=(1, 2))
+        a = a / z[:, None, None]
+        keep = m_t[:, None, None]
+        return (jnp.where(keep, a, alpha), log_z + jnp.where(m_t, jnp.log(z), 0.0), first & ~m_t), (a, z)
+
+    carry0 = (jnp.zeros((n, r_n, k_n), le.dtype), jnp.zeros(n, le.dtype), jnp.ones(n, bool))
+    (_, log_z, _), (alphas, zs) = jax.lax.scan(fwd, carry0, (jnp.moveaxis(e, 1, 0), mask.T))
+    log_evidence = log_z + jnp.sum(jnp.where(mask, shift, 0.0), axis=1)
+
+    def back_propagate(b):  # Σ_{r, k} rt[r', r] st[k', k] b(r, k)
+        return jnp.einsum("ar,bk,nrk->nab", rt[:r_n], st[:k_n], b)
+
+    def bwd(beta, xs):
+        e_next, m_next, z_next = xs
+        # beta_t = Σ trans · e_{t+1} · beta_{t+1} / z_{t+1}; past the last step beta = 1
+        b = back_propagate(e_next * beta) / z_next[:, None, None]
+        b = jnp.where(m_next[:, None, None], b, 1.0)
+        return b, b
+
+    e_next = jnp.moveaxis(e, 1, 0)[1:]
+    m_next = mask.T[1:]
+    z_next = jnp.where(m_next, zs[1:], 1.0)
+    _, betas = jax.lax.scan(bwd, jnp.ones((n, r_n, k_n), le.dtype), (e_next, m_next, z_next), reverse=True)
+    betas = jnp.concatenate([betas, jnp.ones((1, n, r_n, k_n), le.dtype)], axis=0)
+    post = jnp.moveaxis(alphas * betas, 0, 1)  # [N, T, R, K]
+    post = post / post.sum(axis=(-2, -1), keepdims=True)
+    maskf = mask.astype(le.dtype)
+    post = post * maskf[..., None, None]
+    map_route, map_skill = _viterbi(log_route_trans, log_skill_trans, le, mask)
+    return ExactPosterior(
+        log_evidence=log_evidence,
+        route_probs=post.sum(-1),
+        skill_probs=post.sum(-2),
+        p_off=_off_posterior(post, le, log_off_term) * maskf,
+        map_route=map_route,
+        map_skill=map_skill,
+        joint_probs=post,
+    )
+
+
+def _viterbi(log_rt, log_st, le, mask):
+    """The MAP path of the grammar chain; max-product in two stages (skill, then routing)."""
+    n, t_max, r_n, k_n = le.shape
+
+    def step(delta, xs):
+        le_t, m_t = xs
+        # stage 1: best previous skill for each (previous routing, skill)
+        s1 = delta[:, :, :, None] + log_st[None, None, :k_n, :]  # [N, R', K', K]
+        best_k = jnp.argmax(s1, axis=2)  # [N, R', K]
+        v1 = jnp.max(s1, axis=2)  # [N, R', K]
+        # stage 2: best previous routing for each (routing, skill)
+        s2 = v1[:, :, None, :] + log_rt[None, :r_n, :, None]  # [N, R', R, K]
+        best_r = jnp.argmax(s2, axis=1)  # [N, R, K]
+        v2 = jnp.max(s2, axis=1) + le_t
+        back_k = jnp.take_along_axis(best_k, best_r, axis=1)  # [N, R, K]: best previous skill
+        new = jnp.where(m_t[:, None, None], v2, delta)
+        return new, (best_r, back_k)
+
+    delta0 = log_rt[r_n][None, :, None] + log_st[k_n][None, None, :] + le[:, 0]
+    delta, (bp_r, bp_k) = jax.lax.scan(step, delta0, (jnp.moveaxis(le, 1, 0)[1:], mask.T[1:]))
+    flat = jnp.argmax(delta.reshape(n, -1), axis=-1)
+    last_r, last_k = flat // k_n, flat % k_n
+    depth = mask.sum(axis=1)
+    rows = jnp.arange(n)
+
+    def back(carry, xs):
+        r, k = carry
+        br, bk, t = xs  # back pointers into step t (from step t + 1)
+        active = t + 1 < depth  # step t + 1 exists
+        pr = jnp.where(active, br[rows, r, k], r)
+        pk = jnp.where(active, bk[rows, r, k], k)
+        return (pr, pk), (pr, pk)
+
+    ts = jnp.arange(t_max - 1)
+    _, (rs, ks) = jax.lax.scan(back, (last_r, last_k), (bp_r, bp_k, ts), reverse=True)
+    routes = jnp.concatenate([rs, last_r[None]], axis=0).T  # [N, T]
+    skills = jnp.concatenate([ks, last_k[None]], axis=0).T
+    # for a trace shorter than T the backtrack holds still until it reaches step depth - 1,
+    # so entry t is the path's for every t < depth; the rest is padding
+    return jnp.where(mask, routes, -1), jnp.where(mask, skills, -1)
+
+
+@partial(jax.jit, static_argnames=("model",))
+def exact_posterior(model: str, params, data: HLSMData) -> ExactPosterior:
+    """Exact posterior of a fully observed corpus under ``model`` at ``params``."""
+    le = log_emission(data, params.noise, params.off_module)
+    mask = jnp.asarray(data.step_mask)
+    log_off_term = jnp.log(params.off_module) + log_p_off(jnp.asarray(data.length), data.n_chars, data.max_len)
+    if model == "grammar":
+        return chain_posterior(jnp.log(params.route_trans), jnp.log(params.skill_trans), le, log_off_term, mask)
+    lr, lk = step_log_priors(model, params, data)
+    return independent_posterior(lr, lk, le, log_off_term, mask)

@@ -1,0 +1,42 @@
+"""The public inference entry points: traces and parameters in, numpy arrays out."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from latentsel.emission import build_data
+from latentsel.inference.exact import ExactPosterior, exact_posterior
+from latentsel.models.data import HLSMData
+from latentsel.models.params import params_class, validate_params
+from latentsel.traces import Trace
+from latentsel.world import World, default_world
+
+__all__ = ["log_evidence", "posterior", "exact"]
+
+CHUNK = 8192
+
+
+def exact(data: HLSMData, params, model: str, *, chunk: int = CHUNK) -> ExactPosterior:
+    """Exact posterior of a prepared corpus, in float64, computed ``chunk`` traces at a time."""
+    params_class(model)
+    params = validate_params(params, model, data.n_routes, data.n_skills)
+    parts = []
+    with jax.enable_x64(True):
+        for lo in range(0, data.n_traces, chunk):
+            part = exact_posterior(model, params, data.take(slice(lo, lo + chunk)))
+            parts.append(jax.tree.map(np.asarray, part))
+    return ExactPosterior(*(np.concatenate(field) for field in zip(*parts)))
+
+
+def posterior(traces: Sequence[Trace], params, model: str = "modular", world: World | None = None) -> ExactPosterior:
+    """Exact per-trace evidence, per-step posterior marginals and MAP selections."""
+    world = world or default_world()
+    params_class(model)
+    return exact(build_data(traces, world, model=model), params, model)
+
+
+def log_evidence(traces: Sequence[Trace], params, model: str = "modular", world: World | None = None) -> np.ndarray:
+    """log p(D_n | θ) for every trace: ``float64[n_traces]``."""
+    return posterior(traces, params, model, world).log_evidence

@@ -1,0 +1,78 @@
+"""The arrays a model sees: emission statistics, intended modules and masks.
+
+The emission of step t under module (r, k) depends on the data only through ``len(y_t)``
+and ``m``, the number of positions where ``y_t`` agrees with the module's output ``e``
+(``m = -1`` when the lengths differ). :class:`HLSMData` holds those counts, so the emission
+tensor for any ``noise`` and ``off_module`` is one fused expression (:func:`log_emission`).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["HLSMData", "log_emission", "log_p_off"]
+
+
+class HLSMData(NamedTuple):
+    """A padded corpus of N traces of at most T steps.
+
+    Attributes:
+        match: int8[N, T, R, K]; positions where y_t agrees with module (r, k)'s output on
+            the teacher-forced history, or -1 where the lengths differ (or no step).
+        length: int32[N, T]; len(y_t) (0 where there is no step).
+        step_mask: bool[N, T]; True for t < depth of the trace.
+        route_intended: int32[N, T]; c_t^r (0 where there is no step or no program).
+        skill_intended: int32[N, T]; c_t^k.
+        n_chars: A, the alphabet size.
+        max_len: MAX_LEN.
+    """
+
+    match: np.ndarray
+    length: np.ndarray
+    step_mask: np.ndarray
+    route_intended: np.ndarray
+    skill_intended: np.ndarray
+    n_chars: int
+    max_len: int
+
+    @property
+    def n_traces(self) -> int:
+        return self.match.shape[0]
+
+    @property
+    def n_routes(self) -> int:
+        return self.match.shape[2]
+
+    @property
+    def n_skills(self) -> int:
+        return self.match.shape[3]
+
+    def take(self, index) -> "HLSMData":
+        """The traces at ``index`` (a slice or an index array)."""
+        return HLSMData(*(a[index] for a in self[:5]), self.n_chars, self.max_len)
+
+
+def log_p_off(length, n_chars: int, max_len: int):
+    """log p_off(y) = -len(y) log A - log(MAX_LEN + 1); ``length: [...]`` -> ``[...]``."""
+    return -length * jnp.log(n_chars) - jnp.log(max_len + 1.0)
+
+
+def log_emission(data: HLSMData, noise, off_module):
+    """log p(y_t | r_t, k_t) with the off-module flag summed out: ``[N, T, R, K]``.
+
+    ``(1 - off) p_on(y | e) + off p_off(y)`` with
+    ``p_on = (1 - noise)^m (noise / (A - 1))^(len - m)`` (0 when the lengths differ).
+    Steps outside ``step_mask`` get 0.
+    """
+    match = jnp.asarray(data.match)
+    length = jnp.asarray(data.length)[..., None, None]
+    on = jnp.where(
+        match >= 0,
+        match * jnp.log1p(-noise) + (length - match) * (jnp.log(noise) - jnp.log(data.n_chars - 1.0)),
+        -jnp.inf,
+    )
+    off = log_p_off(length, data.n_chars, data.max_len)
+    le = jnp.logaddexp(jnp.log1p(-off_module) + on, jnp.log(off_module) + off)
+    return jnp.where(jnp.asarray(data.step_mask)[..., None, None], le, 0.0)
