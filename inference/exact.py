@@ -92,6 +92,58 @@ def independent_posterior(log_route_prior, log_skill_prior, le, log_off_term, ma
     )
 
 
+class ForwardBackward(NamedTuple):
+    """Scaled forward-backward quantities of the grammar chain (time-major).
+
+    alphas, betas: [T, N, R, K] with p(s_t | D) ∝ alphas[t] * betas[t]; zs: [T, N] the
+    per-step normalizers; e: [T, N, R, K] the emission scaled by exp(-shift); log_evidence: [N].
+    """
+
+    alphas: jax.Array
+    betas: jax.Array
+    zs: jax.Array
+    e: jax.Array
+    log_evidence: jax.Array
+
+
+def forward_backward(route_trans, skill_trans, le, mask) -> ForwardBackward:
+    """Forward-backward over the joint state (r, k) with a factorized transition.
+
+    Args:
+        route_trans: [R + 1, R]; skill_trans: [K + 1, K] (last row = start);
+        le: [N, T, R, K] log p(y_t | r, k); mask: bool[N, T] (a prefix of each row).
+    """
+    rt, st = route_trans, skill_trans
+    n, t_max, r_n, k_n = le.shape
+    shift = jnp.max(le, axis=(-2, -1))  # [N, T]; the emission is finite, so this is too
+    e = jnp.moveaxis(jnp.exp(le - shift[..., None, None]), 1, 0)  # [T, N, R, K]
+    init = rt[r_n][:, None] * st[k_n][None, :]  # [R, K]
+    mask_t = mask.T
+
+    def fwd(alpha, xs):
+        e_t, m_t, t = xs
+        pred = jnp.where(t == 0, init[None], jnp.einsum("nab,ar,bk->nrk", alpha, rt[:r_n], st[:k_n]))
+        a = pred * e_t
+        z = a.sum(axis=(1, 2))
+        a = a / z[:, None, None]
+        return jnp.where(m_t[:, None, None], a, alpha), (a, jnp.where(m_t, z, 1.0))
+
+    _, (alphas, zs) = jax.lax.scan(fwd, jnp.zeros((n, r_n, k_n), le.dtype), (e, mask_t, jnp.arange(t_max)))
+    log_evidence = jnp.sum(jnp.log(zs), axis=0) + jnp.sum(jnp.where(mask, shift, 0.0), axis=1)
+
+    def bwd(beta, xs):
+        e_next, m_next, z_next = xs
+        # beta_t = Σ trans · e_{t+1} · beta_{t+1} / z_{t+1}; past the last step beta = 1
+        b = jnp.einsum("ar,bk,nrk->nab", rt[:r_n], st[:k_n], e_next * beta) / z_next[:, None, None]
+        b = jnp.where(m_next[:, None, None], b, 1.0)
+        return b, b
+
+    ones = jnp.ones((n, r_n, k_n), le.dtype)
+    _, betas = jax.lax.scan(bwd, ones, (e[1:], mask_t[1:], zs[1:]), reverse=True)
+    betas = jnp.concatenate([betas, ones[None]], axis=0)
+    return ForwardBackward(alphas, betas, zs, e, log_evidence)
+
+
 def chain_posterior(log_route_trans, log_skill_trans, le, log_off_term, mask) -> ExactPosterior:
     """Forward-backward and Viterbi for the grammar model.
 
@@ -99,51 +151,14 @@ def chain_posterior(log_route_trans, log_skill_trans, le, log_off_term, mask) ->
         log_route_trans: [R + 1, R]; log_skill_trans: [K + 1, K] (last row = start);
         le: [N, T, R, K]; log_off_term: [N, T]; mask: bool[N, T] (steps ``t < depth``, a prefix).
     """
-    rt, st = jnp.exp(log_route_trans), jnp.exp(log_skill_trans)
-    n, t_max, r_n, k_n = le.shape
-    shift = jnp.max(le, axis=(-2, -1))  # [N, T]; the emission is finite, so this is too
-    e = jnp.exp(le - shift[..., None, None])  # [N, T, R, K], scaled emission
-    init = rt[r_n][:, None] * st[k_n][None, :]  # [R, K]
-
-    def propagate(a):  # Σ_{r', k'} a(r', k') rt[r', r] st[k', k]
-        return jnp.einsum("nab,ar,bk->nrk", a, rt[:r_n], st[:k_n])
-
-    def fwd(carry, xs):
-        alpha, log_z, first = carry
-        e_t, m_t = xs
-        pred = jnp.where(first[:, None, None], init[None], propagate(alpha))
-        a = pred * e_t
-        z = a.sum(axis=(1, 2))
-        a = a / z[:, None, None]
-        keep = m_t[:, None, None]
-        return (jnp.where(keep, a, alpha), log_z + jnp.where(m_t, jnp.log(z), 0.0), first & ~m_t), (a, z)
-
-    carry0 = (jnp.zeros((n, r_n, k_n), le.dtype), jnp.zeros(n, le.dtype), jnp.ones(n, bool))
-    (_, log_z, _), (alphas, zs) = jax.lax.scan(fwd, carry0, (jnp.moveaxis(e, 1, 0), mask.T))
-    log_evidence = log_z + jnp.sum(jnp.where(mask, shift, 0.0), axis=1)
-
-    def back_propagate(b):  # Σ_{r, k} rt[r', r] st[k', k] b(r, k)
-        return jnp.einsum("ar,bk,nrk->nab", rt[:r_n], st[:k_n], b)
-
-    def bwd(beta, xs):
-        e_next, m_next, z_next = xs
-        # beta_t = Σ trans · e_{t+1} · beta_{t+1} / z_{t+1}; past the last step beta = 1
-        b = back_propagate(e_next * beta) / z_next[:, None, None]
-        b = jnp.where(m_next[:, None, None], b, 1.0)
-        return b, b
-
-    e_next = jnp.moveaxis(e, 1, 0)[1:]
-    m_next = mask.T[1:]
-    z_next = jnp.where(m_next, zs[1:], 1.0)
-    _, betas = jax.lax.scan(bwd, jnp.ones((n, r_n, k_n), le.dtype), (e_next, m_next, z_next), reverse=True)
-    betas = jnp.concatenate([betas, jnp.ones((1, n, r_n, k_n), le.dtype)], axis=0)
-    post = jnp.moveaxis(alphas * betas, 0, 1)  # [N, T, R, K]
+    fb = forward_backward(jnp.exp(log_route_trans), jnp.exp(log_skill_trans), le, mask)
+    post = jnp.moveaxis(fb.alphas * fb.betas, 0, 1)  # [N, T, R, K]
     post = post / post.sum(axis=(-2, -1), keepdims=True)
     maskf = mask.astype(le.dtype)
     post = post * maskf[..., None, None]
     map_route, map_skill = _viterbi(log_route_trans, log_skill_trans, le, mask)
     return ExactPosterior(
-        log_evidence=log_evidence,
+        log_evidence=fb.log_evidence,
         route_probs=post.sum(-1),
         skill_probs=post.sum(-2),
         p_off=_off_posterior(post, le, log_off_term) * maskf,

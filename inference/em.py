@@ -1,0 +1,198 @@
+"""EM for the HLSM: an exact E-step by enumeration and a conjugate M-step.
+
+The objective is the log posterior density in softmax (log-simplex) coordinates,
+
+    J(θ) = log p(D | θ) + Σ_rows Σ_j α_j log θ_j + a log ε + b log(1 - ε) + a' log π + b' log(1 - π),
+
+(ε = noise, π = off_module; Dirichlet(α), Beta(a, b), Beta(a', b') priors), whose maximizer
+given expected counts is ``(counts + α) / Σ (counts + α)``. Unlike the mode on the simplex
+it is well-defined for the default α = 0.5 < 1, and EM never decreases it.
+
+The E-step's expected counts also give the exact conjugate posterior of each row given
+the others: Dirichlet(α + expected counts).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from latentsel.inference.exact import forward_backward, step_log_priors
+from latentsel.models.data import HLSMData, log_emission, log_p_off
+from latentsel.models.params import Priors, params_class
+
+__all__ = ["SuffStats", "expected_counts", "m_step", "objective", "fit_em", "EMResult", "prior_mean_params"]
+
+
+class SuffStats(NamedTuple):
+    """Expected sufficient statistics of a corpus under the exact posterior.
+
+    route_counts / skill_counts: shaped like the model's two row-stochastic arrays;
+    noise_counts: [2], (E[mismatched positions], E[matched positions]) over on-module steps;
+    off_counts: [2], (E[off-module steps], E[on-module steps]); log_evidence: scalar, Σ_n log p(D_n | θ).
+    """
+
+    route_counts: jax.Array
+    skill_counts: jax.Array
+    noise_counts: jax.Array
+    off_counts: jax.Array
+    log_evidence: jax.Array
+
+
+def _noise_and_off(post, data: HLSMData, le, noise, off_module):
+    """Expected (mismatch, match) counts on on-module steps and (off, on) step counts."""
+    match = jnp.asarray(data.match)
+    length = jnp.asarray(data.length)[..., None, None]
+    ok = match >= 0
+    log_on = jnp.where(
+        ok, match * jnp.log1p(-noise) + (length - match) * (jnp.log(noise) - jnp.log(data.n_chars - 1.0)), -jnp.inf)
+    w_on = post * jnp.exp(jnp.log1p(-off_module) + log_on - le)  # p(r, k, u = 0 | D)
+    m = jnp.where(ok, match, 0)
+    matched = jnp.sum(w_on * m)
+    mismatched = jnp.sum(w_on * jnp.where(ok, length - m, 0))
+    p_on = w_on.sum(axis=(-2, -1))
+    n_steps = jnp.sum(jnp.asarray(data.step_mask))
+    on = jnp.sum(jnp.where(jnp.asarray(data.step_mask), p_on, 0.0))
+    return jnp.stack([mismatched, matched]), jnp.stack([n_steps - on, on])
+
+
+@partial(jax.jit, static_argnames=("model",))
+def expected_counts(model: str, params, data: HLSMData) -> SuffStats:
+    """The exact E-step on a corpus (one jitted call; chunk large corpora outside)."""
+    le = log_emission(data, params.noise, params.off_module)
+    mask = jnp.asarray(data.step_mask)
+    maskf = mask.astype(le.dtype)
+    r_n, k_n = data.n_routes, data.n_skills
+    if model == "grammar":
+        fb = forward_backward(params.route_trans, params.skill_trans, le, mask)
+        post = jnp.moveaxis(fb.alphas * fb.betas, 0, 1)
+        post = post / post.sum(axis=(-2, -1), keepdims=True) * maskf[..., None, None]
+        rt, st = params.route_trans[:r_n], params.skill_trans[:k_n]
+        # pairwise marginals of consecutive steps, summed over the other factor
+        b = fb.e[1:] * fb.betas[1:] / fb.zs[1:, :, None, None]  # [T-1, N, R, K]
+        a = fb.alphas[:-1]  # [T-1, N, R, K]
+        m_next = mask.T[1:].astype(le.dtype)[..., None, None]
+        a_st = jnp.einsum("tnab,bk->tnak", a, st)  # Σ_k' α(r', k') st[k', k]
+        route_pairs = rt * jnp.einsum("tnak,tnrk->ar", a_st, b * m_next)
+        a_rt = jnp.einsum("tnab,ar->tnrb", a, rt)  # Σ_r' α(r', k') rt[r', r]
+        skill_pairs = st * jnp.einsum("tnrb,tnrk->bk", a_rt, b * m_next)
+        start = post[:, 0]  # [N, R, K]
+        route_counts = jnp.concatenate([route_pairs, start.sum(axis=(0, 2))[None]], axis=0)
+        skill_counts = jnp.concatenate([skill_pairs, start.sum(axis=(0, 1))[None]], axis=0)
+        log_ev = fb.log_evidence.sum()
+    else:
+        lr, lk = step_log_priors(model, params, data)
+        joint = lr[..., :, None] + lk[..., None, :] + le
+        log_py = jax.scipy.special.logsumexp(joint, axis=(-2, -1))
+        post = jnp.exp(joint - log_py[..., None, None]) * maskf[..., None, None]
+        route_m, skill_m = post.sum(-1), post.sum(-2)  # [N, T, R], [N, T, K]
+        cr, ck = jnp.asarray(data.route_intended), jnp.asarray(data.skill_intended)
+        if model == "modular":
+            route_counts = jnp.einsum("ntc,ntr->cr", jax.nn.one_hot(cr, r_n, dtype=le.dtype), route_m)
+            skill_counts = jnp.einsum("ntc,ntk->ck", jax.nn.one_hot(ck, k_n, dtype=le.dtype), skill_m)
+        else:
+            prev_r = jnp.concatenate([jnp.full_like(cr[:, :1], r_n), cr[:, :-1]], axis=1)
+            prev_k = jnp.concatenate([jnp.full_like(ck[:, :1], k_n), ck[:, :-1]], axis=1)
+            ctx_r = jax.nn.one_hot(prev_r * r_n + cr, (r_n + 1) * r_n, dtype=le.dtype)
+            ctx_k = jax.nn.one_hot(prev_k * k_n + ck, (k_n + 1) * k_n, dtype=le.dtype)
+            route_counts = jnp.einsum("ntc,ntr->cr", ctx_r, route_m).reshape(r_n + 1, r_n, r_n)
+            skill_counts = jnp.einsum("ntc,ntk->ck", ctx_k, skill_m).reshape(k_n + 1, k_n, k_n)
+        log_ev = jnp.sum(jnp.where(mask, log_py, 0.0))
+    noise_counts, off_counts = _noise_and_off(post, data, le, params.noise, params.off_module)
+    return SuffStats(route_counts, skill_counts, noise_counts, off_counts, log_ev)
+
+
+def _prior_terms(model: str, data_shape, priors: Priors):
+    r_n, k_n = data_shape
+    conc_r, conc_k = priors.concentration(model, r_n, k_n)
+    return conc_r, conc_k, np.asarray(priors.noise), np.asarray(priors.off_module)
+
+
+def m_step(model: str, stats: SuffStats, n_routes: int, n_skills: int, priors: Priors = Priors()):
+    """The maximizer of the expected complete-data objective: normalized (counts + prior)."""
+    conc_r, conc_k, noise_ab, off_ab = _prior_terms(model, (n_routes, n_skills), priors)
+    route = np.asarray(stats.route_counts) + conc_r
+    skill = np.asarray(stats.skill_counts) + conc_k
+    noise = (noise_ab[0] + float(stats.noise_counts[0])) / (noise_ab.sum() + float(np.sum(stats.noise_counts)))
+    off = (off_ab[0] + float(stats.off_counts[0])) / (off_ab.sum() + float(np.sum(stats.off_counts)))
+    return params_class(model)(route / route.sum(-1, keepdims=True), skill / skill.sum(-1, keepdims=True), noise, off)
+
+
+def objective(model: str, params, log_evidence: float, priors: Priors = Priors()) -> float:
+    """J(θ): the log evidence plus the log prior in softmax / logit coordinates."""
+    r_n = np.shape(params[0])[-1]
+    k_n = np.shape(params[1])[-1]
+    conc_r, conc_k, noise_ab, off_ab = _prior_terms(model, (r_n, k_n), priors)
+    lp = float(np.sum(conc_r * np.log(params[0])) + np.sum(conc_k * np.log(params[1])))
+    lp += noise_ab[0] * np.log(params.noise) + noise_ab[1] * np.log1p(-params.noise)
+    lp += off_ab[0] * np.log(params.off_module) + off_ab[1] * np.log1p(-params.off_module)
+    return float(log_evidence) + lp
+
+
+def prior_mean_params(model: str, n_routes: int, n_skills: int, priors: Priors = Priors(), noise=0.1, off=0.1):
+    """A neutral starting point: every row at its prior mean."""
+    conc_r, conc_k = priors.concentration(model, n_routes, n_skills)
+    return params_class(model)(conc_r / conc_r.sum(-1, keepdims=True), conc_k / conc_k.sum(-1, keepdims=True),
+                               noise, off)
+
+
+class EMResult(NamedTuple):
+    """params: the fitted parameters; stats: the E-step counts at them; objective: J per
+    iteration (non-decreasing); log_evidence: Σ_n log p(D_n | θ) at the fit; converged: bool."""
+
+    params: tuple
+    stats: SuffStats
+    objective: list
+    log_evidence: float
+    converged: bool
+
+
+def _chunks(data: HLSMData, chunk: int):
+    n = data.n_traces
+    if n <= chunk:
+        yield data
+        return
+    for lo in range(0, n, chunk):
+        part = data.take(slice(lo, lo + chunk))
+        if part.n_traces < chunk:  # pad to one compiled shape; padding steps are masked out
+            pad = chunk - part.n_traces
+            part = HLSMData(
+                *(np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) for a in part[:5]),
+                part.n_chars, part.max_len)
+        yield part
+
+
+def e_step(model: str, params, data: HLSMData, chunk: int = 8192) -> SuffStats:
+    """The E-step over a corpus of any size, ``chunk`` traces at a time (float64)."""
+    total = None
+    with jax.enable_x64(True):
+        params = jax.tree.map(jnp.asarray, params)
+        for part in _chunks(data, chunk):
+            s = expected_counts(model, params, part)
+            total = s if total is None else jax.tree.map(jnp.add, total, s)
+    return jax.tree.map(np.asarray, total)
+
+
+def fit_em(model: str, data: HLSMData, *, init=None, priors: Priors = Priors(), max_iter: int = 200,
+           tol: float = 1e-8, chunk: int = 8192, progress=None) -> EMResult:
+    """EM to convergence: stops when J improves by less than ``tol * |J|``.
+
+    ``progress``, if given, is called as ``progress(iteration, J)`` after every E-step.
+    """
+    params = init if init is not None else prior_mean_params(model, data.n_routes, data.n_skills, priors)
+    history = []
+    converged = False
+    stats = e_step(model, params, data, chunk)
+    for it in range(max_iter):
+        history.append(objective(model, params, stats.log_evidence, priors))
+        if progress is not None:
+            progress(it, history[-1])
+        if len(history) > 1 and history[-1] - history[-2] < tol * abs(history[-1]):
+            converged = True
+            break
+        params = m_step(model, stats, data.n_routes, data.n_skills, priors)
+        stats = e_step(model, params, data, chunk)
+    return EMResult(params, stats, history, float(stats.log_evidence), converged)
