@@ -70,6 +70,51 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _read(args, world):
+    from latentsel.traces import read_traces
+
+    errors: list = []
+    traces = read_traces(args.traces, world=world, skip_invalid=args.skip_invalid, errors=errors)
+    if errors:
+        print(f"skipped {len(errors)} invalid records (first: {errors[0]})", file=sys.stderr)
+    return traces
+
+
+def cmd_fit(args) -> int:
+    from latentsel.fitting import fit_traces, write_fit
+    from latentsel.world import default_world
+
+    world = default_world()
+    traces = _read(args, world)
+    fit = fit_traces(traces, world, args.model, args.method, max_iter=args.max_iter, tol=args.tol)
+    write_fit(args.out, traces, fit, world)
+    rec = fit["record"]
+    print(f"{args.model}/{args.method}: {rec['n_traces']} traces, log evidence {rec['log_evidence']:.6f}, "
+          f"{rec['iterations']} iterations{'' if rec['converged'] else ' (not converged)'}; wrote {args.out}/fit.json "
+          f"and {args.out}/posterior.jsonl")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from latentsel.fitting import read_params
+    from latentsel.models.params import default_params
+    from latentsel.simulate import simulate
+    from latentsel.traces import write_traces
+    from latentsel.world import default_world
+
+    world = default_world()
+    prompts = _read(args, world)
+    if args.params:
+        params = read_params(args.params, args.model, world)
+    else:
+        params = default_params(args.model, world.n_routes, world.n_skills, fidelity=args.fidelity,
+                                noise=args.noise, off_module=args.off_module)
+    traces = simulate(prompts, params, args.model, world, seed=args.seed)
+    write_traces(args.output, traces, world=world)
+    print(f"wrote {len(traces)} traces simulated from the {args.model} model to {args.output}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from latentsel.demo import run_demo
 
@@ -103,6 +148,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the skill-bigram split (default: %(default)s)")
     p.add_argument("-o", "--output", required=True, help="trace file to write (.jsonl, or .jsonl.gz)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("fit", help="fit the latent model to a trace file")
+    p.add_argument("traces", help="trace file (.jsonl or .jsonl.gz)")
+    p.add_argument("--model", default="modular", choices=["modular", "entangled", "grammar"])
+    p.add_argument("--method", default="em", choices=["em"])
+    p.add_argument("--out", required=True, help="output folder for fit.json and posterior.jsonl")
+    p.add_argument("--max-iter", type=_positive_int, default=500)
+    p.add_argument("--tol", type=float, default=1e-8, help="relative tolerance on the EM objective")
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and count them")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("simulate", help="simulate traces from the latent model for the prompts of a trace file")
+    p.add_argument("traces", help="prompts: a trace file whose inputs and programs are used")
+    p.add_argument("--model", default="modular", choices=["modular", "entangled", "grammar"])
+    p.add_argument("--params", help="a fit.json to take the parameters from (default: near-faithful)")
+    p.add_argument("--fidelity", type=float, default=0.9, help="mass on the intended module (default: %(default)s)")
+    p.add_argument("--noise", type=float, default=0.02)
+    p.add_argument("--off-module", type=float, default=0.02)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and count them")
+    p.add_argument("-o", "--output", required=True, help="trace file to write")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("validate", help="check a trace file and summarize it")
     p.add_argument("traces", help="trace file (.jsonl or .jsonl.gz)")

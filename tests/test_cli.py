@@ -69,3 +69,39 @@ def test_demo_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "eval-ood" in out and "unique" in out
     assert len(read_traces(tmp_path / "demo" / "sft.jsonl.gz")) == 30
+
+
+def test_simulate_then_fit_writes_design_files(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    assert main(["generate", "--regime", "eval-seen", "--n", "60", "-o", str(prompts)]) == 0
+    sim = tmp_path / "sim.jsonl.gz"
+    assert main(["simulate", str(prompts), "--model", "modular", "--seed", "1", "-o", str(sim)]) == 0
+    traces = read_traces(sim)
+    assert all(t.truth is not None and t.source["kind"] == "simulated" for t in traces)
+    out = tmp_path / "fit"
+    assert main(["fit", str(sim), "--model", "modular", "--method", "em", "--out", str(out)]) == 0
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["model"] == "modular" and fit["method"] == "em"
+    assert set(fit["params"]) == {"route_exec", "skill_exec", "noise", "off_module"}
+    assert len(fit["params"]["route_exec"]) == 10 and isinstance(fit["log_evidence"], float)
+    rows = [json.loads(line) for line in (out / "posterior.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [t.id for t in traces]
+    step = rows[0]["steps"][0]
+    assert set(step) == {"map_route", "map_skill", "p_off", "route_probs", "skill_probs"}
+    assert len(step["route_probs"]) == 10 and len(step["skill_probs"]) == 24
+    assert abs(sum(step["skill_probs"]) - 1) < 1e-9
+    # simulate again from the fitted parameters
+    assert main(["simulate", str(prompts), "--params", str(out / "fit.json"), "-o", str(tmp_path / "s2.jsonl")]) == 0
+
+
+def test_fit_bad_input_is_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["fit", str(empty), "--out", str(tmp_path / "o")]) == 1
+    assert "corpus is empty" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    free = tmp_path / "free.jsonl"
+    free.write_text(json.dumps({"id": "a", "input": "abc", "program": None, "steps": ["cba"]}) + "\n")
+    assert main(["fit", str(free), "--model", "modular", "--out", str(tmp_path / "o")]) == 1
+    assert "states no program: only the grammar model applies" in capsys.readouterr().err
+    assert main(["fit", str(free), "--model", "grammar", "--out", str(tmp_path / "g")]) == 0
