@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latentsel.inference.exact import forward_backward, step_log_priors
-from latentsel.models.data import HLSMData, log_emission, log_p_off
+from latentsel.inference.exact import forward_backward, step_log_priors, step_priors
+from latentsel.models.data import HLSMData, emission_table, log_emission, log_p_off
 from latentsel.models.params import Priors, params_class
 
 __all__ = ["SuffStats", "expected_counts", "m_step", "objective", "fit_em", "EMResult", "prior_mean_params"]
@@ -59,9 +59,60 @@ def _noise_and_off(post, data: HLSMData, le, noise, off_module):
     return jnp.stack([mismatched, matched]), jnp.stack([n_steps - on, on])
 
 
-@partial(jax.jit, static_argnames=("model",))
 def expected_counts(model: str, params, data: HLSMData) -> SuffStats:
     """The exact E-step on a corpus (one jitted call; chunk large corpora outside)."""
+    if model == "grammar":
+        return _expected_counts(model, data.n_chars, data.max_len, params, tuple(data[:5]))
+    return _expected_counts_independent(model, data.n_chars, data.max_len, params, tuple(data[:5]))
+
+
+@partial(jax.jit, static_argnames=("model", "n_chars", "max_len"))
+def _expected_counts_independent(model, n_chars, max_len, params, arrays) -> SuffStats:
+    """The E-step of the modular and entangled models in probability space (table lookups)."""
+    data = HLSMData(*arrays, n_chars, max_len)
+    mask = jnp.asarray(data.step_mask)
+    maskf = mask.astype(jnp.result_type(params.noise, float))
+    r_n, k_n = data.n_routes, data.n_skills
+    rho, kappa = step_priors(model, params, data)
+    length = jnp.asarray(data.length)[..., None, None]
+    col = jnp.asarray(data.match).astype(jnp.int32) + 1
+    table = emission_table(params.noise, params.off_module, n_chars, max_len)
+    p_emit = jnp.where(mask[..., None, None], table[length, col], 1.0)
+    p_y = jnp.einsum("ntr,ntrk,ntk->nt", rho, p_emit, kappa)
+    scale = maskf / p_y
+    route_m = rho * jnp.einsum("ntrk,ntk->ntr", p_emit, kappa) * scale[..., None]
+    skill_m = kappa * jnp.einsum("ntr,ntrk->ntk", rho, p_emit) * scale[..., None]
+    # on-module mass weighted by matched / mismatched positions, by table lookup
+    on = table - params.off_module * jnp.exp(log_p_off(jnp.arange(max_len + 1.0), n_chars, max_len))[:, None]
+    on = jnp.where(jnp.arange(max_len + 2)[None, :] == 0, 0.0, on)
+    m = jnp.arange(-1.0, max_len + 1.0)[None, :]
+    l_ = jnp.arange(max_len + 1.0)[:, None]
+    valid = (m >= 0) & (m <= l_)
+    on_matched = jnp.where(valid, on * m, 0.0)[length, col]
+    on_mismatched = jnp.where(valid, on * (l_ - m), 0.0)[length, col]
+    matched = jnp.sum(jnp.einsum("ntr,ntrk,ntk->nt", rho, on_matched, kappa) * scale)
+    mismatched = jnp.sum(jnp.einsum("ntr,ntrk,ntk->nt", rho, on_mismatched, kappa) * scale)
+    p_off = params.off_module * jnp.exp(log_p_off(jnp.asarray(data.length), n_chars, max_len)) * scale
+    n_off = jnp.sum(p_off)
+    cr, ck = jnp.asarray(data.route_intended), jnp.asarray(data.skill_intended)
+    if model == "modular":
+        route_counts = jnp.einsum("ntc,ntr->cr", jax.nn.one_hot(cr, r_n, dtype=maskf.dtype), route_m)
+        skill_counts = jnp.einsum("ntc,ntk->ck", jax.nn.one_hot(ck, k_n, dtype=maskf.dtype), skill_m)
+    else:
+        prev_r = jnp.concatenate([jnp.full_like(cr[:, :1], r_n), cr[:, :-1]], axis=1)
+        prev_k = jnp.concatenate([jnp.full_like(ck[:, :1], k_n), ck[:, :-1]], axis=1)
+        ctx_r = jax.nn.one_hot(prev_r * r_n + cr, (r_n + 1) * r_n, dtype=maskf.dtype)
+        ctx_k = jax.nn.one_hot(prev_k * k_n + ck, (k_n + 1) * k_n, dtype=maskf.dtype)
+        route_counts = jnp.einsum("ntc,ntr->cr", ctx_r, route_m).reshape(r_n + 1, r_n, r_n)
+        skill_counts = jnp.einsum("ntc,ntk->ck", ctx_k, skill_m).reshape(k_n + 1, k_n, k_n)
+    return SuffStats(route_counts, skill_counts, jnp.stack([mismatched, matched]),
+                     jnp.stack([n_off, jnp.sum(maskf) - n_off]), jnp.sum(jnp.where(mask, jnp.log(p_y), 0.0)))
+
+
+@partial(jax.jit, static_argnames=("model", "n_chars", "max_len"))
+def _expected_counts(model, n_chars, max_len, params, arrays) -> SuffStats:
+    """The E-step (log-space emission); used for the grammar chain."""
+    data = HLSMData(*arrays, n_chars, max_len)
     le = log_emission(data, params.noise, params.off_module)
     mask = jnp.asarray(data.step_mask)
     maskf = mask.astype(le.dtype)

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-from latentsel.models.data import HLSMData, log_emission, log_p_off
+from latentsel.models.data import HLSMData, emission, log_emission, log_p_off
 
-__all__ = ["ExactPosterior", "step_log_priors", "exact_posterior", "independent_posterior", "chain_posterior"]
+__all__ = ["ExactPosterior", "step_log_priors", "step_priors", "independent_posterior_prob", "exact_posterior", "independent_posterior", "chain_posterior"]
 
 
 class ExactPosterior(NamedTuple):
@@ -210,13 +210,58 @@ def _viterbi(log_rt, log_st, le, mask):
     return jnp.where(mask, routes, -1), jnp.where(mask, skills, -1)
 
 
-@partial(jax.jit, static_argnames=("model",))
+def step_priors(model: str, params, data: HLSMData):
+    """p(r_t | program) and p(k_t | program) per step: ``([N, T, R], [N, T, K])``."""
+    cr, ck = jnp.asarray(data.route_intended), jnp.asarray(data.skill_intended)
+    if model == "modular":
+        return jnp.asarray(params.route_exec)[cr], jnp.asarray(params.skill_exec)[ck]
+    r_n, k_n = data.n_routes, data.n_skills
+    prev_r = jnp.concatenate([jnp.full_like(cr[:, :1], r_n), cr[:, :-1]], axis=1)
+    prev_k = jnp.concatenate([jnp.full_like(ck[:, :1], k_n), ck[:, :-1]], axis=1)
+    return jnp.asarray(params.route_exec_ctx)[prev_r, cr], jnp.asarray(params.skill_exec_ctx)[prev_k, ck]
+
+
+def independent_posterior_prob(route_prior, skill_prior, p_emit, p_off_term, mask) -> ExactPosterior:
+    """:func:`independent_posterior` in probability space (no transcendental per entry).
+
+    Args:
+        route_prior: [N, T, R]; skill_prior: [N, T, K]; p_emit: [N, T, R, K] p(y_t | r, k);
+        p_off_term: [N, T] off_module * p_off(y_t); mask: bool[N, T].
+    """
+    joint = route_prior[..., :, None] * skill_prior[..., None, :] * p_emit
+    p_y = joint.sum(axis=(-2, -1))
+    n, t, r, k = joint.shape
+    flat_map = jnp.argmax(joint.reshape(n, t, r * k), axis=-1)
+    maskf = mask.astype(joint.dtype)
+    scale = maskf / p_y
+    post = joint * scale[..., None, None]
+    return ExactPosterior(
+        log_evidence=jnp.sum(jnp.where(mask, jnp.log(p_y), 0.0), axis=1),
+        route_probs=post.sum(-1),
+        skill_probs=post.sum(-2),
+        # Σ_{r,k} p(r) p(k) = 1, so p(u = 1 | D) = off p_off(y) / p(y)
+        p_off=jnp.clip(p_off_term * scale, 0.0, 1.0),
+        map_route=jnp.where(mask, flat_map // k, -1),
+        map_skill=jnp.where(mask, flat_map % k, -1),
+        joint_probs=post,
+    )
+
+
 def exact_posterior(model: str, params, data: HLSMData) -> ExactPosterior:
-    """Exact posterior of a fully observed corpus under ``model`` at ``params``."""
-    le = log_emission(data, params.noise, params.off_module)
+    """Exact posterior of a fully observed corpus under ``model`` at ``params`` (jitted)."""
+    return _exact_posterior(model, data.n_chars, data.max_len, params, tuple(data[:5]))
+
+
+@partial(jax.jit, static_argnames=("model", "n_chars", "max_len"))
+def _exact_posterior(model, n_chars, max_len, params, arrays) -> ExactPosterior:
+    data = HLSMData(*arrays, n_chars, max_len)
     mask = jnp.asarray(data.step_mask)
-    log_off_term = jnp.log(params.off_module) + log_p_off(jnp.asarray(data.length), data.n_chars, data.max_len)
+    length = jnp.asarray(data.length)
     if model == "grammar":
+        le = log_emission(data, params.noise, params.off_module)
+        log_off_term = jnp.log(params.off_module) + log_p_off(length, data.n_chars, data.max_len)
         return chain_posterior(jnp.log(params.route_trans), jnp.log(params.skill_trans), le, log_off_term, mask)
-    lr, lk = step_log_priors(model, params, data)
-    return independent_posterior(lr, lk, le, log_off_term, mask)
+    route_prior, skill_prior = step_priors(model, params, data)
+    p_emit = emission(data, params.noise, params.off_module)
+    p_off_term = params.off_module * jnp.exp(log_p_off(length, data.n_chars, data.max_len))
+    return independent_posterior_prob(route_prior, skill_prior, p_emit, p_off_term, mask)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["HLSMData", "log_emission", "log_p_off"]
+__all__ = ["HLSMData", "log_emission", "log_p_off", "emission_table", "emission"]
 
 
 class HLSMData(NamedTuple):
@@ -76,3 +76,25 @@ def log_emission(data: HLSMData, noise, off_module):
     off = log_p_off(length, data.n_chars, data.max_len)
     le = jnp.logaddexp(jnp.log1p(-off_module) + on, jnp.log(off_module) + off)
     return jnp.where(jnp.asarray(data.step_mask)[..., None, None], le, 0.0)
+
+
+def emission_table(noise, off_module, n_chars: int, max_len: int):
+    """p(y | r, k) for every (len(y), m): ``[max_len + 1, max_len + 2]``, column ``m + 1``
+    (column 0 is m = -1, lengths differ). Entries with m > len are unused."""
+    length = jnp.arange(max_len + 1.0)[:, None]
+    m = jnp.arange(-1.0, max_len + 1.0)[None, :]
+    on = jnp.where(
+        (m >= 0) & (m <= length),
+        jnp.exp(m * jnp.log1p(-noise) + (length - m) * (jnp.log(noise) - jnp.log(n_chars - 1.0))),
+        0.0,
+    )
+    return (1 - off_module) * on + off_module * jnp.exp(log_p_off(length, n_chars, max_len))
+
+
+def emission(data: HLSMData, noise, off_module):
+    """p(y_t | r_t, k_t) with the off flag summed out, by table lookup: ``[N, T, R, K]``
+    (1 outside ``step_mask``). Float64 holds it without underflow for any step of the world."""
+    table = emission_table(noise, off_module, data.n_chars, data.max_len)
+    length = jnp.asarray(data.length)
+    p = table[length[..., None, None], jnp.asarray(data.match).astype(jnp.int32) + 1]
+    return jnp.where(jnp.asarray(data.step_mask)[..., None, None], p, 1.0)
