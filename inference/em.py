@@ -206,6 +206,9 @@ def _chunks(data: HLSMData, chunk: int):
     if n <= chunk:
         yield data
         return
+    # equal chunks (a multiple of 256 traces) so that the padded last one wastes little
+    n_chunks = -(-n // chunk)
+    chunk = ((-(-n // n_chunks) + 255) // 256) * 256
     for lo in range(0, n, chunk):
         part = data.take(slice(lo, lo + chunk))
         if part.n_traces < chunk:  # pad to one compiled shape; padding steps are masked out
