@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latentsel.inference.exact import forward_backward, step_log_priors, step_priors
+from latentsel.inference.exact import forward_backward, step_priors
 from latentsel.models.data import HLSMData, emission_table, log_emission, log_p_off
 from latentsel.models.params import Priors, params_class
 
@@ -62,7 +62,7 @@ def _noise_and_off(post, data: HLSMData, le, noise, off_module):
 def expected_counts(model: str, params, data: HLSMData) -> SuffStats:
     """The exact E-step on a corpus (one jitted call; chunk large corpora outside)."""
     if model == "grammar":
-        return _expected_counts(model, data.n_chars, data.max_len, params, tuple(data[:5]))
+        return _expected_counts_chain(model, data.n_chars, data.max_len, params, tuple(data[:5]))
     return _expected_counts_independent(model, data.n_chars, data.max_len, params, tuple(data[:5]))
 
 
@@ -110,48 +110,29 @@ def _expected_counts_independent(model, n_chars, max_len, params, arrays) -> Suf
 
 
 @partial(jax.jit, static_argnames=("model", "n_chars", "max_len"))
-def _expected_counts(model, n_chars, max_len, params, arrays) -> SuffStats:
-    """The E-step (log-space emission); used for the grammar chain."""
+def _expected_counts_chain(model, n_chars, max_len, params, arrays) -> SuffStats:
+    """The E-step of the grammar chain: forward-backward with pairwise marginals."""
     data = HLSMData(*arrays, n_chars, max_len)
     le = log_emission(data, params.noise, params.off_module)
     mask = jnp.asarray(data.step_mask)
     maskf = mask.astype(le.dtype)
     r_n, k_n = data.n_routes, data.n_skills
-    if model == "grammar":
-        fb = forward_backward(params.route_trans, params.skill_trans, le, mask)
-        post = jnp.moveaxis(fb.alphas * fb.betas, 0, 1)
-        post = post / post.sum(axis=(-2, -1), keepdims=True) * maskf[..., None, None]
-        rt, st = params.route_trans[:r_n], params.skill_trans[:k_n]
-        # pairwise marginals of consecutive steps, summed over the other factor
-        b = fb.e[1:] * fb.betas[1:] / fb.zs[1:, :, None, None]  # [T-1, N, R, K]
-        a = fb.alphas[:-1]  # [T-1, N, R, K]
-        m_next = mask.T[1:].astype(le.dtype)[..., None, None]
-        a_st = jnp.einsum("tnab,bk->tnak", a, st)  # Σ_k' α(r', k') st[k', k]
-        route_pairs = rt * jnp.einsum("tnak,tnrk->ar", a_st, b * m_next)
-        a_rt = jnp.einsum("tnab,ar->tnrb", a, rt)  # Σ_r' α(r', k') rt[r', r]
-        skill_pairs = st * jnp.einsum("tnrb,tnrk->bk", a_rt, b * m_next)
-        start = post[:, 0]  # [N, R, K]
-        route_counts = jnp.concatenate([route_pairs, start.sum(axis=(0, 2))[None]], axis=0)
-        skill_counts = jnp.concatenate([skill_pairs, start.sum(axis=(0, 1))[None]], axis=0)
-        log_ev = fb.log_evidence.sum()
-    else:
-        lr, lk = step_log_priors(model, params, data)
-        joint = lr[..., :, None] + lk[..., None, :] + le
-        log_py = jax.scipy.special.logsumexp(joint, axis=(-2, -1))
-        post = jnp.exp(joint - log_py[..., None, None]) * maskf[..., None, None]
-        route_m, skill_m = post.sum(-1), post.sum(-2)  # [N, T, R], [N, T, K]
-        cr, ck = jnp.asarray(data.route_intended), jnp.asarray(data.skill_intended)
-        if model == "modular":
-            route_counts = jnp.einsum("ntc,ntr->cr", jax.nn.one_hot(cr, r_n, dtype=le.dtype), route_m)
-            skill_counts = jnp.einsum("ntc,ntk->ck", jax.nn.one_hot(ck, k_n, dtype=le.dtype), skill_m)
-        else:
-            prev_r = jnp.concatenate([jnp.full_like(cr[:, :1], r_n), cr[:, :-1]], axis=1)
-            prev_k = jnp.concatenate([jnp.full_like(ck[:, :1], k_n), ck[:, :-1]], axis=1)
-            ctx_r = jax.nn.one_hot(prev_r * r_n + cr, (r_n + 1) * r_n, dtype=le.dtype)
-            ctx_k = jax.nn.one_hot(prev_k * k_n + ck, (k_n + 1) * k_n, dtype=le.dtype)
-            route_counts = jnp.einsum("ntc,ntr->cr", ctx_r, route_m).reshape(r_n + 1, r_n, r_n)
-            skill_counts = jnp.einsum("ntc,ntk->ck", ctx_k, skill_m).reshape(k_n + 1, k_n, k_n)
-        log_ev = jnp.sum(jnp.where(mask, log_py, 0.0))
+    fb = forward_backward(params.route_trans, params.skill_trans, le, mask)
+    post = jnp.moveaxis(fb.alphas * fb.betas, 0, 1)
+    post = post / post.sum(axis=(-2, -1), keepdims=True) * maskf[..., None, None]
+    rt, st = params.route_trans[:r_n], params.skill_trans[:k_n]
+    # pairwise marginals of consecutive steps, summed over the other factor
+    b = fb.e[1:] * fb.betas[1:] / fb.zs[1:, :, None, None]  # [T-1, N, R, K]
+    a = fb.alphas[:-1]  # [T-1, N, R, K]
+    m_next = mask.T[1:].astype(le.dtype)[..., None, None]
+    a_st = jnp.einsum("tnab,bk->tnak", a, st)  # Σ_k' α(r', k') st[k', k]
+    route_pairs = rt * jnp.einsum("tnak,tnrk->ar", a_st, b * m_next)
+    a_rt = jnp.einsum("tnab,ar->tnrb", a, rt)  # Σ_r' α(r', k') rt[r', r]
+    skill_pairs = st * jnp.einsum("tnrb,tnrk->bk", a_rt, b * m_next)
+    start = post[:, 0]  # [N, R, K]
+    route_counts = jnp.concatenate([route_pairs, start.sum(axis=(0, 2))[None]], axis=0)
+    skill_counts = jnp.concatenate([skill_pairs, start.sum(axis=(0, 1))[None]], axis=0)
+    log_ev = fb.log_evidence.sum()
     noise_counts, off_counts = _noise_and_off(post, data, le, params.noise, params.off_module)
     return SuffStats(route_counts, skill_counts, noise_counts, off_counts, log_ev)
 
