@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from latentsel.batch import apply_all, encode, encode_histories
+from latentsel.batch import apply_all, encode
 from latentsel.models.data import HLSMData
 from latentsel.traces import Trace
 from latentsel.world import World
@@ -40,33 +40,34 @@ def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular",
     route_int = np.zeros((n, t_max), dtype=np.int32)
     skill_int = np.zeros((n, t_max), dtype=np.int32)
 
-    jobs_n, jobs_t, histories, targets = [], [], [], []
+    strings = []
     for i, tr in enumerate(traces):
         if model != "grammar":
             if tr.program is None:
                 raise ValueError(f"trace {tr.id!r} states no program: only the grammar model applies")
             for t, (r, k) in enumerate(tr.program):
                 route_int[i, t], skill_int[i, t] = world.route_index(r), world.skill_index(k)
-        history = [tr.input]
         for t, y in enumerate(tr.steps):
             if y is None:
                 raise ValueError(f"trace {tr.id!r} step {t + 1} is not observed; hidden steps are not supported yet")
-            jobs_n.append(i)
-            jobs_t.append(t)
-            histories.append(list(history))
-            targets.append(y)
-            history.append(y)
         step_mask[i, : tr.depth] = True
-        length[i, : tr.depth] = [len(y) for y in tr.steps]
+        strings.append(tr.input)
+        strings.extend(tr.steps)
+        strings.extend([""] * (t_max - tr.depth))
+    # every trace's full teacher-forced history, encoded once: [N, T + 1, W]
+    codes, lens = encode(strings, world)
+    codes = codes.reshape(n, t_max + 1, world.max_len)
+    lens = lens.reshape(n, t_max + 1)
+    length[:] = np.where(step_mask, lens[:, 1:], 0)
 
-    jobs_n, jobs_t = np.asarray(jobs_n), np.asarray(jobs_t)
-    for lo in range(0, len(histories), chunk):
-        hi = min(lo + chunk, len(histories))
-        codes, lens, depth = encode_histories(histories[lo:hi], world)
-        out, out_lens = apply_all(world, codes, lens, depth)  # [S, R, K, W], [S, R, K]
-        y, y_lens = encode(targets[lo:hi], world)
+    jobs_n, jobs_t = np.nonzero(step_mask)
+    for lo in range(0, jobs_n.size, chunk):
+        jn, jt = jobs_n[lo: lo + chunk], jobs_t[lo: lo + chunk]
+        # the executor reads only the first ``depth`` entries of each history
+        out, out_lens = apply_all(world, codes[jn, :t_max], lens[jn, :t_max], (jt + 1).astype(np.int32))
+        y, y_lens = codes[jn, jt + 1], lens[jn, jt + 1]
         agree = (out == y[:, None, None, :]).sum(axis=-1, dtype=np.int16)
         # positions past both ends are PAD on both sides; they are not agreements
         agree -= (world.max_len - y_lens)[:, None, None].astype(np.int16)
-        match[jobs_n[lo:hi], jobs_t[lo:hi]] = np.where(out_lens == y_lens[:, None, None], agree, -1)
+        match[jn, jt] = np.where(out_lens == y_lens[:, None, None], agree, -1)
     return HLSMData(match, length, step_mask, route_int, skill_int, world.n_chars, world.max_len)
