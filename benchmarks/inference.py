@@ -9,16 +9,12 @@ convergence. Every time is also given as a ratio to the closed form on the same 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import jax
-import numpy as np
+from _results import write_results
 
-from latentsel._io import atomic_open
 from latentsel.api import exact
 from latentsel.emission import build_data
 from latentsel.inference.em import fit_em
@@ -83,11 +79,8 @@ def main(args):
               f"{r['end_to_end_traces_per_s']:>10.3e} "
               + (f"{np_s:>10.3f} {np_s / r['closed_s']:>9.2f} " if np_s else f"{'-':>10} {'-':>9} ")
               + f"{r['em_s']:>7.2f} {r['em_iterations']:>6} {r['em_s'] / r['closed_s']:>9.1f}")
-    result = {"benchmark": "inference", "model": "modular", "depth": 4, "rows": rows,
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__}}
-    with atomic_open(args.json) as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.json}")
+    result = {"benchmark": "inference", "model": "modular", "depth": 4, "rows": rows}
+    write_results(args.json, result, jax=jax.__version__)
     return result
 
 

@@ -9,15 +9,12 @@ per-string reference on a sample. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
+from _results import write_results
 
-from latentsel._io import atomic_open
 from latentsel.batch import apply_all, encode_histories
 from latentsel.world import default_world
 
@@ -65,11 +62,8 @@ def main(args):
         print(f"{r['histories']:>10} {r['applications']:>13} {r['encode_s']:>9.3f} {r['best_s']:>8.3f} "
               f"{r['median_s']:>9.3f} {r['apps_per_s']:>12.3e} {r['apps_per_s'] / ref_rate:>12.0f}")
     print(f"reference (per string, Python): {ref_rate:.3e} apps/s on {len(sample)} histories")
-    result = {"benchmark": "world", "rows": rows, "reference_apps_per_s": ref_rate,
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__}}
-    with atomic_open(args.json) as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.json}")
+    result = {"benchmark": "world", "rows": rows, "reference_apps_per_s": ref_rate}
+    write_results(args.json, result, numpy=np.__version__)
     return result
 
 

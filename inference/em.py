@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latentsel.inference.exact import forward_backward, step_priors
-from latentsel.models.data import HLSMData, emission_table, log_emission, log_p_off
+from latentsel.inference.exact import forward_backward
+from latentsel.models.data import (HLSMData, emission_table, execution_rows, log_emission, log_p_off, log_p_on,
+                                   previous_intended)
 from latentsel.models.params import Priors, params_class
 
 __all__ = ["SuffStats", "expected_counts", "m_step", "objective", "fit_em", "EMResult", "prior_mean_params"]
@@ -47,9 +48,7 @@ def _noise_and_off(post, data: HLSMData, le, noise, off_module):
     match = jnp.asarray(data.match)
     length = jnp.asarray(data.length)[..., None, None]
     ok = match >= 0
-    log_on = jnp.where(
-        ok, match * jnp.log1p(-noise) + (length - match) * (jnp.log(noise) - jnp.log(data.n_chars - 1.0)), -jnp.inf)
-    w_on = post * jnp.exp(jnp.log1p(-off_module) + log_on - le)  # p(r, k, u = 0 | D)
+    w_on = post * jnp.exp(jnp.log1p(-off_module) + log_p_on(data, noise) - le)  # p(r, k, u = 0 | D)
     m = jnp.where(ok, match, 0)
     matched = jnp.sum(w_on * m)
     mismatched = jnp.sum(w_on * jnp.where(ok, length - m, 0))
@@ -73,7 +72,7 @@ def _expected_counts_independent(model, n_chars, max_len, params, arrays) -> Suf
     mask = jnp.asarray(data.step_mask)
     maskf = mask.astype(jnp.result_type(params.noise, float))
     r_n, k_n = data.n_routes, data.n_skills
-    rho, kappa = step_priors(model, params, data)
+    rho, kappa = execution_rows(model, params[0], params[1], data)
     length = jnp.asarray(data.length)[..., None, None]
     col = jnp.asarray(data.match).astype(jnp.int32) + 1
     table = emission_table(params.noise, params.off_module, n_chars, max_len)
@@ -99,8 +98,7 @@ def _expected_counts_independent(model, n_chars, max_len, params, arrays) -> Suf
         route_counts = jnp.einsum("ntc,ntr->cr", jax.nn.one_hot(cr, r_n, dtype=maskf.dtype), route_m)
         skill_counts = jnp.einsum("ntc,ntk->ck", jax.nn.one_hot(ck, k_n, dtype=maskf.dtype), skill_m)
     else:
-        prev_r = jnp.concatenate([jnp.full_like(cr[:, :1], r_n), cr[:, :-1]], axis=1)
-        prev_k = jnp.concatenate([jnp.full_like(ck[:, :1], k_n), ck[:, :-1]], axis=1)
+        prev_r, prev_k = previous_intended(data)
         ctx_r = jax.nn.one_hot(prev_r * r_n + cr, (r_n + 1) * r_n, dtype=maskf.dtype)
         ctx_k = jax.nn.one_hot(prev_k * k_n + ck, (k_n + 1) * k_n, dtype=maskf.dtype)
         route_counts = jnp.einsum("ntc,ntr->cr", ctx_r, route_m).reshape(r_n + 1, r_n, r_n)

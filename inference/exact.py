@@ -1,11 +1,11 @@
-"""Exact inference by enumeration, in closed form (log-sum-exp over the emission tensor).
+"""Exact inference by enumeration, in closed form over the emission tensor.
 
 For the modular and entangled models the steps of a fully observed trace are independent
 given the trace, so
 
     log p(D | θ) = Σ_t log Σ_{r,k} p(r | ·) p(k | ·) p(y_t | r, k)
 
-and the posterior of each step is the normalized summand. The grammar model is a chain
+and the posterior of each step is the normalized summand (computed in probability space). The grammar model is a chain
 over executed modules whose transition factorizes over routing and skill,
 ``p(r_t, k_t | r_{t-1}, k_{t-1}) = route_trans[r_{t-1}, r_t] skill_trans[k_{t-1}, k_t]``, so
 forward-backward and Viterbi cost O(R K (R + K)) per step instead of O((R K)^2).
@@ -19,11 +19,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import logsumexp
 
-from latentsel.models.data import HLSMData, emission, log_emission, log_p_off
+from latentsel.models.data import HLSMData, emission, execution_rows, log_emission, log_p_off
 
-__all__ = ["ExactPosterior", "step_log_priors", "step_priors", "independent_posterior_prob", "exact_posterior", "independent_posterior", "chain_posterior"]
+__all__ = ["ExactPosterior", "ForwardBackward", "exact_posterior", "independent_posterior", "forward_backward", "chain_posterior"]
 
 
 class ExactPosterior(NamedTuple):
@@ -48,48 +47,10 @@ class ExactPosterior(NamedTuple):
     joint_probs: jax.Array
 
 
-def step_log_priors(model: str, params, data: HLSMData):
-    """log p(r_t | program) and log p(k_t | program) per step: ``([N, T, R], [N, T, K])``
-    for the modular and entangled models."""
-    cr, ck = jnp.asarray(data.route_intended), jnp.asarray(data.skill_intended)
-    if model == "modular":
-        return jnp.log(params.route_exec)[cr], jnp.log(params.skill_exec)[ck]
-    if model == "entangled":
-        r_n, k_n = data.n_routes, data.n_skills
-        prev_r = jnp.concatenate([jnp.full_like(cr[:, :1], r_n), cr[:, :-1]], axis=1)
-        prev_k = jnp.concatenate([jnp.full_like(ck[:, :1], k_n), ck[:, :-1]], axis=1)
-        return jnp.log(params.route_exec_ctx)[prev_r, cr], jnp.log(params.skill_exec_ctx)[prev_k, ck]
-    raise ValueError(f"step_log_priors is for the modular and entangled models, not {model!r}")
-
-
 def _off_posterior(post, le, log_off_term):
     """p(u_t = 1 | D) = Σ_{r,k} p(r, k | D) off p_off(y) / p(y | r, k)."""
     p = jnp.sum(post * jnp.exp(log_off_term[..., None, None] - le), axis=(-2, -1))
     return jnp.clip(p, 0.0, 1.0)  # rounding can leave it 1 ulp outside
-
-
-def independent_posterior(log_route_prior, log_skill_prior, le, log_off_term, mask) -> ExactPosterior:
-    """Exact posterior of the independent-step models.
-
-    Args:
-        log_route_prior: [N, T, R]; log_skill_prior: [N, T, K]; le: [N, T, R, K] log p(y_t | r, k);
-        log_off_term: [N, T] log(off_module) + log p_off(y_t); mask: bool[N, T].
-    """
-    joint = log_route_prior[..., :, None] + log_skill_prior[..., None, :] + le
-    log_py = logsumexp(joint, axis=(-2, -1))
-    post = jnp.exp(joint - log_py[..., None, None])
-    n, t, r, k = joint.shape
-    flat_map = jnp.argmax(joint.reshape(n, t, r * k), axis=-1)
-    maskf = mask.astype(joint.dtype)
-    return ExactPosterior(
-        log_evidence=jnp.sum(jnp.where(mask, log_py, 0.0), axis=1),
-        route_probs=post.sum(-1) * maskf[..., None],
-        skill_probs=post.sum(-2) * maskf[..., None],
-        p_off=_off_posterior(post, le, log_off_term) * maskf,
-        map_route=jnp.where(mask, flat_map // k, -1),
-        map_skill=jnp.where(mask, flat_map % k, -1),
-        joint_probs=post * maskf[..., None, None],
-    )
 
 
 class ForwardBackward(NamedTuple):
@@ -210,19 +171,9 @@ def _viterbi(log_rt, log_st, le, mask):
     return jnp.where(mask, routes, -1), jnp.where(mask, skills, -1)
 
 
-def step_priors(model: str, params, data: HLSMData):
-    """p(r_t | program) and p(k_t | program) per step: ``([N, T, R], [N, T, K])``."""
-    cr, ck = jnp.asarray(data.route_intended), jnp.asarray(data.skill_intended)
-    if model == "modular":
-        return jnp.asarray(params.route_exec)[cr], jnp.asarray(params.skill_exec)[ck]
-    r_n, k_n = data.n_routes, data.n_skills
-    prev_r = jnp.concatenate([jnp.full_like(cr[:, :1], r_n), cr[:, :-1]], axis=1)
-    prev_k = jnp.concatenate([jnp.full_like(ck[:, :1], k_n), ck[:, :-1]], axis=1)
-    return jnp.asarray(params.route_exec_ctx)[prev_r, cr], jnp.asarray(params.skill_exec_ctx)[prev_k, ck]
-
-
-def independent_posterior_prob(route_prior, skill_prior, p_emit, p_off_term, mask) -> ExactPosterior:
-    """:func:`independent_posterior` in probability space (no transcendental per entry).
+def independent_posterior(route_prior, skill_prior, p_emit, p_off_term, mask) -> ExactPosterior:
+    """Exact posterior of the independent-step models, in probability space (float64 holds
+    every emission of the world; no transcendental function per entry).
 
     Args:
         route_prior: [N, T, R]; skill_prior: [N, T, K]; p_emit: [N, T, R, K] p(y_t | r, k);
@@ -261,7 +212,7 @@ def _exact_posterior(model, n_chars, max_len, params, arrays) -> ExactPosterior:
         le = log_emission(data, params.noise, params.off_module)
         log_off_term = jnp.log(params.off_module) + log_p_off(length, data.n_chars, data.max_len)
         return chain_posterior(jnp.log(params.route_trans), jnp.log(params.skill_trans), le, log_off_term, mask)
-    route_prior, skill_prior = step_priors(model, params, data)
+    route_prior, skill_prior = execution_rows(model, params[0], params[1], data)
     p_emit = emission(data, params.noise, params.off_module)
     p_off_term = params.off_module * jnp.exp(log_p_off(length, data.n_chars, data.max_len))
-    return independent_posterior_prob(route_prior, skill_prior, p_emit, p_off_term, mask)
+    return independent_posterior(route_prior, skill_prior, p_emit, p_off_term, mask)

@@ -20,7 +20,6 @@ CHUNK = 8192
 
 def exact(data: HLSMData, params, model: str, *, chunk: int = CHUNK) -> ExactPosterior:
     """Exact posterior of a prepared corpus, in float64, computed ``chunk`` traces at a time."""
-    params_class(model)
     params = validate_params(params, model, data.n_routes, data.n_skills)
     parts = []
     with jax.enable_x64(True):

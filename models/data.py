@@ -3,7 +3,8 @@
 The emission of step t under module (r, k) depends on the data only through ``len(y_t)``
 and ``m``, the number of positions where ``y_t`` agrees with the module's output ``e``
 (``m = -1`` when the lengths differ). :class:`HLSMData` holds those counts, so the emission
-tensor for any ``noise`` and ``off_module`` is one fused expression (:func:`log_emission`).
+tensor for any ``noise`` and ``off_module`` is a lookup in a small table (:func:`emission`)
+or, in log space, one fused expression (:func:`log_emission`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["HLSMData", "log_emission", "log_p_off", "emission_table", "emission"]
+__all__ = ["HLSMData", "log_p_on", "log_p_off", "log_emission", "emission_table", "emission", "previous_intended",
+           "execution_rows"]
 
 
 class HLSMData(NamedTuple):
@@ -59,6 +61,42 @@ def log_p_off(length, n_chars: int, max_len: int):
     return -length * jnp.log(n_chars) - jnp.log(max_len + 1.0)
 
 
+def log_p_on(data: HLSMData, noise):
+    """log p_on(y_t | e_{r,k}) = m log(1 - noise) + (len - m) log(noise / (A - 1)):
+    ``[N, T, R, K]``, -inf where the lengths differ."""
+    match = jnp.asarray(data.match)
+    length = jnp.asarray(data.length)[..., None, None]
+    return jnp.where(
+        match >= 0,
+        match * jnp.log1p(-noise) + (length - match) * (jnp.log(noise) - jnp.log(data.n_chars - 1.0)),
+        -jnp.inf,
+    )
+
+
+def previous_intended(data: HLSMData):
+    """The previous step's intended routing and skill, ``R`` / ``K`` (start) at t = 1:
+    ``(int[N, T], int[N, T])``, the context index of the entangled model."""
+    cr, ck = jnp.asarray(data.route_intended), jnp.asarray(data.skill_intended)
+    prev_r = jnp.concatenate([jnp.full_like(cr[:, :1], data.n_routes), cr[:, :-1]], axis=1)
+    prev_k = jnp.concatenate([jnp.full_like(ck[:, :1], data.n_skills), ck[:, :-1]], axis=1)
+    return prev_r, prev_k
+
+
+def execution_rows(model: str, route_p, skill_p, data: HLSMData):
+    """p(r_t | program) and p(k_t | program) of every step: ``([N, T, R], [N, T, K])``.
+
+    ``route_p`` / ``skill_p`` are ``route_exec`` / ``skill_exec`` (modular) or
+    ``route_exec_ctx`` / ``skill_exec_ctx`` (entangled).
+    """
+    cr, ck = jnp.asarray(data.route_intended), jnp.asarray(data.skill_intended)
+    if model == "modular":
+        return jnp.asarray(route_p)[cr], jnp.asarray(skill_p)[ck]
+    if model == "entangled":
+        prev_r, prev_k = previous_intended(data)
+        return jnp.asarray(route_p)[prev_r, cr], jnp.asarray(skill_p)[prev_k, ck]
+    raise ValueError(f"execution rows are for the modular and entangled models, not {model!r}")
+
+
 def log_emission(data: HLSMData, noise, off_module):
     """log p(y_t | r_t, k_t) with the off-module flag summed out: ``[N, T, R, K]``.
 
@@ -66,15 +104,8 @@ def log_emission(data: HLSMData, noise, off_module):
     ``p_on = (1 - noise)^m (noise / (A - 1))^(len - m)`` (0 when the lengths differ).
     Steps outside ``step_mask`` get 0.
     """
-    match = jnp.asarray(data.match)
-    length = jnp.asarray(data.length)[..., None, None]
-    on = jnp.where(
-        match >= 0,
-        match * jnp.log1p(-noise) + (length - match) * (jnp.log(noise) - jnp.log(data.n_chars - 1.0)),
-        -jnp.inf,
-    )
-    off = log_p_off(length, data.n_chars, data.max_len)
-    le = jnp.logaddexp(jnp.log1p(-off_module) + on, jnp.log(off_module) + off)
+    off = log_p_off(jnp.asarray(data.length)[..., None, None], data.n_chars, data.max_len)
+    le = jnp.logaddexp(jnp.log1p(-off_module) + log_p_on(data, noise), jnp.log(off_module) + off)
     return jnp.where(jnp.asarray(data.step_mask)[..., None, None], le, 0.0)
 
 

@@ -16,7 +16,7 @@ import numpyro.distributions as dist
 from numpyro.contrib.funsor import markov
 from numpyro.ops.indexing import Vindex
 
-from latentsel.models.data import HLSMData, log_p_off
+from latentsel.models.data import HLSMData, execution_rows, log_p_off, log_p_on
 from latentsel.models.params import Priors
 
 __all__ = ["modular_model", "entangled_model", "grammar_model", "NUMPYRO_MODELS", "GLOBAL_SITES"]
@@ -44,29 +44,11 @@ def _globals(model: str, data: HLSMData, priors: Priors):
     return route, skill, noise, off_module
 
 
-def _log_on(data: HLSMData, noise):
-    """log p_on(y_t | e_{r,k}): ``[N, T, R, K]``, -inf where the lengths differ."""
-    match = jnp.asarray(data.match)
-    length = jnp.asarray(data.length)[..., None, None]
-    return jnp.where(
-        match >= 0,
-        match * jnp.log1p(-noise) + (length - match) * (jnp.log(noise) - jnp.log(data.n_chars - 1.0)),
-        -jnp.inf,
-    )
-
-
-
 def _independent_model(model: str, data: HLSMData, priors: Priors):
     route_p, skill_p, noise, off_module = _globals(model, data, priors)
     n, t = data.step_mask.shape
-    cr, ck = jnp.asarray(data.route_intended), jnp.asarray(data.skill_intended)
-    if model == "modular":
-        route_rows, skill_rows = route_p[cr], skill_p[ck]  # [N, T, R], [N, T, K]
-    else:
-        prev_r = jnp.concatenate([jnp.full_like(cr[:, :1], data.n_routes), cr[:, :-1]], axis=1)
-        prev_k = jnp.concatenate([jnp.full_like(ck[:, :1], data.n_skills), ck[:, :-1]], axis=1)
-        route_rows, skill_rows = route_p[prev_r, cr], skill_p[prev_k, ck]
-    log_on = _log_on(data, noise)
+    route_rows, skill_rows = execution_rows(model, route_p, skill_p, data)  # [N, T, R], [N, T, K]
+    log_on = log_p_on(data, noise)
     log_off = log_p_off(jnp.asarray(data.length), data.n_chars, data.max_len)
     with numpyro.plate("traces", n, dim=-2), numpyro.plate("steps", t, dim=-1):
         with numpyro.handlers.mask(mask=jnp.asarray(data.step_mask)):
@@ -76,7 +58,7 @@ def _independent_model(model: str, data: HLSMData, priors: Priors):
             n_idx = jnp.arange(n)[:, None]
             t_idx = jnp.arange(t)[None, :]
             lon = Vindex(log_on)[n_idx, t_idx, r, k]
-            numpyro.factor("obs", jnp.where(u == 1, log_off, jnp.where(jnp.isfinite(lon), lon, -1e30)))
+            numpyro.factor("obs", jnp.where(u == 1, log_off, lon))
 
 
 def modular_model(data: HLSMData, priors: Priors = Priors()):
@@ -93,7 +75,7 @@ def grammar_model(data: HLSMData, priors: Priors = Priors()):
     """r_t ~ Cat(route_trans[r_{t-1}]), k_t ~ Cat(skill_trans[k_{t-1}]); start rows at t = 1."""
     route_trans, skill_trans, noise, off_module = _globals("grammar", data, priors)
     n, t_max = data.step_mask.shape
-    log_on = _log_on(data, noise)
+    log_on = log_p_on(data, noise)
     log_off = log_p_off(jnp.asarray(data.length), data.n_chars, data.max_len)
     mask = jnp.asarray(data.step_mask)
     n_idx = jnp.arange(n)
@@ -105,7 +87,7 @@ def grammar_model(data: HLSMData, priors: Priors = Priors()):
                 k = numpyro.sample(f"skill_{t}", dist.Categorical(skill_trans[k]), infer=_enum())
                 u = numpyro.sample(f"off_{t}", dist.Bernoulli(off_module), infer=_enum())
                 lon = Vindex(log_on)[n_idx, t, r, k]
-                numpyro.factor(f"obs_{t}", jnp.where(u == 1, log_off[:, t], jnp.where(jnp.isfinite(lon), lon, -1e30)))
+                numpyro.factor(f"obs_{t}", jnp.where(u == 1, log_off[:, t], lon))
 
 
 NUMPYRO_MODELS = {"modular": modular_model, "entangled": entangled_model, "grammar": grammar_model}

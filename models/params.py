@@ -74,17 +74,20 @@ class Priors(NamedTuple):
 
     def concentration(self, model: str, n_routes: int, n_skills: int) -> tuple[np.ndarray, np.ndarray]:
         """Dirichlet concentrations shaped like the model's two row-stochastic arrays."""
-        def exec_conc(n, ctx):
-            c = np.full((n, n), self.exec_off) + np.eye(n) * (self.exec_diag - self.exec_off)
-            return np.broadcast_to(c, (n + 1, n, n)).copy() if ctx else c
-
-        if model == "modular":
-            return exec_conc(n_routes, False), exec_conc(n_skills, False)
-        if model == "entangled":
-            return exec_conc(n_routes, True), exec_conc(n_skills, True)
+        if model in ("modular", "entangled"):
+            ctx = model == "entangled"
+            return (_diagonal_rows(n_routes, self.exec_diag, self.exec_off, ctx),
+                    _diagonal_rows(n_skills, self.exec_diag, self.exec_off, ctx))
         if model == "grammar":
             return np.full((n_routes + 1, n_routes), self.trans), np.full((n_skills + 1, n_skills), self.trans)
         raise KeyError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+
+
+def _diagonal_rows(n: int, diag: float, off: float, ctx: bool) -> np.ndarray:
+    """``[n, n]`` with ``diag`` on the diagonal and ``off`` elsewhere; ``[n + 1, n, n]``
+    (the same for every context) when ``ctx``."""
+    m = np.full((n, n), off) + np.eye(n) * (diag - off)
+    return np.broadcast_to(m, (n + 1, n, n)).copy() if ctx else m
 
 
 def params_class(model: str):
@@ -143,8 +146,7 @@ def default_params(model: str, n_routes: int, n_skills: int, *, fidelity: float 
     """Near-faithful parameters: execution rows put ``fidelity`` on the intended entry and
     spread the rest uniformly; transition rows are uniform."""
     def exec_rows(n, ctx):
-        m = np.full((n, n), (1 - fidelity) / (n - 1)) + np.eye(n) * (fidelity - (1 - fidelity) / (n - 1))
-        return np.broadcast_to(m, (n + 1, n, n)).copy() if ctx else m
+        return _diagonal_rows(n, fidelity, (1 - fidelity) / (n - 1), ctx)
 
     cls = params_class(model)
     if model == "grammar":

@@ -7,7 +7,6 @@ import pytest
 from latentsel.emission import build_data
 from latentsel.inference.em import e_step, fit_em
 from latentsel.models.params import default_params
-from latentsel.regimes import generate
 from latentsel.simulate import simulate
 
 from test_exact import random_params, random_traces, small_world  # noqa: F401

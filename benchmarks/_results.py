@@ -1,0 +1,14 @@
+"""Writing a benchmark's results: its rows plus the machine they were measured on."""
+import json
+import os
+import platform
+
+from latentsel._io import atomic_open
+
+
+def write_results(path, result: dict, **versions) -> None:
+    """Write ``result`` with a ``machine`` entry (cores, Python, the given versions) as JSON, atomically."""
+    result = dict(result, machine={"cpus": os.cpu_count(), "python": platform.python_version(), **versions})
+    with atomic_open(path) as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
