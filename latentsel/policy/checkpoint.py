@@ -1,0 +1,87 @@
+"""Policy checkpoints: written atomically, read with ``torch.load(weights_only=True)``.
+
+A checkpoint is a dict of tensors and primitives only, so it loads without unpickling code::
+
+    {"format": "latentsel-policy/1", "step": int, "policy": str,
+     "model_config": {GPTConfig fields}, "tokenizer": {"alphabet", "routes", "skills", "max_len"},
+     "train_config": {TrainConfig fields} | None,
+     "model": state_dict, "optimizer": state_dict | None}
+
+Every step's randomness is derived from ``(seed, step, rank)``, so the weights, the optimizer
+state and the step are all a resumed run needs to continue the same stream.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from latentsel._io import atomic_open
+from latentsel.policy.model import GPT, GPTConfig
+from latentsel.policy.tokenizer import Tokenizer
+
+__all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_policy", "tokenizer_dict"]
+
+FORMAT = "latentsel-policy/1"
+_REQUIRED = ("format", "step", "policy", "model_config", "tokenizer", "model")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or not a policy checkpoint; names the file."""
+
+
+def tokenizer_dict(tok: Tokenizer) -> dict:
+    return {"alphabet": tok.alphabet, "routes": list(tok.routes), "skills": list(tok.skills), "max_len": tok.max_len}
+
+
+def save_checkpoint(path: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *, step: int, policy: str,
+                    train_config: dict | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Write a checkpoint atomically (a reader or a resumed run never sees half a file)."""
+    state = {
+        "format": FORMAT,
+        "step": int(step),
+        "policy": str(policy),
+        "model_config": model.config.to_dict(),
+        "tokenizer": tokenizer_dict(tokenizer),
+        "train_config": None if train_config is None else dict(train_config),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+    }
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """The checkpoint dict; :class:`CheckpointError` naming ``path`` if it cannot be one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable policy checkpoint ({first})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a latentsel policy checkpoint (format {FORMAT!r} expected)")
+    missing = [k for k in _REQUIRED if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {missing}")
+    return state
+
+
+def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, dict]:
+    """``(model in eval mode on device, tokenizer, checkpoint dict)`` of a checkpoint file."""
+    state = load_checkpoint(path)
+    try:
+        model = GPT(GPTConfig.from_dict(state["model_config"]))
+        model.load_state_dict(state["model"])
+        t = state["tokenizer"]
+        tok = Tokenizer(t["alphabet"], tuple(t["routes"]), tuple(t["skills"]), int(t["max_len"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: inconsistent checkpoint ({str(e).splitlines()[0]})") from None
+    if tok.vocab_size != model.config.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {tok.vocab_size} tokens, model {model.config.vocab_size}")
+    return model.to(device).eval(), tok, state

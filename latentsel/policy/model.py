@@ -1,0 +1,164 @@
+"""A compact decoder-only transformer (pre-LayerNorm, GELU MLP, tied embeddings).
+
+One :class:`GPTConfig` describes the network; it travels inside every checkpoint as a plain
+dict. The forward pass takes explicit positions and an optional boolean attention mask so
+that the sampler can run left-padded batches and a key/value cache through the same code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["GPTConfig", "GPT", "KVCache", "PRESETS"]
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int
+    block_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}")
+        return cls(**d)
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+
+
+# sizes by name: (n_layer, n_head, n_embd); vocab and block size come from the tokenizer
+PRESETS = {
+    "tiny": (2, 2, 32),
+    "toy": (3, 4, 96),
+    "cpu": (4, 4, 128),
+    "gpu": (6, 8, 256),
+}
+
+
+class KVCache:
+    """Keys and values of past positions: ``k, v: [n_layer, B, n_head, t_max, head_dim]``,
+    allocated on first use with the dtype the attention produces (bf16 under autocast)."""
+
+    def __init__(self, config: GPTConfig, t_max: int):
+        self.n_layer, self.t_max = config.n_layer, t_max
+        self.k = self.v = None
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v: [B, H, T, D]`` after the cached positions; returns all keys and values."""
+        if self.k is None:
+            b, h, _, d = k.shape
+            self.k = k.new_zeros(self.n_layer, b, h, self.t_max, d)
+            self.v = v.new_zeros(self.n_layer, b, h, self.t_max, d)
+        t0, t1 = self.length, self.length + k.shape[2]
+        if t1 > self.t_max:
+            raise ValueError(f"the cache holds {self.t_max} positions, {t1} requested")
+        self.k[layer, :, :, t0:t1] = k
+        self.v[layer, :, :, t0:t1] = v
+        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+
+
+class _Attention(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.n_head, self.dropout = c.n_head, c.dropout
+        self.qkv = nn.Linear(c.n_embd, 3 * c.n_embd, bias=False)
+        self.proj = nn.Linear(c.n_embd, c.n_embd, bias=False)
+
+    def forward(self, x, mask, cache: KVCache | None, layer: int):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        drop = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class _Block(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(c.n_embd), nn.LayerNorm(c.n_embd)
+        self.attn = _Attention(c)
+        self.mlp = nn.Sequential(
+            nn.Linear(c.n_embd, 4 * c.n_embd, bias=False), nn.GELU(),
+            nn.Linear(4 * c.n_embd, c.n_embd, bias=False), nn.Dropout(c.dropout),
+        )
+
+    def forward(self, x, mask, cache, layer):
+        x = x + self.attn(self.ln1(x), mask, cache, layer)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(_Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.head.weight = self.tok.weight
+        self.apply(self._init)
+        # GPT-2's scaling of the residual projections keeps the residual stream's variance
+        # independent of depth at initialisation
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` of tokens ``idx: [B, T]``.
+
+        Args:
+            pos: positions ``[B, T]`` (default ``0..T-1``, after the cached ones).
+            mask: boolean ``[B, 1, T, T_keys]``, True where a query may attend a key; ``None``
+                is causal attention over ``idx`` (training, right padding).
+            cache: keys and values of earlier positions; updated in place.
+        """
+        b, t = idx.shape
+        if pos is None:
+            start = cache.length if cache is not None else 0
+            pos = torch.arange(start, start + t, device=idx.device).expand(b, t)
+        if int(pos.max()) >= self.config.block_size:
+            raise ValueError(f"position {int(pos.max())} is beyond block_size={self.config.block_size}")
+        x = self.drop(self.tok(idx) + self.pos(pos))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, mask, cache, layer)
+        if cache is not None:
+            cache.length += t
+        return self.head(self.ln_f(x))
+
+    def flops_per_token(self, t: int) -> int:
+        """Training FLOPs per token (forward + backward) at context ``t``, as in the PaLM appendix."""
+        c = self.config
+        n = self.n_params() - self.pos.weight.numel()
+        return 6 * n + 12 * c.n_layer * c.n_embd * t

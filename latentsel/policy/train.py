@@ -1,0 +1,297 @@
+"""SFT and group-relative RL training, single-process or data-parallel under ``torchrun``.
+
+A run writes to its folder ``out/``: ``checkpoint.pt`` (every ``checkpoint_every`` steps and at
+the end, atomically), ``metrics.jsonl`` (one object per logged step) and ``train.json`` (the
+config and the throughput at the end). Started again on the same folder, a run resumes from the
+checkpoint; since every step draws its batch and its random stream from ``(seed, step, rank)``,
+the resumed run ends where an uninterrupted one would.
+
+    python -m latentsel.policy.train ...          # see ``latentsel train --help``
+    torchrun --nproc_per_node=N -m latentsel.policy.train ...
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from latentsel._io import atomic_open
+from latentsel.policy import distributed
+from latentsel.policy.checkpoint import CheckpointError, load_checkpoint, load_policy, save_checkpoint
+from latentsel.policy.data import POOL_REGIMES, collate, prompt_pool, sft_pairs
+from latentsel.policy.losses import group_advantages, grpo_loss, sft_loss, token_logprobs
+from latentsel.policy.model import GPT, PRESETS, GPTConfig
+from latentsel.policy.sampling import autocast, derive_seed, generate
+from latentsel.policy.tokenizer import Tokenizer
+from latentsel.world import default_world
+
+__all__ = ["TrainConfig", "train", "lr_at"]
+
+# fields that may differ when a run is resumed: where and how it runs, not what it computes
+_RUN_FIELDS = {"out", "checkpoint_every", "log_every", "compile", "device"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved (as a dict) in its checkpoints.
+
+    ``batch_size`` is global: sequences per step for SFT, prompts per step for RL (each
+    sampled ``group_size`` times).
+    """
+
+    mode: str = "sft"
+    out: str = "policy-run"
+    regime: str = "sft"
+    preset: str = "cpu"
+    init: str | None = None
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    pool: int = 20000
+    seed: int = 0
+    split_seed: int = 0
+    group_size: int = 8
+    temperature: float = 1.0
+    kl_coef: float = 0.0
+    max_depth: int = 4
+    checkpoint_every: int = 100
+    log_every: int = 10
+    compile: bool = False
+    device: str | None = None
+
+    def __post_init__(self):
+        if self.mode not in ("sft", "rl"):
+            raise ValueError(f"mode must be 'sft' or 'rl', got {self.mode!r}")
+        if self.regime not in POOL_REGIMES:
+            raise ValueError(f"unknown regime {self.regime!r}; choose from {', '.join(POOL_REGIMES)}")
+        if self.mode == "sft" and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        if self.mode == "rl" and not self.init:
+            raise ValueError("RL needs --init, the checkpoint to start from")
+        if self.mode == "rl" and self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {self.group_size}")
+        for name in ("steps", "batch_size", "pool", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from ``lr`` to ``min_lr``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def _optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # no weight decay on gains and biases (1-d), as in GPT-2
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def _check_resume(saved: dict | None, cfg: TrainConfig, path: Path) -> None:
+    if saved is None:
+        raise CheckpointError(f"{path}: holds no training config, so the run cannot resume from it")
+    now = asdict(cfg)
+    diff = [f"{k}: {saved.get(k)!r} != {now[k]!r}" for k in now if k not in _RUN_FIELDS and saved.get(k) != now[k]]
+    if diff:
+        raise CheckpointError(f"{path} was written by a different run ({diff[0]}); use another --out to start afresh")
+
+
+def _build(cfg: TrainConfig, tok: Tokenizer, ckpt: Path, device) -> tuple[GPT, dict | None]:
+    if ckpt.exists():
+        state = load_checkpoint(ckpt)
+        _check_resume(state["train_config"], cfg, ckpt)
+        model = GPT(GPTConfig.from_dict(state["model_config"]))
+        model.load_state_dict(state["model"])
+        return model.to(device), state
+    if cfg.mode == "sft":
+        torch.manual_seed(cfg.seed)
+        n_layer, n_head, n_embd = PRESETS[cfg.preset]
+        model = GPT(GPTConfig(tok.vocab_size, tok.block_size(cfg.max_depth), n_layer, n_head, n_embd))
+        return model.to(device), None
+    model, init_tok, _ = load_policy(cfg.init, device)
+    if init_tok != tok:
+        raise CheckpointError(f"{cfg.init}: the checkpoint's tokenizer is not the default world's")
+    return model.train(), None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after ``step``: a killed run may have logged steps its checkpoint lacks."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    with atomic_open(path, "w") as f:
+        f.writelines(line + "\n" for line in keep)
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, on_step=None) -> dict:
+    """Run (or resume) training; returns the summary also written to ``out/train.json``.
+
+    ``on_step(step)`` is called after every completed step, once its checkpoint (if any) is written.
+    """
+    d = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, d, progress, on_step)
+    finally:
+        distributed.teardown(d)
+
+
+def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, on_step) -> dict:
+    from tqdm.auto import tqdm
+
+    if cfg.batch_size < d.world_size:
+        raise ValueError(f"batch_size={cfg.batch_size} is smaller than the {d.world_size} processes")
+    world = default_world()
+    tok = Tokenizer.from_world(world)
+    out = Path(cfg.out)
+    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    model, state = _build(cfg, tok, ckpt_path, d.device)
+    start = state["step"] if state else 0
+    optimizer = _optimizer(model, cfg, d.device)
+    if state and state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    ref = load_policy(cfg.init, d.device)[0] if cfg.mode == "rl" and cfg.kl_coef > 0 else None
+    pool = prompt_pool(cfg.regime, cfg.pool, cfg.seed, world, cfg.split_seed)
+    deepest = max(len(t.program) for t in pool)
+    if tok.block_size(deepest) > model.config.block_size:
+        raise ValueError(f"regime {cfg.regime} has depth-{deepest} programs, beyond the model's "
+                         f"block_size={model.config.block_size}")
+    step_fn = _SFTStep(cfg, tok, pool, d) if cfg.mode == "sft" else _RLStep(cfg, tok, pool, d, model, ref)
+    net = torch.compile(model) if cfg.compile else model
+    if d.enabled:
+        net = DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, start)
+    policy = "sft" if cfg.mode == "sft" else f"rl:{cfg.regime}"
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {policy}", unit="step", disable=not (progress and d.is_main))
+    tokens = flops = 0.0
+    t0 = time.perf_counter()
+    record: dict = {}
+    model.train()
+    for step in range(start, cfg.steps):
+        torch.manual_seed(derive_seed(cfg.seed, step, d.rank))  # dropout, if any
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        record = step_fn(net, step)
+        if record.pop("_update"):
+            record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            optimizer.step()
+        tokens += record["tokens"]
+        flops += record["tokens"] * model.flops_per_token(record.pop("_width"))
+        if d.is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+            elapsed = time.perf_counter() - t0
+            record.update(step=step + 1, lr=lr, tokens_per_s=tokens / elapsed, model_flops_per_s=flops / elapsed)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "reward") if k in record})
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            if d.is_main:
+                save_checkpoint(ckpt_path, model, tok, step=step + 1, policy=policy, train_config=asdict(cfg),
+                                optimizer=optimizer)
+        bar.update(1)
+        if on_step is not None:
+            on_step(step + 1)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    summary = {"config": asdict(cfg), "policy": policy, "device": d.device.type, "world_size": d.world_size,
+               "n_params": model.n_params(), "resumed_from_step": start, "steps_run": cfg.steps - start,
+               "wall_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed else None,
+               "model_flops_per_s": flops / elapsed if elapsed else None, "last": record}
+    if d.is_main:
+        with atomic_open(out / "train.json", "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
+class _SFTStep:
+    """One SFT step: backward of the completion NLL on this rank's share of the global batch."""
+
+    def __init__(self, cfg, tok, pool, d):
+        self.cfg, self.tok, self.d = cfg, tok, d
+        self.pairs = sft_pairs(pool, tok)
+
+    def __call__(self, net, step: int) -> dict:
+        rng = np.random.default_rng([self.cfg.seed, step, 0x5F7])
+        rows = rng.integers(len(self.pairs), size=self.cfg.batch_size)[self.d.rank:: self.d.world_size]
+        batch = collate([self.pairs[i] for i in rows], self.tok.pad, self.d.device)
+        local_tokens = float((batch.inputs != self.tok.pad).sum()) + len(rows)
+        n_completion, _ = distributed.all_sum([float(batch.mask.sum()), 0.0], self.d)
+        with autocast(self.d.device):
+            loss = sft_loss(net, batch, n_completion, self.d.world_size)
+        loss.backward()
+        total_loss, tokens = distributed.all_sum([float(loss.detach()) / self.d.world_size, local_tokens], self.d)
+        return {"loss": total_loss, "tokens": tokens, "_update": True, "_width": batch.inputs.shape[1]}
+
+
+class _RLStep:
+    """One group-relative policy-gradient step on this rank's prompts (``group_size`` samples each)."""
+
+    def __init__(self, cfg, tok, pool, d, model, ref):
+        self.cfg, self.tok, self.pool, self.d, self.model, self.ref = cfg, tok, pool, d, model, ref
+        self.prompts = [tok.encode_prompt(t.input, t.program) for t in pool]
+
+    def __call__(self, net, step: int) -> dict:
+        cfg, tok, d, g = self.cfg, self.tok, self.d, self.cfg.group_size
+        rng = np.random.default_rng([cfg.seed, step, 0x47])
+        rows = rng.integers(len(self.pool), size=cfg.batch_size)[d.rank:: d.world_size]
+        prompts = [self.prompts[i] for i in rows for _ in range(g)]
+        budgets = [tok.completion_budget(len(self.pool[i].program)) for i in rows for _ in range(g)]
+        gen = torch.Generator(device=d.device).manual_seed(derive_seed(cfg.seed, step, d.rank))
+        self.model.eval()
+        with autocast(d.device):
+            completions = generate(self.model, prompts, budgets, eos=tok.eos, pad=tok.pad,
+                                   temperature=cfg.temperature, generator=gen)
+        self.model.train()
+        rewards = torch.tensor([[_reward(tok, completions[n * g + j], self.pool[i]) for j in range(g)]
+                                for n, i in enumerate(rows)])
+        adv = group_advantages(rewards)
+        kept = [(n, j) for n in range(len(rows)) if adv.keep[n] for j in range(g)]
+        sampled = sum(len(c) for c in completions)
+        pairs = [(prompts[n * g + j], completions[n * g + j]) for n, j in kept]
+        n_completion = float(sum(len(c) for _, c in pairs))
+        n_tok, n_skipped, reward_sum, n_sampled = distributed.all_sum(
+            [n_completion, float((~adv.keep).sum()), float(rewards.sum()), float(sampled)], d)
+        record = {"reward": reward_sum / (cfg.batch_size * g), "groups_skipped": int(n_skipped),
+                  "groups": cfg.batch_size, "sampled_tokens": int(n_sampled), "loss": 0.0, "kl": 0.0,
+                  "tokens": 0.0, "_update": False, "_width": 0}
+        if n_tok == 0:
+            return record
+        # a rank whose groups all carry no signal still joins DDP's gradient all-reduce
+        batch = collate(pairs or [(prompts[0], completions[0])], tok.pad, d.device)
+        if not pairs:
+            batch = batch._replace(mask=torch.zeros_like(batch.mask))
+        advantage = torch.tensor([float(adv.advantage[n, j]) for n, j in kept] or [0.0], device=d.device)
+        with autocast(d.device):
+            ref_logp = None
+            if self.ref is not None:
+                with torch.no_grad():
+                    ref_logp = token_logprobs(self.ref, batch)
+            loss, kl = grpo_loss(net, batch, advantage, n_tok, d.world_size, ref_logp, cfg.kl_coef)
+        loss.backward()
+        local_tokens = float((batch.inputs != tok.pad).sum()) + len(pairs)
+        total_loss, kl_sum, tokens = distributed.all_sum(
+            [float(loss.detach()) / d.world_size, float(kl) / d.world_size, local_tokens], d)
+        record.update(loss=total_loss, kl=kl_sum, tokens=tokens, _update=True, _width=batch.inputs.shape[1])
+        return record
+
+
+def _reward(tok: Tokenizer, completion, prompt) -> float:
+    """1 for a well-formed completion whose final step is the golden answer, else 0."""
+    parsed = tok.parse_completion(completion, len(prompt.program))
+    return float(parsed.malformed is None and parsed.steps[-1] == prompt.steps[-1])
