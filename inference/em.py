@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latentsel.inference.corpus import corpus_counts
 from latentsel.inference.exact import forward_backward
 from latentsel.models.data import (HLSMData, emission_table, execution_rows, log_emission, log_p_off, log_p_on,
                                    previous_intended)
@@ -53,30 +54,33 @@ def _noise_and_off(post, data: HLSMData, le, noise, off_module):
     matched = jnp.sum(w_on * m)
     mismatched = jnp.sum(w_on * jnp.where(ok, length - m, 0))
     p_on = w_on.sum(axis=(-2, -1))
-    n_steps = jnp.sum(jnp.asarray(data.step_mask))
-    on = jnp.sum(jnp.where(jnp.asarray(data.step_mask), p_on, 0.0))
+    emit = jnp.asarray(data.emit)
+    n_steps = jnp.sum(emit)
+    on = jnp.sum(jnp.where(emit, p_on, 0.0))
     return jnp.stack([mismatched, matched]), jnp.stack([n_steps - on, on])
 
 
 def expected_counts(model: str, params, data: HLSMData) -> SuffStats:
     """The exact E-step on a corpus (one jitted call; chunk large corpora outside)."""
     if model == "grammar":
-        return _expected_counts_chain(model, data.n_chars, data.max_len, params, tuple(data[:5]))
-    return _expected_counts_independent(model, data.n_chars, data.max_len, params, tuple(data[:5]))
+        return _expected_counts_chain(model, data.n_chars, data.max_len, params, data.arrays())
+    return _expected_counts_independent(model, data.n_chars, data.max_len, params, data.arrays())
 
 
 @partial(jax.jit, static_argnames=("model", "n_chars", "max_len"))
 def _expected_counts_independent(model, n_chars, max_len, params, arrays) -> SuffStats:
     """The E-step of the modular and entangled models in probability space (table lookups)."""
-    data = HLSMData(*arrays, n_chars, max_len)
-    mask = jnp.asarray(data.step_mask)
+    data = HLSMData.from_arrays(arrays, n_chars, max_len)
+    mask = jnp.asarray(data.free)
     maskf = mask.astype(jnp.result_type(params.noise, float))
+    emit = jnp.asarray(data.emit)
+    emitf = emit.astype(maskf.dtype)
     r_n, k_n = data.n_routes, data.n_skills
     rho, kappa = execution_rows(model, params[0], params[1], data)
     length = jnp.asarray(data.length)[..., None, None]
     col = jnp.asarray(data.match).astype(jnp.int32) + 1
     table = emission_table(params.noise, params.off_module, n_chars, max_len)
-    p_emit = jnp.where(mask[..., None, None], table[length, col], 1.0)
+    p_emit = jnp.where(emit[..., None, None], table[length, col], 1.0)
     p_y = jnp.einsum("ntr,ntrk,ntk->nt", rho, p_emit, kappa)
     scale = maskf / p_y
     route_m = rho * jnp.einsum("ntrk,ntk->ntr", p_emit, kappa) * scale[..., None]
@@ -91,7 +95,7 @@ def _expected_counts_independent(model, n_chars, max_len, params, arrays) -> Suf
     on_mismatched = jnp.where(valid, on * (l_ - m), 0.0)[length, col]
     matched = jnp.sum(jnp.einsum("ntr,ntrk,ntk->nt", rho, on_matched, kappa) * scale)
     mismatched = jnp.sum(jnp.einsum("ntr,ntrk,ntk->nt", rho, on_mismatched, kappa) * scale)
-    p_off = params.off_module * jnp.exp(log_p_off(jnp.asarray(data.length), n_chars, max_len)) * scale
+    p_off = params.off_module * jnp.exp(log_p_off(jnp.asarray(data.length), n_chars, max_len)) * scale * emitf
     n_off = jnp.sum(p_off)
     cr, ck = jnp.asarray(data.route_intended), jnp.asarray(data.skill_intended)
     if model == "modular":
@@ -104,13 +108,13 @@ def _expected_counts_independent(model, n_chars, max_len, params, arrays) -> Suf
         route_counts = jnp.einsum("ntc,ntr->cr", ctx_r, route_m).reshape(r_n + 1, r_n, r_n)
         skill_counts = jnp.einsum("ntc,ntk->ck", ctx_k, skill_m).reshape(k_n + 1, k_n, k_n)
     return SuffStats(route_counts, skill_counts, jnp.stack([mismatched, matched]),
-                     jnp.stack([n_off, jnp.sum(maskf) - n_off]), jnp.sum(jnp.where(mask, jnp.log(p_y), 0.0)))
+                     jnp.stack([n_off, jnp.sum(emitf) - n_off]), jnp.sum(jnp.where(emit, jnp.log(p_y), 0.0)))
 
 
 @partial(jax.jit, static_argnames=("model", "n_chars", "max_len"))
 def _expected_counts_chain(model, n_chars, max_len, params, arrays) -> SuffStats:
     """The E-step of the grammar chain: forward-backward with pairwise marginals."""
-    data = HLSMData(*arrays, n_chars, max_len)
+    data = HLSMData.from_arrays(arrays, n_chars, max_len)
     le = log_emission(data, params.noise, params.off_module)
     mask = jnp.asarray(data.step_mask)
     maskf = mask.astype(le.dtype)
@@ -180,33 +184,9 @@ class EMResult(NamedTuple):
     converged: bool
 
 
-def _chunks(data: HLSMData, chunk: int):
-    n = data.n_traces
-    if n <= chunk:
-        yield data
-        return
-    # equal chunks (a multiple of 256 traces) so that the padded last one wastes little
-    n_chunks = -(-n // chunk)
-    chunk = ((-(-n // n_chunks) + 255) // 256) * 256
-    for lo in range(0, n, chunk):
-        part = data.take(slice(lo, lo + chunk))
-        if part.n_traces < chunk:  # pad to one compiled shape; padding steps are masked out
-            pad = chunk - part.n_traces
-            part = HLSMData(
-                *(np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) for a in part[:5]),
-                part.n_chars, part.max_len)
-        yield part
-
-
 def e_step(model: str, params, data: HLSMData, chunk: int = 8192) -> SuffStats:
-    """The E-step over a corpus of any size, ``chunk`` traces at a time (float64)."""
-    total = None
-    with jax.enable_x64(True):
-        params = jax.tree.map(jnp.asarray, params)
-        for part in _chunks(data, chunk):
-            s = expected_counts(model, params, part)
-            total = s if total is None else jax.tree.map(jnp.add, total, s)
-    return jax.tree.map(np.asarray, total)
+    """The E-step over a corpus of any size, ``chunk`` traces at a time, blocks included (float64)."""
+    return SuffStats(*corpus_counts(model, params, data, expected_counts, chunk))
 
 
 def fit_em(model: str, data: HLSMData, *, init=None, priors: Priors = Priors(), max_iter: int = 200,

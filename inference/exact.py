@@ -171,27 +171,29 @@ def _viterbi(log_rt, log_st, le, mask):
     return jnp.where(mask, routes, -1), jnp.where(mask, skills, -1)
 
 
-def independent_posterior(route_prior, skill_prior, p_emit, p_off_term, mask) -> ExactPosterior:
+def independent_posterior(route_prior, skill_prior, p_emit, p_off_term, mask, emit=None) -> ExactPosterior:
     """Exact posterior of the independent-step models, in probability space (float64 holds
     every emission of the world; no transcendental function per entry).
 
     Args:
-        route_prior: [N, T, R]; skill_prior: [N, T, K]; p_emit: [N, T, R, K] p(y_t | r, k);
-        p_off_term: [N, T] off_module * p_off(y_t); mask: bool[N, T].
+        route_prior: [N, T, R]; skill_prior: [N, T, K]; p_emit: [N, T, R, K] p(y_t | r, k)
+        (1 where the step is not observed); p_off_term: [N, T] off_module * p_off(y_t);
+        mask: bool[N, T], the steps to give a posterior; emit: bool[N, T], the observed ones
+        among them (default: all).
     """
+    emit = mask if emit is None else emit
     joint = route_prior[..., :, None] * skill_prior[..., None, :] * p_emit
     p_y = joint.sum(axis=(-2, -1))
     n, t, r, k = joint.shape
     flat_map = jnp.argmax(joint.reshape(n, t, r * k), axis=-1)
-    maskf = mask.astype(joint.dtype)
-    scale = maskf / p_y
+    scale = mask.astype(joint.dtype) / p_y
     post = joint * scale[..., None, None]
     return ExactPosterior(
-        log_evidence=jnp.sum(jnp.where(mask, jnp.log(p_y), 0.0), axis=1),
+        log_evidence=jnp.sum(jnp.where(emit, jnp.log(p_y), 0.0), axis=1),
         route_probs=post.sum(-1),
         skill_probs=post.sum(-2),
         # Σ_{r,k} p(r) p(k) = 1, so p(u = 1 | D) = off p_off(y) / p(y)
-        p_off=jnp.clip(p_off_term * scale, 0.0, 1.0),
+        p_off=jnp.clip(jnp.where(emit, p_off_term, 0.0) * scale, 0.0, 1.0),
         map_route=jnp.where(mask, flat_map // k, -1),
         map_skill=jnp.where(mask, flat_map % k, -1),
         joint_probs=post,
@@ -199,20 +201,25 @@ def independent_posterior(route_prior, skill_prior, p_emit, p_off_term, mask) ->
 
 
 def exact_posterior(model: str, params, data: HLSMData) -> ExactPosterior:
-    """Exact posterior of a fully observed corpus under ``model`` at ``params`` (jitted)."""
-    return _exact_posterior(model, data.n_chars, data.max_len, params, tuple(data[:5]))
+    """Exact posterior of the steps outside hidden-step blocks under ``model`` at ``params``
+    (jitted). Block steps are left at zero here; :mod:`latentsel.inference.blocks` and
+    :mod:`latentsel.inference.chain_blocks` fill them in. For ``grammar`` every trace must
+    be free of blocks."""
+    return _exact_posterior(model, data.n_chars, data.max_len, params, data.arrays())
 
 
 @partial(jax.jit, static_argnames=("model", "n_chars", "max_len"))
 def _exact_posterior(model, n_chars, max_len, params, arrays) -> ExactPosterior:
-    data = HLSMData(*arrays, n_chars, max_len)
-    mask = jnp.asarray(data.step_mask)
+    data = HLSMData.from_arrays(arrays, n_chars, max_len)
+    mask = jnp.asarray(data.free)
+    emit = jnp.asarray(data.emit)
     length = jnp.asarray(data.length)
     if model == "grammar":
         le = log_emission(data, params.noise, params.off_module)
-        log_off_term = jnp.log(params.off_module) + log_p_off(length, data.n_chars, data.max_len)
+        log_off_term = jnp.where(emit, jnp.log(params.off_module) + log_p_off(length, data.n_chars, data.max_len),
+                                 -jnp.inf)
         return chain_posterior(jnp.log(params.route_trans), jnp.log(params.skill_trans), le, log_off_term, mask)
     route_prior, skill_prior = execution_rows(model, params[0], params[1], data)
     p_emit = emission(data, params.noise, params.off_module)
     p_off_term = params.off_module * jnp.exp(log_p_off(length, data.n_chars, data.max_len))
-    return independent_posterior(route_prior, skill_prior, p_emit, p_off_term, mask)
+    return independent_posterior(route_prior, skill_prior, p_emit, p_off_term, mask, emit)

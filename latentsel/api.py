@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import jax
 import numpy as np
 
 from latentsel.emission import build_data
-from latentsel.inference.exact import ExactPosterior, exact_posterior
+from latentsel.inference.corpus import corpus_posterior
+from latentsel.inference.exact import ExactPosterior
 from latentsel.models.data import HLSMData
 from latentsel.models.params import params_class, validate_params
 from latentsel.traces import Trace
@@ -21,12 +21,7 @@ CHUNK = 8192
 def exact(data: HLSMData, params, model: str, *, chunk: int = CHUNK) -> ExactPosterior:
     """Exact posterior of a prepared corpus, in float64, computed ``chunk`` traces at a time."""
     params = validate_params(params, model, data.n_routes, data.n_skills)
-    parts = []
-    with jax.enable_x64(True):
-        for lo in range(0, data.n_traces, chunk):
-            part = exact_posterior(model, params, data.take(slice(lo, lo + chunk)))
-            parts.append(jax.tree.map(np.asarray, part))
-    return ExactPosterior(*(np.concatenate(field) for field in zip(*parts)))
+    return corpus_posterior(model, params, data, chunk)
 
 
 def posterior(traces: Sequence[Trace], params, model: str = "modular", world: World | None = None) -> ExactPosterior:

@@ -1,0 +1,132 @@
+"""Exact inference on a whole corpus: the free steps in chunks, then the hidden-step blocks.
+
+:func:`corpus_posterior` and :func:`corpus_counts` combine the closed form of the steps
+outside every block (:mod:`latentsel.inference.exact`, :mod:`latentsel.inference.em`) with the
+blocks of the independent models (:mod:`latentsel.inference.blocks`) and the grammar traces
+that have blocks (:mod:`latentsel.inference.chain_blocks`). Results are numpy, float64.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from latentsel.inference.blocks import block_map, block_posterior
+from latentsel.inference.chain_blocks import chain_block_map, chain_block_posterior, layouts
+from latentsel.inference.exact import ExactPosterior, exact_posterior
+from latentsel.models.data import HLSMData
+
+__all__ = ["corpus_posterior", "corpus_counts", "chunks", "block_chunks"]
+
+
+def chunks(data: HLSMData, chunk: int, pad: bool = False):
+    """``(rows, part)`` over the traces, ``chunk`` at a time, without their blocks. With ``pad``
+    the chunks have equal sizes (a multiple of 256 traces) and the last is padded with empty
+    traces, so that a jitted function compiles once."""
+    n = data.n_traces
+    data = data.without_blocks()
+    if n <= chunk:
+        yield np.arange(n), data
+        return
+    if pad:
+        n_chunks = -(-n // chunk)
+        chunk = ((-(-n // n_chunks) + 255) // 256) * 256
+    for lo in range(0, n, chunk):
+        rows = np.arange(lo, min(lo + chunk, n))
+        part = data.take(slice(lo, lo + chunk))
+        if pad and part.n_traces < chunk:  # padding steps are masked out everywhere
+            extra = chunk - part.n_traces
+            arrays = tuple(np.concatenate([a, np.zeros((extra,) + a.shape[1:], a.dtype)]) for a in part.arrays())
+            part = HLSMData.from_arrays(arrays, part.n_chars, part.max_len)
+        yield rows, part
+
+
+def block_chunks(g, n_traces: int, max_leaves: int = 1 << 16):
+    """The blocks of ``g`` in consecutive parts of at most ``max_leaves`` leaves (at least one block)."""
+    leaves = np.bincount(g.owners[-1], minlength=g.trace.size)
+    ends = np.cumsum(leaves)
+    identity = np.arange(n_traces)
+    lo = 0
+    while lo < g.trace.size:
+        hi = max(lo + 1, int(np.searchsorted(ends, (ends[lo - 1] if lo else 0) + max_leaves, side="right")))
+        keep = np.zeros(g.trace.size, dtype=bool)
+        keep[lo:hi] = True
+        yield g.select(keep, identity) if (lo, hi) != (0, g.trace.size) else g
+        lo = hi
+
+
+def _fast_rows(model: str, data: HLSMData) -> np.ndarray:
+    # grammar traces with blocks go through the layout path whole
+    return np.flatnonzero(~data.has_block) if model == "grammar" else np.arange(data.n_traces)
+
+
+def corpus_posterior(model: str, params, data: HLSMData, chunk: int = 8192) -> ExactPosterior:
+    """Exact evidence, marginals and MAP of every trace and step (numpy, float64)."""
+    n, t = data.step_mask.shape
+    r_n, k_n = data.n_routes, data.n_skills
+    out = ExactPosterior(np.zeros(n), np.zeros((n, t, r_n)), np.zeros((n, t, k_n)), np.zeros((n, t)),
+                         np.full((n, t), -1), np.full((n, t), -1), np.zeros((n, t, r_n, k_n)))
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        fast = _fast_rows(model, data)
+        sub = data.take(fast) if fast.size < n else data
+        for rows, part in chunks(sub, chunk):
+            post = jax.tree.map(np.asarray, exact_posterior(model, params, part))
+            for field, value in zip(out, post):
+                field[fast[rows]] = value
+        if model == "grammar":
+            for layout in layouts(data):
+                log_ev, joint, p_off = (np.asarray(a) for a in chain_block_posterior(params, data, layout)[:3])
+                rows, d = layout.traces, layout.depth
+                _fill(out, rows[:, None], np.arange(d)[None, :], joint, p_off)
+                out.log_evidence[rows] = log_ev
+                path = chain_block_map(params, data, layout)
+                out.map_route[rows, :d], out.map_skill[rows, :d] = path[..., 0], path[..., 1]
+            return out
+        for g in (part for group in data.blocks for part in block_chunks(group, n)):
+            res = block_posterior(model, params, data, g)
+            j = g.n_hidden
+            steps = g.step[:, None] - j + np.arange(j + 1)[None, :]
+            p_off = np.zeros((g.trace.size, j + 1))
+            p_off[:, j] = np.asarray(res.p_off)  # hidden steps are on-module
+            _fill(out, g.trace[:, None], steps, np.asarray(res.joint_probs), p_off)
+            np.add.at(out.log_evidence, g.trace, np.asarray(res.log_evidence))
+            path = block_map(model, params, data, g)
+            out.map_route[g.trace[:, None], steps], out.map_skill[g.trace[:, None], steps] = path[..., 0], path[..., 1]
+    return out
+
+
+def _fill(out: ExactPosterior, rows, steps, joint, p_off) -> None:
+    out.joint_probs[rows, steps] = joint
+    out.route_probs[rows, steps] = joint.sum(-1)
+    out.skill_probs[rows, steps] = joint.sum(-2)
+    out.p_off[rows, steps] = np.clip(p_off, 0.0, 1.0)
+
+
+def corpus_counts(model: str, params, data: HLSMData, fast_counts, chunk: int = 8192):
+    """Expected sufficient statistics of a corpus: ``fast_counts(model, params, part)`` on
+    chunks of the free steps, plus the blocks. Returns the summed fields of
+    ``(route_counts, skill_counts, noise_counts, off_counts, log_evidence)`` as numpy."""
+    total = None
+
+    def add(values):
+        nonlocal total
+        values = [np.asarray(v, dtype=np.float64) for v in values]
+        total = values if total is None else [a + b for a, b in zip(total, values)]
+
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        fast = _fast_rows(model, data)
+        if fast.size:
+            sub = data.take(fast) if fast.size < data.n_traces else data
+            for _, part in chunks(sub, chunk, pad=True):
+                add(fast_counts(model, params, part))
+        if model == "grammar":
+            for layout in layouts(data):
+                log_ev, _, _, d_rt, d_st, noise, off = chain_block_posterior(params, data, layout)
+                add((d_rt, d_st, noise, off, jnp.sum(log_ev)))
+        else:
+            for g in (part for group in data.blocks for part in block_chunks(group, data.n_traces)):
+                res = block_posterior(model, params, data, g)
+                add((res.route_counts, res.skill_counts, res.noise_counts, res.off_counts, jnp.sum(res.log_evidence)))
+    return total

@@ -1,0 +1,184 @@
+"""Hidden steps (DESIGN §4) against brute-force enumeration of the definition, all three models.
+
+The definition: a hidden step is on-module and noise-free. The observed step after a run
+of hidden steps sees their outputs under the enumerated selections; the steps after that
+read a hidden entry of their history as the intended module's output on the teacher-forced
+history. A hidden step with no observed step after it contributes a factor 1.
+"""
+import itertools
+import math
+
+import jax
+import numpy as np
+import pytest
+from numpyro.infer import TraceEnum_ELBO
+
+from latentsel.api import exact, posterior
+from latentsel.emission import build_data
+from latentsel.inference.em import e_step, fit_em
+from latentsel.models.numpyro_models import NUMPYRO_MODELS
+from latentsel.traces import Trace
+
+from test_exact import random_params, random_traces, small_world  # noqa: F401
+from test_numpyro_models import delta_guide, log_prior
+
+REL = 1e-6
+
+# (depth, hidden steps), 0-based: blocks of one and two hidden steps, blocks read by later
+# steps, a block at the start, trailing hidden steps and a trace with every step hidden
+PATTERNS = [(3, (1,)), (3, (0, 1)), (4, (1,)), (4, (0,)), (3, (2,)), (2, (0, 1)), (4, (1, 3)), (1, (0,)),
+            (3, (0,)), (4, (0, 1))]
+
+
+def hidden_traces(rng, world, program=True, patterns=PATTERNS):
+    out = []
+    for i, (depth, hidden) in enumerate(patterns):
+        tr = random_traces(rng, world, 1, max_depth=depth)[0]
+        while tr.depth != depth:
+            tr = random_traces(rng, world, 1, max_depth=depth)[0]
+        steps = [None if t in hidden else y for t, y in enumerate(tr.steps)]
+        out.append(Trace(f"h{i}", tr.input, tr.program if program else None, steps))
+    return out
+
+
+def brute_force(trace, params, model, world):
+    """Evidence, marginals, p_off, the MAP path and the expected counts by enumerating every path."""
+    r_n, k_n, a_n, w = world.n_routes, world.n_skills, world.n_chars, world.max_len
+    eps, off = params.noise, params.off_module
+    depth, steps = trace.depth, trace.steps
+    prog = [(world.route_index(r), world.skill_index(k)) for r, k in trace.program] if trace.program else None
+    filled = [trace.input]  # the history as steps after a block read it
+    for t, y in enumerate(steps):
+        filled.append(y if y is not None else world.apply(*prog[t], filled) if prog else "")
+
+    def row_index(t, r, k, path):
+        if model == "modular":
+            return (prog[t][0], r), (prog[t][1], k)
+        if model == "entangled":
+            xr, xk = (r_n, k_n) if t == 0 else prog[t - 1]
+            return (xr, prog[t][0], r), (xk, prog[t][1], k)
+        xr, xk = (r_n, k_n) if t == 0 else path[t - 1]
+        return (xr, r), (xk, k)
+
+    rows_r, rows_k = np.asarray(params[0]), np.asarray(params[1])
+    cache = {}
+
+    def apply(module, history):
+        key = (module, tuple(history))
+        if key not in cache:
+            cache[key] = world.apply(*module, history)
+        return cache[key]
+
+    total, best, best_path = 0.0, -1.0, None
+    route_m, skill_m, off_m = np.zeros((depth, r_n)), np.zeros((depth, k_n)), np.zeros(depth)
+    rc, kc, noise_c, off_c = np.zeros_like(rows_r), np.zeros_like(rows_k), np.zeros(2), np.zeros(2)
+    for path in itertools.product(itertools.product(range(r_n), range(k_n)), repeat=depth):
+        p, used = 1.0, []
+        for t, (r, k) in enumerate(path):
+            ir, ik = row_index(t, r, k, path)
+            p *= rows_r[ir] * rows_k[ik]
+            used.append((ir, ik))
+        stats = []  # per observed step: (p_on, p_off, mismatched, matched)
+        for t, y in enumerate(steps):
+            if y is None:
+                continue
+            history = list(filled[: t + 1])
+            s = t - 1
+            while s >= 0 and steps[s] is None:
+                s -= 1
+            for h in range(s + 1, t):  # the run of hidden steps right before t: enumerated outputs
+                history[h + 1] = apply(path[h], history[: h + 1])
+            e = apply(path[t], history)
+            on, mm = 0.0, (0, 0)
+            if len(e) == len(y):
+                m = sum(a == b for a, b in zip(e, y))
+                on, mm = (1 - off) * (1 - eps) ** m * (eps / (a_n - 1)) ** (len(y) - m), (len(y) - m, m)
+            stats.append((t, on, off * a_n ** (-len(y)) / (w + 1), mm))
+        p *= math.prod(on + po for _, on, po, _ in stats)
+        if p == 0.0:
+            continue
+        total += p
+        if p > best:
+            best, best_path = p, path
+        for t, (r, k) in enumerate(path):
+            route_m[t, r] += p
+            skill_m[t, k] += p
+            rc[used[t][0]] += p
+            kc[used[t][1]] += p
+        for t, on, po, mm in stats:
+            off_m[t] += p * po / (on + po)
+            off_c += p * np.array([po, on]) / (on + po)
+            noise_c += p * on / (on + po) * np.array(mm)
+    counts = (rc / total, kc / total, noise_c / total, off_c / total, math.log(total))
+    return math.log(total), route_m / total, skill_m / total, off_m / total, best_path, counts
+
+
+@pytest.mark.parametrize("model", ["modular", "entangled", "grammar"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hidden_steps_equal_brute_force(small_world, model, seed):  # noqa: F811
+    rng = np.random.default_rng(100 + seed)
+    params = random_params(rng, model, small_world.n_routes, small_world.n_skills)
+    traces = hidden_traces(rng, small_world)
+    post = posterior(traces, params, model, small_world)
+    stats = e_step(model, params, build_data(traces, small_world, model=model))
+    want_counts = None
+    for i, tr in enumerate(traces):
+        logz, rm, sm, om, path, counts = brute_force(tr, params, model, small_world)
+        d = tr.depth
+        np.testing.assert_allclose(post.log_evidence[i], logz, rtol=REL, atol=1e-12, err_msg=tr.id)
+        np.testing.assert_allclose(post.route_probs[i, :d], rm, rtol=REL, atol=1e-12, err_msg=tr.id)
+        np.testing.assert_allclose(post.skill_probs[i, :d], sm, rtol=REL, atol=1e-12, err_msg=tr.id)
+        np.testing.assert_allclose(post.p_off[i, :d], om, rtol=REL, atol=1e-12, err_msg=tr.id)
+        got = list(zip(post.map_route[i, :d].tolist(), post.map_skill[i, :d].tolist()))
+        assert got == list(path), tr.id
+        want_counts = counts if want_counts is None else [a + b for a, b in zip(want_counts, counts)]
+    for got, ref in zip(stats, want_counts):
+        np.testing.assert_allclose(got, ref, rtol=REL, atol=1e-10)
+
+
+def test_grammar_without_program_hides_only_the_last_block(small_world):  # noqa: F811
+    rng = np.random.default_rng(7)
+    params = random_params(rng, "grammar", small_world.n_routes, small_world.n_skills)
+    traces = hidden_traces(rng, small_world, program=False, patterns=[(3, (1,)), (2, (0,)), (3, (0, 1)), (3, (2,))])
+    post = posterior(traces, params, "grammar", small_world)
+    for i, tr in enumerate(traces):
+        np.testing.assert_allclose(post.log_evidence[i], brute_force(tr, params, "grammar", small_world)[0], rtol=REL)
+    bad = hidden_traces(rng, small_world, program=False, patterns=[(3, (0,))])
+    with pytest.raises(ValueError, match="hidden step 1 is read by the histories of later observed steps"):
+        build_data(bad, small_world, model="grammar")
+
+
+@pytest.mark.parametrize("model", ["modular", "entangled", "grammar"])
+def test_numpyro_program_with_hidden_steps(small_world, model):  # noqa: F811
+    rng = np.random.default_rng(11)
+    params = random_params(rng, model, small_world.n_routes, small_world.n_skills)
+    traces = hidden_traces(rng, small_world)
+    data = build_data(traces, small_world, model=model)
+    closed = exact(data, params, model).log_evidence.sum() + log_prior(
+        params, model, small_world.n_routes, small_world.n_skills)
+    with jax.enable_x64(True):
+        loss = TraceEnum_ELBO(max_plate_nesting=2).loss(
+            jax.random.PRNGKey(0), {}, NUMPYRO_MODELS[model], delta_guide(model, params), data)
+    np.testing.assert_allclose(-float(loss), closed, rtol=REL)
+
+
+def test_em_with_hidden_steps_never_decreases(small_world):  # noqa: F811
+    rng = np.random.default_rng(12)
+    traces = hidden_traces(rng, small_world) + random_traces(rng, small_world, 20)
+    result = fit_em("modular", build_data(traces, small_world), max_iter=20, tol=0)
+    diffs = np.diff(result.objective)
+    assert (diffs >= -1e-9 * np.abs(result.objective[1:])).all(), diffs.min()
+
+
+def test_hidden_step_errors(small_world):  # noqa: F811
+    x = "abc"
+    three = Trace("run3", x, [("prev", "reverse")] * 4, [None, None, None, "cba"])
+    with pytest.raises(ValueError, match=r"trace 'run3': steps 1-3 are hidden; at most 2"):
+        build_data([three], small_world)
+    # every step hidden: a factor 1, posteriors at the prior
+    blank = Trace("blank", x, [("prev", "reverse")] * 3, [None, None, None])
+    params = random_params(np.random.default_rng(0), "modular", 3, 4)
+    post = posterior([blank], params, "modular", small_world)
+    assert post.log_evidence[0] == 0.0
+    np.testing.assert_allclose(post.route_probs[0, 0], params.route_exec[0])
+    assert (post.p_off[0] == 0).all()
