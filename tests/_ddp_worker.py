@@ -30,7 +30,8 @@ def main(out):
     world = default_world()
     tok = Tokenizer.from_world(world)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(tok.vocab_size, tok.block_size(3), n_layer=2, n_head=2, n_embd=32))
+    model = GPT(GPTConfig(tok.vocab_size, tok.block_size(3), n_layer=2, n_head=2, n_embd=32,
+                          segment_tokens=tok.segment_tokens))
     net = DistributedDataParallel(model) if d.enabled else model
     cfg = TrainConfig(regime="sft", preset="tiny", batch_size=10, pool=50, seed=3)
     pool = prompt_pool("sft", cfg.pool, cfg.seed, world)

@@ -8,6 +8,7 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TINY_ARGS = {
     "aliasing.py": ["--regime", "eval-ood", "--n", "20"],
+    "train_toy_policy.py": ["--steps", "3", "--n-eval", "8", "--no-progress"],
 }
 
 

@@ -21,7 +21,8 @@ TOK = Tokenizer.from_world(WORLD)
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return GPT(GPTConfig(TOK.vocab_size, TOK.block_size(4), n_layer=2, n_head=2, n_embd=32)).eval()
+    return GPT(GPTConfig(TOK.vocab_size, TOK.block_size(4), n_layer=2, n_head=2, n_embd=32,
+                         segment_tokens=TOK.segment_tokens)).eval()
 
 
 @pytest.fixture(scope="module")

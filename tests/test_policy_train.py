@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import _ddp_worker
 from _policy_util import one_thread  # noqa: F401 - autouse fixture
 from latentsel.policy import train as train_mod
 from latentsel.policy.checkpoint import CheckpointError, load_checkpoint
@@ -144,7 +145,7 @@ def test_ddp_gradients_equal_single_process(tmp_path):
     worker = str(TESTS / "_ddp_worker.py")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
                     str(tmp_path / "ddp.pt")], check=True, env=env, capture_output=True, timeout=120)
-    subprocess.run([sys.executable, worker, str(tmp_path / "one.pt")], check=True, env=env, timeout=120)
+    _ddp_worker.main(str(tmp_path / "one.pt"))  # the single-process reference, in this process
     ddp, one = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "one.pt")
     assert ddp["tokens"] == one["tokens"] and ddp["sft_loss"] == pytest.approx(one["sft_loss"], rel=1e-6)
     for key in ("sft", "grpo"):

@@ -1,5 +1,10 @@
 """A compact decoder-only transformer (pre-LayerNorm, GELU MLP, tied embeddings).
 
+Besides absolute positions, a token may embed its *segment position*: how far it is from the
+latest of a few segment tokens (the tokenizer's ``<bos>``, ``<prog>``, ``<out>``, ``<sep>``).
+Character j of a step then sits at the same segment position as character j of the input,
+which is what copy-like skills (shifts, rotations, reversals) need to align.
+
 One :class:`GPTConfig` describes the network; it travels inside every checkpoint as a plain
 dict. The forward pass takes explicit positions and an optional boolean attention mask so
 that the sampler can run left-padded batches and a key/value cache through the same code.
@@ -24,9 +29,12 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    segment_tokens: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["segment_tokens"] = list(self.segment_tokens)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
@@ -34,6 +42,8 @@ class GPTConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}")
+        d = dict(d)
+        d["segment_tokens"] = tuple(d.get("segment_tokens", ()))
         return cls(**d)
 
     def __post_init__(self):
@@ -114,6 +124,7 @@ class GPT(nn.Module):
         self.config = config
         self.tok = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos = nn.Embedding(config.block_size, config.n_embd)
+        self.seg = nn.Embedding(config.block_size, config.n_embd) if config.segment_tokens else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(_Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
@@ -134,8 +145,15 @@ class GPT(nn.Module):
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def segment_positions(self, idx: torch.Tensor) -> torch.Tensor:
+        """``[B, T]``: distance of each token from the latest segment token at or before it."""
+        is_start = torch.isin(idx, torch.as_tensor(self.config.segment_tokens, device=idx.device))
+        p = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
+        last = torch.where(is_start, p, -1).cummax(dim=1).values
+        return (p - last).clamp(max=self.config.block_size - 1)
+
     def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, seg: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, T, vocab]`` of tokens ``idx: [B, T]``.
 
         Args:
@@ -143,6 +161,8 @@ class GPT(nn.Module):
             mask: boolean ``[B, 1, T, T_keys]``, True where a query may attend a key; ``None``
                 is causal attention over ``idx`` (training, right padding).
             cache: keys and values of earlier positions; updated in place.
+            seg: segment positions ``[B, T]`` (models with ``segment_tokens``); default computed
+                from ``idx``, which only sees the tokens given, so cached decoding passes them.
         """
         b, t = idx.shape
         if pos is None:
@@ -150,7 +170,14 @@ class GPT(nn.Module):
             pos = torch.arange(start, start + t, device=idx.device).expand(b, t)
         if int(pos.max()) >= self.config.block_size:
             raise ValueError(f"position {int(pos.max())} is beyond block_size={self.config.block_size}")
-        x = self.drop(self.tok(idx) + self.pos(pos))
+        x = self.tok(idx) + self.pos(pos)
+        if self.seg is not None:
+            if seg is None:
+                if cache is not None and cache.length:
+                    raise ValueError("decoding with a cache needs explicit segment positions")
+                seg = self.segment_positions(idx)
+            x = x + self.seg(seg)
+        x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, cache, layer)
         if cache is not None:
@@ -160,5 +187,5 @@ class GPT(nn.Module):
     def flops_per_token(self, t: int) -> int:
         """Training FLOPs per token (forward + backward) at context ``t``, as in the PaLM appendix."""
         c = self.config
-        n = self.n_params() - self.pos.weight.numel()
+        n = self.n_params() - self.pos.weight.numel() - (self.seg.weight.numel() if self.seg is not None else 0)
         return 6 * n + 12 * c.n_layer * c.n_embd * t

@@ -80,7 +80,10 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], budgets: Sequence[int
     out = torch.full((b, n_new), pad, dtype=torch.long, device=device)
     done = budget <= 0
     cache = KVCache(model.config, width + n_new) if use_cache else None
-    logits = model(idx, pos, _mask(valid, width), cache)[:, -1]
+    seg = model.segment_positions(idx) if model.seg is not None else None
+    seg_now = seg[:, -1] if seg is not None else None
+    starts = torch.as_tensor(model.config.segment_tokens, dtype=torch.long, device=device)
+    logits = model(idx, pos, _mask(valid, width), cache, seg)[:, -1]
     for j in range(n_new):
         if temperature > 0:
             probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -94,7 +97,11 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], budgets: Sequence[int
             break
         keys = torch.cat([valid, torch.ones((b, j + 1), dtype=torch.bool, device=device)], 1)
         if use_cache:
-            logits = model(tok[:, None], (lengths + j)[:, None], _mask(keys, 1), cache)[:, -1]
+            step_seg = None
+            if seg_now is not None:
+                seg_now = torch.where(torch.isin(tok, starts), 0, seg_now + 1)
+                step_seg = seg_now.clamp(max=model.config.block_size - 1)[:, None]
+            logits = model(tok[:, None], (lengths + j)[:, None], _mask(keys, 1), cache, step_seg)[:, -1]
         else:
             seq = torch.cat([idx, out[:, : j + 1]], 1)
             seq_pos = torch.cat([pos, lengths[:, None] + torch.arange(j + 1, device=device)], 1)
@@ -122,11 +129,12 @@ def completion_traces(prompts: Sequence[Trace], completions: Sequence[Sequence[i
 
 def sample_traces(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Trace], *, policy: str, checkpoint: str,
                   seed: int = 0, temperature: float = 0.0, samples: int = 1, batch_size: int = 256,
-                  progress: bool = False) -> list[Trace]:
+                  progress: bool = False, stats: dict | None = None) -> list[Trace]:
     """``samples`` completions of every prompt (which must state its program) as traces.
 
     Ids are the prompt's id, suffixed ``-s{j}`` when ``samples > 1``. The random stream of a
     batch depends on ``(seed, batch index)``, so a run is reproducible for a given batch size.
+    ``stats``, when given, receives ``generated_tokens``.
     """
     from tqdm.auto import tqdm
 
@@ -142,6 +150,7 @@ def sample_traces(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Trace], *,
     was_training = model.training
     model.eval()
     traces: list[Trace] = []
+    generated = 0
     try:
         bar = tqdm(total=len(rows), desc=f"sample {policy}", unit="trace", disable=not progress)
         for start in range(0, len(rows), batch_size):
@@ -152,10 +161,13 @@ def sample_traces(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Trace], *,
             with autocast(device):
                 completions = generate(model, encoded, budgets, eos=tokenizer.eos, pad=tokenizer.pad,
                                        temperature=temperature, generator=gen)
+            generated += sum(len(c) for c in completions)
             ids = [p.id if samples == 1 else f"{p.id}-s{j}" for p, j in chunk]
             traces.extend(completion_traces([p for p, _ in chunk], completions, tokenizer, source, ids))
             bar.update(len(chunk))
         bar.close()
     finally:
         model.train(was_training)
+    if stats is not None:
+        stats["generated_tokens"] = generated
     return traces

@@ -63,6 +63,11 @@ class Tokenizer:
     def first_char(self) -> int:
         return len(SPECIALS)
 
+    @property
+    def segment_tokens(self) -> tuple[int, ...]:
+        """The tokens that open a segment (the input, the program, each step)."""
+        return (self.bos, self.prog, self.out, self.sep)
+
     def is_char(self, token: int) -> bool:
         return self.first_char <= token < self.first_char + len(self.alphabet)
 

@@ -6,8 +6,8 @@ config and the throughput at the end). Started again on the same folder, a run r
 checkpoint; since every step draws its batch and its random stream from ``(seed, step, rank)``,
 the resumed run ends where an uninterrupted one would.
 
-    python -m latentsel.policy.train ...          # see ``latentsel train --help``
-    torchrun --nproc_per_node=N -m latentsel.policy.train ...
+    latentsel train sft --out runs/sft ...                  # see ``latentsel train --help``
+    torchrun --nproc_per_node=N -m latentsel train sft --out runs/sft ...
 """
 from __future__ import annotations
 
@@ -120,7 +120,8 @@ def _build(cfg: TrainConfig, tok: Tokenizer, ckpt: Path, device) -> tuple[GPT, d
     if cfg.mode == "sft":
         torch.manual_seed(cfg.seed)
         n_layer, n_head, n_embd = PRESETS[cfg.preset]
-        model = GPT(GPTConfig(tok.vocab_size, tok.block_size(cfg.max_depth), n_layer, n_head, n_embd))
+        model = GPT(GPTConfig(tok.vocab_size, tok.block_size(cfg.max_depth), n_layer, n_head, n_embd,
+                              segment_tokens=tok.segment_tokens))
         return model.to(device), None
     model, init_tok, _ = load_policy(cfg.init, device)
     if init_tok != tok:
@@ -160,6 +161,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, on_step) -> di
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     model, state = _build(cfg, tok, ckpt_path, d.device)
     start = state["step"] if state else 0
+    if start >= cfg.steps and (out / "train.json").exists():
+        return json.loads((out / "train.json").read_text())  # finished: keep the run's own summary
     optimizer = _optimizer(model, cfg, d.device)
     if state and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])

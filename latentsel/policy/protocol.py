@@ -1,0 +1,120 @@
+"""The default protocol (DESIGN §7): SFT -> RL atomic and RL compound -> evaluation -> corpora.
+
+One folder holds everything::
+
+    out/sft/, out/rl-atomic/, out/rl-compound/   runs (checkpoint.pt, metrics.jsonl, train.json)
+    out/eval/eval.json, out/eval/eval.md         accuracy per split and depth, greedy decoding
+    out/corpora/{policy}.{split}.jsonl.gz        traces sampled at temperature 1 per policy and split
+    out/protocol.json                            sizes, wall times, throughput, device
+
+Both RL runs start from the final SFT checkpoint. Started again on the same folder, the
+training stages resume (or are skipped when finished); evaluation and sampling are redone.
+Single process: the stages that sample and evaluate do not shard over ``torchrun`` ranks.
+
+``cpu`` is sized for about 20 minutes on two shared laptop cores; ``gpu`` (a few million
+parameters) for about 20 minutes on one data-centre GPU.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from latentsel._io import atomic_open
+from latentsel.policy.checkpoint import load_policy
+from latentsel.policy.evaluate import SPLITS, evaluate, score
+from latentsel.policy.sampling import sample_traces
+from latentsel.policy.train import TrainConfig, train
+from latentsel.regimes import bigram_split, generate
+from latentsel.traces import write_traces
+from latentsel.world import default_world
+
+__all__ = ["Size", "SIZES", "POLICIES", "run_protocol"]
+
+
+@dataclass(frozen=True)
+class Size:
+    preset: str
+    sft_steps: int
+    sft_batch: int
+    sft_lr: float
+    rl_steps: int
+    rl_prompts: int
+    group_size: int
+    rl_lr: float
+    eval_n: int
+    corpus_n: int
+    batch_size: int  # sampling batch
+
+
+SIZES = {
+    "tiny": Size("tiny", 4, 8, 3e-3, 2, 4, 4, 1e-4, 8, 4, 64),
+    "cpu": Size("toy", 2400, 64, 3e-3, 60, 16, 8, 1e-4, 1000, 2000, 512),
+    "gpu": Size("gpu", 6000, 256, 1e-3, 300, 64, 16, 5e-5, 2000, 2000, 1024),
+}
+POLICIES = {"sft": "sft", "sft+rl-atomic": "rl-atomic", "sft+rl-compound": "rl-compound"}
+
+
+def _stage(summary: dict) -> dict:
+    return {k: summary[k] for k in ("policy", "device", "world_size", "n_params", "wall_s", "tokens_per_s",
+                                    "model_flops_per_s", "steps_run", "resumed_from_step")} | {
+        "steps": summary["config"]["steps"], "last": summary["last"]}
+
+
+def run_protocol(out, *, size: str = "cpu", seed: int = 0, device: str | None = None, progress: bool = True,
+                 eval_n: int | None = None, corpus_n: int | None = None) -> dict:
+    """Run the protocol into ``out``; returns the record also written to ``out/protocol.json``."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
+    s = SIZES[size]
+    eval_n, corpus_n = eval_n or s.eval_n, corpus_n or s.corpus_n
+    out = Path(out)
+    world = default_world()
+    t_start = time.perf_counter()
+    common = dict(seed=seed, device=device, checkpoint_every=100, log_every=10)
+    stages = {"sft": _stage(train(TrainConfig(
+        mode="sft", out=str(out / "sft"), regime="sft", preset=s.preset, steps=s.sft_steps, batch_size=s.sft_batch,
+        lr=s.sft_lr, min_lr=s.sft_lr / 10, warmup=min(100, s.sft_steps // 10 + 1), **common), progress=progress))}
+    init = str(out / "sft" / "checkpoint.pt")
+    for regime in ("rl-atomic", "rl-compound"):
+        stages[regime] = _stage(train(TrainConfig(
+            mode="rl", out=str(out / regime), regime=regime, init=init, steps=s.rl_steps, batch_size=s.rl_prompts,
+            group_size=s.group_size, lr=s.rl_lr, min_lr=s.rl_lr / 10, warmup=min(10, s.rl_steps // 10 + 1),
+            **common), progress=progress))
+    checkpoints = {name: str(out / run / "checkpoint.pt") for name, run in POLICIES.items()}
+
+    t0 = time.perf_counter()
+    dev_name = stages["sft"]["device"]
+    evaluation = evaluate(checkpoints, out / "eval", n=eval_n, seed=seed + 1, device=device,
+                          batch_size=s.batch_size, progress=progress,
+                          title=f"Compositional generalization: {dev_name.upper()} run, {size} size")
+    eval_s = time.perf_counter() - t0
+
+    split = bigram_split(world.n_skills)
+    prompts = {sp: generate(sp, corpus_n, seed + 2, world=world, split=split) for sp in SPLITS}
+    corpora = {}
+    for name, path in checkpoints.items():
+        model, tok, _ = load_policy(path, device or dev_name)
+        for sp in SPLITS:
+            stats: dict = {}
+            t0 = time.perf_counter()
+            traces = sample_traces(model, tok, prompts[sp], policy=name, checkpoint=path, seed=seed + 2,
+                                   temperature=1.0, batch_size=s.batch_size, progress=progress, stats=stats)
+            wall = time.perf_counter() - t0
+            file = out / "corpora" / f"{name}.{sp}.jsonl.gz"
+            write_traces(file, traces, world=world)
+            acc = score(traces, prompts[sp])
+            corpora[file.name] = {"policy": name, "split": sp, "n": len(traces), "temperature": 1.0,
+                                  "accuracy": acc["accuracy"], "malformed": acc["malformed"],
+                                  "generated_tokens_per_s": stats["generated_tokens"] / wall}
+    record = {
+        "device": dev_name, "size": size, "seed": seed, "sizes": s.__dict__, "stages": stages,
+        "evaluation": {name: {sp: {k: c[k] for k in ("accuracy", "ci95", "n", "malformed")}
+                              for sp, c in entry["splits"].items()}
+                       for name, entry in evaluation["policies"].items()},
+        "evaluation_wall_s": eval_s, "corpora": corpora, "wall_s": time.perf_counter() - t_start,
+    }
+    with atomic_open(out / "protocol.json", "w") as f:
+        json.dump(record, f, indent=1)
+    return record
