@@ -142,11 +142,12 @@ def _common(p, device=True):
 
 
 def _train_args(p, defaults: dict):
-    from latentsel.policy.data import POOL_REGIMES
+    from latentsel.regimes import REGIMES
 
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.jsonl, train.json; "
                                                 "a folder holding a checkpoint resumes")
-    p.add_argument("--regime", choices=POOL_REGIMES, help="prompts to train on (default: %(default)s)")
+    # "toy" as in latentsel.policy.data.POOL_REGIMES, spelled out here to keep torch out of --help
+    p.add_argument("--regime", choices=["toy", *REGIMES], help="prompts to train on (default: %(default)s)")
     p.add_argument("--steps", type=_count, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch-size", type=_count, help="global batch (default: %(default)s)")
     p.add_argument("--lr", type=_nonneg_float, help="peak learning rate (default: %(default)s)")

@@ -31,7 +31,8 @@ def wilson(k: int, n: int, z: float = _Z95) -> tuple[float, float]:
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the bounds are exactly 0 (k = 0) and 1 (k = n); the subtraction would leave rounding error
+    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
 
 
 def _cell(k: int, n: int) -> dict:

@@ -125,6 +125,7 @@ class GPT(nn.Module):
         self.tok = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos = nn.Embedding(config.block_size, config.n_embd)
         self.seg = nn.Embedding(config.block_size, config.n_embd) if config.segment_tokens else None
+        self.register_buffer("seg_tokens", torch.tensor(config.segment_tokens, dtype=torch.long), persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(_Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
@@ -147,7 +148,7 @@ class GPT(nn.Module):
 
     def segment_positions(self, idx: torch.Tensor) -> torch.Tensor:
         """``[B, T]``: distance of each token from the latest segment token at or before it."""
-        is_start = torch.isin(idx, torch.as_tensor(self.config.segment_tokens, device=idx.device))
+        is_start = torch.isin(idx, self.seg_tokens)
         p = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
         last = torch.where(is_start, p, -1).cummax(dim=1).values
         return (p - last).clamp(max=self.config.block_size - 1)

@@ -50,7 +50,7 @@ class Size:
 
 SIZES = {
     "tiny": Size("tiny", 4, 8, 3e-3, 2, 4, 4, 1e-4, 8, 4, 64),
-    "cpu": Size("toy", 2400, 64, 3e-3, 60, 16, 8, 1e-4, 1000, 2000, 512),
+    "cpu": Size("toy", 2400, 64, 3e-3, 60, 16, 8, 2e-4, 1000, 2000, 512),
     "gpu": Size("gpu", 6000, 256, 1e-3, 300, 64, 16, 5e-5, 2000, 2000, 1024),
 }
 POLICIES = {"sft": "sft", "sft+rl-atomic": "rl-atomic", "sft+rl-compound": "rl-compound"}

@@ -82,7 +82,6 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], budgets: Sequence[int
     cache = KVCache(model.config, width + n_new) if use_cache else None
     seg = model.segment_positions(idx) if model.seg is not None else None
     seg_now = seg[:, -1] if seg is not None else None
-    starts = torch.as_tensor(model.config.segment_tokens, dtype=torch.long, device=device)
     logits = model(idx, pos, _mask(valid, width), cache, seg)[:, -1]
     for j in range(n_new):
         if temperature > 0:
@@ -99,7 +98,7 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], budgets: Sequence[int
         if use_cache:
             step_seg = None
             if seg_now is not None:
-                seg_now = torch.where(torch.isin(tok, starts), 0, seg_now + 1)
+                seg_now = torch.where(torch.isin(tok, model.seg_tokens), 0, seg_now + 1)
                 step_seg = seg_now.clamp(max=model.config.block_size - 1)[:, None]
             logits = model(tok[:, None], (lengths + j)[:, None], _mask(keys, 1), cache, step_seg)[:, -1]
         else:

@@ -114,10 +114,6 @@ class Tokenizer:
         ids.append(self.eos)
         return ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Human-readable text of token ids (for logs and error messages)."""
-        return " ".join(self._names[i] for i in ids)
-
     def parse_completion(self, ids: Sequence[int], depth: int) -> Parsed:
         """Read the steps of a generated completion; never raises on a malformed one.
 

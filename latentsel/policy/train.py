@@ -192,7 +192,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, on_step) -> di
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         record = step_fn(net, step)
-        if record.pop("_update"):
+        record["updated"] = record.pop("_update")
+        if record["updated"]:
             record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             optimizer.step()
         tokens += record["tokens"]
