@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _policy_util import one_thread  # noqa: F401 - autouse fixture
-from latentsel.policy.checkpoint import CheckpointError, load_checkpoint, load_policy, save_checkpoint
+from latentsel.policy.checkpoint import CheckpointError, export_policy, load_checkpoint, load_policy, save_checkpoint
 from latentsel.policy.model import GPT, GPTConfig
 from latentsel.policy.sampling import derive_seed, generate, sample_traces
 from latentsel.policy.tokenizer import Tokenizer
@@ -106,6 +106,11 @@ def test_checkpoint_round_trip_loads_with_weights_only(model, tmp_path):
     opt2 = torch.optim.AdamW(back.parameters())
     opt2.load_state_dict(load_checkpoint(path)["optimizer"])
     assert opt2.state_dict()["state"][0]["step"] == 1
+    export_policy(path, tmp_path / "weights.pt")
+    small = load_checkpoint(tmp_path / "weights.pt")
+    assert small["optimizer"] is None and small["train_config"] == {"seed": 0, "init": None}
+    assert all(torch.equal(small["model"][k], v) for k, v in model.state_dict().items())
+    assert (tmp_path / "weights.pt").stat().st_size < path.stat().st_size / 2
 
 
 def test_bad_checkpoints_name_the_file(tmp_path):

@@ -23,7 +23,8 @@ from latentsel._io import atomic_open
 from latentsel.policy.model import GPT, GPTConfig
 from latentsel.policy.tokenizer import Tokenizer
 
-__all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_policy", "tokenizer_dict"]
+__all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_policy", "export_policy",
+           "tokenizer_dict"]
 
 FORMAT = "latentsel-policy/1"
 _REQUIRED = ("format", "step", "policy", "model_config", "tokenizer", "model")
@@ -70,6 +71,14 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {missing}")
     return state
+
+
+def export_policy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy a checkpoint without its optimizer state (a third of the size): what sampling needs."""
+    state = load_checkpoint(src)
+    state["optimizer"] = None
+    with atomic_open(dst, "wb") as f:
+        torch.save(state, f)
 
 
 def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, dict]:

@@ -3,6 +3,7 @@
 One folder holds everything::
 
     out/sft/, out/rl-atomic/, out/rl-compound/   runs (checkpoint.pt, metrics.jsonl, train.json)
+    out/policies/{policy}.pt                     the final weights, without optimizer state
     out/eval/eval.json, out/eval/eval.md         accuracy per split and depth, greedy decoding
     out/corpora/{policy}.{split}.jsonl.gz        traces sampled at temperature 1 per policy and split
     out/protocol.json                            sizes, wall times, throughput, device
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentsel._io import atomic_open
-from latentsel.policy.checkpoint import load_policy
+from latentsel.policy.checkpoint import export_policy, load_policy
 from latentsel.policy.evaluate import SPLITS, evaluate, score
 from latentsel.policy.sampling import sample_traces
 from latentsel.policy.train import TrainConfig, train
@@ -82,7 +83,9 @@ def run_protocol(out, *, size: str = "cpu", seed: int = 0, device: str | None = 
             mode="rl", out=str(out / regime), regime=regime, init=init, steps=s.rl_steps, batch_size=s.rl_prompts,
             group_size=s.group_size, lr=s.rl_lr, min_lr=s.rl_lr / 10, warmup=min(10, s.rl_steps // 10 + 1),
             **common), progress=progress))
-    checkpoints = {name: str(out / run / "checkpoint.pt") for name, run in POLICIES.items()}
+    checkpoints = {name: str(out / "policies" / f"{name}.pt") for name in POLICIES}
+    for name, run in POLICIES.items():
+        export_policy(out / run / "checkpoint.pt", checkpoints[name])
 
     t0 = time.perf_counter()
     dev_name = stages["sft"]["device"]
