@@ -37,12 +37,14 @@ class ChainLayout(NamedTuple):
     dense: tuple
 
 
-def layouts(data) -> list[ChainLayout]:
-    """Group the traces of ``data`` that have blocks by layout, with each block's dense match table."""
-    where = {}
+def layouts(data, rows=None) -> list[ChainLayout]:
+    """Group the traces of ``data`` that have blocks (or the traces ``rows``) by layout, with
+    each block's dense match table."""
+    where = {int(i): [] for i in rows} if rows is not None else {}
     for g in data.blocks:
         for b, (i, t) in enumerate(zip(g.trace.tolist(), g.step.tolist())):
-            where.setdefault(i, []).append((t, g.n_hidden, g, b))
+            if rows is None or i in where:
+                where.setdefault(i, []).append((t, g.n_hidden, g, b))
     groups: dict = {}
     depth = data.step_mask.sum(axis=1)
     for i, items in where.items():
@@ -120,12 +122,11 @@ def _log_evidence(key, n_chars, max_len, log_rt, log_st, coefs, lam, mu, match, 
 
 
 @partial(jax.jit, static_argnames=("key", "n_chars", "max_len"))
-def _posterior(key, n_chars, max_len, params, match, length, dense_tables):
+def _posterior(key, n_chars, max_len, params, match, length, dense_tables, lam):
     g_n, depth = match.shape[0], key[0]
     r_n, k_n = params.route_trans.shape[-1], params.skill_trans.shape[-1]
     dtype = jnp.result_type(params.noise, float)
     coefs = emission_coefs(params.noise, params.off_module, n_chars)
-    lam = jnp.zeros((g_n, depth, r_n * k_n), dtype)
     mu = jnp.zeros((g_n, depth), dtype)
     grad = jax.grad(_log_evidence, argnums=(3, 4, 5, 6, 7), has_aux=True)
     (d_rt, d_st, d_coefs, d_lam, d_mu), log_ev = grad(key, n_chars, max_len, jnp.log(params.route_trans),
@@ -134,9 +135,11 @@ def _posterior(key, n_chars, max_len, params, match, length, dense_tables):
     return log_ev, d_lam.reshape(g_n, depth, r_n, k_n), d_mu, d_rt, d_st, d_coefs
 
 
-def chain_block_posterior(params, data, layout: ChainLayout):
+def chain_block_posterior(params, data, layout: ChainLayout, clamp=None):
     """Exact results for the traces of one layout.
 
+    ``clamp: int[G, depth]``, if given, conditions step t on z_t = clamp[:, t] = r K + k
+    where it is ≥ 0 (the evidence then includes that event).
     Returns ``(log_evidence [G], joint_probs [G, depth, R, K], p_off [G, depth],
     route_counts [R + 1, R], skill_counts [K + 1, K], noise_counts [2], off_counts [2])``.
     """
@@ -144,9 +147,13 @@ def chain_block_posterior(params, data, layout: ChainLayout):
     match = jnp.asarray(data.match[rows, : layout.depth])
     length = jnp.asarray(data.length[rows, : layout.depth])
     key = (layout.depth, layout.emit, layout.blocks)
+    s = data.n_routes * data.n_skills
+    lam = np.zeros((rows.size, layout.depth, s))
+    if clamp is not None:
+        lam = np.where((clamp[..., None] < 0) | (clamp[..., None] == np.arange(s)), 0.0, -np.inf)
     log_ev, joint, p_off, d_rt, d_st, (la, lb, l_on, l_off) = _posterior(
         key, data.n_chars, data.max_len, jax.tree.map(jnp.asarray, params), match, length,
-        tuple(jnp.asarray(d) for d in layout.dense))
+        tuple(jnp.asarray(d) for d in layout.dense), jnp.asarray(lam, jnp.result_type(params.noise, float)))
     return log_ev, joint, p_off, d_rt, d_st, jnp.stack([lb, la]), jnp.stack([l_off, l_on])
 
 

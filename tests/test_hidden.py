@@ -66,7 +66,7 @@ def brute_force(trace, params, model, world):
             cache[key] = world.apply(*module, history)
         return cache[key]
 
-    total, best, best_path = 0.0, -1.0, None
+    total, best, best_path, paths = 0.0, -1.0, None, {}
     route_m, skill_m, off_m = np.zeros((depth, r_n)), np.zeros((depth, k_n)), np.zeros(depth)
     rc, kc, noise_c, off_c = np.zeros_like(rows_r), np.zeros_like(rows_k), np.zeros(2), np.zeros(2)
     for path in itertools.product(itertools.product(range(r_n), range(k_n)), repeat=depth):
@@ -95,6 +95,7 @@ def brute_force(trace, params, model, world):
         if p == 0.0:
             continue
         total += p
+        paths[path] = p
         if p > best:
             best, best_path = p, path
         for t, (r, k) in enumerate(path):
@@ -107,6 +108,7 @@ def brute_force(trace, params, model, world):
             off_c += p * np.array([po, on]) / (on + po)
             noise_c += p * on / (on + po) * np.array(mm)
     counts = (rc / total, kc / total, noise_c / total, off_c / total, math.log(total))
+    brute_force.paths = {k: v / total for k, v in paths.items()}  # the exact path posterior, for sampling tests
     return math.log(total), route_m / total, skill_m / total, off_m / total, best_path, counts
 
 
@@ -177,3 +179,38 @@ def test_hidden_step_errors(small_world):  # noqa: F811
     assert post.log_evidence[0] == 0.0
     np.testing.assert_allclose(post.route_probs[0, 0], params.route_exec[0])
     assert (post.p_off[0] == 0).all()
+
+
+@pytest.mark.parametrize("model", ["modular", "grammar"])
+def test_posterior_samples_match_exact_marginals(small_world, model):  # noqa: F811
+    from latentsel.inference.sampling import sample_selections
+
+    rng = np.random.default_rng(21)
+    params = random_params(rng, model, small_world.n_routes, small_world.n_skills)
+    traces = hidden_traces(rng, small_world, patterns=[(3, (1,)), (3, (0, 1)), (2, ())]) \
+        + random_traces(rng, small_world, 3, program=True)
+    data = build_data(traces, small_world, model=model)
+    post = exact(data, params, model)
+    n_draws = 4000
+    draws = sample_selections(model, params, data, n_draws, seed=0)
+    mask = data.step_mask
+    freq_r = np.stack([(draws.route == r).mean(0) for r in range(small_world.n_routes)], -1)
+    freq_k = np.stack([(draws.skill == k).mean(0) for k in range(small_world.n_skills)], -1)
+    # binomial frequencies of 4000 draws: 5 standard errors, at worst 0.04
+    for freq, exact_p in ((freq_r, post.route_probs), (freq_k, post.skill_probs),
+                          (draws.off.mean(0), post.p_off)):
+        tol = 5 * np.sqrt(exact_p * (1 - exact_p) / n_draws) + 1e-9
+        assert (np.abs(freq - exact_p)[mask] <= tol[mask]).all()
+    # whole paths of a trace with a two-step block against the brute-force path posterior
+    i = 1
+    brute_force(traces[i], params, model, small_world)
+    drawn = list(zip(*(draws.route[:, i, t] * 10 + draws.skill[:, i, t] for t in range(3))))
+    checked = 0
+    for path, p in brute_force.paths.items():
+        if p > 0.02:
+            key = tuple(r * 10 + k for r, k in path)
+            freq = sum(d == key for d in drawn) / n_draws
+            assert abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n_draws), (path, freq, p)
+            checked += 1
+    assert checked >= 2
+    assert (draws.route[:, ~mask] == -1).all() and not draws.off[:, ~mask].any()
