@@ -174,14 +174,31 @@ def prior_mean_params(model: str, n_routes: int, n_skills: int, priors: Priors =
 
 
 class EMResult(NamedTuple):
-    """params: the fitted parameters; stats: the E-step counts at them; objective: J per
-    iteration (non-decreasing); log_evidence: Σ_n log p(D_n | θ) at the fit; converged: bool."""
+    """params: the fitted parameters; stats: the E-step counts at them; objective: J at each
+    accepted iterate (non-decreasing); log_evidence: Σ_n log p(D_n | θ) at the fit;
+    converged: bool; e_steps: the number of E-steps run."""
 
     params: tuple
     stats: SuffStats
     objective: list
     log_evidence: float
     converged: bool
+    e_steps: int = 0
+
+
+def _to_free(params) -> list[np.ndarray]:
+    """Unconstrained coordinates: log rows, logit noise and off_module."""
+    return [np.log(np.asarray(params[0])), np.log(np.asarray(params[1])),
+            np.log(params.noise) - np.log1p(-params.noise), np.log(params.off_module) - np.log1p(-params.off_module)]
+
+
+def _from_free(model: str, x) -> tuple:
+    def softmax(a):
+        e = np.exp(a - a.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    return params_class(model)(softmax(x[0]), softmax(x[1]), float(1 / (1 + np.exp(-x[2]))),
+                               float(1 / (1 + np.exp(-x[3]))))
 
 
 def e_step(model: str, params, data: HLSMData, chunk: int = 8192) -> SuffStats:
@@ -190,22 +207,47 @@ def e_step(model: str, params, data: HLSMData, chunk: int = 8192) -> SuffStats:
 
 
 def fit_em(model: str, data: HLSMData, *, init=None, priors: Priors = Priors(), max_iter: int = 200,
-           tol: float = 1e-8, chunk: int = 8192, progress=None) -> EMResult:
-    """EM to convergence: stops when J improves by less than ``tol * |J|``.
+           tol: float = 1e-8, chunk: int = 8192, accelerate: bool = True, progress=None) -> EMResult:
+    """EM to convergence: stops when J improves by less than ``tol * |J|`` between iterates.
 
-    ``progress``, if given, is called as ``progress(iteration, J)`` after every E-step.
+    With ``accelerate`` each iterate takes two EM steps θ → θ_1 → θ_2 and extrapolates along
+    them (SQUAREM, scheme S3, in the unconstrained coordinates of :func:`_to_free`). The
+    extrapolated point is kept only if its J is at least J(θ_1); otherwise the iterate is
+    θ_2. Either way J never decreases. ``max_iter`` bounds the E-steps. ``progress``, if
+    given, is called as ``progress(iterate, J)``.
     """
     params = init if init is not None else prior_mean_params(model, data.n_routes, data.n_skills, priors)
-    history = []
+    stats, n_e = e_step(model, params, data, chunk), 1
+    history = [objective(model, params, stats.log_evidence, priors)]
     converged = False
-    stats = e_step(model, params, data, chunk)
-    for it in range(max_iter):
-        history.append(objective(model, params, stats.log_evidence, priors))
+    if progress is not None:
+        progress(0, history[0])
+    while n_e < max_iter:
+        p1 = m_step(model, stats, data.n_routes, data.n_skills, priors)
+        s1, n_e = e_step(model, p1, data, chunk), n_e + 1
+        j1 = objective(model, p1, s1.log_evidence, priors)
+        if accelerate and n_e + 1 < max_iter:
+            p2 = m_step(model, s1, data.n_routes, data.n_skills, priors)
+            x0, x1, x2 = _to_free(params), _to_free(p1), _to_free(p2)
+            r = [b - a for a, b in zip(x0, x1)]
+            v = [c - 2 * b + a for a, b, c in zip(x0, x1, x2)]
+            norm_r = np.sqrt(sum(float(np.sum(np.square(a))) for a in r))
+            norm_v = np.sqrt(sum(float(np.sum(np.square(a))) for a in v))
+            if norm_v > 0:
+                alpha = min(-1.0, -norm_r / norm_v)
+                pp = _from_free(model, [a - 2 * alpha * b + alpha ** 2 * c for a, b, c in zip(x0, r, v)])
+                sp, n_e = e_step(model, pp, data, chunk), n_e + 1
+                jp = objective(model, pp, sp.log_evidence, priors)
+                if np.isfinite(jp) and jp >= j1:
+                    p1, s1, j1 = pp, sp, jp
+                elif n_e < max_iter:
+                    s1, n_e = e_step(model, p2, data, chunk), n_e + 1
+                    p1, j1 = p2, objective(model, p2, s1.log_evidence, priors)
+        params, stats = p1, s1
+        history.append(j1)
         if progress is not None:
-            progress(it, history[-1])
-        if len(history) > 1 and history[-1] - history[-2] < tol * abs(history[-1]):
+            progress(len(history) - 1, j1)
+        if history[-1] - history[-2] < tol * abs(history[-1]):
             converged = True
             break
-        params = m_step(model, stats, data.n_routes, data.n_skills, priors)
-        stats = e_step(model, params, data, chunk)
-    return EMResult(params, stats, history, float(stats.log_evidence), converged)
+    return EMResult(params, stats, history, float(stats.log_evidence), converged, n_e)

@@ -136,3 +136,18 @@ def test_em_recovers_reached_rows(world):
             hits.append(post.map_route[i, t] == r and post.map_skill[i, t] == k)
     assert len(hits) > 500
     assert np.mean(hits) >= 0.98, np.mean(hits)
+
+
+@pytest.mark.parametrize("model", ["modular", "grammar"])
+def test_accelerated_em_reaches_plain_em_optimum(small_world, model):  # noqa: F811
+    rng = np.random.default_rng(9)
+    traces = random_traces(rng, small_world, 60, program=model != "grammar")
+    data = build_data(traces, small_world, model=model)
+    plain = fit_em(model, data, max_iter=2000, tol=1e-12, accelerate=False)
+    fast = fit_em(model, data, max_iter=2000, tol=1e-12)
+    assert plain.converged and fast.converged
+    assert (np.diff(fast.objective) >= -1e-9 * np.abs(fast.objective[1:])).all()
+    # both stop within 1e-12 relative of a local maximum of J; the same one here
+    np.testing.assert_allclose(fast.objective[-1], plain.objective[-1], rtol=1e-8)
+    np.testing.assert_allclose(fast.params[0], plain.params[0], atol=1e-3)
+    assert fast.e_steps < plain.e_steps
