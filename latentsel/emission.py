@@ -131,32 +131,46 @@ def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular",
     r_n, k_n = world.n_routes, world.n_skills
     match = np.full((n, t_max, r_n, k_n), -1, dtype=np.int8)
     step_mask = np.zeros((n, t_max), dtype=bool)
-    observed = np.zeros((n, t_max), dtype=bool)
     free = np.zeros((n, t_max), dtype=bool)
     route_int = np.zeros((n, t_max), dtype=np.int32)
     skill_int = np.zeros((n, t_max), dtype=np.int32)
 
+    route_of = {name: i for i, name in enumerate(world.route_names)}
+    skill_of = {name: i for i, name in enumerate(world.skill_names)}
     strings, items = [], []
     for i, tr in enumerate(traces):
-        if model != "grammar" and tr.program is None:
-            raise ValueError(f"trace {tr.id!r} states no program: only the grammar model applies")
-        prog = [(world.route_index(r), world.skill_index(k)) for r, k in tr.program] if tr.program else None
-        if model != "grammar":
-            route_int[i, : tr.depth] = [r for r, _ in prog]
-            skill_int[i, : tr.depth] = [k for _, k in prog]
-        blocks = _hidden_runs(tr, prog is not None)
-        items.extend((i, t, j) for t, j in blocks)
-        step_mask[i, : tr.depth] = True
-        observed[i, : tr.depth] = [y is not None for y in tr.steps]
-        free[i, : tr.depth] = True
-        for t, j in blocks:
-            free[i, t - j: t + 1] = False
-        history = [tr.input]
-        for t, y in enumerate(tr.steps):
-            # a hidden entry, as later histories read it: the intended module's output
-            history.append(y if y is not None else world.apply(*prog[t], history) if prog else "")
-        strings.extend(history)
-        strings.extend([""] * (t_max - tr.depth))
+        depth = len(tr.steps)
+        if tr.program is None:
+            if model != "grammar":
+                raise ValueError(f"trace {tr.id!r} states no program: only the grammar model applies")
+            prog = None
+        else:
+            try:
+                prog = [(route_of[r], skill_of[k]) for r, k in tr.program]
+            except KeyError:  # the world's lookup names the unknown module
+                prog = [(world.route_index(r), world.skill_index(k)) for r, k in tr.program]
+            if model != "grammar":
+                route_int[i, :depth] = [r for r, _ in prog]
+                skill_int[i, :depth] = [k for _, k in prog]
+        step_mask[i, :depth] = True
+        free[i, :depth] = True
+        strings.append(tr.input)
+        if None not in tr.steps:
+            strings.extend(tr.steps)
+        else:
+            blocks = _hidden_runs(tr, prog is not None)
+            items.extend((i, t, j) for t, j in blocks)
+            for t, j in blocks:
+                free[i, t - j: t + 1] = False
+            history = [tr.input]
+            for t, y in enumerate(tr.steps):
+                # a hidden entry, as later histories read it: the intended module's output
+                history.append(y if y is not None else world.apply(*prog[t], history) if prog else "")
+            strings.extend(history[1:])
+        strings.extend([""] * (t_max - depth))
+    observed = step_mask.copy()
+    for i in {it[0] for it in items} | {i for i, tr in enumerate(traces) if None in tr.steps}:
+        observed[i, : traces[i].depth] = [y is not None for y in traces[i].steps]
     emit = observed & free
     # every trace's full teacher-forced history, encoded once: [N, T + 1, W]
     codes, lens = encode(strings, world)
