@@ -109,7 +109,7 @@ def cmd_simulate(args) -> int:
     else:
         params = default_params(args.model, world.n_routes, world.n_skills, fidelity=args.fidelity,
                                 noise=args.noise, off_module=args.off_module)
-    traces = simulate(prompts, params, args.model, world, seed=args.seed)
+    traces = simulate(prompts, params, args.model, world, seed=args.seed, hide=args.hide)
     write_traces(args.output, traces, world=world)
     print(f"wrote {len(traces)} traces simulated from the {args.model} model to {args.output}")
     return 0
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fidelity", type=float, default=0.9, help="mass on the intended module (default: %(default)s)")
     p.add_argument("--noise", type=float, default=0.02)
     p.add_argument("--off-module", type=float, default=0.02)
+    p.add_argument("--hide", type=_positive_int, nargs="*", default=[], metavar="STEP",
+                   help="1-based steps to leave unobserved (compressed traces)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and count them")
     p.add_argument("-o", "--output", required=True, help="trace file to write")
@@ -176,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and count them")
     p.add_argument("--show", type=_positive_int, default=5, help="skipped records to print (default: %(default)s)")
     p.set_defaults(func=cmd_validate)
+
+    from latentsel.policy.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -5,6 +5,10 @@ skill from the model's rows, the off-module flag from ``off_module``; an on-modu
 is the module's output with each character replaced, with probability ``noise``, by a
 uniformly drawn *other* character; an off-module step has a length uniform on
 0..MAX_LEN and uniform characters. The history is teacher-forced (``h_t = y_t``).
+
+Hidden steps (``hide``) follow the model's definition exactly: a hidden step is on-module
+and noise-free; the observed step after it sees the executed output, and later steps read
+the intended module's output in its place (:mod:`latentsel.models.data`).
 """
 from __future__ import annotations
 
@@ -20,10 +24,14 @@ __all__ = ["simulate"]
 
 
 def simulate(prompts: Sequence[Trace], params, model: str, world: World, seed: int = 0,
-             source: dict | None = None) -> list[Trace]:
+             source: dict | None = None, hide: Sequence[int] = ()) -> list[Trace]:
     """One simulated trace per prompt (``prompts`` need ``input`` and, except for ``grammar``,
-    ``program``; a grammar prompt's depth is its number of steps)."""
+    ``program``; a grammar prompt's depth is its number of steps). ``hide``: 1-based steps
+    to leave unobserved where a trace has them."""
     params = validate_params(params, model, world.n_routes, world.n_skills)
+    hidden = {int(t) - 1 for t in hide}
+    if any(t < 0 for t in hidden):
+        raise ValueError(f"hide: steps are numbered from 1, got {sorted(hide)}")
     rng = np.random.default_rng(seed)
     r_n, k_n, a_n = world.n_routes, world.n_skills, world.n_chars
     out = []
@@ -32,6 +40,7 @@ def simulate(prompts: Sequence[Trace], params, model: str, world: World, seed: i
             raise ValueError(f"prompt {p.id!r} states no program; the {model} model needs one")
         prog = [(world.route_index(r), world.skill_index(k)) for r, k in p.program] if p.program else None
         history, steps, routes, skills, offs = [p.input], [], [], [], []
+        filled = [p.input]  # the history as steps after the next observed one read it
         prev_r, prev_k = r_n, k_n
         for t in range(p.depth):
             if model == "modular":
@@ -43,16 +52,24 @@ def simulate(prompts: Sequence[Trace], params, model: str, world: World, seed: i
             else:
                 pr, pk = params.route_trans[prev_r], params.skill_trans[prev_k]
             r, k = int(rng.choice(r_n, p=pr)), int(rng.choice(k_n, p=pk))
-            off = bool(rng.random() < params.off_module)
-            if off:
+            off = bool(rng.random() < params.off_module) and t not in hidden
+            if t in hidden:
+                y = world.apply(r, k, history)
+            elif off:
                 y = "".join(world.alphabet[c] for c in rng.integers(a_n, size=rng.integers(world.max_len + 1)))
             else:
                 codes = [world.char_index(c) for c in world.apply(r, k, history)]
                 flip = rng.random(len(codes)) < params.noise
                 shift = rng.integers(1, a_n, size=len(codes))
                 y = "".join(world.alphabet[(c + s) % a_n if f else c] for c, f, s in zip(codes, flip, shift))
-            steps.append(y)
+            steps.append(None if t in hidden else y)
             history.append(y)
+            if t in hidden:
+                filled.append(world.apply(*prog[t], filled) if prog else "")
+            else:
+                # an observed step closes a block: from here on hidden entries read as intended
+                filled.append(y)
+                history = list(filled)
             routes.append(world.routes[r].name)
             skills.append(world.skills[k].name)
             offs.append(off)
