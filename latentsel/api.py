@@ -13,7 +13,7 @@ from latentsel.models.params import params_class, validate_params
 from latentsel.traces import Trace
 from latentsel.world import World, default_world
 
-__all__ = ["log_evidence", "posterior", "exact"]
+__all__ = ["log_evidence", "posterior", "exact", "posterior_samples"]
 
 CHUNK = 8192
 
@@ -34,3 +34,15 @@ def posterior(traces: Sequence[Trace], params, model: str = "modular", world: Wo
 def log_evidence(traces: Sequence[Trace], params, model: str = "modular", world: World | None = None) -> np.ndarray:
     """log p(D_n | θ) for every trace: ``float64[n_traces]``."""
     return posterior(traces, params, model, world).log_evidence
+
+
+def posterior_samples(traces: Sequence[Trace], params, model: str = "modular", world: World | None = None,
+                      n_samples: int = 100, seed: int = 0):
+    """Exact draws of the executed selections: a
+    :class:`~latentsel.inference.sampling.Selections` of ``[n_samples, n_traces, max_depth]`` arrays."""
+    from latentsel.inference.sampling import sample_selections
+
+    world = world or default_world()
+    data = build_data(traces, world, model=model)
+    return sample_selections(model, validate_params(params, model, data.n_routes, data.n_skills), data, n_samples,
+                             seed)
