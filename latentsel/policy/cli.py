@@ -212,7 +212,8 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("protocol", help="SFT, RL atomic, RL compound, evaluation and trace corpora in one run")
     p.add_argument("--out", required=True, help="output folder (resumes the training stages it holds)")
-    p.add_argument("--size", choices=["cpu", "gpu"], default="cpu", help="run size (default: %(default)s)")
+    p.add_argument("--size", choices=["tiny", "cpu", "gpu"], default="cpu",
+                   help="run size: tiny (a smoke run), cpu, gpu (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=_count, help="evaluation prompts per split (default: the size's)")
     p.add_argument("--corpus-n", type=_count, help="corpus traces per policy and split (default: the size's)")

@@ -1,0 +1,114 @@
+"""``latentsel train``, ``sample``, ``evaluate`` and ``protocol`` end to end at tiny size."""
+import json
+
+import pytest
+
+from _policy_util import one_thread  # noqa: F401 - autouse fixture
+from latentsel.cli import main
+from latentsel.traces import read_traces
+
+TINY = ["--preset", "tiny", "--regime", "toy", "--batch-size", "4", "--pool", "16", "--max-depth", "4",
+        "--log-every", "1", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "sft"
+    assert main(["train", "sft", "--out", str(out), "--steps", "2", "--warmup", "1", *TINY]) == 0
+    return out / "checkpoint.pt"
+
+
+def test_train_sft_writes_checkpoint_metrics_and_summary(checkpoint, capsys):
+    out = checkpoint.parent
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["loss"] > 0 for r in records)
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["device"] == "cpu" and summary["config"]["preset"] == "tiny"
+    # a finished run started again changes nothing and reports its own summary
+    assert main(["train", "sft", "--out", str(out), "--steps", "2", "--warmup", "1", *TINY]) == 0
+    assert "2 steps on cpu" in capsys.readouterr().out
+
+
+def test_train_rl_from_the_sft_checkpoint(checkpoint, tmp_path, capsys):
+    out = tmp_path / "rl"
+    assert main(["train", "rl", "--init", str(checkpoint), "--out", str(out), "--regime", "rl-atomic",
+                 "--steps", "1", "--batch-size", "2", "--group-size", "2", "--pool", "8", "--kl-coef", "0.1",
+                 "--no-progress"]) == 0
+    [record] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record["groups"] == 2 and 0 <= record["groups_skipped"] <= 2
+    assert "reward" in capsys.readouterr().out
+
+
+def test_sample_writes_policy_traces(checkpoint, tmp_path, capsys):
+    prompts, traces = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl.gz"
+    assert main(["generate", "--regime", "eval-ood", "--n", "5", "-o", str(prompts)]) == 0
+    assert main(["sample", "--checkpoint", str(checkpoint), "--prompts", str(prompts), "-o", str(traces),
+                 "--temperature", "1", "--samples", "2", "--seed", "4", "--no-progress"]) == 0
+    back = read_traces(traces)
+    assert len(back) == 10 and all(len(t.steps) == 4 for t in back)
+    assert back[0].source == {"kind": "policy", "policy": "sft", "checkpoint": str(checkpoint), "seed": 4,
+                              "device": "cpu", "temperature": 1.0}
+    assert "wrote 10 traces" in capsys.readouterr().out
+
+
+def test_evaluate_writes_json_and_markdown(checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--policy", f"a={checkpoint}", "--policy", f"b={checkpoint}", "--n", "3",
+                 "--out", str(out), "--save-traces", "--no-progress", "--title", "Tiny run"]) == 0
+    record = json.loads((out / "eval.json").read_text())
+    assert record["device"] == "cpu" and list(record["policies"]) == ["a", "b"]
+    cell = record["policies"]["a"]["splits"]["eval-ood"]
+    assert cell["n"] == 3 and cell["depth"] == 4 and len(cell["by_depth"]) == 4
+    assert record["policies"]["a"]["splits"] == record["policies"]["b"]["splits"]
+    table = (out / "eval.md").read_text()
+    assert table.startswith("# Tiny run") and "| a | " in table and "eval-ood (depth 4)" in table
+    assert len(read_traces(out / "traces" / "b.eval-seen.jsonl.gz")) == 3
+
+
+def test_protocol_runs_every_stage(tmp_path):
+    out = tmp_path / "protocol"
+    assert main(["protocol", "--out", str(out), "--size", "tiny", "--eval-n", "3", "--corpus-n", "3",
+                 "--no-progress"]) == 0
+    record = json.loads((out / "protocol.json").read_text())
+    assert record["device"] == "cpu" and set(record["stages"]) == {"sft", "rl-atomic", "rl-compound"}
+    assert set(record["evaluation"]) == {"sft", "sft+rl-atomic", "sft+rl-compound"}
+    assert len(record["corpora"]) == 9
+    assert len(read_traces(out / "corpora" / "sft+rl-compound.eval-ood.jsonl.gz")) == 3
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["sample", "--checkpoint", "missing.pt", "--prompts", "p.jsonl", "-o", "o.jsonl"], 1, "p.jsonl: no such file"),
+    (["evaluate", "--policy", "a=missing.pt", "--out", "x", "--n", "1"], 1, "missing.pt: no such checkpoint file"),
+    (["evaluate", "--policy", "missing.pt", "--out", "x"], 2, "expected NAME=CHECKPOINT"),
+    (["train", "rl", "--out", "x"], 2, "--init"),
+    (["train", "sft", "--out", "x", "--steps", "0"], 2, "expected a positive integer"),
+    (["train", "sft", "--out", "x", "--preset", "huge"], 2, "invalid choice"),
+])
+def test_bad_input_is_one_line(argv, code, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    if code == 2:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+    else:
+        assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_sample_names_a_bad_checkpoint(tmp_path, capsys):
+    prompts, bad = tmp_path / "p.jsonl", tmp_path / "bad.pt"
+    assert main(["generate", "--regime", "sft", "--n", "2", "-o", str(prompts)]) == 0
+    bad.write_text("garbage")
+    assert main(["sample", "--checkpoint", str(bad), "--prompts", str(prompts), "-o", str(tmp_path / "o.jsonl")]) == 1
+    assert f"{bad}: not a readable policy checkpoint" in capsys.readouterr().err
+
+
+def test_help_lists_the_policy_commands_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from latentsel.cli import build_parser; p = build_parser(); "
+            "h = p.format_help(); assert all(c in h for c in ('train', 'sample', 'evaluate', 'protocol')), h; "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
