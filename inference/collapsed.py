@@ -1,0 +1,143 @@
+"""The HLSM with its discrete selections summed out, for gradient-based inference on the globals.
+
+* :func:`global_prior`: only the global sites (``GLOBAL_SITES[model]``) with the DESIGN §4
+  priors. AutoGuides build their prototype from it (see :mod:`latentsel.inference.svi`).
+* :func:`log_evidence_fn`: Σ_n log p(D_n | θ) in closed form as a differentiable function of
+  θ, for corpora without hidden steps. The modular and entangled models use a sparse form:
+  only the modules whose output has the step's length contribute ``p_on``; every other one
+  contributes the same ``off_module p_off(y)``, and Σ_{r,k} p(r) p(k) = 1, so
+
+      p(y_t) = off_module p_off(y_t) + (1 - off_module) Σ_{(r, k): len(e) = len(y_t)} p(r) p(k) p_on(y_t | e).
+
+  About a quarter of the R K modules fit a step's length in the default world; the gradient
+  scatters into the small parameter arrays only. The grammar chain uses forward-backward
+  (:func:`~latentsel.inference.exact.exact_posterior`).
+* :func:`collapsed_model`: the global prior plus one factor, that log evidence. Its log
+  density equals the enumerated NumPyro model's; it is the fast potential of NUTS.
+* :func:`finite_factors`: a handler that makes the enumerated NumPyro models differentiable.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.primitives import Messenger
+
+from latentsel.inference.exact import exact_posterior
+from latentsel.models.data import HLSMData, log_p_off, previous_intended
+from latentsel.models.numpyro_models import GLOBAL_SITES
+from latentsel.models.params import Priors, params_class
+
+__all__ = ["global_prior", "log_evidence_fn", "collapsed_model", "finite_factors", "params_from_sites", "FACTOR_FLOOR"]
+
+# Any log factor below about -800 is exp() = 0 next to the always finite off-module branch,
+# so a floor this low changes no value in float32 or float64 and keeps sums far from -inf.
+FACTOR_FLOOR = -1e30
+
+
+def global_prior(model: str, n_routes: int, n_skills: int, priors: Priors = Priors()):
+    """Sample the global sites from their priors; returns the model's params NamedTuple.
+
+    Sites (names of ``GLOBAL_SITES[model]``): two row-stochastic arrays shaped as in DESIGN §4
+    (Dirichlet rows), ``noise`` and ``off_module`` (Beta).
+    """
+    conc_r, conc_k = priors.concentration(model, n_routes, n_skills)
+    names = GLOBAL_SITES[model]
+    route = numpyro.sample(names[0], dist.Dirichlet(jnp.asarray(conc_r)).to_event(conc_r.ndim - 1))
+    skill = numpyro.sample(names[1], dist.Dirichlet(jnp.asarray(conc_k)).to_event(conc_k.ndim - 1))
+    noise = numpyro.sample(names[2], dist.Beta(*priors.noise))
+    off_module = numpyro.sample(names[3], dist.Beta(*priors.off_module))
+    return params_class(model)(route, skill, noise, off_module)
+
+
+def log_evidence_fn(model: str, data: HLSMData):
+    """``f(params) -> Σ_n log p(D_n | θ)``, a jittable, differentiable scalar function.
+
+    ``data`` must have no hidden-step blocks (the enumerated model covers those).
+    """
+    if getattr(data, "blocks", ()):
+        raise ValueError("the closed-form log evidence covers corpora without hidden steps")
+    if model == "grammar":
+        return lambda params: exact_posterior(model, params, data).log_evidence.sum()
+    r_n, k_n = data.n_routes, data.n_skills
+    mask = np.asarray(data.step_mask)
+    match = np.asarray(data.match)
+    n, t, r, k = np.nonzero((match >= 0) & mask[..., None, None])  # the length-consistent modules
+    step = n * mask.shape[1] + t  # [E], a flat step index
+    m = match[n, t, r, k].astype(np.float64)  # [E]
+    length = np.asarray(data.length).astype(np.float64)  # [N, T]
+    y_len = length[n, t]
+    ctx_r, ctx_k = (np.asarray(a) for a in (data.route_intended, data.skill_intended))
+    if model == "entangled":
+        prev_r, prev_k = (np.asarray(a) for a in previous_intended(data))
+        ctx_r, ctx_k = prev_r * r_n + ctx_r, prev_k * k_n + ctx_k
+    route_idx = ctx_r[n, t] * r_n + r  # [E], into the flattened route rows
+    skill_idx = ctx_k[n, t] * k_n + k
+    n_steps = mask.size
+    on_steps = np.flatnonzero(mask.ravel())
+    log_off = np.asarray(log_p_off(length, data.n_chars, data.max_len)).ravel()[on_steps]
+
+    def f(params):
+        la = jnp.log1p(-params.noise)
+        lb = jnp.log(params.noise) - jnp.log(data.n_chars - 1.0)
+        terms = (jnp.ravel(params[0])[route_idx] * jnp.ravel(params[1])[skill_idx]
+                 * jnp.exp(m * la + (y_len - m) * lb))
+        p_on = jax.ops.segment_sum(terms, step, num_segments=n_steps)[on_steps]
+        p_y = (1 - params.off_module) * p_on + params.off_module * jnp.exp(log_off)
+        return jnp.sum(jnp.log(p_y))
+
+    return f
+
+
+def collapsed_model(model: str, data: HLSMData, priors: Priors = Priors(), log_evidence=None):
+    """The global prior times p(D | θ) in closed form (factor site ``log_evidence``).
+
+    ``log_evidence``: a precomputed :func:`log_evidence_fn` of ``data`` (built when absent).
+    """
+    params = global_prior(model, data.n_routes, data.n_skills, priors)
+    f = log_evidence if log_evidence is not None else log_evidence_fn(model, data)
+    numpyro.factor("log_evidence", f(params))
+
+
+def params_from_sites(model: str, values: dict):
+    """The params NamedTuple from a dict keyed by the global site names."""
+    cls = params_class(model)
+    return cls(*(values[name] for name in GLOBAL_SITES[model]))
+
+
+class _Floored(dist.Distribution):
+    """``base`` with its log density floored at :data:`FACTOR_FLOOR`."""
+
+    def __init__(self, base):
+        self.base = base
+        super().__init__(base.batch_shape, base.event_shape)
+
+    def sample(self, key, sample_shape=()):
+        return self.base.sample(key, sample_shape)
+
+    def log_prob(self, value):
+        return jnp.maximum(self.base.log_prob(value), FACTOR_FLOOR)
+
+
+def _is_factor(fn) -> bool:
+    while not isinstance(fn, dist.Unit):
+        fn = getattr(fn, "base_dist", None)
+        if fn is None:
+            return False
+    return True
+
+
+class finite_factors(Messenger):
+    """Floor the log density of every ``numpyro.factor`` site at :data:`FACTOR_FLOOR`.
+
+    The models' emission factor is -inf for a module whose output has the wrong length. When
+    the enumeration sums out a variable over entries that are all -inf (a routing under
+    which no skill fits the step), the gradient of that log-sum-exp is NaN, which poisons
+    every SVI and NUTS step. The floor leaves every value unchanged (see FACTOR_FLOOR).
+    """
+
+    def process_message(self, msg):
+        if msg["type"] == "sample" and msg["is_observed"] and _is_factor(msg["fn"]):
+            msg["fn"] = _Floored(msg["fn"])

@@ -1,0 +1,147 @@
+"""Stochastic variational inference on the HLSM's global parameters (DESIGN §5).
+
+The model is the enumerated NumPyro program (``NUMPYRO_MODELS[model]``) and the loss
+``TraceEnum_ELBO``: the discrete selections are summed out exactly, and the guide covers the
+global sites only (``GLOBAL_SITES[model]``).
+
+Guides:
+
+* ``"delta"`` (``AutoDelta``): a point estimate. By default (``map_in="softmax"``) it is the
+  mode of the log posterior in softmax / logit coordinates, the objective J(θ) that EM
+  maximizes (:mod:`latentsel.inference.em`): the Jacobian of the softmax (logistic) map
+  contributes Σ_j log θ_j per row (log ε + log(1 - ε) per scalar), which is the same as
+  raising every Dirichlet concentration and both Beta parameters by one. So AutoDelta runs
+  on the model with those shifted priors, and its optimum is EM's. ``map_in="simplex"``
+  keeps the priors as given: the mode of the density on the simplex, which does not exist
+  for a Dirichlet concentration below 1 (the density is unbounded at the boundary), so rows
+  the data do not reach drift towards a vertex.
+* ``"normal"`` (``AutoNormal``): a mean-field normal in the unconstrained coordinates; the
+  result's ``params`` is the posterior mean of the guide (Monte Carlo), ``median`` the
+  transform of its locations, ``std`` its posterior standard deviations.
+
+Everything is a function of its arguments; the seed is one of them.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+from numpyro.infer import SVI, TraceEnum_ELBO, init_to_value
+from numpyro.infer.autoguide import AutoDelta, AutoNormal
+
+from latentsel.inference.collapsed import finite_factors, global_prior, params_from_sites
+from latentsel.inference.em import prior_mean_params
+from latentsel.models.data import HLSMData
+from latentsel.models.numpyro_models import GLOBAL_SITES, NUMPYRO_MODELS
+from latentsel.models.params import Priors
+
+__all__ = ["SVIResult", "fit_svi", "softmax_priors", "GUIDES"]
+
+GUIDES = ("delta", "normal")
+
+
+class SVIResult(NamedTuple):
+    """The result of :func:`fit_svi`.
+
+    params: the model's params NamedTuple, the point estimate (delta: the optimum; normal:
+        the guide's posterior mean); losses: float64[steps], the negative ELBO per step (for
+        the delta guide with ``map_in="softmax"``, -J(θ) up to a constant);
+    guide: "delta" or "normal"; guide_params: the guide's parameters by NumPyro name
+        (``{site}_auto_loc``, ``{site}_auto_scale``; normal: unconstrained coordinates);
+    median: params NamedTuple (normal: the transform of the locations; delta: None);
+    std: params NamedTuple of posterior standard deviations per entry (normal; delta: None).
+    """
+
+    params: tuple
+    losses: np.ndarray
+    guide: str
+    guide_params: dict
+    median: tuple | None
+    std: tuple | None
+
+
+def softmax_priors(priors: Priors) -> Priors:
+    """Priors whose density on the simplex / interval is the original log posterior's in
+    softmax / logit coordinates: every concentration and Beta parameter plus one."""
+    return Priors(priors.exec_diag + 1, priors.exec_off + 1, priors.trans + 1,
+                  tuple(a + 1 for a in priors.noise), tuple(a + 1 for a in priors.off_module))
+
+
+def fit_svi(model: str, data: HLSMData, *, guide: str = "delta", priors: Priors = Priors(), steps: int = 2000,
+            lr: float = 0.05, lr_final: float = 0.002, seed: int = 0, init=None, map_in: str = "softmax",
+            num_particles: int = 1, posterior_samples: int = 1000, progress: Callable | None = None,
+            progress_every: int = 50) -> SVIResult:
+    """Fit the guide by Adam on the ``TraceEnum_ELBO`` loss (float64).
+
+    The step size decays geometrically from ``lr`` to ``lr_final`` over the ``steps``; the
+    gradient is clipped at 10 per entry (ClippedAdam). ``init``: a params NamedTuple for the
+    guide's starting locations (default: every row at its prior mean, noise = off = 0.1).
+    ``progress(step, loss)`` is called every ``progress_every`` steps.
+    """
+    if guide not in GUIDES:
+        raise ValueError(f"unknown guide {guide!r}; choose from {', '.join(GUIDES)}")
+    if map_in not in ("softmax", "simplex"):
+        raise ValueError(f"map_in must be 'softmax' or 'simplex', got {map_in!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    names = GLOBAL_SITES[model]
+    fit_priors = softmax_priors(priors) if guide == "delta" and map_in == "softmax" else priors
+    init = init if init is not None else prior_mean_params(model, data.n_routes, data.n_skills, priors)
+    r_n, k_n = data.n_routes, data.n_skills
+    with jax.enable_x64(True):
+        init_values = {name: jnp.asarray(v, jnp.float64) for name, v in zip(names, init)}
+        # the guide's prototype comes from the global prior alone: an AutoGuide runs its model
+        # op by op to build it, and the enumerated model takes tens of seconds that way
+        cls = AutoDelta if guide == "delta" else AutoNormal
+        auto = cls(lambda: global_prior(model, r_n, k_n, fit_priors), init_loc_fn=init_to_value(values=init_values))
+        enumerated = finite_factors(NUMPYRO_MODELS[model])
+        decay = (lr_final / lr) ** (1.0 / max(steps - 1, 1))
+        optim = numpyro.optim.ClippedAdam(step_size=lambda i: lr * decay ** i, clip_norm=10.0)
+        svi = SVI(lambda: enumerated(data, fit_priors), lambda: auto(), optim,
+                  TraceEnum_ELBO(num_particles=num_particles, max_plate_nesting=2))
+        key_init, key_post = jax.random.split(jax.random.PRNGKey(seed))
+        numpyro.handlers.seed(auto, key_init)()  # the prototype, eagerly on the small prior model
+        state = jax.jit(svi.init)(key_init)  # the enumerated model traced once, not op by op
+        chunk = max(1, min(progress_every, steps))
+
+        @jax.jit
+        def run_chunk(state, start):
+            def body(s, i):
+                new, loss = svi.update(s)
+                keep = start + i < steps  # the last chunk may run past the end
+                return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, s), loss
+
+            return jax.lax.scan(body, state, jnp.arange(chunk))
+
+        losses = []
+        for start in range(0, steps, chunk):
+            state, chunk_losses = run_chunk(state, start)
+            losses.append(np.asarray(chunk_losses)[: steps - start])
+            if progress is not None:
+                progress(min(start + chunk, steps), float(losses[-1][-1]))
+        losses = np.concatenate(losses)
+        raw = svi.get_params(state)
+        guide_params = {k: np.asarray(v) for k, v in raw.items()}
+        if guide == "delta":
+            point = params_from_sites(model, {name: np.asarray(raw[f"{name}_auto_loc"]) for name in names})
+            return SVIResult(_as_float(point), losses, guide, guide_params, None, None)
+        draws = auto.sample_posterior(key_post, raw, sample_shape=(posterior_samples,))
+        mean = params_from_sites(model, {name: np.asarray(draws[name]).mean(0) for name in names})
+        std = params_from_sites(model, {name: np.asarray(draws[name]).std(0) for name in names})
+        median = params_from_sites(model, {name: np.asarray(v) for name, v in auto.median(raw).items()})
+    return SVIResult(_renormalize(mean), losses, guide, guide_params, _as_float(median), _as_float(std))
+
+
+def _as_float(params):
+    """Scalars as Python floats, arrays as float64 numpy."""
+    return type(params)(*(float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64) for v in params))
+
+
+def _renormalize(params):
+    """Rows summing to 1 to float64 precision (a Monte Carlo mean of simplex draws sums to
+    1 only up to rounding in each draw)."""
+    params = _as_float(params)
+    return params._replace(**{f: params[i] / params[i].sum(-1, keepdims=True) for i, f in enumerate(params._fields[:2])})
