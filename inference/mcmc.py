@@ -105,6 +105,7 @@ def fit_nuts(model: str, data: HLSMData, *, priors: Priors = Priors(), num_warmu
              progress_bar: bool = False) -> MCMCResult:
     """NUTS with a diagonal mass matrix, in float64.
 
+    ``progress_bar`` shows NumPyro's bars when x64 is enabled globally (the CLI does).
     Each chain starts at z ~ Uniform(-init_radius, init_radius) in the unconstrained
     coordinates (NumPyro's ``init_to_uniform``), so that R-hat compares chains from
     different starting points.
@@ -114,6 +115,9 @@ def fit_nuts(model: str, data: HLSMData, *, priors: Priors = Priors(), num_warmu
         if value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}")
     kind = _resolve_potential(potential, data)
+    # NumPyro's progress-bar callback returns its counter in the thread's default integer
+    # type, which mismatches inside a local enable_x64 scope; with x64 on globally it works
+    progress_bar = progress_bar and bool(jax.config.read("jax_enable_x64"))
     if chain_method is None:
         chain_method = "parallel" if jax.local_device_count() >= num_chains else "sequential"
     r_n, k_n = data.n_routes, data.n_skills

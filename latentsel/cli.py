@@ -23,6 +23,26 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _at_least(low: int):
+    def parse(value: str) -> int:
+        n = _positive_int(value)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {n}")
+        return n
+
+    return parse
+
+
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return x
+
+
 # --------------------------------------------------------------------------------------
 # commands
 # --------------------------------------------------------------------------------------
@@ -81,18 +101,54 @@ def _read(args, world):
 
 
 def cmd_fit(args) -> int:
+    if args.method == "nuts" and "jax" not in sys.modules:
+        # one CPU device per chain so that the chains run in parallel; XLA reads this when
+        # JAX starts, so it must come before anything imports JAX
+        import os
+
+        from numpyro.util import set_host_device_count
+
+        set_host_device_count(max(1, min(args.chains, os.cpu_count() or 1)))
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # the inference runs in float64 throughout
     from latentsel.fitting import fit_traces, write_fit
     from latentsel.world import default_world
 
     world = default_world()
     traces = _read(args, world)
-    fit = fit_traces(traces, world, args.model, args.method, max_iter=args.max_iter, tol=args.tol)
+    fit = fit_traces(traces, world, args.model, args.method, max_iter=args.max_iter, tol=args.tol, guide=args.guide,
+                     steps=args.steps, lr=args.lr, warmup=args.warmup, samples=args.samples, chains=args.chains,
+                     seed=args.seed)
     write_fit(args.out, traces, fit, world)
     rec = fit["record"]
-    print(f"{args.model}/{args.method}: {rec['n_traces']} traces, log evidence {rec['log_evidence']:.6f}, "
-          f"{rec['iterations']} iterations{'' if rec['converged'] else ' (not converged)'}; wrote {args.out}/fit.json "
-          f"and {args.out}/posterior.jsonl")
+    print(f"{args.model}/{args.method}: {rec['n_traces']} traces, log evidence at the estimate "
+          f"{rec['log_evidence']:.6f}; {_fit_detail(rec)}")
+    if args.method == "nuts":
+        _print_nuts_summary(rec["nuts"])
+    written = ["fit.json", "posterior.jsonl"] + (["samples.npz"] if args.method == "nuts" else [])
+    print(f"wrote {', '.join(f'{args.out}/{name}' for name in written)}")
     return 0
+
+
+def _fit_detail(rec: dict) -> str:
+    if rec["method"] == "em":
+        return f"{rec['iterations']} iterations{'' if rec['converged'] else ' (not converged)'}"
+    if rec["method"] == "svi":
+        return f"{rec['guide']} guide, {rec['steps']} steps, final loss {rec['losses'][-1]:.6g}"
+    s = rec["nuts"]
+    return (f"{s['chains']} chains x {s['draws']} draws ({rec['chain_method']}), "
+            f"{s['divergences']} divergences, mean acceptance {s['accept_prob']:.3f}")
+
+
+def _print_nuts_summary(s: dict) -> None:
+    print(f"{'site':<16} {'max R-hat':>10} {'min ESS':>9} {'median ESS':>11}")
+    for name, d in s["sites"].items():
+        print(f"{name:<16} {d['r_hat_max']:>10.3f} {d['ess_min']:>9.1f} {d['ess_median']:>11.1f}")
+    worst = max(d["r_hat_max"] for d in s["sites"].values())
+    if worst > 1.01 or s["divergences"]:
+        print(f"warning: max R-hat {worst:.3f}, {s['divergences']} divergences: run longer chains (--warmup, --samples) "
+              "before trusting the draws")
 
 
 def cmd_simulate(args) -> int:
@@ -152,10 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit the latent model to a trace file")
     p.add_argument("traces", help="trace file (.jsonl or .jsonl.gz)")
     p.add_argument("--model", default="modular", choices=["modular", "entangled", "grammar"])
-    p.add_argument("--method", default="em", choices=["em"])
-    p.add_argument("--out", required=True, help="output folder for fit.json and posterior.jsonl")
-    p.add_argument("--max-iter", type=_positive_int, default=500)
+    p.add_argument("--method", default="em", choices=["em", "svi", "nuts"],
+                   help="em: MAP by EM; svi: TraceEnum_ELBO with an AutoDelta or AutoNormal guide; "
+                        "nuts: posterior draws (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output folder for fit.json and posterior.jsonl (nuts: samples.npz)")
+    p.add_argument("--max-iter", type=_positive_int, default=500, help="EM iterations at most (default: %(default)s)")
     p.add_argument("--tol", type=float, default=1e-8, help="relative tolerance on the EM objective")
+    p.add_argument("--guide", default="delta", choices=["delta", "normal"], help="SVI guide (default: %(default)s)")
+    p.add_argument("--steps", type=_at_least(1), default=2000, help="SVI steps (default: %(default)s)")
+    p.add_argument("--lr", type=_positive_float, default=0.05, help="SVI initial step size (default: %(default)s)")
+    p.add_argument("--warmup", type=_positive_int, default=500, help="NUTS warm-up draws per chain (default: %(default)s)")
+    p.add_argument("--samples", type=_at_least(4), default=500, help="NUTS draws per chain (default: %(default)s)")
+    p.add_argument("--chains", type=_at_least(1), default=2, help="NUTS chains (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of SVI and NUTS (default: %(default)s)")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and count them")
     p.set_defaults(func=cmd_fit)
 

@@ -1,4 +1,10 @@
-"""Fitting a trace file and writing the results (DESIGN §8): ``fit.json`` and ``posterior.jsonl``."""
+"""Fitting a trace file and writing the results (DESIGN §8): ``fit.json`` and ``posterior.jsonl``.
+
+Methods: ``em`` (the MAP in softmax coordinates), ``svi`` (AutoDelta: the same point by
+stochastic optimization; AutoNormal: a variational posterior, its mean as the estimate) and
+``nuts`` (posterior draws; the estimate is the posterior mean, the draws go to ``samples.npz``).
+``posterior.jsonl`` holds the exact posterior of every step at the point estimate.
+"""
 from __future__ import annotations
 
 import json
@@ -18,7 +24,7 @@ from latentsel.world import World
 
 __all__ = ["fit_traces", "write_fit", "read_params", "params_to_json"]
 
-METHODS = ("em",)
+METHODS = ("em", "svi", "nuts")
 
 
 def params_to_json(params) -> dict:
@@ -45,12 +51,31 @@ def read_params(path: str | Path, model: str, world: World):
 
 
 def fit_traces(traces: Sequence[Trace], world: World, model: str = "modular", method: str = "em",
-               *, max_iter: int = 500, tol: float = 1e-8, progress: bool = True) -> dict:
-    """Fit a corpus; returns a dict with the fitted params, the exact posterior and the fit record."""
+               *, max_iter: int = 500, tol: float = 1e-8, guide: str = "delta", steps: int = 2000, lr: float = 0.05,
+               warmup: int = 500, samples: int = 500, chains: int = 2, seed: int = 0, progress: bool = True) -> dict:
+    """Fit a corpus; returns a dict with the fitted ``params``, the exact ``posterior`` at them,
+    the JSON ``record`` and, for nuts, the ``mcmc`` result (draws per chain)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     params_class(model)
     data = build_data(traces, world, model=model)
+    fitters = {"em": _fit_em, "svi": _fit_svi, "nuts": _fit_nuts}
+    options = dict(max_iter=max_iter, tol=tol, guide=guide, steps=steps, lr=lr, warmup=warmup, samples=samples,
+                   chains=chains, seed=seed)
+    params, extra, out = fitters[method](model, data, progress, **options)
+    post = exact(data, params, model)
+    record = {
+        "model": model,
+        "method": method,
+        "params": params_to_json(params),
+        "log_evidence": float(post.log_evidence.sum()),
+        "n_traces": len(traces),
+        **extra,
+    }
+    return {"params": params, "posterior": post, "record": record, **out}
+
+
+def _fit_em(model, data, progress, *, max_iter, tol, **_):
     bar = tqdm(total=max_iter, desc=f"EM ({model})", unit="it", disable=not progress, leave=False)
 
     def tick(it, j):
@@ -61,22 +86,51 @@ def fit_traces(traces: Sequence[Trace], world: World, model: str = "modular", me
         result = fit_em(model, data, max_iter=max_iter, tol=tol, progress=tick)
     finally:
         bar.close()
-    post = exact(data, result.params, model)
-    record = {
-        "model": model,
-        "method": method,
-        "params": params_to_json(result.params),
-        "log_evidence": float(post.log_evidence.sum()),
-        "n_traces": len(traces),
-        "iterations": len(result.objective),
-        "converged": bool(result.converged),
-        "objective": [float(j) for j in result.objective],
-    }
-    return {"params": result.params, "posterior": post, "record": record}
+    extra = {"iterations": len(result.objective), "converged": bool(result.converged),
+             "objective": [float(j) for j in result.objective]}
+    return result.params, extra, {}
+
+
+def _fit_svi(model, data, progress, *, guide, steps, lr, seed, **_):
+    from latentsel.inference.svi import fit_svi
+
+    bar = tqdm(total=steps, desc=f"SVI ({model}, {guide})", unit="step", disable=not progress, leave=False)
+
+    def tick(step, loss):
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.6g}")
+
+    try:
+        result = fit_svi(model, data, guide=guide, steps=steps, lr=lr, seed=seed, progress=tick)
+    finally:
+        bar.close()
+    extra = {"guide": guide, "steps": steps, "lr": lr, "seed": seed, "losses": [float(x) for x in result.losses]}
+    if result.std is not None:
+        extra["posterior_std"] = params_to_json(result.std)
+        extra["posterior_median"] = params_to_json(result.median)
+        # the guide's own scales, in NumPyro's unconstrained coordinates
+        extra["guide_scale"] = {k[: -len("_auto_scale")]: np.asarray(v).tolist()
+                                for k, v in result.guide_params.items() if k.endswith("_auto_scale")}
+    return result.params, extra, {"svi": result}
+
+
+def _fit_nuts(model, data, progress, *, warmup, samples, chains, seed, **_):
+    from latentsel.inference.collapsed import params_from_sites
+    from latentsel.inference.mcmc import fit_nuts, summary
+
+    result = fit_nuts(model, data, num_warmup=warmup, num_samples=samples, num_chains=chains, seed=seed,
+                      progress_bar=progress)
+    stds = params_from_sites(model, {name: v.std(axis=(0, 1)) for name, v in result.samples.items()})
+    extra = {"warmup": warmup, "seed": seed, "chain_method": result.chain_method, "potential": result.potential,
+             "nuts": summary(result), "posterior_std": params_to_json(stds), "samples_file": "samples.npz"}
+    return result.params, extra, {"mcmc": result}
 
 
 def write_fit(out: str | Path, traces: Sequence[Trace], fit: dict, world: World) -> None:
-    """Write ``out/fit.json`` and ``out/posterior.jsonl`` (each atomically)."""
+    """Write ``out/fit.json``, ``out/posterior.jsonl`` and, for nuts, ``out/samples.npz`` (each
+    atomically). ``samples.npz``: every global site as ``[chains, draws, ...]`` plus the
+    sampler's ``diverging``, ``accept_prob``, ``num_steps``, ``potential_energy`` ``[chains, draws]``
+    and ``step_size`` ``[chains]``."""
     out = Path(out)
     post = fit["posterior"]
     with atomic_open(out / "posterior.jsonl") as f:
@@ -91,5 +145,10 @@ def write_fit(out: str | Path, traces: Sequence[Trace], fit: dict, world: World)
                     "skill_probs": [float(p) for p in post.skill_probs[i, t]],
                 })
             f.write(json.dumps({"id": tr.id, "steps": steps}) + "\n")
+    if "mcmc" in fit:
+        mcmc = fit["mcmc"]
+        with atomic_open(out / "samples.npz", "wb") as f:
+            np.savez(f, **mcmc.samples, diverging=mcmc.diverging, accept_prob=mcmc.accept_prob,
+                     num_steps=mcmc.num_steps, potential_energy=mcmc.potential_energy, step_size=mcmc.step_size)
     with atomic_open(out / "fit.json") as f:
         json.dump(fit["record"], f, indent=1)
