@@ -51,7 +51,7 @@ class Size:
 
 SIZES = {
     "tiny": Size("tiny", 4, 8, 3e-3, 2, 4, 4, 1e-4, 8, 4, 64),
-    "cpu": Size("toy", 2400, 64, 3e-3, 60, 16, 8, 2e-4, 1000, 2000, 512),
+    "cpu": Size("toy", 2400, 64, 3e-3, 200, 16, 16, 2e-4, 1000, 2000, 512),
     "gpu": Size("gpu", 6000, 256, 1e-3, 300, 64, 16, 5e-5, 2000, 2000, 1024),
 }
 POLICIES = {"sft": "sft", "sft+rl-atomic": "rl-atomic", "sft+rl-compound": "rl-compound"}
@@ -73,16 +73,17 @@ def run_protocol(out, *, size: str = "cpu", seed: int = 0, device: str | None = 
     out = Path(out)
     world = default_world()
     t_start = time.perf_counter()
-    common = dict(seed=seed, device=device, checkpoint_every=100, log_every=10)
+    common = dict(seed=seed, device=device, checkpoint_every=100)
     stages = {"sft": _stage(train(TrainConfig(
         mode="sft", out=str(out / "sft"), regime="sft", preset=s.preset, steps=s.sft_steps, batch_size=s.sft_batch,
-        lr=s.sft_lr, min_lr=s.sft_lr / 10, warmup=min(100, s.sft_steps // 10 + 1), **common), progress=progress))}
+        lr=s.sft_lr, min_lr=s.sft_lr / 10, warmup=min(100, s.sft_steps // 10 + 1), log_every=10, **common),
+        progress=progress))}
     init = str(out / "sft" / "checkpoint.pt")
     for regime in ("rl-atomic", "rl-compound"):
         stages[regime] = _stage(train(TrainConfig(
             mode="rl", out=str(out / regime), regime=regime, init=init, steps=s.rl_steps, batch_size=s.rl_prompts,
             group_size=s.group_size, lr=s.rl_lr, min_lr=s.rl_lr / 10, warmup=min(10, s.rl_steps // 10 + 1),
-            **common), progress=progress))
+            log_every=1, **common), progress=progress))  # every step: which groups carried a signal
     checkpoints = {name: str(out / "policies" / f"{name}.pt") for name in POLICIES}
     for name, run in POLICIES.items():
         export_policy(out / run / "checkpoint.pt", checkpoints[name])
