@@ -9,7 +9,10 @@ for the rows, logit for noise and off_module, Jacobians included):
   enumeration (any corpus the model covers; several times slower).
 * ``"auto"``: closed when the corpus has no hidden steps.
 
-Both equal the same log density (tests, 1e-6 relative in float64).
+The collapsed model's log density equals the enumerated program's ``TraceEnum_ELBO`` log
+joint (tests, 1e-6 relative in float64). The enumerated potential is larger by a constant:
+NumPyro's funsor ``log_density`` counts each padded (masked) step as the log of the number
+of enumerated values; the constant does not depend on θ, so the draws are the same.
 
 Chains: ``chain_method=None`` runs them in parallel when JAX has a device per chain (on CPU
 only if ``numpyro.set_host_device_count`` ran before JAX started, which a library cannot
