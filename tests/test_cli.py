@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from latentsel.cli import main
@@ -105,3 +106,62 @@ def test_fit_bad_input_is_one_line(tmp_path, capsys):
     assert main(["fit", str(free), "--model", "modular", "--out", str(tmp_path / "o")]) == 1
     assert "states no program: only the grammar model applies" in capsys.readouterr().err
     assert main(["fit", str(free), "--model", "grammar", "--out", str(tmp_path / "g")]) == 0
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sim")
+    prompts, sim = folder / "p.jsonl", folder / "sim.jsonl"
+    assert main(["generate", "--regime", "eval-seen", "--n", "40", "-o", str(prompts)]) == 0
+    assert main(["simulate", str(prompts), "--seed", "1", "-o", str(sim)]) == 0
+    return sim
+
+
+def _check_design_files(out, n_traces):
+    fit = json.loads((out / "fit.json").read_text())
+    assert set(fit["params"]) == {"route_exec", "skill_exec", "noise", "off_module"}
+    assert isinstance(fit["log_evidence"], float) and fit["n_traces"] == n_traces
+    rows = [json.loads(line) for line in (out / "posterior.jsonl").read_text().splitlines()]
+    assert len(rows) == n_traces
+    assert set(rows[0]["steps"][0]) == {"map_route", "map_skill", "p_off", "route_probs", "skill_probs"}
+    return fit
+
+
+def test_fit_svi_writes_design_files(simulated, tmp_path, capsys):
+    out = tmp_path / "svi"
+    args = ["fit", str(simulated), "--method", "svi", "--guide", "normal", "--steps", "40", "--out", str(out)]
+    assert main(args) == 0
+    fit = _check_design_files(out, 40)
+    assert fit["method"] == "svi" and fit["guide"] == "normal" and len(fit["losses"]) == 40
+    assert set(fit["posterior_std"]) == set(fit["params"]) == set(fit["guide_scale"])
+    assert "normal guide, 40 steps" in capsys.readouterr().out
+
+
+def test_fit_nuts_writes_draws_and_diagnostics(simulated, tmp_path, capsys):
+    out = tmp_path / "nuts"
+    args = ["fit", str(simulated), "--method", "nuts", "--warmup", "10", "--samples", "8", "--seed", "3",
+            "--out", str(out)]
+    assert main(args) == 0
+    fit = _check_design_files(out, 40)
+    assert fit["method"] == "nuts" and fit["nuts"]["chains"] == 2 and fit["nuts"]["draws"] == 8
+    assert set(fit["nuts"]["sites"]["skill_exec"]) == {"r_hat_max", "ess_min", "ess_median"}
+    with np.load(out / "samples.npz") as draws:
+        assert draws["skill_exec"].shape == (2, 8, 24, 24) and draws["diverging"].shape == (2, 8)
+        np.testing.assert_allclose(draws["skill_exec"].mean(axis=(0, 1)), fit["params"]["skill_exec"], rtol=1e-9)
+    out_text = capsys.readouterr().out
+    assert "max R-hat" in out_text and "samples.npz" in out_text
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--method", "mcmc"], "invalid choice: 'mcmc'"),
+    (["--method", "nuts", "--chains", "0"], "--chains: expected an integer >= 1, got 0"),
+    (["--method", "nuts", "--samples", "2"], "--samples: expected an integer >= 4, got 2"),
+    (["--method", "svi", "--lr", "-1"], "--lr: expected a positive number, got -1"),
+    (["--method", "svi", "--guide", "laplace"], "invalid choice: 'laplace'"),
+])
+def test_fit_bad_options_are_one_line(tmp_path, capsys, option, message):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "o"), *option])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
