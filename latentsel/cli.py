@@ -100,15 +100,22 @@ def _read(args, world):
     return traces
 
 
+def _devices_for_chains(chains: int) -> None:
+    """One CPU device per NUTS chain (up to the cores) so that the chains run in parallel.
+    XLA reads this when JAX starts, so it must come before anything imports JAX; a process
+    that has JAX already keeps its devices and the chains run one after the other."""
+    if "jax" in sys.modules:
+        return
+    import os
+
+    from numpyro.util import set_host_device_count
+
+    set_host_device_count(max(1, min(chains, os.cpu_count() or 1)))
+
+
 def cmd_fit(args) -> int:
-    if args.method == "nuts" and "jax" not in sys.modules:
-        # one CPU device per chain so that the chains run in parallel; XLA reads this when
-        # JAX starts, so it must come before anything imports JAX
-        import os
-
-        from numpyro.util import set_host_device_count
-
-        set_host_device_count(max(1, min(args.chains, os.cpu_count() or 1)))
+    if args.method == "nuts":
+        _devices_for_chains(args.chains)
     import jax
 
     jax.config.update("jax_enable_x64", True)  # the inference runs in float64 throughout
@@ -172,9 +179,10 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    _devices_for_chains(2)
     from latentsel.demo import run_demo
 
-    run_demo(out=args.out, n=args.n, seed=args.seed)
+    run_demo(out=args.out, n=args.n, seed=args.seed, nuts_traces=args.nuts_traces, nuts_draws=args.nuts_draws)
     return 0
 
 
@@ -192,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="latentsel-demo", help="output folder (default: %(default)s)")
     p.add_argument("--n", type=_positive_int, default=2000, help="prompts per regime (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nuts-traces", type=_positive_int, default=150,
+                   help="traces per regime that NUTS fits (default: %(default)s)")
+    p.add_argument("--nuts-draws", type=_positive_int, default=80,
+                   help="NUTS warm-up and kept draws per chain; below 4 skips NUTS (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("world", help="print the module table of the default world")

@@ -66,9 +66,9 @@ def test_debug_shows_traceback(tmp_path):
 
 
 def test_demo_runs(tmp_path, capsys):
-    assert main(["demo", "--n", "30", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--n", "30", "--nuts-draws", "6", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "eval-ood" in out and "unique" in out
+    assert "eval-ood" in out and "unique" in out and "NUTS" in out
     assert len(read_traces(tmp_path / "demo" / "sft.jsonl.gz")) == 30
 
 
