@@ -85,6 +85,13 @@ def test_sampled_traces_are_valid_records(model, prompts, tmp_path):
     assert [t.steps for t in read_traces(tmp_path / "t.jsonl")] == [t.steps for t in traces]
 
 
+def test_prompts_deeper_than_the_context_are_named(prompts):
+    torch.manual_seed(0)
+    short = GPT(GPTConfig(TOK.vocab_size, TOK.block_size(3), n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(ValueError, match=r"prompt 'eval-ood-000000' \(depth 4\) needs \d+ positions"):
+        sample_traces(short, TOK, prompts, policy="p", checkpoint="c")
+
+
 def test_derive_seed_separates_streams():
     seeds = {derive_seed(s, step, r) for s in range(3) for step in range(50) for r in range(4)}
     assert len(seeds) == 600 and all(0 <= s < 2**63 for s in seeds)

@@ -139,9 +139,14 @@ def sample_traces(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Trace], *,
 
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    block = model.config.block_size
     for p in prompts:
         if p.program is None:
             raise ValueError(f"prompt {p.id!r} states no program; a policy needs the intended program")
+        need = len(p.input) + 2 * len(p.program) + 3 + tokenizer.completion_budget(len(p.program))
+        if need > block:
+            raise ValueError(f"prompt {p.id!r} (depth {len(p.program)}) needs {need} positions; "
+                             f"the policy's context holds {block}")
     device = next(model.parameters()).device
     source = {"kind": "policy", "policy": policy, "checkpoint": str(checkpoint), "seed": seed,
               "device": device.type, "temperature": temperature}
