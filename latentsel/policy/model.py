@@ -167,9 +167,12 @@ class GPT(nn.Module):
         """
         b, t = idx.shape
         if pos is None:
+            # checked on host integers: no device sync and no graph break under torch.compile
             start = cache.length if cache is not None else 0
+            if start + t > self.config.block_size:
+                raise ValueError(f"position {start + t - 1} is beyond block_size={self.config.block_size}")
             pos = torch.arange(start, start + t, device=idx.device).expand(b, t)
-        if int(pos.max()) >= self.config.block_size:
+        elif int(pos.max()) >= self.config.block_size:
             raise ValueError(f"position {int(pos.max())} is beyond block_size={self.config.block_size}")
         x = self.tok(idx) + self.pos(pos)
         if self.seg is not None:
