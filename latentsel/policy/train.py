@@ -216,7 +216,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, on_step) -> di
     summary = {"config": asdict(cfg), "policy": policy, "device": d.device.type, "world_size": d.world_size,
                "n_params": model.n_params(), "resumed_from_step": start, "steps_run": cfg.steps - start,
                "wall_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed else None,
-               "model_flops_per_s": flops / elapsed if elapsed else None, "last": record}
+               "model_flops_per_s": flops / elapsed if elapsed else None,
+               "mfu": _mfu(flops / elapsed, d) if elapsed else None, "last": record}
     if d.is_main:
         with atomic_open(out / "train.json", "w") as f:
             json.dump(summary, f, indent=1)
@@ -293,6 +294,19 @@ class _RLStep:
             [float(loss.detach()) / d.world_size, float(kl) / d.world_size, local_tokens], d)
         record.update(loss=total_loss, kl=kl_sum, tokens=tokens, _update=True, _width=batch.inputs.shape[1])
         return record
+
+
+# dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity)
+_PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "B200": 2250e12, "L4": 121e12, "A10": 125e12}
+
+
+def _mfu(flops_per_s: float, d: distributed.Dist) -> float | None:
+    """Model FLOP utilisation over all ranks, for the GPUs whose peak is known; else ``None``."""
+    if d.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(d.device)
+    peak = next((v for k, v in _PEAK_BF16.items() if k in name.split()), None)
+    return flops_per_s / (peak * d.world_size) if peak else None
 
 
 def _reward(tok: Tokenizer, completion, prompt) -> float:
