@@ -143,8 +143,9 @@ def test_resume_refuses_a_different_run(tmp_path):
 def test_ddp_gradients_equal_single_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     worker = str(TESTS / "_ddp_worker.py")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
-                    str(tmp_path / "ddp.pt")], check=True, env=env, capture_output=True, timeout=120)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
+                          str(tmp_path / "ddp.pt")], env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
     _ddp_worker.main(str(tmp_path / "one.pt"))  # the single-process reference, in this process
     ddp, one = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "one.pt")
     assert ddp["tokens"] == one["tokens"] and ddp["sft_loss"] == pytest.approx(one["sft_loss"], rel=1e-6)
