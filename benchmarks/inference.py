@@ -2,26 +2,33 @@
 
 Rows: building the emission statistics; exact evidence + posterior marginals (closed form)
 with and without that build; the NumPyro TraceEnum_ELBO evidence on the same data; EM to
-convergence. Every time is also given as a ratio to the closed form on the same corpus.
+convergence. Then SVI (AutoDelta, AutoNormal) and NUTS on a smaller corpus (2,000 traces by
+default). Every time is also given as a ratio to the closed form on the same corpus.
 
     python benchmarks/inference.py --sizes 10000 100000
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
-import jax
-from _results import write_results
+from numpyro.util import set_host_device_count
 
-from latentsel.api import exact
-from latentsel.emission import build_data
-from latentsel.inference.em import fit_em
-from latentsel.models.params import default_params
-from latentsel.regimes import generate
-from latentsel.simulate import simulate
-from latentsel.world import default_world
+set_host_device_count(min(2, os.cpu_count() or 1))  # NUTS chains in parallel; before JAX starts
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from _results import write_results  # noqa: E402
+
+from latentsel.api import exact  # noqa: E402
+from latentsel.emission import build_data  # noqa: E402
+from latentsel.inference.em import fit_em  # noqa: E402
+from latentsel.models.params import default_params  # noqa: E402
+from latentsel.regimes import generate  # noqa: E402
+from latentsel.simulate import simulate  # noqa: E402
+from latentsel.world import default_world  # noqa: E402
 
 
 def timed(fn, repeat=1):
@@ -79,9 +86,49 @@ def main(args):
               f"{r['end_to_end_traces_per_s']:>10.3e} "
               + (f"{np_s:>10.3f} {np_s / r['closed_s']:>9.2f} " if np_s else f"{'-':>10} {'-':>9} ")
               + f"{r['em_s']:>7.2f} {r['em_iterations']:>6} {r['em_s'] / r['closed_s']:>9.1f}")
-    result = {"benchmark": "inference", "model": "modular", "depth": 4, "rows": rows}
+    sampling = sampling_rows(world, truth, args) if args.svi_traces else []
+    if sampling:
+        print()
+        print(f"{'method':<16} {'traces':>7} {'work':>22} {'s':>8} {'x closed':>9}  quality")
+        for r in sampling:
+            print(f"{r['method']:<16} {r['n_traces']:>7} {r['work']:>22} {r['seconds']:>8.2f} "
+                  f"{r['seconds'] / r['closed_s']:>9.0f}  {r['quality']}")
+    result = {"benchmark": "inference", "model": "modular", "depth": 4, "rows": rows, "sampling": sampling}
     write_results(args.json, result, jax=jax.__version__)
     return result
+
+
+def sampling_rows(world, truth, args):
+    """SVI with each guide and NUTS on one corpus, timed end to end (compilation included)."""
+    from latentsel.inference.mcmc import fit_nuts, summary
+    from latentsel.inference.svi import fit_svi
+
+    n = args.svi_traces
+    traces = simulate(generate("eval-ood", n, seed=args.seed, world=world), truth, "modular", world, seed=args.seed)
+    data = build_data(traces, world)
+    exact(data.take(slice(0, 16)), truth, "modular")  # compile
+    closed_s, _ = timed(lambda: exact(data, truth, "modular"), repeat=args.repeat)
+    em_s, em = timed(lambda: fit_em("modular", data, tol=1e-8, max_iter=500))
+    rows = [{"method": "closed form", "n_traces": n, "work": "evidence + marginals", "seconds": closed_s,
+             "quality": ""},
+            {"method": "EM", "n_traces": n, "work": f"{len(em.objective)} iterations", "seconds": em_s, "quality": ""}]
+    for guide in ("delta", "normal"):
+        secs, res = timed(lambda: fit_svi("modular", data, guide=guide, steps=args.svi_steps, seed=args.seed))
+        gap = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(res.params, em.params))
+        rows.append({"method": f"SVI {guide}", "n_traces": n, "work": f"{args.svi_steps} steps", "seconds": secs,
+                     "quality": f"max |θ - θ_EM| {gap:.1e}"})
+    secs, res = timed(lambda: fit_nuts("modular", data, num_warmup=args.nuts_draws, num_samples=args.nuts_draws,
+                                       num_chains=2, seed=args.seed))
+    s = summary(res)
+    r_hat = max(site["r_hat_max"] for site in s["sites"].values())
+    ess = min(site["ess_min"] for site in s["sites"].values())
+    rows.append({"method": f"NUTS ({res.chain_method})", "n_traces": n,
+                 "work": f"2 x ({args.nuts_draws} + {args.nuts_draws}) draws", "seconds": secs,
+                 "quality": f"R-hat {r_hat:.3f}, min ESS {ess:.0f}, {s['divergences']} div., "
+                            f"{s['mean_tree_steps']:.0f} steps/draw"})
+    for r in rows:
+        r["closed_s"] = closed_s
+    return rows
 
 
 def parse_args(argv=None):
@@ -89,6 +136,9 @@ def parse_args(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--numpyro-max", type=int, default=10_000, help="largest corpus for the NumPyro path")
+    parser.add_argument("--svi-traces", type=int, default=2000, help="corpus for SVI and NUTS (0: skip them)")
+    parser.add_argument("--svi-steps", type=int, default=1000)
+    parser.add_argument("--nuts-draws", type=int, default=200, help="NUTS warm-up and kept draws per chain")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "inference.json")
     return parser.parse_args(argv)
