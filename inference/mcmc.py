@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.contrib.funsor import enum
 from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
+from numpyro.distributions.transforms import biject_to
+from numpyro.handlers import seed, trace
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.util import constrain_fn, potential_energy
 
@@ -92,9 +94,6 @@ def potential_fn(model: str, data: HLSMData, priors: Priors = Priors(), potentia
 
 
 def _unconstrained_shapes(model: str, n_routes: int, n_skills: int, priors: Priors) -> dict:
-    from numpyro.distributions.transforms import biject_to
-    from numpyro.handlers import seed, trace
-
     def draw(key):
         tr = trace(seed(lambda: global_prior(model, n_routes, n_skills, priors), key)).get_trace()
         return {name: biject_to(s["fn"].support).inv(s["value"]) for name, s in tr.items() if s["type"] == "sample"}
