@@ -5,42 +5,16 @@ import argparse
 import sys
 import traceback
 
+from latentsel._argtypes import at_least as _at_least
+from latentsel._argtypes import nonneg_int as _nonneg_int
+from latentsel._argtypes import positive_float as _positive_float
+
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, exit status 2."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {n}")
-    return n
-
-
-def _at_least(low: int):
-    def parse(value: str) -> int:
-        n = _positive_int(value)
-        if n < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {n}")
-        return n
-
-    return parse
-
-
-def _positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not x > 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return x
 
 
 # --------------------------------------------------------------------------------------
@@ -198,11 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded end-to-end run (minutes on a laptop CPU)")
     p.add_argument("--out", default="latentsel-demo", help="output folder (default: %(default)s)")
-    p.add_argument("--n", type=_positive_int, default=2000, help="prompts per regime (default: %(default)s)")
+    p.add_argument("--n", type=_nonneg_int, default=2000, help="prompts per regime (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nuts-traces", type=_positive_int, default=150,
+    p.add_argument("--nuts-traces", type=_nonneg_int, default=150,
                    help="traces per regime that NUTS fits (default: %(default)s)")
-    p.add_argument("--nuts-draws", type=_positive_int, default=80,
+    p.add_argument("--nuts-draws", type=_nonneg_int, default=80,
                    help="NUTS warm-up and kept draws per chain; below 4 skips NUTS (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
 
@@ -211,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="write seeded golden traces of a data regime")
     p.add_argument("--regime", required=True, choices=list(REGIMES))
-    p.add_argument("--n", type=_positive_int, required=True, help="number of prompts")
+    p.add_argument("--n", type=_nonneg_int, required=True, help="number of prompts")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default: %(default)s)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the skill-bigram split (default: %(default)s)")
     p.add_argument("-o", "--output", required=True, help="trace file to write (.jsonl, or .jsonl.gz)")
@@ -224,12 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="em: MAP by EM; svi: TraceEnum_ELBO with an AutoDelta or AutoNormal guide; "
                         "nuts: posterior draws (default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder for fit.json and posterior.jsonl (nuts: samples.npz)")
-    p.add_argument("--max-iter", type=_positive_int, default=500, help="EM iterations at most (default: %(default)s)")
+    p.add_argument("--max-iter", type=_nonneg_int, default=500, help="EM iterations at most (default: %(default)s)")
     p.add_argument("--tol", type=float, default=1e-8, help="relative tolerance on the EM objective")
     p.add_argument("--guide", default="delta", choices=["delta", "normal"], help="SVI guide (default: %(default)s)")
     p.add_argument("--steps", type=_at_least(1), default=2000, help="SVI steps (default: %(default)s)")
     p.add_argument("--lr", type=_positive_float, default=0.05, help="SVI initial step size (default: %(default)s)")
-    p.add_argument("--warmup", type=_positive_int, default=500, help="NUTS warm-up draws per chain (default: %(default)s)")
+    p.add_argument("--warmup", type=_nonneg_int, default=500, help="NUTS warm-up draws per chain (default: %(default)s)")
     p.add_argument("--samples", type=_at_least(4), default=500, help="NUTS draws per chain (default: %(default)s)")
     p.add_argument("--chains", type=_at_least(1), default=2, help="NUTS chains (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of SVI and NUTS (default: %(default)s)")
@@ -243,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fidelity", type=float, default=0.9, help="mass on the intended module (default: %(default)s)")
     p.add_argument("--noise", type=float, default=0.02)
     p.add_argument("--off-module", type=float, default=0.02)
-    p.add_argument("--hide", type=_positive_int, nargs="*", default=[], metavar="STEP",
+    p.add_argument("--hide", type=_nonneg_int, nargs="*", default=[], metavar="STEP",
                    help="1-based steps to leave unobserved (compressed traces)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and count them")
@@ -253,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a trace file and summarize it")
     p.add_argument("traces", help="trace file (.jsonl or .jsonl.gz)")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and count them")
-    p.add_argument("--show", type=_positive_int, default=5, help="skipped records to print (default: %(default)s)")
+    p.add_argument("--show", type=_nonneg_int, default=5, help="skipped records to print (default: %(default)s)")
     p.set_defaults(func=cmd_validate)
 
     from latentsel.policy.cli import add_commands

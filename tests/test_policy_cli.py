@@ -81,7 +81,7 @@ def test_protocol_runs_every_stage(tmp_path):
     (["evaluate", "--policy", "a=missing.pt", "--out", "x", "--n", "1"], 1, "missing.pt: no such checkpoint file"),
     (["evaluate", "--policy", "missing.pt", "--out", "x"], 2, "expected NAME=CHECKPOINT"),
     (["train", "rl", "--out", "x"], 2, "--init"),
-    (["train", "sft", "--out", "x", "--steps", "0"], 2, "expected a positive integer"),
+    (["train", "sft", "--out", "x", "--steps", "0"], 2, "expected an integer >= 1"),
     (["train", "sft", "--out", "x", "--preset", "huge"], 2, "invalid choice"),
 ])
 def test_bad_input_is_one_line(argv, code, message, tmp_path, monkeypatch, capsys):

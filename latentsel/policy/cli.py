@@ -10,30 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from latentsel._argtypes import at_least
+from latentsel._argtypes import nonneg_float as _nonneg_float
+
+_count = at_least(1)
+
 __all__ = ["add_commands"]
 
 _SFT_DEFAULTS = dict(regime="sft", steps=2000, batch_size=64, lr=3e-3, min_lr=3e-4, warmup=50)
 _RL_DEFAULTS = dict(regime="rl-compound", steps=200, batch_size=16, lr=1e-4, min_lr=1e-5, warmup=10)
-
-
-def _count(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
-
-
-def _nonneg_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not x >= 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {value}")
-    return x
 
 
 def _named(value: str) -> tuple[str, str]:
