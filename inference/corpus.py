@@ -64,16 +64,20 @@ def corpus_posterior(model: str, params, data: HLSMData, chunk: int = 8192) -> E
     """Exact evidence, marginals and MAP of every trace and step (numpy, float64)."""
     n, t = data.step_mask.shape
     r_n, k_n = data.n_routes, data.n_skills
-    out = ExactPosterior(np.zeros(n), np.zeros((n, t, r_n)), np.zeros((n, t, k_n)), np.zeros((n, t)),
-                         np.full((n, t), -1), np.full((n, t), -1), np.zeros((n, t, r_n, k_n)))
     with jax.enable_x64(True):
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
         fast = _fast_rows(model, data)
-        sub = data.take(fast) if fast.size < n else data
-        for rows, part in chunks(sub, chunk):
-            post = jax.tree.map(np.asarray, exact_posterior(model, params, part))
-            for field, value in zip(out, post):
-                field[fast[rows]] = value
+        if fast.size == n:  # every trace: chunks are consecutive, concatenated once
+            parts = [jax.tree.map(np.asarray, exact_posterior(model, params, part)) for _, part in chunks(data, chunk)]
+            out = parts[0] if len(parts) == 1 else ExactPosterior(*(np.concatenate(f) for f in zip(*parts)))
+            out = ExactPosterior(*(np.array(f) for f in out)) if data.blocks else out  # writable for the blocks
+        else:
+            out = ExactPosterior(np.zeros(n), np.zeros((n, t, r_n)), np.zeros((n, t, k_n)), np.zeros((n, t)),
+                                 np.full((n, t), -1), np.full((n, t), -1), np.zeros((n, t, r_n, k_n)))
+            for rows, part in chunks(data.take(fast), chunk):
+                post = jax.tree.map(np.asarray, exact_posterior(model, params, part))
+                for field, value in zip(out, post):
+                    field[fast[rows]] = value
         if model == "grammar":
             for layout in layouts(data):
                 log_ev, joint, p_off = (np.asarray(a) for a in chain_block_posterior(params, data, layout)[:3])
