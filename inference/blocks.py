@@ -96,7 +96,7 @@ def _map_factors(model, n_chars, max_len, params, arrays, g):
     return _factors(model, n_chars, max_len, log_rows, coefs, *zeros, arrays, g)
 
 
-def _log_evidence(model, n_chars, max_len, log_rows, coefs, lam, mu, arrays, g):
+def block_log_evidence(model, n_chars, max_len, log_rows, coefs, lam, mu, arrays, g):
     priors, emit = _factors(model, n_chars, max_len, log_rows, coefs, lam, mu, arrays, g)
     j = len(g.nodes)
     v = jnp.sum(priors[j][g.owners[-1]] * emit, axis=(1, 2))  # [L]
@@ -116,7 +116,7 @@ def _block_posterior(model, n_chars, max_len, params, arrays, g) -> BlockPosteri
     coefs = emission_coefs(params.noise, params.off_module, n_chars)
     lam = jnp.zeros((b, j + 1, r_n, k_n), dtype)
     mu = jnp.zeros((b,), dtype)
-    grad = jax.grad(_log_evidence, argnums=(3, 4, 5, 6), has_aux=True)
+    grad = jax.grad(block_log_evidence, argnums=(3, 4, 5, 6), has_aux=True)
     (d_rows, d_coefs, d_lam, d_mu), log_ev = grad(model, n_chars, max_len, log_rows, coefs, lam, mu, arrays, g)
     la, lb, l_on, l_off = d_coefs
     return BlockPosterior(log_ev, d_lam, d_mu, d_rows[0], d_rows[1], jnp.stack([lb, la]), jnp.stack([l_off, l_on]))

@@ -92,7 +92,7 @@ def _block_emission(dense, y_len, mu, coefs, n_chars, max_len):
     return e.reshape(dense.shape[:-2] + (r_n * k_n,))
 
 
-def _log_evidence(key, n_chars, max_len, log_rt, log_st, coefs, lam, mu, match, length, dense_tables):
+def layout_log_evidence(key, n_chars, max_len, log_rt, log_st, coefs, lam, mu, match, length, dense_tables):
     depth, emit, blocks = key
     r_n, k_n = log_rt.shape[-1], log_st.shape[-1]
     tm, start = _transition(log_rt, log_st, r_n, k_n)
@@ -128,7 +128,7 @@ def _posterior(key, n_chars, max_len, params, match, length, dense_tables, lam):
     dtype = jnp.result_type(params.noise, float)
     coefs = emission_coefs(params.noise, params.off_module, n_chars)
     mu = jnp.zeros((g_n, depth), dtype)
-    grad = jax.grad(_log_evidence, argnums=(3, 4, 5, 6, 7), has_aux=True)
+    grad = jax.grad(layout_log_evidence, argnums=(3, 4, 5, 6, 7), has_aux=True)
     (d_rt, d_st, d_coefs, d_lam, d_mu), log_ev = grad(key, n_chars, max_len, jnp.log(params.route_trans),
                                                       jnp.log(params.skill_trans), coefs, lam, mu, match, length,
                                                       dense_tables)

@@ -3,7 +3,7 @@
 * :func:`global_prior`: only the global sites (``GLOBAL_SITES[model]``) with the DESIGN §4
   priors. AutoGuides build their prototype from it (see :mod:`latentsel.inference.svi`).
 * :func:`log_evidence_fn`: Σ_n log p(D_n | θ) in closed form as a differentiable function of
-  θ, for corpora without hidden steps. The modular and entangled models use a sparse form:
+  θ, hidden-step blocks included. The modular and entangled models use a sparse form:
   only the modules whose output has the step's length contribute ``p_on``; every other one
   contributes the same ``off_module p_off(y)``, and Σ_{r,k} p(r) p(k) = 1, so
 
@@ -25,6 +25,9 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.primitives import Messenger
 
+from latentsel.inference.blocks import block_log_evidence, emission_coefs
+from latentsel.inference.chain_blocks import layout_log_evidence
+from latentsel.inference.chain_blocks import layouts as chain_layouts
 from latentsel.inference.exact import exact_posterior
 from latentsel.models.data import HLSMData, log_p_off, previous_intended
 from latentsel.models.numpyro_models import GLOBAL_SITES
@@ -55,14 +58,59 @@ def global_prior(model: str, n_routes: int, n_skills: int, priors: Priors = Prio
 def log_evidence_fn(model: str, data: HLSMData):
     """``f(params) -> Σ_n log p(D_n | θ)``, a jittable, differentiable scalar function.
 
-    ``data`` must have no hidden-step blocks (the enumerated model covers those).
+    Hidden-step blocks enter through their exact block evidence
+    (:mod:`latentsel.inference.blocks`, :mod:`latentsel.inference.chain_blocks`).
     """
-    if getattr(data, "blocks", ()):
-        raise ValueError("the closed-form log evidence covers corpora without hidden steps")
     if model == "grammar":
-        return lambda params: exact_posterior(model, params, data).log_evidence.sum()
+        return _grammar_log_evidence(data)
+    free = _free_log_evidence(model, data)
+    if not data.blocks:
+        return free
+    arrays = tuple(jnp.asarray(a) for a in (data.route_intended, data.skill_intended, data.length))
+    groups = [jax.tree.map(jnp.asarray, g) for g in data.blocks]
+
+    def f(params):
+        log_rows = (jnp.log(params[0]), jnp.log(params[1]))
+        coefs = emission_coefs(params.noise, params.off_module, data.n_chars)
+        total = free(params)
+        for g in groups:
+            b, j = g.trace.shape[0], len(g.nodes)
+            lam = jnp.zeros((b, j + 1, data.n_routes, data.n_skills))
+            total = total + block_log_evidence(model, data.n_chars, data.max_len, log_rows, coefs, lam,
+                                               jnp.zeros(b), arrays, g)[0]
+        return total
+
+    return f
+
+
+def _grammar_log_evidence(data: HLSMData):
+    rows = np.flatnonzero(~data.has_block)
+    fast = data.take(rows).without_blocks() if rows.size < data.n_traces else data
+    layouts = chain_layouts(data)
+
+    def f(params):
+        total = exact_posterior("grammar", params, fast).log_evidence.sum() if rows.size else 0.0
+        if layouts:
+            coefs = emission_coefs(params.noise, params.off_module, data.n_chars)
+            log_rt, log_st = jnp.log(params.route_trans), jnp.log(params.skill_trans)
+            for layout in layouts:
+                g_n = layout.traces.size
+                match = jnp.asarray(data.match[layout.traces, : layout.depth])
+                length = jnp.asarray(data.length[layout.traces, : layout.depth])
+                lam = jnp.zeros((g_n, layout.depth, data.n_routes * data.n_skills))
+                key = (layout.depth, layout.emit, layout.blocks)
+                total = total + layout_log_evidence(key, data.n_chars, data.max_len, log_rt, log_st, coefs, lam,
+                                                   jnp.zeros((g_n, layout.depth)), match, length,
+                                                   tuple(jnp.asarray(d) for d in layout.dense))[0]
+        return total
+
+    return f
+
+
+def _free_log_evidence(model: str, data: HLSMData):
+    """The steps outside blocks, in the sparse form of the module docstring."""
     r_n, k_n = data.n_routes, data.n_skills
-    mask = np.asarray(data.step_mask)
+    mask = np.asarray(data.emit)
     match = np.asarray(data.match)
     n, t, r, k = np.nonzero((match >= 0) & mask[..., None, None])  # the length-consistent modules
     step = n * mask.shape[1] + t  # [E], a flat step index

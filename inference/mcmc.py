@@ -4,10 +4,10 @@ The potential is -log p(θ | D) + const in NumPyro's unconstrained coordinates (
 for the rows, logit for noise and off_module, Jacobians included):
 
 * ``potential="closed"``: the global prior plus the closed-form log evidence
-  (:func:`~latentsel.inference.collapsed.log_evidence_fn`); corpora without hidden steps.
+  (:func:`~latentsel.inference.collapsed.log_evidence_fn`), hidden-step blocks included.
 * ``potential="enumerated"``: the enumerated NumPyro program, summed out by NumPyro's funsor
   enumeration (any corpus the model covers; several times slower).
-* ``"auto"``: closed when the corpus has no hidden steps.
+* ``"auto"``: closed.
 
 The collapsed model's log density equals the enumerated program's ``TraceEnum_ELBO`` log
 joint (tests, 1e-6 relative in float64). The enumerated potential is larger by a constant:
@@ -75,12 +75,7 @@ class MCMCResult(NamedTuple):
 def _resolve_potential(potential: str, data: HLSMData) -> str:
     if potential not in POTENTIALS:
         raise ValueError(f"unknown potential {potential!r}; choose from {', '.join(POTENTIALS)}")
-    hidden = bool(getattr(data, "blocks", ()))
-    if potential == "auto":
-        return "enumerated" if hidden else "closed"
-    if potential == "closed" and hidden:
-        raise ValueError("the closed-form potential covers corpora without hidden steps; use 'enumerated'")
-    return potential
+    return "closed" if potential == "auto" else potential
 
 
 def potential_fn(model: str, data: HLSMData, priors: Priors = Priors(), potential: str = "auto"):

@@ -1,6 +1,7 @@
 """NUTS over the globals: the closed-form potential equals the enumerated model's, and the
 draws match a posterior known in closed form."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
@@ -49,17 +50,27 @@ def test_closed_potential_equals_enumerated_model(small_world, model):  # noqa: 
     np.testing.assert_allclose(np.diff(u_closed), np.diff(u_enum), rtol=1e-6, atol=1e-9 * np.abs(u_closed).max())
 
 
-def test_potential_rejects_closed_form_with_hidden_steps(small_world):  # noqa: F811
-    tr = random_traces(np.random.default_rng(0), small_world, 1, max_depth=1)[0]
-    x = tr.input
-    prog = [("prev", "reverse"), ("prev", "rotl")]
-    h1 = small_world.apply(0, 0, [x])
-    hidden = Trace("h", x, prog, [None, small_world.apply(0, 1, [x, h1])])
-    data = build_data([hidden], small_world)
-    with pytest.raises(ValueError, match="without hidden steps"):
-        potential_fn("modular", data, potential="closed")
-    assert _resolve_potential("auto", data) == "enumerated"
-    assert _resolve_potential("auto", data.take(slice(0, 0))) == "closed"
+@pytest.mark.parametrize("model", ["modular", "entangled", "grammar"])
+def test_closed_log_evidence_with_hidden_steps(small_world, model):  # noqa: F811
+    """With hidden-step blocks the differentiable closed form equals the exact evidence
+    (itself pinned to brute force in test_hidden.py), and its gradient is finite."""
+    from latentsel.api import exact
+    from latentsel.inference.collapsed import log_evidence_fn
+
+    from test_exact import random_params
+    from test_hidden import hidden_traces
+
+    rng = np.random.default_rng(5)
+    params = random_params(rng, model, small_world.n_routes, small_world.n_skills)
+    traces = hidden_traces(rng, small_world) + random_traces(rng, small_world, 4, program=True)
+    data = build_data(traces, small_world, model=model)
+    assert data.blocks and _resolve_potential("auto", data) == "closed"
+    f = jax.jit(log_evidence_fn(model, data))
+    with jax.enable_x64(True):
+        p = jax.tree.map(jnp.asarray, params)
+        np.testing.assert_allclose(float(f(p)), exact(data, params, model).log_evidence.sum(), rtol=1e-6)
+        grads = jax.grad(f)(p)
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
 @pytest.fixture(scope="module")
