@@ -114,7 +114,8 @@ def cmd_fit(args) -> int:
 
 def _fit_detail(rec: dict) -> str:
     if rec["method"] == "em":
-        return f"{rec['iterations']} iterations{'' if rec['converged'] else ' (not converged)'}"
+        return (f"{rec['iterations']} iterations ({rec['e_steps']} E-steps)"
+                f"{'' if rec['converged'] else ' (not converged)'}")
     if rec["method"] == "svi":
         return f"{rec['guide']} guide, {rec['steps']} steps, final loss {rec['losses'][-1]:.6g}"
     s = rec["nuts"]
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="em: MAP by EM; svi: TraceEnum_ELBO with an AutoDelta or AutoNormal guide; "
                         "nuts: posterior draws (default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder for fit.json and posterior.jsonl (nuts: samples.npz)")
-    p.add_argument("--max-iter", type=_nonneg_int, default=500, help="EM iterations at most (default: %(default)s)")
+    p.add_argument("--max-iter", type=_nonneg_int, default=500, help="EM E-steps at most (default: %(default)s)")
     p.add_argument("--tol", type=float, default=1e-8, help="relative tolerance on the EM objective")
     p.add_argument("--guide", default="delta", choices=["delta", "normal"], help="SVI guide (default: %(default)s)")
     p.add_argument("--steps", type=_at_least(1), default=2000, help="SVI steps (default: %(default)s)")

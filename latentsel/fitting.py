@@ -86,7 +86,7 @@ def _fit_em(model, data, progress, *, max_iter, tol, **_):
         result = fit_em(model, data, max_iter=max_iter, tol=tol, progress=tick)
     finally:
         bar.close()
-    extra = {"iterations": len(result.objective), "converged": bool(result.converged),
+    extra = {"iterations": len(result.objective) - 1, "e_steps": result.e_steps, "converged": bool(result.converged),
              "objective": [float(j) for j in result.objective]}
     return result.params, extra, {}
 
