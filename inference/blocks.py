@@ -25,7 +25,8 @@ import numpy as np
 
 from latentsel.models.data import HiddenBlocks
 
-__all__ = ["BlockPosterior", "block_posterior", "emission_coefs", "block_map"]
+__all__ = ["BlockPosterior", "block_posterior", "block_log_evidence", "block_factors", "block_arrays",
+           "emission_coefs", "block_map"]
 
 
 class BlockPosterior(NamedTuple):
@@ -87,7 +88,8 @@ def _factors(model, n_chars, max_len, log_rows, coefs, lam, mu, arrays, g: Hidde
 
 
 @partial(jax.jit, static_argnames=("model", "n_chars", "max_len"))
-def _map_factors(model, n_chars, max_len, params, arrays, g):
+def block_factors(model, n_chars, max_len, params, arrays, g):
+    """At ``params``: the per-step priors ``[B, R, K]`` (j + 1 of them) and the leaf emissions ``[L, R, K]``."""
     b, j = g.trace.shape[0], len(g.nodes)
     r_n, k_n = params[0].shape[-1], params[1].shape[-1]
     log_rows = (jnp.log(params[0]), jnp.log(params[1]))
@@ -122,7 +124,8 @@ def _block_posterior(model, n_chars, max_len, params, arrays, g) -> BlockPosteri
     return BlockPosterior(log_ev, d_lam, d_mu, d_rows[0], d_rows[1], jnp.stack([lb, la]), jnp.stack([l_off, l_on]))
 
 
-def _arrays(data):
+def block_arrays(data):
+    """The per-step arrays the block functions read: intended routing, skill, and len(y_t)."""
     return (jnp.asarray(data.route_intended), jnp.asarray(data.skill_intended), jnp.asarray(data.length))
 
 
@@ -131,15 +134,16 @@ def block_posterior(model: str, params, data, g: HiddenBlocks) -> BlockPosterior
     if model not in ("modular", "entangled"):
         raise ValueError(f"block_posterior is for the modular and entangled models, not {model!r}")
     g = jax.tree.map(jnp.asarray, g)
-    return _block_posterior(model, data.n_chars, data.max_len, jax.tree.map(jnp.asarray, params), _arrays(data), g)
+    return _block_posterior(model, data.n_chars, data.max_len, jax.tree.map(jnp.asarray, params), block_arrays(data), g)
 
 
 def block_map(model: str, params, data, g: HiddenBlocks) -> np.ndarray:
     """The MAP selections of each block, off flags summed out: ``int[B, j + 1, 2]`` ((r, k) per step)."""
     j, b = g.n_hidden, g.trace.size
     k_n = np.shape(params[1])[-1]
-    priors, emit = _map_factors(model, data.n_chars, data.max_len, jax.tree.map(jnp.asarray, params), _arrays(data),
-                                jax.tree.map(jnp.asarray, g))
+    params = jax.tree.map(jnp.asarray, params)
+    priors, emit = block_factors(model, data.n_chars, data.max_len, params, block_arrays(data),
+                                 jax.tree.map(jnp.asarray, g))
     priors, emit = [np.asarray(p).reshape(p.shape[0], -1) for p in priors], np.asarray(emit)
     score = priors[j][g.owners[-1]] * emit.reshape(emit.shape[0], -1)
     best, args = score.max(axis=1), [score.argmax(axis=1)]

@@ -22,7 +22,7 @@ import numpy as np
 
 from latentsel.inference.blocks import emission_coefs, leaf_emission
 
-__all__ = ["ChainLayout", "layouts", "chain_block_posterior", "chain_block_map"]
+__all__ = ["ChainLayout", "layouts", "layout_log_evidence", "chain_block_posterior", "chain_block_map"]
 
 
 class ChainLayout(NamedTuple):

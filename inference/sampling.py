@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latentsel.inference.blocks import _arrays, _map_factors
+from latentsel.inference.blocks import block_arrays, block_factors
 from latentsel.inference.chain_blocks import chain_block_posterior, layouts
 from latentsel.inference.corpus import block_chunks, corpus_posterior
 from latentsel.models.data import HLSMData, emission_table, log_p_off
@@ -49,8 +49,8 @@ def _p_off_given(match, y_len, params, data: HLSMData) -> np.ndarray:
 def _sample_blocks(model, params, data, g, rng, n_samples):
     """Draws of a block group's selections: ``z: int[S, B, j + 1]`` (z = r K + k)."""
     j, b = g.n_hidden, g.trace.size
-    priors, emit = jax.tree.map(np.asarray, _map_factors(model, data.n_chars, data.max_len, params, _arrays(data),
-                                                         jax.tree.map(jnp.asarray, g)))
+    factors = block_factors(model, data.n_chars, data.max_len, params, block_arrays(data), jax.tree.map(jnp.asarray, g))
+    priors, emit = jax.tree.map(np.asarray, factors)
     priors = [p.reshape(b, -1) for p in priors]
     emit = emit.reshape(emit.shape[0], -1)  # [L, S_states], off summed out
     owner_leaf = g.owners[-1]

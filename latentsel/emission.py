@@ -169,7 +169,7 @@ def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular",
             strings.extend(history[1:])
         strings.extend([""] * (t_max - depth))
     observed = step_mask.copy()
-    for i in {it[0] for it in items} | {i for i, tr in enumerate(traces) if None in tr.steps}:
+    for i in (i for i, tr in enumerate(traces) if None in tr.steps):
         observed[i, : traces[i].depth] = [y is not None for y in traces[i].steps]
     emit = observed & free
     # every trace's full teacher-forced history, encoded once: [N, T + 1, W]

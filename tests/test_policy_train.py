@@ -147,7 +147,8 @@ def test_ddp_gradients_equal_single_process(tmp_path):
                           str(tmp_path / "ddp.pt")], env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     _ddp_worker.main(str(tmp_path / "one.pt"))  # the single-process reference, in this process
-    ddp, one = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "one.pt")
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    one = torch.load(tmp_path / "one.pt", weights_only=True)
     assert ddp["tokens"] == one["tokens"] and ddp["sft_loss"] == pytest.approx(one["sft_loss"], rel=1e-6)
     for key in ("sft", "grpo"):
         assert ddp[key].keys() == one[key].keys()
