@@ -54,6 +54,9 @@ def setup(device: str | None = None) -> Dist:
 
 def teardown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
+        # a rank that tears down while another still works (rank 0 saving, say) can abort
+        # in the gloo transport at exit; leave together
+        dist.barrier()
         dist.destroy_process_group()
 
 
