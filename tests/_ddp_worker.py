@@ -6,6 +6,7 @@ over the ranks exactly as training shards it, and saves rank 0's (all-reduced) g
 
     python tests/_ddp_worker.py OUT.pt
 """
+import os
 import sys
 
 import torch
@@ -56,3 +57,8 @@ def main(out):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # torch 2.13's gloo transport can abort (std::terminate) while the interpreter shuts
+    # down after a clean teardown; the results are on disk, so leave without the shutdown
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
