@@ -1,0 +1,275 @@
+"""The HTML report of a run folder.
+
+A run folder (written by ``latentsel identify``, ``latentsel demo`` and others) holds one or
+more *sections*. A section is a folder with a ``section.json`` manifest::
+
+    {"title": "Identifiability: recovery against N", "order": 20,
+     "text": ["paragraph one (plain text)", "paragraph two"],
+     "figures": [{"file": "figures/curves.png", "caption": "..."}],
+     "tables": [{"caption": "...", "columns": ["regime", "N", "accuracy"],
+                 "rows": [["sft", 100, 0.8312], ["rl", 100, null]]}]}
+
+Only ``title`` is required. ``order`` (a number, default 100) sorts the sections, ties broken
+by the folder's path relative to the run folder. Figure files are PNG, SVG or JPEG (told
+apart by extension), relative to the section's folder and inside it. Table cells are strings,
+numbers, booleans or null; a non-finite float is stored as the ``NaN``/``Infinity`` that
+Python's ``json`` reads back.
+
+``write_report`` gathers every section under a run folder into one ``report.html`` that is
+self-contained: figures are embedded as base64 data URIs and the style sheet is inline, so the
+page loads nothing from the network and the file can be moved or mailed on its own.
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+import latentsel
+from latentsel._io import atomic_open
+
+SECTION_FILE = "section.json"
+DEFAULT_ORDER = 100
+_KEYS = {"title", "order", "text", "figures", "tables"}
+# suffix -> (MIME type, leading bytes the file must start with; None: not checked)
+_IMAGE_TYPES = {
+    ".png": ("image/png", b"\x89PNG\r\n\x1a\n"),
+    ".jpg": ("image/jpeg", b"\xff\xd8\xff"),
+    ".jpeg": ("image/jpeg", b"\xff\xd8\xff"),
+    ".svg": ("image/svg+xml", None),
+}
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; line-height: 1.5;
+       max-width: 62rem; margin: 2rem auto; padding: 0 1rem; color: #1b1b1b; }
+h1 { margin-bottom: 0.2rem; }
+h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2rem; margin-top: 2.5rem; }
+.meta, .source { color: #666; font-size: 0.9rem; }
+nav ol { padding-left: 1.5rem; }
+figure { margin: 1.5rem 0; }
+figure img { max-width: 100%; height: auto; display: block; }
+figcaption, caption { color: #444; font-size: 0.9rem; margin: 0.4rem 0; text-align: left; }
+table { border-collapse: collapse; margin: 1.5rem 0; font-size: 0.9rem; }
+th, td { border-bottom: 1px solid #e3e3e3; padding: 0.25rem 0.7rem; text-align: left; }
+th { border-bottom: 2px solid #bbb; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+"""
+
+
+def write_section(folder, title, *, order=DEFAULT_ORDER, text=(), figures=(), tables=()) -> Path:
+    """Write ``folder/section.json`` atomically and return its path.
+
+    ``text``: paragraphs (str); ``figures``: dicts ``{"file", "caption"}`` with ``file``
+    relative to ``folder`` (it must exist); ``tables``: dicts ``{"caption", "columns",
+    "rows"}``, ``columns`` [n_cols] names and ``rows`` [n_rows][n_cols] cells (str, int,
+    float, bool, None; NumPy scalars and arrays are converted). Bad input raises ValueError
+    naming the section file and the figure, table or row at fault.
+    """
+    folder = Path(folder)
+    path = folder / SECTION_FILE
+    # a lone string is one paragraph, not a list of one-character paragraphs
+    paragraphs = [text] if isinstance(text, str) else list(text)
+    manifest = {"title": title, "order": _plain(order), "text": paragraphs,
+                "figures": [dict(f) if isinstance(f, dict) else f for f in figures],
+                "tables": [_plain_table(t) for t in tables]}
+    try:
+        _check(manifest, folder)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    with atomic_open(path) as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    return path
+
+
+def write_report(run_dir, *, title="latentsel report", out=None) -> Path:
+    """Gather every ``section.json`` under ``run_dir`` (recursively) into one standalone HTML
+    page, written atomically to ``out`` (default ``run_dir/report.html``); return its path.
+
+    Sections are ordered by (order, folder relative to ``run_dir``). A malformed section
+    raises ValueError "PATH: reason"; a missing ``run_dir`` or one without sections raises
+    ValueError naming it.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run_dir {run_dir} does not exist or is not a folder")
+    paths = [Path(root) / SECTION_FILE for root, _, files in os.walk(run_dir) if SECTION_FILE in files]
+    if not paths:
+        raise ValueError(f"run_dir {run_dir} holds no {SECTION_FILE}")
+    sections = []
+    for path in paths:
+        rel = path.parent.relative_to(run_dir).as_posix()
+        sections.append((_read_section(path), path.parent, rel))
+    sections.sort(key=lambda s: (s[0].get("order", DEFAULT_ORDER), s[2]))
+    page = _render_page(str(title), run_dir, sections)
+    out = run_dir / "report.html" if out is None else Path(out)
+    with atomic_open(out) as f:
+        f.write(page)
+    return out
+
+
+def _read_section(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: invalid JSON: {err}") from None
+    try:
+        _check(manifest, path.parent)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return manifest
+
+
+def _check(manifest, folder: Path) -> None:
+    """Raise ValueError(reason) unless ``manifest`` is a valid section of ``folder``."""
+    if not isinstance(manifest, dict):
+        raise ValueError(f"a section is a JSON object, got {type(manifest).__name__}")
+    unknown = sorted(set(manifest) - _KEYS)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown}; a section has {sorted(_KEYS)}")
+    title = manifest.get("title")
+    if not isinstance(title, str) or not title.strip():
+        raise ValueError("'title' must be a non-empty string")
+    order = manifest.get("order", DEFAULT_ORDER)
+    if isinstance(order, bool) or not isinstance(order, (int, float)) or not math.isfinite(order):
+        raise ValueError(f"'order' must be a finite number, got {order!r}")
+    text = manifest.get("text", [])
+    if not isinstance(text, list) or not all(isinstance(p, str) for p in text):
+        raise ValueError("'text' must be a list of strings")
+    figures = manifest.get("figures", [])
+    if not isinstance(figures, list):
+        raise ValueError("'figures' must be a list")
+    for i, figure in enumerate(figures):
+        _check_figure(figure, i, folder)
+    tables = manifest.get("tables", [])
+    if not isinstance(tables, list):
+        raise ValueError("'tables' must be a list")
+    for i, table in enumerate(tables):
+        _check_table(table, i)
+
+
+def _check_figure(figure, i: int, folder: Path) -> None:
+    if not isinstance(figure, dict) or not isinstance(figure.get("file"), str) or not figure["file"]:
+        raise ValueError(f"figure {i} must be an object with a 'file' string")
+    if set(figure) - {"file", "caption"} or not isinstance(figure.get("caption", ""), str):
+        raise ValueError(f"figure {i} ({figure['file']}) takes 'file' and a 'caption' string only")
+    name = figure["file"]
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"figure file {name} must be a path inside the section folder")
+    if Path(name).suffix.lower() not in _IMAGE_TYPES:
+        raise ValueError(f"figure file {name}: unsupported type, use one of {sorted(_IMAGE_TYPES)}")
+    if not (folder / name).is_file():
+        raise ValueError(f"figure file {name} does not exist in {folder}")
+    mime, magic = _IMAGE_TYPES[Path(name).suffix.lower()]
+    if magic is not None:
+        with open(folder / name, "rb") as f:
+            if f.read(len(magic)) != magic:
+                raise ValueError(f"figure file {name} does not hold {mime} data "
+                                 "(its first bytes do not match)")
+
+
+def _check_table(table, i: int) -> None:
+    if not isinstance(table, dict) or set(table) - {"caption", "columns", "rows"}:
+        raise ValueError(f"table {i} must be an object with 'caption', 'columns' and 'rows'")
+    caption = table.get("caption", "")
+    if not isinstance(caption, str):
+        raise ValueError(f"table {i}: 'caption' must be a string")
+    name = f"table {i} ({caption!r})" if caption else f"table {i}"
+    columns = table.get("columns")
+    if not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns):
+        raise ValueError(f"{name}: 'columns' must be a non-empty list of strings")
+    rows = table.get("rows", [])
+    if not isinstance(rows, list):
+        raise ValueError(f"{name}: 'rows' must be a list")
+    for j, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != len(columns):
+            got = f"{len(row)} values" if isinstance(row, list) else type(row).__name__
+            raise ValueError(f"{name} row {j}: {got} for {len(columns)} columns")
+        for cell in row:
+            if cell is not None and not isinstance(cell, (str, int, float)):
+                raise ValueError(f"{name} row {j}: cell {cell!r} is not a str, number, bool or null")
+
+
+def _plain(value):
+    """A NumPy scalar as the Python scalar it holds; anything else unchanged."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _plain_table(table):
+    if not isinstance(table, dict):
+        return table
+    table = dict(table)
+    if "columns" in table:
+        table["columns"] = [_plain(c) for c in table["columns"]]
+    if "rows" in table:
+        table["rows"] = [[_plain(c) for c in row] if _is_row(row) else row for row in table["rows"]]
+    return table
+
+
+def _is_row(row) -> bool:
+    return isinstance(row, (list, tuple, np.ndarray))
+
+
+def _render_page(title: str, run_dir: Path, sections: list) -> str:
+    """The whole page as one string; ``sections``: (manifest, folder, relative folder)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    esc = html.escape
+    toc = "".join(f'<li><a href="#section-{n}">{esc(m["title"])}</a></li>\n'
+                  for n, (m, _, _) in enumerate(sections, 1))
+    body = "".join(_render_section(n, *s) for n, s in enumerate(sections, 1))
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<header>\n<h1>{esc(title)}</h1>\n"
+        f"<p class=\"meta\">Run folder {esc(run_dir.resolve().name)} &middot; generated "
+        f"<time>{stamp}</time> &middot; latentsel {esc(latentsel.__version__)}</p>\n</header>\n"
+        f"<nav>\n<h2>Contents</h2>\n<ol>\n{toc}</ol>\n</nav>\n<main>\n{body}</main>\n"
+        "</body>\n</html>\n"
+    )
+
+
+def _render_section(n: int, manifest: dict, folder: Path, rel: str) -> str:
+    esc = html.escape
+    parts = [f'<section id="section-{n}">\n<h2>{esc(manifest["title"])}</h2>\n',
+             f'<p class="source">{esc(rel)}/{SECTION_FILE}</p>\n']
+    parts += [f"<p>{esc(p)}</p>\n" for p in manifest.get("text", [])]
+    parts += [_render_figure(f, folder) for f in manifest.get("figures", [])]
+    parts += [_render_table(t) for t in manifest.get("tables", [])]
+    parts.append("</section>\n")
+    return "".join(parts)
+
+
+def _render_figure(figure: dict, folder: Path) -> str:
+    path = folder / figure["file"]
+    mime, _ = _IMAGE_TYPES[path.suffix.lower()]
+    data = path.read_bytes()
+    caption = figure.get("caption", "")
+    alt = html.escape(caption or figure["file"])
+    uri = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+    figcaption = f"<figcaption>{html.escape(caption)}</figcaption>\n" if caption else ""
+    return f'<figure>\n<img src="{uri}" alt="{alt}">\n{figcaption}</figure>\n'
+
+
+def _render_table(table: dict) -> str:
+    esc = html.escape
+    caption = table.get("caption", "")
+    head = "".join(f"<th>{esc(c)}</th>" for c in table["columns"])
+    rows = "".join("<tr>" + "".join(_render_cell(c) for c in row) + "</tr>\n"
+                   for row in table.get("rows", []))
+    cap = f"<caption>{esc(caption)}</caption>\n" if caption else ""
+    return f"<table>\n{cap}<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}</tbody>\n</table>\n"
+
+
+def _render_cell(cell) -> str:
+    if cell is None:
+        return "<td>&mdash;</td>"
+    if isinstance(cell, bool) or isinstance(cell, str):
+        return f"<td>{html.escape(str(cell))}</td>"
+    text = str(cell) if isinstance(cell, int) else f"{cell:.4g}"
+    return f'<td class="num">{text}</td>'
