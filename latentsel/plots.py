@@ -1,0 +1,644 @@
+"""The toolkit's own figures: execution and selection heatmaps, module graphs,
+distinguishability classes, identifiability and contraction curves, SBC rank histograms and
+error attribution. ArviZ's diagnostic plots live in :mod:`latentsel.diagnostics`.
+
+Every function takes numpy arrays and plain records, so it can be tested without running
+inference, and returns a :class:`matplotlib.figure.Figure` built without pyplot: nothing is
+shown and nothing stays in a global figure list. Figures are sized for a report about
+1000 px wide; :func:`save_figure` writes one as a PNG atomically.
+"""
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+import networkx as nx
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import NullLocator
+from scipy.stats import binom
+
+from latentsel._io import atomic_open
+
+__all__ = ["save_figure", "execution_heatmap", "selection_heatmap", "routing_sources", "module_digraph",
+           "draw_module_digraph", "module_graph", "distinguishability_graph", "identifiability_curves",
+           "contraction_curves", "sbc_histograms", "attribution_bars"]
+
+_WIDTH = 10.0  # inches; at the default 110 dpi a figure is 1100 px wide
+_TICK = 7
+_LABEL = 9
+_PROB_CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+_SD_CMAP = matplotlib.colormaps["magma"].with_extremes(bad="white")
+_TRUTH_STYLE = dict(marker="o", markersize=4, markerfacecolor="white", markeredgecolor="black",
+                    linestyle="none")
+_UNREACHED_STYLE = dict(facecolor=(0.6, 0.6, 0.6, 0.6), edgecolor="0.35", hatch="///", linewidth=0)
+_INTENDED_STYLE = dict(marker="s", markersize=9, markerfacecolor="none", markeredgecolor="tab:red",
+                       markeredgewidth=1.6, linestyle="none")
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` as a PNG through a temporary file; returns the path."""
+    if not isinstance(fig, Figure):
+        raise ValueError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
+    path = Path(path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
+    return path
+
+
+def _matrix(a, name: str, ndim: int) -> np.ndarray:
+    arr = np.asarray(a, dtype=float)
+    if arr.ndim != ndim or 0 in arr.shape:
+        raise ValueError(f"{name} must be a non-empty {ndim}-D array, got shape {arr.shape}")
+    return arr
+
+
+def _labels(labels, n: int, name: str) -> list[str]:
+    labels = [str(s) for s in labels] if labels is not None else []
+    if len(labels) != n:
+        raise ValueError(f"{name} must have {n} entries, got {len(labels)}")
+    return labels
+
+
+def _figure(height: float, title: str) -> Figure:
+    fig = Figure(figsize=(_WIDTH, height), layout="constrained")
+    fig.suptitle(title)
+    return fig
+
+
+def _panels(fig: Figure, n: int, ncols: int) -> list:
+    """``n`` axes on a grid of ``ncols`` columns; the unused cells of the last row removed."""
+    ncols = min(ncols, n)
+    axes = fig.subplots(math.ceil(n / ncols), ncols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        fig.delaxes(ax)
+    return list(axes[:n])
+
+
+def _legend(fig: Figure, handles: list, fontsize: float = _LABEL) -> None:
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8), fontsize=fontsize)
+
+
+# -- heatmaps --------------------------------------------------------------------------
+def execution_heatmap(mean, sd, row_labels, col_labels, *, title: str, row_title: str = "intended",
+                      col_title: str = "executed", truth=None, reached=None) -> Figure:
+    """Posterior mean and sd of an execution matrix, side by side, each with a colour bar.
+
+    Args:
+        mean: [rows, cols] row-stochastic execution probabilities (posterior mean).
+        sd: [rows, cols] their posterior standard deviation.
+        row_labels, col_labels: rows and cols names (intended and executed modules).
+        truth: optional [rows, cols] true matrix; its argmax per row is marked with a dot.
+        reached: optional bool[rows]; rows the data never reach (False) are hatched grey,
+            since they stay at the prior.
+    Returns a figure with four axes: mean, its colour bar, sd, its colour bar.
+    """
+    mean, sd = _matrix(mean, "mean", 2), _matrix(sd, "sd", 2)
+    if sd.shape != mean.shape:
+        raise ValueError(f"sd must have the shape of mean {mean.shape}, got {sd.shape}")
+    rows, cols = mean.shape
+    row_labels = _labels(row_labels, rows, "row_labels")
+    col_labels = _labels(col_labels, cols, "col_labels")
+    if truth is not None:
+        truth = _matrix(truth, "truth", 2)
+        if truth.shape != mean.shape:
+            raise ValueError(f"truth must have the shape of mean {mean.shape}, got {truth.shape}")
+    if reached is not None:
+        reached = np.asarray(reached)
+        if reached.shape != (rows,) or reached.dtype != bool:
+            raise ValueError(f"reached must be bool[{rows}], got {reached.dtype}{list(reached.shape)}")
+
+    fig = _figure(max(4.0, 0.2 * rows + 2.4), title)
+    axes = fig.subplots(1, 2, sharey=True)
+    panels = ((mean, _PROB_CMAP, 1.0, "posterior mean", ""), (sd, _SD_CMAP, None, "posterior sd", "sd of "))
+    for ax, (values, cmap, vmax, what, prefix) in zip(axes, panels):
+        image = ax.imshow(values, cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
+        fig.colorbar(image, ax=ax, shrink=0.9).set_label(f"{prefix}P({col_title} | {row_title})",
+                                                         fontsize=_LABEL)
+        ax.set_title(what)
+        ax.set_xticks(range(cols), col_labels, rotation=90, fontsize=_TICK)
+        ax.set_yticks(range(rows), row_labels, fontsize=_TICK)
+        ax.set_xlabel(col_title)
+        if truth is not None:
+            ax.plot(truth.argmax(axis=1), np.arange(rows), **_TRUTH_STYLE)
+        if reached is not None:
+            for i in np.flatnonzero(~reached):
+                ax.add_patch(Rectangle((-0.5, i - 0.5), cols, 1, **_UNREACHED_STYLE))
+    axes[0].set_ylabel(row_title)
+    if reached is not None:
+        for label, ok in zip(axes[0].get_yticklabels(), reached):
+            label.set_color("black" if ok else "0.5")
+    handles = [Line2D([], [], label="true argmax", **_TRUTH_STYLE)] if truth is not None else []
+    if reached is not None and not reached.all():
+        handles.append(Patch(label="never reached (stays at the prior)", **_UNREACHED_STYLE))
+    _legend(fig, handles)
+    return fig
+
+
+def _module_columns(pairs, name: str, n_steps: int, route_names, skill_names):
+    """(route indices, skill indices) of a list of ``(route, skill)`` name pairs."""
+    pairs = [tuple(p) for p in pairs]
+    if len(pairs) != n_steps or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"{name} must hold one (route, skill) pair per step ({n_steps}), got {pairs}")
+    unknown = [p for p in pairs if p[0] not in route_names or p[1] not in skill_names]
+    if unknown:
+        raise ValueError(f"{name} names unknown modules: {unknown}")
+    return [route_names.index(r) for r, _ in pairs], [skill_names.index(k) for _, k in pairs]
+
+
+def selection_heatmap(route_probs, skill_probs, p_off, route_names, skill_names, *, step_labels=None,
+                      intended=None, truth=None, title: str = "") -> Figure:
+    """One trace's per-step posterior: routing, skill and off-module probabilities.
+
+    Args:
+        route_probs: [T, R] posterior of the executed routing per step.
+        skill_probs: [T, K] posterior of the executed skill per step.
+        p_off: [T] posterior probability that the step is off-module.
+        route_names, skill_names: the R routing and K skill names.
+        step_labels: optional T row labels (default ``step 1`` .. ``step T``).
+        intended, truth: optional T pairs ``(route_name, skill_name)``: the intended module
+            of each step (open square) and the truly executed one (dot).
+    A step whose row is NaN (not observed) is drawn blank. Returns a figure with four axes:
+    routing, skill, off-module panels and their shared colour bar.
+    """
+    route_probs, skill_probs = _matrix(route_probs, "route_probs", 2), _matrix(skill_probs, "skill_probs", 2)
+    p_off = _matrix(p_off, "p_off", 1)
+    n_steps = route_probs.shape[0]
+    if skill_probs.shape[0] != n_steps:
+        raise ValueError(f"skill_probs must have {n_steps} steps like route_probs, got shape {skill_probs.shape}")
+    if p_off.shape != (n_steps,):
+        raise ValueError(f"p_off must have {n_steps} steps like route_probs, got shape {p_off.shape}")
+    route_names = _labels(route_names, route_probs.shape[1], "route_names")
+    skill_names = _labels(skill_names, skill_probs.shape[1], "skill_names")
+    if step_labels is None:
+        step_labels = [f"step {t + 1}" for t in range(n_steps)]
+    step_labels = _labels(step_labels, n_steps, "step_labels")
+    marks = [(_module_columns(pairs, name, n_steps, route_names, skill_names), style, label)
+             for pairs, name, style, label in ((intended, "intended", _INTENDED_STYLE, "intended"),
+                                               (truth, "truth", _TRUTH_STYLE, "true executed"))
+             if pairs is not None]
+
+    fig = _figure(max(3.2, 0.3 * n_steps + 2.6), title or "per-step posterior of the executed module")
+    axes = fig.subplots(1, 3, sharey=True,
+                        gridspec_kw={"width_ratios": [len(route_names), len(skill_names), 1.6]})
+    for ax, probs, names, what in ((axes[0], route_probs, route_names, "routing"),
+                                   (axes[1], skill_probs, skill_names, "skill")):
+        image = ax.imshow(probs, cmap=_PROB_CMAP, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=_TICK)
+        ax.set_title(f"executed {what}")
+    axes[2].imshow(p_off[:, None], cmap=_PROB_CMAP, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    axes[2].set_xticks([0], ["off-module"], rotation=90, fontsize=_TICK)
+    axes[2].set_title("off")
+    axes[0].set_yticks(range(n_steps), step_labels, fontsize=_TICK)
+    for t in range(n_steps):
+        if np.isnan(p_off[t]):
+            continue
+        axes[2].text(0, t, f"{p_off[t]:.2f}", ha="center", va="center", fontsize=_TICK,
+                     color="white" if p_off[t] < 0.5 else "black")
+    for t in np.flatnonzero(np.isnan(skill_probs).all(axis=1)):
+        axes[1].text(len(skill_names) / 2 - 0.5, t, "not observed", ha="center", va="center",
+                     fontsize=_TICK, color="0.4", style="italic")
+    for (route_cols, skill_cols), style, label in marks:
+        axes[0].plot(route_cols, range(n_steps), label=label, **style)
+        axes[1].plot(skill_cols, range(n_steps), **style)
+    fig.colorbar(image, ax=axes, shrink=0.9).set_label("posterior probability", fontsize=_LABEL)
+    _legend(fig, axes[0].get_legend_handles_labels()[0])
+    return fig
+
+
+# -- module graphs ---------------------------------------------------------------------
+# Entries of H = [h_0, ..., h_{t-1}] (n = t entries) that the fixed default routings read:
+# prev = n - 1, input = 0, skip = n - 2 (0 at t = 1).
+_FIXED_SOURCES = {
+    "prev": lambda n: [n - 1],
+    "input": lambda n: [0],
+    "skip": lambda n: [max(n - 2, 0)],
+    "cat_prev_input": lambda n: [n - 1, 0],
+    "cat_input_prev": lambda n: [0, n - 1],
+    "zip_prev_input": lambda n: [n - 1, 0],
+    "cat_prev_skip": lambda n: [n - 1, max(n - 2, 0)],
+    "head_prev_tail_input": lambda n: [n - 1, 0],
+}
+_EXTREME_SOURCES = {"longest": max, "shortest": min}
+_DEFAULT_ROUTINGS = frozenset(_FIXED_SOURCES) | frozenset(_EXTREME_SOURCES)
+
+
+def routing_sources(route_name: str, history: Sequence[str | None]) -> list[int]:
+    """Indices of the history entries a routing reads, in reading order, without repeats.
+
+    ``history`` is ``[h_0, ..., h_{t-1}]``; ``None`` marks a hidden entry. The default
+    routings of DESIGN §2 read fixed entries, except ``longest``/``shortest``, which read
+    the longest/shortest string among the observed entries (ties go to the latest). Any
+    other routing is taken to read every entry.
+    """
+    n = len(history)
+    if n == 0:
+        raise ValueError("history must hold at least the input h_0")
+    if route_name in _FIXED_SOURCES:
+        return list(dict.fromkeys(_FIXED_SOURCES[route_name](n)))
+    if route_name in _EXTREME_SOURCES:
+        lengths = [(len(h), i) for i, h in enumerate(history) if h is not None]
+        if not lengths:
+            raise ValueError(f"history has no observed entry for routing {route_name!r}")
+        best = _EXTREME_SOURCES[route_name](length for length, _ in lengths)
+        return [max(i for length, i in lengths if length == best)]
+    return list(range(n))
+
+
+def module_digraph(x: str, steps: Sequence[str | None], routes: Sequence[str], skills: Sequence[str], *,
+                   intended: Sequence[tuple[str, str]] | None = None) -> nx.DiGraph:
+    """The module graph of one trace.
+
+    Node ``t`` (0..T) is ``h_t``: attributes ``text`` (the string, ``None`` if hidden) and
+    ``hidden``; steps (t >= 1) also carry ``route``, ``skill``, ``intended`` (a pair or
+    ``None``) and ``deviates`` (executed module differs from the intended one). An edge
+    ``s -> t`` for each entry ``s`` that step t's routing reads, with attributes ``route``,
+    ``skill`` and ``known`` (False for a routing outside DESIGN §2: edges from every entry).
+    """
+    if not isinstance(x, str):
+        raise ValueError(f"x must be the input string, got {x!r}")
+    steps = list(steps)
+    if len(routes) != len(steps) or len(skills) != len(steps):
+        raise ValueError(f"routes and skills must have one entry per step ({len(steps)}), "
+                         f"got {len(routes)} and {len(skills)}")
+    if intended is not None and len(intended) != len(steps):
+        raise ValueError(f"intended must have one (route, skill) per step ({len(steps)}), got {len(intended)}")
+    graph = nx.DiGraph()
+    graph.add_node(0, text=x, hidden=False)
+    history: list[str | None] = [x]
+    for t, (text, route, skill) in enumerate(zip(steps, routes, skills), start=1):
+        goal = tuple(intended[t - 1]) if intended is not None else None
+        graph.add_node(t, text=text, hidden=text is None, route=route, skill=skill, intended=goal,
+                       deviates=goal is not None and goal != (route, skill))
+        for s in routing_sources(route, history):
+            graph.add_edge(s, t, route=route, skill=skill, known=route in _DEFAULT_ROUTINGS)
+        history.append(text)
+    return graph
+
+
+def draw_module_digraph(graph: nx.DiGraph, *, title: str = "") -> Figure:
+    """Draw a graph from :func:`module_digraph` left to right; returns a one-axes figure.
+
+    Edges between neighbours are straight, longer ones arc above; hidden steps and edges of
+    user routings are dashed; steps that deviate from the intended module are orange and
+    listed above the graph.
+    """
+    if not isinstance(graph, nx.DiGraph) or 0 not in graph:
+        raise ValueError("graph must be a DiGraph from module_digraph (nodes 0..T)")
+    n_steps = graph.number_of_nodes() - 1
+    pos = {t: (float(t), 0.0) for t in graph}
+    # Equal aspect keeps the arcs, bent in display space (height about 0.18 per step they
+    # span), inside limits set in data space; the figure height follows from the data box.
+    longest_arc = max((t - s for s, t in graph.edges if t - s > 1), default=0)
+    x_range, y_low, y_high = max(n_steps + 1.4, 6.0), -0.8, 0.18 * longest_arc + 0.4
+    fig = _figure((_WIDTH - 0.4) * (y_high - y_low) / x_range + 1.1, title or "module graph")
+    ax = fig.add_subplot()
+    ax.set_aspect("equal")
+    node_size = 650
+    deviating = [t for t in graph if graph.nodes[t].get("deviates")]
+    for hidden in (False, True):
+        nodes = [t for t in graph if graph.nodes[t]["hidden"] is hidden]
+        if nodes:
+            drawn = nx.draw_networkx_nodes(
+                graph, pos, nodelist=nodes, ax=ax, node_size=node_size, linewidths=1.5,
+                node_color=["tab:orange" if t in deviating else "#cfe2f3" for t in nodes], edgecolors="0.2")
+            drawn.set_linestyle("--" if hidden else "-")
+    nx.draw_networkx_labels(graph, pos, {t: f"h{t}" for t in graph}, ax=ax, font_size=_LABEL)
+    for (s, t), data in graph.edges.items():
+        style = f"arc3,rad={0.0 if t - s == 1 else -0.35}"
+        common = dict(ax=ax, node_size=node_size, connectionstyle=style)
+        nx.draw_networkx_edges(graph, pos, edgelist=[(s, t)], style="-" if data["known"] else "--",
+                               arrows=True, arrowsize=12, edge_color="0.25", **common)
+        nx.draw_networkx_edge_labels(graph, pos, {(s, t): data["skill"]}, font_size=_TICK, rotate=False,
+                                     bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none"), **common)
+    for t in graph:
+        text = graph.nodes[t]["text"]
+        shown = "hidden" if text is None else "\n".join(textwrap.wrap(text, 8)) or '""'
+        ax.text(t, -0.3, shown, ha="center", va="top", fontsize=_LABEL, family="monospace",
+                style="italic" if text is None else "normal", color="0.4" if text is None else "black")
+    ax.set_xlim((n_steps - x_range) / 2, (n_steps + x_range) / 2)
+    ax.set_ylim(y_low, y_high)
+    ax.set_axis_off()
+    notes = [f"h{t}: executed {graph.nodes[t]['route']}/{graph.nodes[t]['skill']}, "
+             f"intended {'/'.join(graph.nodes[t]['intended'])}" for t in deviating]
+    if notes:
+        ax.set_title("\n".join(notes), fontsize=_LABEL, color="tab:red", loc="left")
+    handles = [Line2D([], [], marker="o", markersize=9, markerfacecolor="#cfe2f3", markeredgecolor="0.2",
+                      linestyle="none", label="h0 = input, h1.. = steps; edge label = skill")]
+    if deviating:
+        handles.append(Patch(facecolor="tab:orange", edgecolor="0.2", label="executed module ≠ intended"))
+    if not all(d["known"] for _, _, d in graph.edges(data=True)):
+        handles.append(Line2D([], [], color="0.25", linestyle="--", label="user routing: reads all entries"))
+    _legend(fig, handles, fontsize=_TICK)
+    return fig
+
+
+def module_graph(x: str, steps: Sequence[str | None], routes: Sequence[str], skills: Sequence[str], *,
+                 intended: Sequence[tuple[str, str]] | None = None, title: str = "") -> Figure:
+    """:func:`draw_module_digraph` of :func:`module_digraph` (same arguments)."""
+    return draw_module_digraph(module_digraph(x, steps, routes, skills, intended=intended), title=title)
+
+
+def _column_layout(groups: list[list], max_columns: int) -> tuple[dict, int, int]:
+    """Positions ``{node: (column, -row)}`` that flow groups down at most ``max_columns``
+    columns, a group never split, one empty row between groups; also the columns and rows used."""
+    per_column = max([len(g) for g in groups] + [math.ceil(sum(len(g) + 1 for g in groups) / max_columns)])
+    while True:
+        pos, column, row, n_rows = {}, 0, 0, 0
+        for members in groups:
+            if row + len(members) > per_column:
+                column, row = column + 1, 0
+            pos.update({m: (float(column), -float(row + j)) for j, m in enumerate(members)})
+            row += len(members) + 1
+            n_rows = max(n_rows, row - 1)
+        if column < max_columns:
+            return pos, column + 1, n_rows
+        per_column += 1
+
+
+def distinguishability_graph(graph: nx.Graph, *, title: str = "", max_nodes: int = 120) -> Figure:
+    """Draw the equivalence classes of a distinguishability graph (DESIGN §6).
+
+    ``graph`` is undirected, nodes are module labels such as ``"prev/reverse"``, an edge
+    joins two modules no observed step separates. Only non-singleton components (the
+    classes of indistinguishable modules) are drawn, largest first, as many as fit in
+    ``max_nodes`` nodes: each as a column of labelled nodes in its own colour, edges as arcs.
+    Returns a one-axes figure.
+    """
+    if not isinstance(graph, nx.Graph) or graph.is_directed():
+        raise ValueError("graph must be an undirected networkx Graph")
+    if max_nodes < 2:
+        raise ValueError(f"max_nodes must be >= 2, got {max_nodes}")
+    components = sorted((sorted(c, key=str) for c in nx.connected_components(graph)),
+                        key=lambda c: (-len(c), str(c[0])))
+    classes = [c for c in components if len(c) > 1]
+    n_single = len(components) - len(classes)
+    drawn, budget = [], max_nodes
+    for members in classes:
+        if len(members) <= budget:
+            drawn.append(members)
+            budget -= len(members)
+    pos, n_columns, n_rows = _column_layout(drawn, max_columns=5)
+
+    fig = _figure(max(3.0, 0.17 * n_rows + 1.3), title or "modules no observed step separates")
+    ax = fig.add_subplot()
+    ax.set_axis_off()
+    if not classes:
+        ax.text(0.5, 0.5, f"every module is distinguishable\n({n_single} modules, each its own class)",
+                ha="center", va="center", fontsize=12, transform=ax.transAxes)
+        return fig
+    left_out = [c for c in classes if c not in drawn]
+    caption = (f"{len(components)} classes: {len(classes)} with several modules, {n_single} singletons; "
+               f"largest class {len(classes[0])} modules")
+    if left_out:
+        caption += (f"\n{len(left_out)} classes ({sum(map(len, left_out))} modules) not drawn "
+                    f"(max_nodes={max_nodes})")
+    ax.set_title(caption, fontsize=_LABEL)
+    colours = matplotlib.colormaps["tab10"].colors
+    for i, members in enumerate(drawn):
+        colour = colours[i % len(colours)]
+        # upper node first, so that a positive rad bends every arc to the left of the column
+        edges = [tuple(sorted(e, key=lambda m: -pos[m][1])) for e in graph.subgraph(members).edges]
+        nx.draw_networkx_edges(graph, pos, edgelist=edges, ax=ax, arrows=True, arrowstyle="-",
+                               connectionstyle="arc3,rad=0.4", edge_color=[colour], alpha=0.6, node_size=25)
+        nx.draw_networkx_nodes(graph, pos, nodelist=members, ax=ax, node_size=25, node_color=[colour])
+        for m in members:
+            ax.text(pos[m][0] + 0.04, pos[m][1], str(m), fontsize=_TICK, va="center")
+    ax.set_xlim(-0.35, max(n_columns, 3) - 0.35)
+    ax.set_ylim(-n_rows + 0.5, 0.6)
+    if not drawn:
+        ax.text(0.5, 0.5, f"no class fits in max_nodes={max_nodes}", ha="center", va="center",
+                transform=ax.transAxes)
+    return fig
+
+
+# -- curves and histograms -------------------------------------------------------------
+_METRIC_LABELS = {
+    "map_accuracy": "MAP accuracy (per label)",
+    "class_accuracy": "MAP accuracy (per class)",
+    "step_class_accuracy": "MAP accuracy (per class, observed steps)",
+    "truth_mass": "posterior mass on the truth",
+    "param_error": "parameter error",
+    "kl_reached": "KL(posterior | prior), reached rows",
+    "kl_unreached": "KL(posterior | prior), unreached rows",
+}
+_REGIME_ORDER = ("sft", "rl", "atomic", "compressed")
+_MODEL_STYLES = {"modular": "-", "entangled": "--", "grammar": ":"}
+
+
+def _ordered(names, preferred: Sequence[str]) -> list[str]:
+    """``names`` sorted with those in ``preferred`` first, in its order, then the rest by name."""
+    return sorted(names, key=lambda n: (preferred.index(n) if n in preferred else len(preferred), str(n)))
+
+
+def _check_records(records) -> list[Mapping]:
+    records = list(records) if records is not None else []
+    if not records:
+        raise ValueError("records must be a non-empty list of dicts")
+    for i, r in enumerate(records):
+        if not isinstance(r, Mapping) or not {"regime", "model", "n_traces"} <= set(r):
+            raise ValueError(f"records[{i}] must be a dict with 'regime', 'model' and 'n_traces'")
+        if not isinstance(r["n_traces"], (int, np.integer)) or r["n_traces"] < 1:
+            raise ValueError(f"records[{i}]['n_traces'] must be a positive integer, got {r['n_traces']!r}")
+    return records
+
+
+def _curves(records, metrics: Sequence[str], title: str) -> Figure:
+    records = _check_records(records)
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    available = sorted({k for r in records for k in r} - {"regime", "model", "n_traces", "seed"})
+    unknown = [m for m in metrics if m not in available]
+    if not metrics or unknown:
+        raise ValueError(f"metrics: unknown metric(s) {unknown or metrics}; the records have {available}")
+    regimes = _ordered({r["regime"] for r in records}, _REGIME_ORDER)
+    models = _ordered({r["model"] for r in records}, tuple(_MODEL_STYLES))
+    colour = {g: matplotlib.colormaps["tab10"](i % 10) for i, g in enumerate(regimes)}
+    extra_styles = iter(["-.", (0, (1, 3)), (0, (5, 1, 1, 1))] * len(models))
+    style = {m: _MODEL_STYLES.get(m) or next(extra_styles) for m in models}
+    n_values = sorted({int(r["n_traces"]) for r in records})
+
+    fig = _figure(2.9 * math.ceil(len(metrics) / 2) + 1.2, title or "identifiability against the number of traces")
+    for ax, metric in zip(_panels(fig, len(metrics), ncols=2), metrics):
+        drawn = []
+        for regime in regimes:
+            for model in models:
+                by_n: dict[int, list[float]] = {}
+                for r in records:
+                    value = r.get(metric)
+                    if r["regime"] == regime and r["model"] == model and value is not None and np.isfinite(value):
+                        by_n.setdefault(int(r["n_traces"]), []).append(float(value))
+                if not by_n:
+                    continue
+                ns = sorted(by_n)
+                values = [np.asarray(by_n[n]) for n in ns]
+                ax.fill_between(ns, [v.min() for v in values], [v.max() for v in values],
+                                color=colour[regime], alpha=0.18, linewidth=0)
+                ax.plot(ns, [v.mean() for v in values], color=colour[regime], linestyle=style[model],
+                        marker="o", markersize=3)
+                drawn.extend(v for v in values)
+        ax.set_xscale("log")
+        if len(n_values) <= 8:
+            ax.set_xticks(n_values, [str(n) for n in n_values])
+            ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_title(_METRIC_LABELS.get(metric, metric), fontsize=_LABEL + 1)
+        ax.set_ylabel(metric, fontsize=_LABEL)
+        ax.set_xlabel("number of traces N", fontsize=_LABEL)
+        ax.tick_params(labelsize=_TICK + 1)
+        ax.grid(alpha=0.3)
+        if not drawn:
+            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes, color="0.4")
+        elif metric.startswith("kl_"):
+            top = max(float(np.max(np.concatenate(drawn))), 0.0)
+            ax.set_ylim(-0.05 * (top or 1.0), 1.05 * top or 1.0)
+            if top == 0.0:
+                ax.text(0.5, 0.6, "KL = 0 everywhere: these rows stay at the prior",
+                        ha="center", transform=ax.transAxes, fontsize=_LABEL, color="0.3")
+        elif metric in ("map_accuracy", "class_accuracy", "truth_mass"):
+            ax.set_ylim(-0.03, 1.03)
+    handles = [Line2D([], [], color=colour[g], label=g) for g in regimes]
+    handles += [Line2D([], [], color="0.3", linestyle=style[m], label=m) for m in models]
+    handles.append(Patch(color="0.3", alpha=0.18, label="min–max over seeds"))
+    _legend(fig, handles)
+    return fig
+
+
+def identifiability_curves(records: Sequence[Mapping],
+                           metrics: Sequence[str] = ("map_accuracy", "class_accuracy", "truth_mass", "param_error"),
+                           *, title: str = "") -> Figure:
+    """Identifiability measures against the number of traces, one panel per metric.
+
+    ``records`` are identify.json rows ``{"regime", "model", "n_traces", "seed", <metric>: float
+    or None, ...}``. Per (regime, model): the mean over seeds (colour = regime, line style =
+    model) and a band from min to max; ``None`` (and NaN) values are skipped. N on a log scale.
+    Returns a figure with one axes per metric.
+    """
+    return _curves(records, metrics, title)
+
+
+def contraction_curves(records: Sequence[Mapping], *, title: str = "") -> Figure:
+    """Posterior contraction (``kl_reached``, ``kl_unreached``) against the number of traces.
+
+    Same records and encoding as :func:`identifiability_curves`, on a linear KL scale from 0:
+    rows the data never reach stay at the prior, so their KL is drawn as the zero it is.
+    Returns a figure with two axes.
+    """
+    return _curves(records, ("kl_reached", "kl_unreached"), title or "posterior contraction")
+
+
+def sbc_histograms(ranks, n_draws: int, *, names: Sequence[str], bins: int | None = None,
+                   title: str = "") -> Figure:
+    """Simulation-based calibration: rank histograms with the 99% band of a uniform one.
+
+    Args:
+        ranks: int[n_params, n_replications], each in 0..n_draws (the rank of the true value
+            among n_draws posterior draws).
+        n_draws: the number of posterior draws per replication.
+        names: n_params parameter names.
+        bins: number of bins (default up to 20, about 5 replications per bin); the integer
+            ranks are split as evenly as possible and the band uses each bin's exact width.
+    Returns a figure with one axes per parameter.
+    """
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2 or 0 in ranks.shape or not np.issubdtype(ranks.dtype, np.integer):
+        raise ValueError(f"ranks must be a non-empty int[n_params, n_replications], got "
+                         f"{ranks.dtype}{list(ranks.shape)}")
+    if not isinstance(n_draws, (int, np.integer)) or n_draws < 1:
+        raise ValueError(f"n_draws must be a positive integer, got {n_draws!r}")
+    if ranks.min() < 0 or ranks.max() > n_draws:
+        raise ValueError(f"ranks must lie in 0..n_draws={n_draws}, got {ranks.min()}..{ranks.max()}")
+    names = _labels(names, ranks.shape[0], "names")
+    n_params, n_reps = ranks.shape
+    if bins is None:
+        # up to 20 bins of about 5 replications; equal widths when a divisor is close enough
+        target = max(1, min(20, n_draws + 1, n_reps // 5))
+        divisor = max(b for b in range(1, target + 1) if (n_draws + 1) % b == 0)
+        bins = divisor if 2 * divisor >= target else target
+    if not isinstance(bins, (int, np.integer)) or not 1 <= bins <= n_draws + 1:
+        raise ValueError(f"bins must be an integer in 1..n_draws+1={n_draws + 1}, got {bins!r}")
+    edges = np.round(np.linspace(0, n_draws + 1, bins + 1)).astype(int)
+    p_bin = np.diff(edges) / (n_draws + 1)
+    low, high = binom.ppf(0.005, n_reps, p_bin), binom.ppf(0.995, n_reps, p_bin)
+    x = edges - 0.5
+
+    fig = _figure(2.3 * math.ceil(n_params / 4) + 1.0,
+                  title or f"SBC rank histograms ({n_reps} replications, {n_draws} draws)")
+    for ax, row, name in zip(_panels(fig, n_params, ncols=4), ranks, names):
+        counts = np.histogram(row, bins=edges)[0]
+        ax.fill_between(x, np.append(low, low[-1]), np.append(high, high[-1]), step="post",
+                        color="0.75", linewidth=0)
+        ax.stairs(n_reps * p_bin, x, color="0.4", linestyle="--", linewidth=0.8)
+        ax.stairs(counts, x, fill=True, color="tab:blue", alpha=0.75)
+        ax.set_title(name, fontsize=_LABEL)
+        ax.set_xlabel("rank", fontsize=_TICK)
+        ax.set_ylabel("count", fontsize=_TICK)
+        ax.tick_params(labelsize=_TICK)
+    handles = [Patch(color="tab:blue", alpha=0.75, label="rank counts"),
+               Patch(color="0.75", label="99% band of a uniform histogram"),
+               Line2D([], [], color="0.4", linestyle="--", label="expected count")]
+    _legend(fig, handles)
+    return fig
+
+
+# -- error attribution -----------------------------------------------------------------
+_ERRORS = (("route_error", "routing error", "tab:blue"), ("skill_error", "skill error", "tab:orange"),
+           ("off_module", "off-module step", "0.55"))
+_SPLIT_ORDER = ("seen", "unseen", "ood")
+
+
+def attribution_bars(rows: Sequence[Mapping], *, title: str = "") -> Figure:
+    """Error attribution per split and policy: expected errors per step, stacked by type.
+
+    ``rows`` are dicts ``{"policy", "split", "route_error", "skill_error", "off_module"}`` with
+    the expected number of each error per step, in [0, 1]. One group per split (seen, unseen,
+    ood first), one bar per policy. Returns a one-axes figure.
+    """
+    rows = list(rows) if rows is not None else []
+    if not rows:
+        raise ValueError("rows must be a non-empty list of dicts")
+    table: dict[tuple[str, str], np.ndarray] = {}
+    for i, r in enumerate(rows):
+        keys = ("policy", "split") + tuple(e for e, _, _ in _ERRORS)
+        if not isinstance(r, Mapping) or not set(keys) <= set(r):
+            raise ValueError(f"rows[{i}] must be a dict with keys {list(keys)}")
+        values = np.array([r[e] for e, _, _ in _ERRORS], dtype=float)
+        if not np.all((values >= 0) & (values <= 1)):
+            raise ValueError(f"rows[{i}] error rates must lie in [0, 1], got {values.tolist()}")
+        if (r["split"], r["policy"]) in table:
+            raise ValueError(f"rows has two entries for policy {r['policy']!r} on split {r['split']!r}")
+        table[(str(r["split"]), str(r["policy"]))] = values
+    splits = _ordered({s for s, _ in table}, _SPLIT_ORDER)
+    policies = list(dict.fromkeys(p for _, p in table))
+
+    keys, xs, centres = [], [], []
+    for g, split in enumerate(splits):
+        here = [p for p in policies if (split, p) in table]
+        start = g * (len(policies) + 1)
+        keys += [(split, p) for p in here]
+        xs += [start + j for j in range(len(here))]
+        centres.append(start + (len(here) - 1) / 2)
+    stack = np.array([table[k] for k in keys])
+
+    fig = _figure(4.6, title or "error attribution per step")
+    ax = fig.add_subplot()
+    bottom = np.zeros(len(keys))
+    for j, (_, label, colour) in enumerate(_ERRORS):
+        bars = ax.bar(xs, stack[:, j], 0.8, bottom=bottom, color=colour, label=label)
+        bottom += stack[:, j]
+    ax.bar_label(bars, [f"{v:.2f}" for v in bottom], fontsize=_TICK, padding=2)
+    ax.set_xticks(xs, [p for _, p in keys], rotation=30, ha="right", fontsize=_TICK + 1)
+    groups = ax.secondary_xaxis("top")
+    groups.set_xticks(centres, splits, fontsize=_LABEL + 1, fontweight="bold")
+    groups.tick_params(length=0)
+    for g in range(1, len(splits)):
+        ax.axvline(g * (len(policies) + 1) - 1, color="0.8", linewidth=0.8)
+    ax.set_ylabel("expected errors per step", fontsize=_LABEL)
+    ax.set_ylim(0, max(1.0, bottom.max() * 1.12))
+    ax.legend(loc="upper left", fontsize=_LABEL, frameon=False)
+    return fig
