@@ -157,7 +157,12 @@ def cmd_demo(args) -> int:
     _devices_for_chains(2)
     from latentsel.demo import run_demo
 
-    run_demo(out=args.out, n=args.n, seed=args.seed, nuts_traces=args.nuts_traces, nuts_draws=args.nuts_draws)
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    run_demo(out=args.out, n=args.n, seed=args.seed, sizes=args.sizes, seeds=args.seeds, nuts_max=args.nuts_max,
+             nuts_draws=args.nuts_draws, sbc_reps=args.sbc, corpora=args.corpora, policy_traces=args.policy_traces,
+             nuts_traces=args.nuts_traces, jobs=args.jobs)
     return 0
 
 
@@ -173,12 +178,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded end-to-end run (minutes on a laptop CPU)")
     p.add_argument("--out", default="latentsel-demo", help="output folder (default: %(default)s)")
-    p.add_argument("--n", type=_nonneg_int, default=2000, help="prompts per regime (default: %(default)s)")
+    p.add_argument("--n", type=_nonneg_int, default=2000, help="golden traces per data regime (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nuts-traces", type=_nonneg_int, default=150,
-                   help="traces per regime that NUTS fits (default: %(default)s)")
-    p.add_argument("--nuts-draws", type=_nonneg_int, default=80,
-                   help="NUTS warm-up and kept draws per chain; below 4 skips NUTS (default: %(default)s)")
+    p.add_argument("--sizes", type=_at_least(1), nargs="+", default=[100, 300, 1000], metavar="N",
+                   help="trace counts of the identify sweep (default: %(default)s)")
+    p.add_argument("--seeds", type=_nonneg_int, nargs="+", default=[0, 1], metavar="SEED",
+                   help="seeds of the identify sweep (default: %(default)s)")
+    p.add_argument("--nuts-max", type=_nonneg_int, default=100,
+                   help="NUTS cross-check of identify where N is at most this (default: %(default)s)")
+    p.add_argument("--nuts-draws", type=_at_least(4), default=100,
+                   help="NUTS warm-up and kept draws per chain (default: %(default)s)")
+    p.add_argument("--sbc", type=_nonneg_int, default=100, help="SBC replications (default: %(default)s)")
+    p.add_argument("--corpora", default=None,
+                   help="folder of policy corpora (default: the shipped CPU-run corpora of the checkout)")
+    p.add_argument("--policy-traces", type=_at_least(1), default=500,
+                   help="traces of each policy corpus to fit (default: %(default)s)")
+    p.add_argument("--nuts-traces", type=_nonneg_int, default=200,
+                   help="policy traces for the NUTS diagnostics; 0 skips them (default: %(default)s)")
+    p.add_argument("--jobs", type=_at_least(1), default=2, help="worker processes (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("world", help="print the module table of the default world")
@@ -231,8 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=_nonneg_int, default=5, help="skipped records to print (default: %(default)s)")
     p.set_defaults(func=cmd_validate)
 
+    from latentsel.cli_experiments import add_commands as add_experiments
     from latentsel.policy.cli import add_commands
 
+    add_experiments(sub)
     add_commands(sub)
     return parser
 

@@ -1,16 +1,19 @@
 """``latentsel demo``: the embedded end-to-end run.
 
-Generates every data regime, runs the programs through the reference and the batch
-executor, checks that they agree, and measures how often a step's module is the only one
-consistent with it (the aliasing the identifiability experiments must report). Then
-simulates traces from known modular parameters under two regimes, fits them by EM and by
-NUTS (on a subset, to keep the demo short) and prints how well the parameters and the
-executed modules are recovered.
+1. The data regimes: golden traces of every regime, run through the reference and the batch
+   executor (they must agree), and how often a step's module is the only one consistent with it.
+2. Identifiability: traces simulated from known parameters under the sft, rl, atomic and
+   compressed regimes, fitted by EM (modular and entangled), checked against NUTS where N is
+   small, with simulation-based calibration (:mod:`latentsel.experiments`).
+3. The policy corpora (the shipped CPU-run corpora; tiny CPU-trained ones when none are
+   shipped): PSIS-LOO of modular against entangled, error attribution, NUTS diagnostics.
+4. ``report.html`` with every figure and table.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -20,21 +23,91 @@ from latentsel.regimes import REGIMES, bigram_split, generate
 from latentsel.traces import read_traces, write_traces
 from latentsel.world import default_world
 
+SHIPPED_CORPORA = Path(__file__).resolve().parent.parent / "data" / "policy-cpu" / "corpora"
+DEMO_POLICIES = ("sft", "sft+rl-compound")
 
-def run_demo(out: str | Path = "latentsel-demo", n: int = 2000, seed: int = 0, nuts_traces: int = 150,
-             nuts_draws: int = 80) -> dict:
-    """Run the demo, write its files under ``out`` and print a summary; returns the summary rows.
 
-    NUTS runs on the first ``nuts_traces`` traces of each regime, 2 chains of ``nuts_draws``
-    warm-up and ``nuts_draws`` kept draws each."""
+def run_demo(out: str | Path = "latentsel-demo", n: int = 2000, seed: int = 0, *, sizes: Sequence[int] = (100, 300, 1000),
+             seeds: Sequence[int] = (0, 1), nuts_max: int = 100, nuts_draws: int = 100, sbc_reps: int = 100,
+             corpora: str | Path | None = None, policy_traces: int = 500, nuts_traces: int = 200,
+             jobs: int = 2, progress: bool = True) -> dict:
+    """Run the demo into ``out`` and print its summary; returns ``{"regimes", "identify", "policies",
+    "report"}``. ``n``: golden traces per data regime; ``sizes``/``seeds``: the identify sweep;
+    ``policy_traces``: traces of each policy corpus fitted; ``nuts_traces``: traces of the NUTS
+    diagnostics (0 skips it)."""
+    from latentsel.experiments import sbc, sweep
+    from latentsel.identify_files import summary_rows, write_identify
+    from latentsel.policy_fits import find_corpora, fit_policy_corpora, nuts_diagnostics
+    from latentsel.report import write_report, write_section
+
     out = Path(out)
     world = default_world()
+    t_start = time.perf_counter()
+    rows = _regimes(out / "regimes", world, n, seed, progress)
+    write_section(out / "regimes", "Data regimes and module aliasing", order=5, text=[
+        "Golden traces of every data regime, checked against the batch executor. 'unique' is the fraction of "
+        f"steps whose module is the only one of the {world.n_modules} that reproduces the step; 'consistent' the "
+        "median number of modules that do (aliasing no data can resolve)."], tables=[{
+            "caption": "Data regimes", "columns": ["regime", "traces", "depth", "programs", "skills", "routings",
+                                                   "mean step length", "unique", "consistent"],
+            "rows": [[k, r["n"], r["depth"], r["programs"], r["skills"], r["routes"], r["mean_len"],
+                      r["unique_step"], r["median_consistent"]] for k, r in rows.items()]}])
+
+    t0 = time.perf_counter()
+    records = sweep(["sft", "rl", "atomic", "compressed"], sizes, seeds, nuts_max=nuts_max, nuts_draws=nuts_draws,
+                    n_jobs=jobs, progress=progress)
+    calib = sbc(sbc_reps, n_jobs=jobs, progress=progress) if sbc_reps else None
+    write_identify(out / "identify", records, {"sizes": list(sizes), "seeds": list(seeds), "nuts_max": nuts_max,
+                                               "nuts_draws": nuts_draws, "sbc": sbc_reps}, world, sbc=calib,
+                   exemplar_n=min(max(sizes), 300))
+    print(f"identify: {len(records)} fits in {time.perf_counter() - t0:.0f} s")
+    print(f"{'regime':<11} {'model':<10} {'N':>6} {'MAP acc':>8} {'class acc':>9} {'truth mass':>10} "
+          f"{'param err':>9} {'KL reached':>10} {'KL unreached':>12}")
+    for regime, model, size, _, acc, cls, _, mass, err, kl, klu in summary_rows(records):
+        print(f"{regime:<11} {model:<10} {size:>6} {acc:>8.3f} {cls:>9.3f} {mass:>10.3f} {err:>9.3f} {kl:>10.2f} "
+              f"{'-' if klu is None else f'{klu:.2f}':>12}")
+
+    t0 = time.perf_counter()
+    folder = Path(corpora) if corpora is not None else SHIPPED_CORPORA
+    if corpora is None and not folder.is_dir():
+        folder = _train_tiny_policies(out / "policy-run", seed, progress)
+    found = find_corpora(folder, DEMO_POLICIES if corpora is None and folder == SHIPPED_CORPORA else None)
+    policies = fit_policy_corpora(found, out / "policies", world, max_traces=policy_traces, seed=seed,
+                                  progress=progress)
+    print(f"policy corpora ({folder}): {len(found)} fitted in {time.perf_counter() - t0:.0f} s")
+    for row in policies["attribution"]:
+        print(f"  {row['policy']:<16} {row['split']:<7} routing error {row['route_error']:.3f}  skill error "
+              f"{row['skill_error']:.3f}  off-module {row['off_module']:.3f}  per observed step")
+    for row in policies["loo"]:
+        print(f"  {row[0]:<16} {row[1]:<7} PSIS-LOO prefers {row[5]} (elpd_diff {row[6]:.1f}, dse {row[7]:.1f}; "
+              f"{row[8]} traces with k > 0.7)")
+    if nuts_traces:
+        key = next((k for k in sorted(found) if k[1] == "seen"), sorted(found)[0])
+        res = nuts_diagnostics(read_traces(found[key], world=world), world, out / "diagnostics",
+                               label=f"the {key[0]} policy ({key[1]})", n_traces=nuts_traces, warmup=nuts_draws,
+                               samples=nuts_draws, seed=seed, progress=False)
+        print(f"NUTS diagnostics on {res['n_traces']} traces of {key[0]}.{key[1]}: max R-hat {res['max_r_hat']:.3f}, "
+              f"min bulk ESS {res['min_ess_bulk']:.0f}, {res['divergences']} divergences")
+    report = write_report(out, title="latentsel demo")
+    print(f"wrote {report} ({time.perf_counter() - t_start:.0f} s in all)")
+    return {"regimes": rows, "identify": records, "policies": policies, "report": report}
+
+
+def _train_tiny_policies(out: Path, seed: int, progress: bool) -> Path:
+    """Corpora of policies trained here on the CPU, for an installation without the shipped ones."""
+    from latentsel.policy.protocol import run_protocol
+
+    print(f"no shipped policy corpora at {SHIPPED_CORPORA}: training tiny CPU policies into {out} "
+          "(a smoke run; `latentsel protocol --size cpu` trains real ones)")
+    run_protocol(out, size="tiny", seed=seed, progress=progress, eval_n=16, corpus_n=64)
+    return out / "corpora"
+
+
+def _regimes(out: Path, world, n: int, seed: int, progress: bool) -> dict:
+    """Generate every regime, round-trip it through a file and check the golden steps."""
     split = bigram_split(world.n_skills, seed=0)
-    counts = split.counts()
-    print(f"latentsel demo: {world.n_routes} routings x {world.n_skills} skills = {world.n_modules} modules; "
-          f"skill bigrams: {counts['seen']} seen, {counts['rl']} RL, {counts['held_out']} held out")
     rows = {}
-    for regime in tqdm(REGIMES, desc="regimes", unit="regime"):
+    for regime in tqdm(REGIMES, desc="regimes", unit="regime", disable=not progress):
         t0 = time.perf_counter()
         traces = generate(regime, n, seed, world=world, split=split)
         path = out / f"{regime}.jsonl.gz"
@@ -58,82 +131,4 @@ def run_demo(out: str | Path = "latentsel-demo", n: int = 2000, seed: int = 0, n
             "median_consistent": float(np.median(n_consistent)),
             "seconds": time.perf_counter() - t0,
         }
-    print()
-    print(f"{'regime':<12} {'n':>6} {'depth':>5} {'programs':>8} {'skills':>6} {'routes':>6} "
-          f"{'mean len':>8} {'unique':>7} {'consist.':>8} {'s':>6}")
-    for regime, r in rows.items():
-        print(f"{regime:<12} {r['n']:>6} {r['depth']:>5} {r['programs']:>8} {r['skills']:>6} {r['routes']:>6} "
-              f"{r['mean_len']:>8.2f} {r['unique_step']:>7.3f} {r['median_consistent']:>8.0f} {r['seconds']:>6.2f}")
-    print()
-    print("unique: fraction of golden steps whose module is the only one of the "
-          f"{world.n_modules} that reproduces the step;")
-    print("consist.: median number of modules consistent with a step (aliasing that no data can resolve).")
-    print(f"trace files written to {out}/")
-    print()
-    _recovery(world, split, n, seed, nuts_traces, nuts_draws)
     return rows
-
-
-def _recovery(world, split, n: int, seed: int, nuts_traces: int, nuts_draws: int) -> None:
-    """Simulate from known modular parameters under two regimes, fit by EM and NUTS, print recovery."""
-    from latentsel.emission import build_data
-    from latentsel.inference.em import fit_em
-    from latentsel.inference.mcmc import fit_nuts, summary
-    from latentsel.models.params import default_params
-    from latentsel.simulate import simulate
-
-    rng = np.random.default_rng(seed)
-    truth = default_params("modular", world.n_routes, world.n_skills, fidelity=0.8, noise=0.03, off_module=0.03)
-    # non-trivial execution: move part of each row's error mass onto one random confusion
-    route, skill = np.array(truth.route_exec), np.array(truth.skill_exec)
-    for m in (route, skill):
-        for i in range(m.shape[0]):
-            j = rng.choice(np.setdiff1d(np.arange(m.shape[0]), [i]))
-            m[i, j] += 0.1
-            m[i, i] -= 0.1
-    truth = truth._replace(route_exec=route, skill_exec=skill)
-    header = (f"{'n':>6} {'route err':>9} {'skill err':>9} {'noise':>7} {'off':>7} {'MAP acc':>8}")
-    rows = []
-    for regime in ("sft", "eval-ood"):
-        traces = simulate(generate(regime, n, seed + 1, world=world, split=split), truth, "modular", world, seed=seed)
-        data = build_data(traces, world)
-        t0 = time.perf_counter()
-        fit = fit_em("modular", data, tol=1e-8)
-        em_s = time.perf_counter() - t0
-        rows.append((regime, "EM", _scores(world, traces, data, fit.params, truth, min_visits=100),
-                     f"{len(fit.objective)} it", em_s))
-        m = min(nuts_traces, len(traces))
-        if m and nuts_draws >= 4:
-            t0 = time.perf_counter()
-            sub = data.take(slice(0, m))
-            res = fit_nuts("modular", sub, num_warmup=nuts_draws, num_samples=nuts_draws, num_chains=2, seed=seed)
-            r_hat = max(site["r_hat_max"] for site in summary(res)["sites"].values())
-            rows.append((regime, "NUTS", _scores(world, traces[:m], sub, res.params, truth, min_visits=100 * m // n),
-                         f"R^ {r_hat:.2f}", time.perf_counter() - t0))
-    print(f"{'recovery':<10} {'method':<6} {header} {'fit':>9} {'s':>6}")
-    for regime, method, sc, note, secs in rows:
-        print(f"{regime:<10} {method:<6} {sc['n']:>6} {sc['route_err']:>9.3f} {sc['skill_err']:>9.3f} "
-              f"{sc['noise']:>7.4f} {sc['off']:>7.4f} {sc['map_acc']:>8.3f} {note:>9} {secs:>6.1f}")
-    print("truth: noise 0.0300, off 0.0300; err = max-abs error over the rows that the fitted traces reach often")
-    print(f"(> 100 intended visits per {n} traces); MAP acc = exact-match rate of the MAP module on on-module steps")
-    print("(aliased steps cap it below 1). EM: the MAP on all traces; NUTS: the posterior mean on the first "
-          f"{min(nuts_traces, n)} traces,")
-    print(f"2 chains x {nuts_draws} warm-up + {nuts_draws} draws (R^ = the worst split R-hat; short chains, "
-          "to keep the demo short).")
-
-
-def _scores(world, traces, data, params, truth, min_visits: int) -> dict:
-    """Max-abs row error on the often reached rows, noise, off and MAP accuracy at ``params``."""
-    from latentsel.api import exact
-
-    post = exact(data, params, "modular")
-    mask = np.asarray(data.step_mask)
-    visits_r = np.bincount(np.asarray(data.route_intended)[mask], minlength=world.n_routes)
-    visits_k = np.bincount(np.asarray(data.skill_intended)[mask], minlength=world.n_skills)
-    err_r = np.abs(params.route_exec - truth.route_exec).max(-1)[visits_r > min_visits]
-    err_k = np.abs(params.skill_exec - truth.skill_exec).max(-1)[visits_k > min_visits]
-    hits = [post.map_route[i, t] == world.route_index(tr.truth.routes[t])
-            and post.map_skill[i, t] == world.skill_index(tr.truth.skills[t])
-            for i, tr in enumerate(traces) for t in range(tr.depth) if not tr.truth.off[t]]
-    return {"n": len(traces), "route_err": err_r.max(initial=0), "skill_err": err_k.max(initial=0),
-            "noise": float(params.noise), "off": float(params.off_module), "map_acc": float(np.mean(hits))}
