@@ -1,19 +1,10 @@
-"""The toolkit's own figures: execution and selection heatmaps, module graphs,
-distinguishability classes, identifiability and contraction curves, SBC rank histograms and
-error attribution. ArviZ's diagnostic plots live in :mod:`latentsel.diagnostics`.
-
-Every function takes numpy arrays and plain records, so it can be tested without running
-inference, and returns a :class:`matplotlib.figure.Figure` built without pyplot: nothing is
-shown and nothing stays in a global figure list. Figures are sized for a report about
-1000 px wide; :func:`save_figure` writes one as a PNG atomically.
-"""
+"""Figures of one fit or one trace: execution and selection heatmaps, module graphs and
+distinguishability classes (DESIGN §6)."""
 from __future__ import annotations
 
 import math
-import os
 import textwrap
-from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import matplotlib
 import networkx as nx
@@ -21,18 +12,12 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
-from matplotlib.ticker import NullLocator
-from scipy.stats import binom
 
-from latentsel._io import atomic_open
+from latentsel.plots._common import _LABEL, _TICK, _WIDTH, _figure, _labels, _legend, _matrix
 
-__all__ = ["save_figure", "execution_heatmap", "selection_heatmap", "routing_sources", "module_digraph",
-           "draw_module_digraph", "module_graph", "distinguishability_graph", "identifiability_curves",
-           "contraction_curves", "sbc_histograms", "attribution_bars"]
+__all__ = ["execution_heatmap", "selection_heatmap", "routing_sources", "module_digraph",
+           "draw_module_digraph", "module_graph", "distinguishability_graph"]
 
-_WIDTH = 10.0  # inches; at the default 110 dpi a figure is 1100 px wide
-_TICK = 7
-_LABEL = 9
 _PROB_CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="white")
 _SD_CMAP = matplotlib.colormaps["magma"].with_extremes(bad="white")
 _TRUTH_STYLE = dict(marker="o", markersize=4, markerfacecolor="white", markeredgecolor="black",
@@ -40,50 +25,6 @@ _TRUTH_STYLE = dict(marker="o", markersize=4, markerfacecolor="white", markeredg
 _UNREACHED_STYLE = dict(facecolor=(0.6, 0.6, 0.6, 0.6), edgecolor="0.35", hatch="///", linewidth=0)
 _INTENDED_STYLE = dict(marker="s", markersize=9, markerfacecolor="none", markeredgecolor="tab:red",
                        markeredgewidth=1.6, linestyle="none")
-
-
-def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Write ``fig`` to ``path`` as a PNG through a temporary file; returns the path."""
-    if not isinstance(fig, Figure):
-        raise ValueError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
-    path = Path(path)
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=dpi)
-    return path
-
-
-def _matrix(a, name: str, ndim: int) -> np.ndarray:
-    arr = np.asarray(a, dtype=float)
-    if arr.ndim != ndim or 0 in arr.shape:
-        raise ValueError(f"{name} must be a non-empty {ndim}-D array, got shape {arr.shape}")
-    return arr
-
-
-def _labels(labels, n: int, name: str) -> list[str]:
-    labels = [str(s) for s in labels] if labels is not None else []
-    if len(labels) != n:
-        raise ValueError(f"{name} must have {n} entries, got {len(labels)}")
-    return labels
-
-
-def _figure(height: float, title: str) -> Figure:
-    fig = Figure(figsize=(_WIDTH, height), layout="constrained")
-    fig.suptitle(title)
-    return fig
-
-
-def _panels(fig: Figure, n: int, ncols: int) -> list:
-    """``n`` axes on a grid of ``ncols`` columns; the unused cells of the last row removed."""
-    ncols = min(ncols, n)
-    axes = fig.subplots(math.ceil(n / ncols), ncols, squeeze=False).ravel()
-    for ax in axes[n:]:
-        fig.delaxes(ax)
-    return list(axes[:n])
-
-
-def _legend(fig: Figure, handles: list, fontsize: float = _LABEL) -> None:
-    if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8), fontsize=fontsize)
 
 
 # -- heatmaps --------------------------------------------------------------------------
@@ -418,227 +359,3 @@ def distinguishability_graph(graph: nx.Graph, *, title: str = "", max_nodes: int
                 transform=ax.transAxes)
     return fig
 
-
-# -- curves and histograms -------------------------------------------------------------
-_METRIC_LABELS = {
-    "map_accuracy": "MAP accuracy (per label)",
-    "class_accuracy": "MAP accuracy (per class)",
-    "step_class_accuracy": "MAP accuracy (per class, observed steps)",
-    "truth_mass": "posterior mass on the truth",
-    "param_error": "parameter error",
-    "kl_reached": "KL(posterior | prior), reached rows",
-    "kl_unreached": "KL(posterior | prior), unreached rows",
-}
-_REGIME_ORDER = ("sft", "rl", "atomic", "compressed")
-_MODEL_STYLES = {"modular": "-", "entangled": "--", "grammar": ":"}
-
-
-def _ordered(names, preferred: Sequence[str]) -> list[str]:
-    """``names`` sorted with those in ``preferred`` first, in its order, then the rest by name."""
-    return sorted(names, key=lambda n: (preferred.index(n) if n in preferred else len(preferred), str(n)))
-
-
-def _check_records(records) -> list[Mapping]:
-    records = list(records) if records is not None else []
-    if not records:
-        raise ValueError("records must be a non-empty list of dicts")
-    for i, r in enumerate(records):
-        if not isinstance(r, Mapping) or not {"regime", "model", "n_traces"} <= set(r):
-            raise ValueError(f"records[{i}] must be a dict with 'regime', 'model' and 'n_traces'")
-        if not isinstance(r["n_traces"], (int, np.integer)) or r["n_traces"] < 1:
-            raise ValueError(f"records[{i}]['n_traces'] must be a positive integer, got {r['n_traces']!r}")
-    return records
-
-
-def _curves(records, metrics: Sequence[str], title: str) -> Figure:
-    records = _check_records(records)
-    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
-    available = sorted({k for r in records for k in r} - {"regime", "model", "n_traces", "seed"})
-    unknown = [m for m in metrics if m not in available]
-    if not metrics or unknown:
-        raise ValueError(f"metrics: unknown metric(s) {unknown or metrics}; the records have {available}")
-    regimes = _ordered({r["regime"] for r in records}, _REGIME_ORDER)
-    models = _ordered({r["model"] for r in records}, tuple(_MODEL_STYLES))
-    colour = {g: matplotlib.colormaps["tab10"](i % 10) for i, g in enumerate(regimes)}
-    extra_styles = iter(["-.", (0, (1, 3)), (0, (5, 1, 1, 1))] * len(models))
-    style = {m: _MODEL_STYLES.get(m) or next(extra_styles) for m in models}
-    n_values = sorted({int(r["n_traces"]) for r in records})
-
-    fig = _figure(2.9 * math.ceil(len(metrics) / 2) + 1.2, title or "identifiability against the number of traces")
-    for ax, metric in zip(_panels(fig, len(metrics), ncols=2), metrics):
-        drawn = []
-        for regime in regimes:
-            for model in models:
-                by_n: dict[int, list[float]] = {}
-                for r in records:
-                    value = r.get(metric)
-                    if r["regime"] == regime and r["model"] == model and value is not None and np.isfinite(value):
-                        by_n.setdefault(int(r["n_traces"]), []).append(float(value))
-                if not by_n:
-                    continue
-                ns = sorted(by_n)
-                values = [np.asarray(by_n[n]) for n in ns]
-                ax.fill_between(ns, [v.min() for v in values], [v.max() for v in values],
-                                color=colour[regime], alpha=0.18, linewidth=0)
-                ax.plot(ns, [v.mean() for v in values], color=colour[regime], linestyle=style[model],
-                        marker="o", markersize=3)
-                drawn.extend(v for v in values)
-        ax.set_xscale("log")
-        if len(n_values) <= 8:
-            ax.set_xticks(n_values, [str(n) for n in n_values])
-            ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_title(_METRIC_LABELS.get(metric, metric), fontsize=_LABEL + 1)
-        ax.set_ylabel(metric, fontsize=_LABEL)
-        ax.set_xlabel("number of traces N", fontsize=_LABEL)
-        ax.tick_params(labelsize=_TICK + 1)
-        ax.grid(alpha=0.3)
-        if not drawn:
-            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes, color="0.4")
-        elif metric.startswith("kl_"):
-            top = max(float(np.max(np.concatenate(drawn))), 0.0)
-            ax.set_ylim(-0.05 * (top or 1.0), 1.05 * top or 1.0)
-            if top == 0.0:
-                ax.text(0.5, 0.6, "KL = 0 everywhere: these rows stay at the prior",
-                        ha="center", transform=ax.transAxes, fontsize=_LABEL, color="0.3")
-        elif metric in ("map_accuracy", "class_accuracy", "truth_mass"):
-            ax.set_ylim(-0.03, 1.03)
-    handles = [Line2D([], [], color=colour[g], label=g) for g in regimes]
-    handles += [Line2D([], [], color="0.3", linestyle=style[m], label=m) for m in models]
-    handles.append(Patch(color="0.3", alpha=0.18, label="min–max over seeds"))
-    _legend(fig, handles)
-    return fig
-
-
-def identifiability_curves(records: Sequence[Mapping],
-                           metrics: Sequence[str] = ("map_accuracy", "class_accuracy", "truth_mass", "param_error"),
-                           *, title: str = "") -> Figure:
-    """Identifiability measures against the number of traces, one panel per metric.
-
-    ``records`` are identify.json rows ``{"regime", "model", "n_traces", "seed", <metric>: float
-    or None, ...}``. Per (regime, model): the mean over seeds (colour = regime, line style =
-    model) and a band from min to max; ``None`` (and NaN) values are skipped. N on a log scale.
-    Returns a figure with one axes per metric.
-    """
-    return _curves(records, metrics, title)
-
-
-def contraction_curves(records: Sequence[Mapping], *, title: str = "") -> Figure:
-    """Posterior contraction (``kl_reached``, ``kl_unreached``) against the number of traces.
-
-    Same records and encoding as :func:`identifiability_curves`, on a linear KL scale from 0:
-    rows the data never reach stay at the prior, so their KL is drawn as the zero it is.
-    Returns a figure with two axes.
-    """
-    return _curves(records, ("kl_reached", "kl_unreached"), title or "posterior contraction")
-
-
-def sbc_histograms(ranks, n_draws: int, *, names: Sequence[str], bins: int | None = None,
-                   title: str = "") -> Figure:
-    """Simulation-based calibration: rank histograms with the 99% band of a uniform one.
-
-    Args:
-        ranks: int[n_params, n_replications], each in 0..n_draws (the rank of the true value
-            among n_draws posterior draws).
-        n_draws: the number of posterior draws per replication.
-        names: n_params parameter names.
-        bins: number of bins (default up to 20, about 5 replications per bin); the integer
-            ranks are split as evenly as possible and the band uses each bin's exact width.
-    Returns a figure with one axes per parameter.
-    """
-    ranks = np.asarray(ranks)
-    if ranks.ndim != 2 or 0 in ranks.shape or not np.issubdtype(ranks.dtype, np.integer):
-        raise ValueError(f"ranks must be a non-empty int[n_params, n_replications], got "
-                         f"{ranks.dtype}{list(ranks.shape)}")
-    if not isinstance(n_draws, (int, np.integer)) or n_draws < 1:
-        raise ValueError(f"n_draws must be a positive integer, got {n_draws!r}")
-    if ranks.min() < 0 or ranks.max() > n_draws:
-        raise ValueError(f"ranks must lie in 0..n_draws={n_draws}, got {ranks.min()}..{ranks.max()}")
-    names = _labels(names, ranks.shape[0], "names")
-    n_params, n_reps = ranks.shape
-    if bins is None:
-        # up to 20 bins of about 5 replications; equal widths when a divisor is close enough
-        target = max(1, min(20, n_draws + 1, n_reps // 5))
-        divisor = max(b for b in range(1, target + 1) if (n_draws + 1) % b == 0)
-        bins = divisor if 2 * divisor >= target else target
-    if not isinstance(bins, (int, np.integer)) or not 1 <= bins <= n_draws + 1:
-        raise ValueError(f"bins must be an integer in 1..n_draws+1={n_draws + 1}, got {bins!r}")
-    edges = np.round(np.linspace(0, n_draws + 1, bins + 1)).astype(int)
-    p_bin = np.diff(edges) / (n_draws + 1)
-    low, high = binom.ppf(0.005, n_reps, p_bin), binom.ppf(0.995, n_reps, p_bin)
-    x = edges - 0.5
-
-    fig = _figure(2.3 * math.ceil(n_params / 4) + 1.0,
-                  title or f"SBC rank histograms ({n_reps} replications, {n_draws} draws)")
-    for ax, row, name in zip(_panels(fig, n_params, ncols=4), ranks, names):
-        counts = np.histogram(row, bins=edges)[0]
-        ax.fill_between(x, np.append(low, low[-1]), np.append(high, high[-1]), step="post",
-                        color="0.75", linewidth=0)
-        ax.stairs(n_reps * p_bin, x, color="0.4", linestyle="--", linewidth=0.8)
-        ax.stairs(counts, x, fill=True, color="tab:blue", alpha=0.75)
-        ax.set_title(name, fontsize=_LABEL)
-        ax.set_xlabel("rank", fontsize=_TICK)
-        ax.set_ylabel("count", fontsize=_TICK)
-        ax.tick_params(labelsize=_TICK)
-    handles = [Patch(color="tab:blue", alpha=0.75, label="rank counts"),
-               Patch(color="0.75", label="99% band of a uniform histogram"),
-               Line2D([], [], color="0.4", linestyle="--", label="expected count")]
-    _legend(fig, handles)
-    return fig
-
-
-# -- error attribution -----------------------------------------------------------------
-_ERRORS = (("route_error", "routing error", "tab:blue"), ("skill_error", "skill error", "tab:orange"),
-           ("off_module", "off-module step", "0.55"))
-_SPLIT_ORDER = ("seen", "unseen", "ood")
-
-
-def attribution_bars(rows: Sequence[Mapping], *, title: str = "") -> Figure:
-    """Error attribution per split and policy: expected errors per step, stacked by type.
-
-    ``rows`` are dicts ``{"policy", "split", "route_error", "skill_error", "off_module"}`` with
-    the expected number of each error per step, in [0, 1]. One group per split (seen, unseen,
-    ood first), one bar per policy. Returns a one-axes figure.
-    """
-    rows = list(rows) if rows is not None else []
-    if not rows:
-        raise ValueError("rows must be a non-empty list of dicts")
-    table: dict[tuple[str, str], np.ndarray] = {}
-    for i, r in enumerate(rows):
-        keys = ("policy", "split") + tuple(e for e, _, _ in _ERRORS)
-        if not isinstance(r, Mapping) or not set(keys) <= set(r):
-            raise ValueError(f"rows[{i}] must be a dict with keys {list(keys)}")
-        values = np.array([r[e] for e, _, _ in _ERRORS], dtype=float)
-        if not np.all((values >= 0) & (values <= 1)):
-            raise ValueError(f"rows[{i}] error rates must lie in [0, 1], got {values.tolist()}")
-        if (r["split"], r["policy"]) in table:
-            raise ValueError(f"rows has two entries for policy {r['policy']!r} on split {r['split']!r}")
-        table[(str(r["split"]), str(r["policy"]))] = values
-    splits = _ordered({s for s, _ in table}, _SPLIT_ORDER)
-    policies = list(dict.fromkeys(p for _, p in table))
-
-    keys, xs, centres = [], [], []
-    for g, split in enumerate(splits):
-        here = [p for p in policies if (split, p) in table]
-        start = g * (len(policies) + 1)
-        keys += [(split, p) for p in here]
-        xs += [start + j for j in range(len(here))]
-        centres.append(start + (len(here) - 1) / 2)
-    stack = np.array([table[k] for k in keys])
-
-    fig = _figure(4.6, title or "error attribution per step")
-    ax = fig.add_subplot()
-    bottom = np.zeros(len(keys))
-    for j, (_, label, colour) in enumerate(_ERRORS):
-        bars = ax.bar(xs, stack[:, j], 0.8, bottom=bottom, color=colour, label=label)
-        bottom += stack[:, j]
-    ax.bar_label(bars, [f"{v:.2f}" for v in bottom], fontsize=_TICK, padding=2)
-    ax.set_xticks(xs, [p for _, p in keys], rotation=30, ha="right", fontsize=_TICK + 1)
-    groups = ax.secondary_xaxis("top")
-    groups.set_xticks(centres, splits, fontsize=_LABEL + 1, fontweight="bold")
-    groups.tick_params(length=0)
-    for g in range(1, len(splits)):
-        ax.axvline(g * (len(policies) + 1) - 1, color="0.8", linewidth=0.8)
-    ax.set_ylabel("expected errors per step", fontsize=_LABEL)
-    ax.set_ylim(0, max(1.0, bottom.max() * 1.12))
-    ax.legend(loc="upper left", fontsize=_LABEL, frameon=False)
-    return fig
