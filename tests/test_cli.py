@@ -66,10 +66,18 @@ def test_debug_shows_traceback(tmp_path):
 
 
 def test_demo_runs(tmp_path, capsys):
-    assert main(["demo", "--n", "30", "--nuts-draws", "6", "--out", str(tmp_path / "demo")]) == 0
-    out = capsys.readouterr().out
-    assert "eval-ood" in out and "unique" in out and "NUTS" in out
-    assert len(read_traces(tmp_path / "demo" / "sft.jsonl.gz")) == 30
+    out = tmp_path / "demo"
+    assert main(["demo", "--n", "30", "--sizes", "30", "--seeds", "0", "--nuts-max", "0", "--sbc", "2",
+                 "--policy-traces", "30", "--nuts-traces", "0", "--jobs", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "eval-ood" not in printed and "PSIS-LOO prefers" in printed and "report.html" in printed
+    assert len(read_traces(out / "regimes" / "sft.jsonl.gz")) == 30
+    records = json.loads((out / "identify" / "identify.json").read_text())["records"]
+    assert {(r["regime"], r["model"]) for r in records} == {(g, m) for g in ("sft", "rl", "atomic", "compressed")
+                                                            for m in ("modular", "entangled")}
+    assert (out / "policies" / "attribution.json").exists()
+    html = (out / "report.html").read_text()
+    assert html.count("<img") >= 10 and "Identifiability experiments" in html
 
 
 def test_simulate_then_fit_writes_design_files(tmp_path, capsys):
