@@ -4,10 +4,11 @@ Given the selections, the execution (or transition) rows, ``noise`` and ``off_mo
 conjugate: a row's posterior is Dirichlet(prior + counts of the selections it generated), and
 ``noise`` / ``off_module`` are Beta(prior + counts). The selections are latent, so the counts
 are replaced by their expectations under the exact posterior at a point estimate θ̂ (the EM
-MAP): q(θ) = Π_rows Dirichlet(α + E[n | D, θ̂]) · Beta(·) · Beta(·). This is the fixed point of
-mean-field variational Bayes with a point mass on θ̂ for the selections; it is exact where the
-selections are (a step with a single consistent module) and narrower than the true posterior
-where they are not, which is why the identifiability experiments check it against NUTS.
+MAP): q(θ) = Π_rows Dirichlet(α + E[n | D, θ̂]) · Beta(·) · Beta(·), one variational-Bayes update
+of θ with the selections at their exact posterior under θ̂. It is the exact posterior when the
+selections are known (every step has a single consistent module); where they are not, it ignores
+how the selections' posterior moves with θ, which is why the identifiability experiments check it
+against NUTS.
 
 A row the data never reach gets zero counts, so it stays exactly at its prior.
 """

@@ -11,7 +11,7 @@ from pathlib import Path
 # mkstemp creates files 0600; outputs get the mode an ordinary open() would give them
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-_MODE = 0o666 & ~_UMASK
+FILE_MODE = 0o666 & ~_UMASK
 
 
 @contextlib.contextmanager
@@ -39,7 +39,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, encoding: str | Non
                     stream.close()
             raw.flush()
             os.fsync(raw.fileno())
-        os.chmod(tmp, _MODE)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

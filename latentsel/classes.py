@@ -6,8 +6,8 @@ modules are indistinguishable on a corpus exactly when their ``match`` columns a
 observed step. The *distinguishability graph* has the R·K modules as nodes and an edge between
 two modules that no observed step separates; its connected components are the classes up to
 which the data can identify a selection. Steps inside hidden-step blocks separate *paths* of
-modules, not modules, so they are left out of the graph; :func:`step_equivalent` covers them
-per step.
+modules, not modules, so they are left out of the graph; :func:`block_equivalent` compares two
+paths through a block by the emission of its observed step.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import numpy as np
 from latentsel.models.data import HLSMData
 from latentsel.world import World
 
-__all__ = ["ModuleClasses", "module_classes", "distinguishability_graph", "step_equivalent"]
+__all__ = ["ModuleClasses", "module_classes", "distinguishability_graph", "step_equivalent", "block_equivalent",
+           "block_steps"]
 
 
 class ModuleClasses(NamedTuple):
@@ -46,7 +47,7 @@ class ModuleClasses(NamedTuple):
 
 def _signatures(data: HLSMData) -> np.ndarray:
     """int8[M, S]: every module's ``match`` on the S free observed steps."""
-    steps = data.free & (data.length >= 0) & data.emit
+    steps = data.free & data.emit
     m = data.match[steps]  # [S, R, K]
     return np.ascontiguousarray(m.reshape(m.shape[0], -1).T)
 
@@ -89,3 +90,35 @@ def step_equivalent(data: HLSMData, route: np.ndarray, skill: np.ndarray, other_
     a = data.match[n, t, route, skill]
     b = data.match[n, t, other_route, other_skill]
     return (a == b) & data.free & data.emit & data.step_mask
+
+
+def block_steps(data: HLSMData) -> np.ndarray:
+    """bool[N, T]: the steps inside hidden-step blocks (the hidden steps and the observed step
+    that closes each block)."""
+    inside = np.zeros(data.step_mask.shape, bool)
+    for g in data.blocks:
+        for lag in range(g.n_hidden + 1):
+            inside[g.trace, g.step - lag] = True
+    return inside
+
+
+def block_equivalent(data: HLSMData, route: np.ndarray, skill: np.ndarray, other_route: np.ndarray,
+                     other_skill: np.ndarray) -> np.ndarray:
+    """bool[N, T]: at every step of a hidden-step block, do the two paths of modules through the
+    block (``route``/``skill`` and ``other_*``, int[N, T] each) give the block's observed step the
+    same emission? False outside blocks."""
+    out = np.zeros(data.step_mask.shape, bool)
+    for g in data.blocks:
+        j = g.n_hidden
+
+        def leaf_match(r, k):
+            first = g.step - j
+            node = g.nodes[0][np.arange(g.trace.size), r[g.trace, first], k[g.trace, first]]
+            for level in range(1, j):
+                node = g.nodes[level][node, r[g.trace, first + level], k[g.trace, first + level]]
+            return g.leaf_match[node, r[g.trace, g.step], k[g.trace, g.step]]
+
+        same = leaf_match(route, skill) == leaf_match(other_route, other_skill)
+        for lag in range(j + 1):
+            out[g.trace, g.step - lag] = same
+    return out

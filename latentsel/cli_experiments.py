@@ -89,7 +89,8 @@ def cmd_report(args) -> int:
 def add_commands(sub) -> None:
     p = sub.add_parser("identify", help="identifiability experiments on simulated regimes")
     p.add_argument("--regimes", type=_names(list(REGIMES)), default=list(REGIMES),
-                   help="comma-separated regimes (default: sft,rl,atomic,compressed)")
+                   help="comma-separated regimes (default: sft,rl,atomic,compressed; compressed = sft with step 2 "
+                        "of 3 hidden)")
     p.add_argument("--sizes", type=at_least(1), nargs="+", default=[100, 300, 1000], metavar="N",
                    help="numbers of traces (default: %(default)s)")
     p.add_argument("--seeds", type=nonneg_int, nargs="+", default=[0, 1], metavar="SEED")

@@ -41,7 +41,7 @@ import xarray as xr
 from matplotlib import MatplotlibDeprecationWarning
 from tqdm.auto import tqdm
 
-from latentsel._io import atomic_open
+from latentsel._io import FILE_MODE, atomic_open
 from latentsel.api import exact
 from latentsel.emission import build_data
 from latentsel.inference.collapsed import params_from_sites
@@ -313,6 +313,7 @@ def save(idata: az.InferenceData, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         idata.to_netcdf(tmp, engine="h5netcdf")
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

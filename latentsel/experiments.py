@@ -56,15 +56,23 @@ def _backend(name: str, n_jobs: int):
         yield
 
 
+def _indexed(fn, i, args):
+    return i, fn(*args)
+
+
 def _run(fn, tasks, *, n_jobs: int, backend: str, progress: bool, desc: str) -> list:
+    """``[fn(*t) for t in tasks]``, computed in parallel, in the order of ``tasks``."""
     bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not progress)
-    out = []
+    # Ray's joblib backend cannot stream results; the others report each task as it ends
+    stream = "list" if backend == "ray" else "generator_unordered"
+    out = {}
     with _backend(backend, n_jobs):
-        for result in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(delayed(fn)(*t) for t in tasks):
-            out.append(result)
+        for i, result in Parallel(n_jobs=n_jobs, return_as=stream)(delayed(_indexed)(fn, i, t)
+                                                                    for i, t in enumerate(tasks)):
+            out[i] = result
             bar.update(1)
     bar.close()
-    return out
+    return [out[i] for i in range(len(tasks))]
 
 
 def _task(regime, n, seed, models, nuts_max, nuts_draws):
@@ -139,8 +147,9 @@ def sbc(n_reps: int, *, n_traces: int = 100, n_draws: int = 99, seed: int = 0, n
         raise ValueError(f"sbc needs n_reps, n_draws and n_traces >= 1, got {n_reps}, {n_draws}, {n_traces}")
     tasks = [(rep, n_traces, n_draws, seed) for rep in range(n_reps)]
     ranks = np.stack(_run(_sbc_rep, tasks, n_jobs=n_jobs, backend=backend, progress=progress, desc="SBC"), axis=1)
-    bins = min(10, n_draws + 1)
-    edges = np.linspace(0, n_draws + 1, bins + 1)
-    p = [float(chisquare(np.histogram(r, edges)[0]).pvalue) for r in ranks]
+    # integer bin edges over the n_draws + 1 possible ranks, the expected counts by bin width
+    edges = np.unique(np.linspace(0, n_draws + 1, min(10, n_draws + 1) + 1).round().astype(int))
+    expected = np.diff(edges) / (n_draws + 1) * n_reps
+    p = [float(chisquare(np.histogram(r, edges)[0], expected).pvalue) for r in ranks]
     return {"parameters": list(SBC_PARAMETERS), "ranks": ranks.tolist(), "n_draws": n_draws, "n_traces": n_traces,
             "n_reps": n_reps, "chi2_p": p}

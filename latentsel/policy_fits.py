@@ -48,7 +48,11 @@ def find_corpora(folder: str | Path, policies: Sequence[str] | None = None) -> d
         if m and (policies is None or m["policy"] in policies):
             found[(m["policy"], m["split"])] = path
     if not found:
-        raise ValueError(f"{folder}: no corpora named POLICY.eval-(seen|unseen|ood).jsonl[.gz]")
+        raise ValueError(f"{folder}: no corpora named POLICY.eval-(seen|unseen|ood).jsonl[.gz]"
+                         + (f" for policies {', '.join(policies)}" if policies else ""))
+    missing = sorted(set(policies or ()) - {p for p, _ in found})
+    if missing:
+        raise ValueError(f"{folder}: no corpora of policy {missing[0]!r}")
     return found
 
 
