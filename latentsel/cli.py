@@ -191,9 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbc", type=_nonneg_int, default=100, help="SBC replications (default: %(default)s)")
     p.add_argument("--corpora", default=None,
                    help="folder of policy corpora (default: the shipped CPU-run corpora of the checkout)")
-    p.add_argument("--policy-traces", type=_at_least(1), default=500,
+    p.add_argument("--policy-traces", type=_at_least(1), default=400,
                    help="traces of each policy corpus to fit (default: %(default)s)")
-    p.add_argument("--nuts-traces", type=_nonneg_int, default=200,
+    p.add_argument("--nuts-traces", type=_nonneg_int, default=150,
                    help="policy traces for the NUTS diagnostics; 0 skips them (default: %(default)s)")
     p.add_argument("--jobs", type=_at_least(1), default=2, help="worker processes (default: %(default)s)")
     p.set_defaults(func=cmd_demo)

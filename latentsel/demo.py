@@ -29,7 +29,7 @@ DEMO_POLICIES = ("sft", "sft+rl-compound")
 
 def run_demo(out: str | Path = "latentsel-demo", n: int = 2000, seed: int = 0, *, sizes: Sequence[int] = (100, 300, 1000),
              seeds: Sequence[int] = (0, 1), nuts_max: int = 100, nuts_draws: int = 100, sbc_reps: int = 100,
-             corpora: str | Path | None = None, policy_traces: int = 500, nuts_traces: int = 200,
+             corpora: str | Path | None = None, policy_traces: int = 400, nuts_traces: int = 150,
              jobs: int = 2, progress: bool = True) -> dict:
     """Run the demo into ``out`` and print its summary; returns ``{"regimes", "identify", "policies",
     "report"}``. ``n``: golden traces per data regime; ``sizes``/``seeds``: the identify sweep;
