@@ -68,8 +68,8 @@ def main(args):
         prompts = generate("eval-ood", n, seed=args.seed, world=world)
         traces = simulate(prompts, truth, "modular", world, seed=args.seed)
         build_s, data = timed(lambda: build_data(traces, world))
-        exact(data.take(slice(0, 16)), truth, "modular")  # compile
-        closed_s, _ = timed(lambda: exact(data, truth, "modular"), repeat=args.repeat)
+        exact(data.take(slice(0, 16)), truth, "modular", joint=False)  # compile
+        closed_s, _ = timed(lambda: exact(data, truth, "modular", joint=False), repeat=args.repeat)
         row = {"n_traces": n, "build_s": build_s, "closed_s": closed_s,
                "closed_traces_per_s": n / closed_s, "end_to_end_traces_per_s": n / (build_s + closed_s)}
         if n <= args.numpyro_max:
@@ -106,8 +106,8 @@ def sampling_rows(world, truth, args):
     n = args.svi_traces
     traces = simulate(generate("eval-ood", n, seed=args.seed, world=world), truth, "modular", world, seed=args.seed)
     data = build_data(traces, world)
-    exact(data.take(slice(0, 16)), truth, "modular")  # compile
-    closed_s, _ = timed(lambda: exact(data, truth, "modular"), repeat=args.repeat)
+    exact(data.take(slice(0, 16)), truth, "modular", joint=False)  # compile
+    closed_s, _ = timed(lambda: exact(data, truth, "modular", joint=False), repeat=args.repeat)
     em_s, em = timed(lambda: fit_em("modular", data, tol=1e-8, max_iter=500))
     rows = [{"method": "closed form", "n_traces": n, "work": "evidence + marginals", "seconds": closed_s,
              "quality": ""},

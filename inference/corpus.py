@@ -60,24 +60,30 @@ def _fast_rows(model: str, data: HLSMData) -> np.ndarray:
     return np.flatnonzero(~data.has_block) if model == "grammar" else np.arange(data.n_traces)
 
 
-def corpus_posterior(model: str, params, data: HLSMData, chunk: int = 8192) -> ExactPosterior:
-    """Exact evidence, marginals and MAP of every trace and step (numpy, float64)."""
+def corpus_posterior(model: str, params, data: HLSMData, chunk: int = 8192, *, joint: bool = True) -> ExactPosterior:
+    """Exact evidence, marginals and MAP of every trace and step (numpy, float64); the joint
+    posterior of (r_t, k_t) too unless ``joint`` is False."""
     n, t = data.step_mask.shape
     r_n, k_n = data.n_routes, data.n_skills
     with jax.enable_x64(True):
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
         fast = _fast_rows(model, data)
         if fast.size == n:  # every trace: chunks are consecutive, concatenated once
-            parts = [jax.tree.map(np.asarray, exact_posterior(model, params, part)) for _, part in chunks(data, chunk)]
-            out = parts[0] if len(parts) == 1 else ExactPosterior(*(np.concatenate(f) for f in zip(*parts)))
-            out = ExactPosterior(*(np.array(f) for f in out)) if data.blocks else out  # writable for the blocks
+            parts = [jax.tree.map(np.asarray, exact_posterior(model, params, part, joint=joint))
+                     for _, part in chunks(data, chunk)]
+            out = parts[0] if len(parts) == 1 else ExactPosterior(*(None if f[0] is None else np.concatenate(f)
+                                                                    for f in zip(*parts)))
+            if data.blocks:  # writable for the blocks
+                out = ExactPosterior(*(None if f is None else np.array(f) for f in out))
         else:
             out = ExactPosterior(np.zeros(n), np.zeros((n, t, r_n)), np.zeros((n, t, k_n)), np.zeros((n, t)),
-                                 np.full((n, t), -1), np.full((n, t), -1), np.zeros((n, t, r_n, k_n)))
+                                 np.full((n, t), -1), np.full((n, t), -1),
+                                 np.zeros((n, t, r_n, k_n)) if joint else None)
             for rows, part in chunks(data.take(fast), chunk):
-                post = jax.tree.map(np.asarray, exact_posterior(model, params, part))
+                post = jax.tree.map(np.asarray, exact_posterior(model, params, part, joint=joint))
                 for field, value in zip(out, post):
-                    field[fast[rows]] = value
+                    if field is not None:
+                        field[fast[rows]] = value
         if model == "grammar":
             for layout in layouts(data):
                 log_ev, joint, p_off = (np.asarray(a) for a in chain_block_posterior(params, data, layout)[:3])
@@ -101,7 +107,8 @@ def corpus_posterior(model: str, params, data: HLSMData, chunk: int = 8192) -> E
 
 
 def _fill(out: ExactPosterior, rows, steps, joint, p_off) -> None:
-    out.joint_probs[rows, steps] = joint
+    if out.joint_probs is not None:
+        out.joint_probs[rows, steps] = joint
     out.route_probs[rows, steps] = joint.sum(-1)
     out.skill_probs[rows, steps] = joint.sum(-2)
     out.p_off[rows, steps] = np.clip(p_off, 0.0, 1.0)

@@ -35,7 +35,8 @@ class ExactPosterior(NamedTuple):
         p_off: [N, T], p(u_t = 1 | D, θ).
         map_route: [N, T], map_skill: [N, T]; the MAP selections with the off-module flags
             summed out (per step for the independent models; the Viterbi path for grammar).
-        joint_probs: [N, T, R, K], p(r_t, k_t | D, θ).
+        joint_probs: [N, T, R, K], p(r_t, k_t | D, θ); ``None`` when not asked for (it is R·K
+            numbers a step, the largest output by far).
     """
 
     log_evidence: jax.Array
@@ -171,7 +172,8 @@ def _viterbi(log_rt, log_st, le, mask):
     return jnp.where(mask, routes, -1), jnp.where(mask, skills, -1)
 
 
-def independent_posterior(route_prior, skill_prior, p_emit, p_off_term, mask, emit=None) -> ExactPosterior:
+def independent_posterior(route_prior, skill_prior, p_emit, p_off_term, mask, emit=None, with_joint: bool = True
+                          ) -> ExactPosterior:
     """Exact posterior of the independent-step models, in probability space (float64 holds
     every emission of the world; no transcendental function per entry).
 
@@ -179,7 +181,7 @@ def independent_posterior(route_prior, skill_prior, p_emit, p_off_term, mask, em
         route_prior: [N, T, R]; skill_prior: [N, T, K]; p_emit: [N, T, R, K] p(y_t | r, k)
         (1 where the step is not observed); p_off_term: [N, T] off_module * p_off(y_t);
         mask: bool[N, T], the steps to give a posterior; emit: bool[N, T], the observed ones
-        among them (default: all).
+        among them (default: all); with_joint: also return ``joint_probs``.
     """
     emit = mask if emit is None else emit
     joint = route_prior[..., :, None] * skill_prior[..., None, :] * p_emit
@@ -196,20 +198,20 @@ def independent_posterior(route_prior, skill_prior, p_emit, p_off_term, mask, em
         p_off=jnp.clip(jnp.where(emit, p_off_term, 0.0) * scale, 0.0, 1.0),
         map_route=jnp.where(mask, flat_map // k, -1),
         map_skill=jnp.where(mask, flat_map % k, -1),
-        joint_probs=post,
+        joint_probs=post if with_joint else None,
     )
 
 
-def exact_posterior(model: str, params, data: HLSMData) -> ExactPosterior:
+def exact_posterior(model: str, params, data: HLSMData, *, joint: bool = True) -> ExactPosterior:
     """Exact posterior of the steps outside hidden-step blocks under ``model`` at ``params``
     (jitted). Block steps are left at zero here; :mod:`latentsel.inference.blocks` and
     :mod:`latentsel.inference.chain_blocks` fill them in. For ``grammar`` every trace must
     be free of blocks."""
-    return _exact_posterior(model, data.n_chars, data.max_len, params, data.arrays())
+    return _exact_posterior(model, data.n_chars, data.max_len, params, data.arrays(), joint=joint)
 
 
-@partial(jax.jit, static_argnames=("model", "n_chars", "max_len"))
-def _exact_posterior(model, n_chars, max_len, params, arrays) -> ExactPosterior:
+@partial(jax.jit, static_argnames=("model", "n_chars", "max_len", "joint"))
+def _exact_posterior(model, n_chars, max_len, params, arrays, joint=True) -> ExactPosterior:
     data = HLSMData.from_arrays(arrays, n_chars, max_len)
     mask = jnp.asarray(data.free)
     emit = jnp.asarray(data.emit)
@@ -218,8 +220,9 @@ def _exact_posterior(model, n_chars, max_len, params, arrays) -> ExactPosterior:
         le = log_emission(data, params.noise, params.off_module)
         log_off_term = jnp.where(emit, jnp.log(params.off_module) + log_p_off(length, data.n_chars, data.max_len),
                                  -jnp.inf)
-        return chain_posterior(jnp.log(params.route_trans), jnp.log(params.skill_trans), le, log_off_term, mask)
+        post = chain_posterior(jnp.log(params.route_trans), jnp.log(params.skill_trans), le, log_off_term, mask)
+        return post if joint else post._replace(joint_probs=None)
     route_prior, skill_prior = execution_rows(model, params[0], params[1], data)
     p_emit = emission(data, params.noise, params.off_module)
     p_off_term = params.off_module * jnp.exp(log_p_off(length, data.n_chars, data.max_len))
-    return independent_posterior(route_prior, skill_prior, p_emit, p_off_term, mask, emit)
+    return independent_posterior(route_prior, skill_prior, p_emit, p_off_term, mask, emit, joint)

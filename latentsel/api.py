@@ -18,10 +18,11 @@ __all__ = ["log_evidence", "posterior", "exact", "posterior_samples"]
 CHUNK = 8192
 
 
-def exact(data: HLSMData, params, model: str, *, chunk: int = CHUNK) -> ExactPosterior:
-    """Exact posterior of a prepared corpus, in float64, computed ``chunk`` traces at a time."""
+def exact(data: HLSMData, params, model: str, *, chunk: int = CHUNK, joint: bool = True) -> ExactPosterior:
+    """Exact posterior of a prepared corpus, in float64, computed ``chunk`` traces at a time
+    (``joint=False`` leaves out ``joint_probs``, [N, T, R, K])."""
     params = validate_params(params, model, data.n_routes, data.n_skills)
-    return corpus_posterior(model, params, data, chunk)
+    return corpus_posterior(model, params, data, chunk, joint=joint)
 
 
 def posterior(traces: Sequence[Trace], params, model: str = "modular", world: World | None = None) -> ExactPosterior:

@@ -20,7 +20,8 @@ import numpy as np
 from latentsel._default_modules import PAD
 from latentsel.world import World
 
-__all__ = ["PAD", "encode", "decode", "encode_histories", "route_all", "skill_all", "apply_all"]
+__all__ = ["PAD", "encode", "decode", "encode_histories", "route_all", "skill_all", "apply_all", "distinct_routes",
+           "apply_distinct"]
 
 
 def encode(strings: Sequence[str], world: World) -> tuple[np.ndarray, np.ndarray]:
@@ -194,3 +195,46 @@ def apply_all(world: World, codes: np.ndarray, lens: np.ndarray, depth: np.ndarr
     routed, routed_lens = route_all(world, codes, lens, depth)
     out, out_lens = skill_all(world, routed.reshape(n * world.n_routes, -1), routed_lens.reshape(-1))
     return out.reshape(n, world.n_routes, world.n_skills, -1), out_lens.reshape(n, world.n_routes, world.n_skills)
+
+
+def distinct_routes(codes: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which routings of a history give the same string (at t = 1 five of the default ten
+    route the input).
+
+    Args:
+        codes: uint8[N, R, W], lens: int[N, R]; routed strings, PAD past their ends.
+    Returns:
+        ``(keep: bool[N, R], index: int64[N, R])``: ``keep`` marks the first routing of each
+        distinct string; ``index[n, r]`` is the position of (n, r)'s string among the kept ones
+        in C order.
+    """
+    n, r_n, w = codes.shape
+    if w % 8 == 0:  # compare 8 characters at a time
+        codes = np.ascontiguousarray(codes).view(np.uint64)
+    first = np.tile(np.arange(r_n), (n, 1))
+    for r in range(1, r_n):
+        for q in range(r - 1, -1, -1):  # downwards, so the smallest equal routing wins
+            same = (lens[:, r] == lens[:, q]) & (codes[:, r] == codes[:, q]).all(axis=-1)
+            first[same, r] = q
+    keep = first == np.arange(r_n)
+    position = np.cumsum(keep.ravel()) - 1
+    index = position[(np.arange(n)[:, None] * r_n + first).ravel()].reshape(n, r_n)
+    return keep, index
+
+
+def apply_distinct(world: World, codes: np.ndarray, lens: np.ndarray, depth: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every skill on every *distinct* routed string of every history: what :func:`apply_all`
+    computes, without repeating the skills on routings that coincide.
+
+    Args:
+        codes: uint8[N, T, W]; lens: int[N, T]; depth: int[N].
+    Returns:
+        ``(codes: uint8[U, K, W], lens: int32[U, K], owner: int64[U], index: int64[N, R])``:
+        module (r, k) on history n gives ``codes[index[n, r], k]``; ``owner[u]`` is the history
+        of distinct string u.
+    """
+    routed, routed_lens = route_all(world, codes, lens, depth)
+    keep, index = distinct_routes(routed, routed_lens)
+    out, out_lens = skill_all(world, routed[keep], routed_lens[keep])
+    return out, out_lens, np.nonzero(keep)[0], index

@@ -175,7 +175,7 @@ def _log_likelihood(model: str, data: HLSMData, draws, progress_bar: bool) -> np
     flat, cls = _flat_draws(draws), type(draws)
     out = np.empty((chains * n_draws, data.n_traces))
     for s in tqdm(range(out.shape[0]), desc="log-likelihood", disable=not progress_bar):
-        out[s] = np.asarray(exact(data, cls(*(f[s] for f in flat)), model).log_evidence)
+        out[s] = np.asarray(exact(data, cls(*(f[s] for f in flat)), model, joint=False).log_evidence)
     return out.reshape(chains, n_draws, -1)
 
 

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from latentsel.batch import apply_all, encode
+from latentsel.batch import apply_all, apply_distinct, encode
 from latentsel.models.data import HiddenBlocks, HLSMData
 from latentsel.traces import Trace
 from latentsel.world import World
@@ -182,8 +182,12 @@ def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular",
     for lo in range(0, jobs_n.size, chunk):
         jn, jt = jobs_n[lo: lo + chunk], jobs_t[lo: lo + chunk]
         # the executor reads only the first ``depth`` entries of each history
-        out, out_lens = apply_all(world, codes[jn, :t_max], lens[jn, :t_max], (jt + 1).astype(np.int32))
-        match[jn, jt] = _match(out, out_lens, codes[jn, jt + 1], lens[jn, jt + 1], world.max_len)
+        out, out_lens, owner, index = apply_distinct(world, codes[jn, :t_max], lens[jn, :t_max],
+                                                     (jt + 1).astype(np.int32))
+        # agreements counted once per distinct routed string, then spread over the routings
+        distinct = _match(out[:, None], out_lens[:, None], codes[jn[owner], jt[owner] + 1],
+                          lens[jn[owner], jt[owner] + 1], world.max_len)[:, 0]
+        match[jn, jt] = distinct[index]
     groups = []
     for j in range(1, MAX_HIDDEN_RUN + 1):
         group = [it for it in items if it[2] == j]

@@ -63,7 +63,7 @@ def fit_traces(traces: Sequence[Trace], world: World, model: str = "modular", me
     options = dict(max_iter=max_iter, tol=tol, guide=guide, steps=steps, lr=lr, warmup=warmup, samples=samples,
                    chains=chains, seed=seed)
     params, extra, out = fitters[method](model, data, progress, **options)
-    post = exact(data, params, model)
+    post = exact(data, params, model, joint=False)
     record = {
         "model": model,
         "method": method,

@@ -177,3 +177,21 @@ def test_bad_model_and_params_type(small_world):
         posterior(traces, params, "entangled", small_world)
     with pytest.raises(ValueError, match="corpus is empty"):
         posterior([], params, "modular", small_world)
+
+
+@pytest.mark.parametrize("model", ["modular", "entangled", "grammar"])
+def test_without_joint_gives_the_same_posterior(small_world, model):
+    from latentsel.api import exact
+    from latentsel.emission import build_data
+
+    rng = np.random.default_rng(11)
+    params = random_params(rng, model, small_world.n_routes, small_world.n_skills)
+    traces = random_traces(rng, small_world, 20, program=model != "grammar")
+    data = build_data(traces, small_world, model=model)
+    full, lean = exact(data, params, model), exact(data, params, model, joint=False)
+    assert lean.joint_probs is None and full.joint_probs is not None
+    for name in ("log_evidence", "route_probs", "skill_probs", "p_off"):
+        np.testing.assert_allclose(getattr(lean, name), getattr(full, name), rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(lean.map_route, full.map_route)
+    np.testing.assert_array_equal(lean.map_skill, full.map_skill)
+    np.testing.assert_allclose(full.joint_probs.sum(-1), full.route_probs, atol=1e-15)

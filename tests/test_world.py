@@ -176,3 +176,21 @@ def test_world_validation():
         World(skills=base.skills, routes=base.routes, alphabet="aab")
     with pytest.raises(ValueError, match="max_len"):
         World(skills=base.skills, routes=base.routes, max_len=0)
+
+
+def test_apply_distinct_equals_apply_all(world):
+    from latentsel.batch import apply_all, apply_distinct, encode_histories
+
+    rng = np.random.default_rng(7)
+    histories = []
+    for i in range(300):
+        depth = 1 + i % 4
+        h = ["".join(rng.choice(list("abcab"), size=rng.integers(0, 9))) for _ in range(depth)]
+        histories.append(h)
+    codes, lens, depth = encode_histories(histories, world)
+    full, full_lens = apply_all(world, codes, lens, depth)
+    out, out_lens, owner, index = apply_distinct(world, codes, lens, depth)
+    assert out.shape[0] < full.shape[0] * world.n_routes  # some routings coincide
+    np.testing.assert_array_equal(out[index], full)
+    np.testing.assert_array_equal(out_lens[index], full_lens)
+    np.testing.assert_array_equal(owner[index], np.repeat(np.arange(len(histories)), world.n_routes).reshape(-1, world.n_routes))
