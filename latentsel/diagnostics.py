@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -41,7 +40,7 @@ import xarray as xr
 from matplotlib import MatplotlibDeprecationWarning
 from tqdm.auto import tqdm
 
-from latentsel._io import FILE_MODE, atomic_open
+from latentsel._io import atomic_open, atomic_path
 from latentsel.api import exact
 from latentsel.emission import build_data
 from latentsel.inference.collapsed import params_from_sites
@@ -307,19 +306,9 @@ def compare_records(df: pd.DataFrame) -> list[dict]:
 def save(idata: az.InferenceData, path: str | os.PathLike) -> Path:
     """Write ``idata`` as NetCDF (h5netcdf), atomically: a temporary file in the same folder,
     renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         idata.to_netcdf(tmp, engine="h5netcdf")
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def load(path: str | os.PathLike) -> az.InferenceData:

@@ -15,7 +15,6 @@ import torch
 from latentsel.policy.model import GPT, KVCache
 from latentsel.policy.tokenizer import Tokenizer
 from latentsel.traces import Trace
-from latentsel.world import World
 
 __all__ = ["generate", "sample_traces", "completion_traces", "autocast", "derive_seed"]
 
