@@ -142,7 +142,8 @@ def _flat_draws(draws) -> list:
 
 
 def posterior_predictive(traces: Sequence[Trace], world: World, model: str, draws, *, n_replicates: int = 20,
-                         seed: int = 0, chunk: int | None = None, progress_bar: bool = False) -> dict[str, np.ndarray]:
+                         seed: int = 0, chunk: int | None = None, progress_bar: bool = False,
+                         data: HLSMData | None = None) -> dict[str, np.ndarray]:
     """:func:`trace_statistics` of corpora replicated at ``n_replicates`` draws, ``[1, n_replicates, ...]``.
 
     Draw θ_s is taken evenly from ``draws`` (a params NamedTuple, fields ``[chains, draws, ...]``);
@@ -150,13 +151,14 @@ def posterior_predictive(traces: Sequence[Trace], world: World, model: str, draw
     fully observed, and its statistics count only the steps the original corpus counts
     (observed, outside hidden-step blocks), so replicated and observed statistics compare like
     with like. For the grammar model the statistics are the program-free ones
-    (``intended=False``), so it needs no program.
+    (``intended=False``), so it needs no program. ``data``: the corpus's ``build_data``, when the
+    caller has it already.
     """
     if n_replicates < 1:
         raise ValueError(f"n_replicates must be at least 1, got {n_replicates}")
     chains, n_draws = _check_draws(model, draws, world.n_routes, world.n_skills)
     kw = {} if chunk is None else {"chunk": chunk}
-    mask = np.asarray(build_data(traces, world, model=model, **kw).emit)
+    mask = np.asarray((build_data(traces, world, model=model, **kw) if data is None else data).emit)
     flat, cls = _flat_draws(draws), type(draws)
     picks = np.linspace(0, chains * n_draws - 1, n_replicates).round().astype(int)
     stats: dict[str, list] = {}

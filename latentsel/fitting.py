@@ -18,6 +18,7 @@ from latentsel._io import atomic_open
 from latentsel.api import exact
 from latentsel.emission import build_data
 from latentsel.inference.em import fit_em
+from latentsel.models.data import HLSMData
 from latentsel.models.params import params_class, validate_params
 from latentsel.traces import Trace
 from latentsel.world import World
@@ -52,13 +53,15 @@ def read_params(path: str | Path, model: str, world: World):
 
 def fit_traces(traces: Sequence[Trace], world: World, model: str = "modular", method: str = "em",
                *, max_iter: int = 500, tol: float = 1e-8, guide: str = "delta", steps: int = 2000, lr: float = 0.05,
-               warmup: int = 500, samples: int = 500, chains: int = 2, seed: int = 0, progress: bool = True) -> dict:
+               warmup: int = 500, samples: int = 500, chains: int = 2, seed: int = 0, progress: bool = True,
+               data: HLSMData | None = None) -> dict:
     """Fit a corpus; returns a dict with the fitted ``params``, the exact ``posterior`` at them,
-    the JSON ``record`` and, for nuts, the ``mcmc`` result (draws per chain)."""
+    the JSON ``record`` and, for nuts, the ``mcmc`` result (draws per chain). ``data``: the
+    corpus's :func:`~latentsel.emission.build_data`, when the caller has it already."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     params_class(model)
-    data = build_data(traces, world, model=model)
+    data = build_data(traces, world, model=model) if data is None else data
     fitters = {"em": _fit_em, "svi": _fit_svi, "nuts": _fit_nuts}
     options = dict(max_iter=max_iter, tol=tol, guide=guide, steps=steps, lr=lr, warmup=warmup, samples=samples,
                    chains=chains, seed=seed)

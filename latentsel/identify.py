@@ -43,6 +43,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from latentsel.classes import block_equivalent, block_steps, module_classes, step_equivalent
+from latentsel.models.data import previous_intended
 from latentsel.models.params import ModularParams
 from latentsel.regimes import bigram_split, generate
 from latentsel.traces import Trace
@@ -105,8 +106,8 @@ def regime_traces(name: str, n_traces: int, seed: int, world: World, truth: Modu
     truth = truth_params(world, seed, spec.fidelity) if truth is None else truth
     n_prompts = -(-n_traces // spec.traces_per_prompt)
     prompts = generate(spec.source, n_prompts, seed, world=world, split=bigram_split(world.n_skills))
-    repeated = [p.__class__(f"{name}-{i // spec.traces_per_prompt:06d}-{i % spec.traces_per_prompt}", p.input,
-                            p.program, p.steps)
+    repeated = [Trace(f"{name}-{i // spec.traces_per_prompt:06d}-{i % spec.traces_per_prompt}", p.input, p.program,
+                      p.steps)
                 for i, p in enumerate(q for q in prompts for _ in range(spec.traces_per_prompt))][:n_traces]
     traces = simulate(repeated, truth, "modular", world, seed=seed, hide=spec.hide,
                       source={"regime": name, "fidelity": spec.fidelity})
@@ -127,8 +128,6 @@ def _truth_arrays(traces: Sequence[Trace], world: World, t_max: int) -> tuple[np
 def reached_rows(model: str, data) -> tuple[np.ndarray, np.ndarray]:
     """bool masks over the routing and skill rows (``[R]``/``[K]``, or ``[R + 1, R]``/``[K + 1, K]``
     for entangled) that some step of ``data`` draws from."""
-    from latentsel.models.data import previous_intended
-
     mask = data.step_mask
     cr, ck = data.route_intended[mask], data.skill_intended[mask]
     if model == "modular":
@@ -225,14 +224,15 @@ def run_task(regime_name: str, n_traces: int, seed: int, *, models: Sequence[str
 
     world = world or default_world()
     traces, truth = regime_traces(regime_name, n_traces, seed, world)
+    # the modular and entangled models read the same emission statistics: build them once
+    data = build_data(traces, world)
+    true_r, true_k = _truth_arrays(traces, world, data.step_mask.shape[1])
+    hidden = np.zeros(data.step_mask.shape, bool)
+    for i, tr in enumerate(traces):
+        hidden[i, : tr.depth] = [y is None for y in tr.steps]
     records = []
     for model in models:
         t0 = time.perf_counter()
-        data = build_data(traces, world, model=model)
-        true_r, true_k = _truth_arrays(traces, world, data.step_mask.shape[1])
-        hidden = np.zeros(data.step_mask.shape, bool)
-        for i, tr in enumerate(traces):
-            hidden[i, : tr.depth] = [y is None for y in tr.steps]
         em = fit_em(model, data, max_iter=300)
         post = exact(data, em.params, model)
         q = conjugate_posterior(model, em.params, data)

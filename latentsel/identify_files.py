@@ -75,22 +75,21 @@ def _exemplar_figures(out: Path, regimes: Sequence[str], n: int, seed: int, worl
                           f"Posterior of {field} under the modular model ({name} regime, {n} traces): mean (left) "
                           "and sd (right) of q(θ) = Dirichlet(prior + expected counts); dots mark the true "
                           "largest entry of each row."))
-    shown = datasets.get("compressed", datasets[name])
-    traces, truth, data = shown
-    post = exact(data, em.params if shown is datasets[name] else fit_em("modular", data, max_iter=300).params,
-                 "modular")
-    i = 0
-    tr = traces[i]
-    steps = range(tr.depth)
-    fig = plots.selection_heatmap(np.asarray(post.route_probs[i, : tr.depth]), np.asarray(post.skill_probs[i, : tr.depth]),
-                                  np.asarray(post.p_off[i, : tr.depth]), world.route_names, world.skill_names,
-                                  step_labels=[f"step {t + 1}" + (" (hidden)" if tr.steps[t] is None else "")
-                                               for t in steps],
+    # one trace of the compressed regime when it ran (its hidden step shows), else of the fitted one
+    shown = "compressed" if "compressed" in datasets else name
+    traces, _, data = datasets[shown]
+    params = em.params if shown == name else fit_em("modular", data, max_iter=300).params
+    post = exact(data, params, "modular", joint=False)
+    tr, d = traces[0], traces[0].depth
+    fig = plots.selection_heatmap(post.route_probs[0, :d], post.skill_probs[0, :d], post.p_off[0, :d],
+                                  world.route_names, world.skill_names,
+                                  step_labels=[f"step {t + 1}" + (" (hidden)" if y is None else "")
+                                               for t, y in enumerate(tr.steps)],
                                   intended=list(tr.program), truth=list(zip(tr.truth.routes, tr.truth.skills)),
                                   title=f"trace {tr.id}: posterior of the executed selections")
     figs.append(_save(out, fig, "selections.png",
-                      f"Per-step posterior of one {('compressed' if 'compressed' in datasets else name)} trace "
-                      f"({tr.id}) at the fitted parameters: routing, skill and off-module probability."))
+                      f"Per-step posterior of one {shown} trace ({tr.id}) at the fitted parameters: routing, "
+                      "skill and off-module probability."))
     fig = plots.module_graph(tr.input, list(tr.steps), list(tr.truth.routes), list(tr.truth.skills),
                              intended=list(tr.program), title=f"trace {tr.id}: executed modules")
     figs.append(_save(out, fig, "module-graph.png",

@@ -73,10 +73,10 @@ def attribution(traces: Sequence[Trace], data, post) -> dict[str, np.ndarray]:
 def _fit_corpus(traces, world, out: Path, draws: int, seed: int) -> tuple[dict, dict, object]:
     fits, idatas = {}, {}
     ids = [tr.id for tr in traces]
+    data = build_data(traces, world)  # the same statistics serve both models
     for model in ("modular", "entangled"):
-        fit = fit_traces(traces, world, model, "em", progress=False)
+        fit = fit_traces(traces, world, model, "em", progress=False, data=data)
         write_fit(out / model, traces, fit, world)
-        data = build_data(traces, world, model=model)
         idatas[model] = diagnostics.from_conjugate(model, data, fit["params"], world, trace_ids=ids, chains=2,
                                                    draws=draws, seed=seed)
         fits[model] = (fit, data)
@@ -159,7 +159,7 @@ def nuts_diagnostics(traces: Sequence[Trace], world: World, out: str | Path, *, 
                    progress_bar=progress)
     draws = params_from_sites("modular", res.samples)
     ppc = diagnostics.posterior_predictive(traces, world, "modular", draws, n_replicates=replicates, seed=seed,
-                                           progress_bar=progress)
+                                           progress_bar=progress, data=data)
     idata = diagnostics.from_nuts("modular", data, res, world, trace_ids=[tr.id for tr in traces],
                                   posterior_predictive=ppc, progress_bar=progress)
     diagnostics.save(idata, out / "idata.nc")
