@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.special import digamma, gammaln
 
+from latentsel.inference.corpus import CHUNK
 from latentsel.inference.em import e_step
 from latentsel.models.data import HLSMData
 from latentsel.models.params import Priors, params_class
@@ -94,7 +95,7 @@ def prior_concentrations(model: str, n_routes: int, n_skills: int, priors: Prior
     return ConjugatePosterior(model, conc_r, conc_k, np.asarray(priors.noise, float), np.asarray(priors.off_module, float))
 
 
-def conjugate_posterior(model: str, params, data: HLSMData, priors: Priors = Priors(), *, chunk: int = 8192
+def conjugate_posterior(model: str, params, data: HLSMData, priors: Priors = Priors(), *, chunk: int = CHUNK
                         ) -> ConjugatePosterior:
     """q(θ) = Dirichlet / Beta(prior + E[counts | D, params]), the counts from the exact E-step
     (hidden-step blocks included)."""

@@ -16,7 +16,12 @@ from latentsel.inference.chain_blocks import chain_block_map, chain_block_poster
 from latentsel.inference.exact import ExactPosterior, exact_posterior
 from latentsel.models.data import HLSMData
 
-__all__ = ["corpus_posterior", "corpus_counts", "chunks", "block_chunks"]
+__all__ = ["corpus_posterior", "corpus_counts", "chunks", "block_chunks", "CHUNK"]
+
+CHUNK = 1024
+"""Traces per jitted call: a chunk's per-step tensors ([chunk, T, R, K] float64, 8 MB at T = 4)
+stay in cache, which made the evidence and the E-step about twice as fast as chunks of 8192
+(``benchmarks/inference.py --chunk``)."""
 
 
 def chunks(data: HLSMData, chunk: int, pad: bool = False):
@@ -60,7 +65,7 @@ def _fast_rows(model: str, data: HLSMData) -> np.ndarray:
     return np.flatnonzero(~data.has_block) if model == "grammar" else np.arange(data.n_traces)
 
 
-def corpus_posterior(model: str, params, data: HLSMData, chunk: int = 8192, *, joint: bool = True) -> ExactPosterior:
+def corpus_posterior(model: str, params, data: HLSMData, chunk: int = CHUNK, *, joint: bool = True) -> ExactPosterior:
     """Exact evidence, marginals and MAP of every trace and step (numpy, float64); the joint
     posterior of (r_t, k_t) too unless ``joint`` is False."""
     n, t = data.step_mask.shape
@@ -114,7 +119,7 @@ def _fill(out: ExactPosterior, rows, steps, joint, p_off) -> None:
     out.p_off[rows, steps] = np.clip(p_off, 0.0, 1.0)
 
 
-def corpus_counts(model: str, params, data: HLSMData, fast_counts, chunk: int = 8192):
+def corpus_counts(model: str, params, data: HLSMData, fast_counts, chunk: int = CHUNK):
     """Expected sufficient statistics of a corpus: ``fast_counts(model, params, part)`` on
     chunks of the free steps, plus the blocks. Returns the summed fields of
     ``(route_counts, skill_counts, noise_counts, off_counts, log_evidence)`` as numpy."""

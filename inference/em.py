@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latentsel.inference.corpus import corpus_counts
+from latentsel.inference.corpus import CHUNK, corpus_counts
 from latentsel.inference.exact import forward_backward
 from latentsel.models.data import (HLSMData, emission_table, execution_rows, log_emission, log_p_off, log_p_on,
                                    previous_intended)
@@ -201,13 +201,13 @@ def _from_free(model: str, x) -> tuple:
                                float(1 / (1 + np.exp(-x[3]))))
 
 
-def e_step(model: str, params, data: HLSMData, chunk: int = 8192) -> SuffStats:
+def e_step(model: str, params, data: HLSMData, chunk: int = CHUNK) -> SuffStats:
     """The E-step over a corpus of any size, ``chunk`` traces at a time, blocks included (float64)."""
     return SuffStats(*corpus_counts(model, params, data, expected_counts, chunk))
 
 
 def fit_em(model: str, data: HLSMData, *, init=None, priors: Priors = Priors(), max_iter: int = 200,
-           tol: float = 1e-8, chunk: int = 8192, accelerate: bool = True, progress=None) -> EMResult:
+           tol: float = 1e-8, chunk: int = CHUNK, accelerate: bool = True, progress=None) -> EMResult:
     """EM to convergence: stops when J improves by less than ``tol * |J|`` between iterates.
 
     With ``accelerate`` each iterate takes two EM steps θ → θ_1 → θ_2 and extrapolates along

@@ -135,6 +135,14 @@ class HLSMData(NamedTuple):
             out[g.trace] = True
         return out
 
+    @property
+    def block_observed(self) -> np.ndarray:
+        """bool[N, T]: the observed steps of the blocks."""
+        out = np.zeros(self.step_mask.shape, dtype=bool)
+        for g in self.blocks:
+            out[g.trace, g.step] = True
+        return out
+
     def take(self, index) -> "HLSMData":
         """The traces at ``index`` (a slice or an index array), with their blocks."""
         rows = np.arange(self.n_traces)[index]

@@ -121,7 +121,7 @@ def grammar_model(data: HLSMData, priors: Priors = Priors()):
     log_on = log_p_on(data, noise)
     log_off = log_p_off(jnp.asarray(data.length), data.n_chars, data.max_len)
     step_mask = jnp.asarray(data.step_mask)
-    observed = jnp.asarray(data.emit | _block_observed(data))
+    observed = jnp.asarray(data.emit | data.block_observed)
     # per block group: the block whose observed step is (trace, t), or -1
     block_at = []
     for g in data.blocks:
@@ -149,14 +149,6 @@ def grammar_model(data: HLSMData, priors: Priors = Priors()):
             with numpyro.handlers.mask(mask=observed[:, t]):
                 u = numpyro.sample(f"off_{t}", dist.Bernoulli(off_module), infer=_enum())
                 numpyro.factor(f"obs_{t}", jnp.where(u == 1, log_off[:, t], lon))
-
-
-def _block_observed(data: HLSMData) -> np.ndarray:
-    """bool[N, T]: the observed steps of the blocks."""
-    out = np.zeros(data.step_mask.shape, dtype=bool)
-    for g in data.blocks:
-        out[g.trace, g.step] = True
-    return out
 
 
 NUMPYRO_MODELS = {"modular": modular_model, "entangled": entangled_model, "grammar": grammar_model}

@@ -1,0 +1,112 @@
+"""Per-trace log evidence from the NumPyro program, by enumeration (DESIGN §5).
+
+``TraceEnum_ELBO`` gives one number for a corpus: the discrete sites summed out and every
+plate multiplied out, the global sites' prior included. The per-trace evidence keeps the
+``traces`` plate instead. The program runs under NumPyro's enumeration handlers with its
+global sites fixed at the given parameters; the log factors of its local sites are contracted
+by funsor's ``partial_sum_product``, which sums out the enumerated selections and multiplies
+out the ``steps`` plate but stops at the plates that index traces (``traces``, and each block
+plate ``blocks{j}``, whose entries are then added to their traces). The global sites' factors
+are left out, so nothing has to be subtracted again.
+
+This is the program's own contraction, not the closed form, and it is pinned against the
+closed form and brute-force enumeration in the tests; it is the slow path (about three times
+the closed form, ``benchmarks/inference.py``).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import funsor
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.contrib.funsor import enum, plate_to_enum_plate
+from numpyro.contrib.funsor import trace as packed_trace
+from numpyro.distributions import ExpandedDistribution, MaskedDistribution
+from numpyro.handlers import substitute
+
+from latentsel.models.data import HLSMData
+from latentsel.models.numpyro_models import GLOBAL_SITES, NUMPYRO_MODELS
+
+__all__ = ["numpyro_log_evidence", "ENUM_CHUNK"]
+
+ENUM_CHUNK = 256
+"""Traces per jitted call. The contraction materializes [2, K, R, chunk, T] tensors; at 256
+traces they stay in cache (chunks of 10^4 were twice as slow per trace)."""
+
+_TRACE_PLATES = ("traces", "blocks")
+
+
+def _local_factors(model: str, params, data: HLSMData):
+    """The funsor log factors of the program's local sites, grouped by the plate that indexes
+    traces (``traces`` or ``blocks{j}``): ``{plate: (factors, enumerated sites, plates)}``."""
+    program = substitute(enum(NUMPYRO_MODELS[model], first_available_dim=-3),
+                         data=dict(zip(GLOBAL_SITES[model], params)))
+    with plate_to_enum_plate():
+        tr = packed_trace(program).get_trace(data)
+    groups = {}
+    for site in tr.values():
+        if site["type"] != "sample" or site["name"] in GLOBAL_SITES[model]:
+            continue
+        fn = site["fn"]
+        if not site["is_observed"]:
+            # a masked selection (a padding step) still sums to one over its values: its
+            # measure is the unmasked distribution, as in TraceEnum_ELBO
+            shape = fn.batch_shape
+            while isinstance(fn, (MaskedDistribution, ExpandedDistribution)):
+                fn = fn.base_dist
+            fn = fn.expand(shape)
+        frames = [f.name for f in site["cond_indep_stack"] if f.dim is not None]
+        factors, sum_vars, plates = groups.setdefault(next(f for f in frames if f.startswith(_TRACE_PLATES)),
+                                                      ([], set(), set()))
+        factors.append(funsor.to_funsor(fn.log_prob(site["value"]), output=funsor.Real,
+                                        dim_to_name=site["infer"]["dim_to_name"]))
+        if not site["is_observed"]:
+            sum_vars.add(site["name"])
+        plates.update(frames)
+    return groups
+
+
+def _chunk_evidence(model: str, params, data: HLSMData):
+    out = jnp.zeros(data.n_traces)
+    for name, (factors, sum_vars, plates) in _local_factors(model, params, data).items():
+        with funsor.interpretations.lazy:
+            values = funsor.sum_product.sum_product(funsor.ops.logaddexp, funsor.ops.add, factors,
+                                                    eliminate=frozenset(sum_vars | plates - {name}),
+                                                    plates=frozenset(plates))
+        values = funsor.optimizer.apply_optimizer(values).data  # [size of the plate]; () when it is 1
+        if name == "traces":
+            out = out + values
+        else:
+            g = next(g for g in data.blocks if f"blocks{g.n_hidden}" == name)
+            out = out.at[jnp.asarray(g.trace)].add(values)
+    return out
+
+
+@partial(jax.jit, static_argnums=(0, 3, 4))
+def _free_chunk_evidence(model: str, params, arrays, n_chars: int, max_len: int):
+    return _chunk_evidence(model, params, HLSMData.from_arrays(arrays, n_chars, max_len))
+
+
+def _evidence(model: str, params, part: HLSMData):
+    if not part.blocks:  # one compilation for every chunk of this shape
+        return _free_chunk_evidence(model, params, part.arrays(), part.n_chars, part.max_len)
+    # the block trees are numpy index structures the program reads while tracing
+    return jax.jit(lambda p: _chunk_evidence(model, p, part))(params)
+
+
+def numpyro_log_evidence(model: str, params, data: HLSMData, chunk: int = ENUM_CHUNK) -> np.ndarray:
+    """log p(D_n | θ) of every trace by the NumPyro program's enumeration: ``float64[N]``.
+
+    Traces are taken ``chunk`` at a time (their blocks with them), float64 throughout.
+    """
+    if model not in NUMPYRO_MODELS:
+        raise ValueError(f"unknown model {model!r}; expected one of {sorted(NUMPYRO_MODELS)}")
+    out = np.zeros(data.n_traces)
+    with jax.enable_x64(True):
+        params = tuple(jnp.asarray(a, jnp.float64) for a in params)
+        for lo in range(0, data.n_traces, chunk):
+            part = data.take(slice(lo, lo + chunk))
+            out[lo:lo + part.n_traces] = np.asarray(_evidence(model, params, part))
+    return out
