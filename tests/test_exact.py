@@ -61,8 +61,9 @@ def random_traces(rng, world, n, max_depth=3, program=True):
     return traces
 
 
-def brute_force(trace, params, model, world):
-    """Enumerate every (r_t, k_t, u_t) path from the definition; return evidence and marginals."""
+def brute_force(trace, params, model, world, off_max=False):
+    """Enumerate every (r_t, k_t, u_t) path from the definition; return evidence, marginals and
+    the MAP path of (r_t, k_t): with the off flags summed out, or maximized too (``off_max``)."""
     r_n, k_n, a_n, w = world.n_routes, world.n_skills, world.n_chars, world.max_len
     eps, off = params.noise, params.off_module
     depth = trace.depth
@@ -109,8 +110,9 @@ def brute_force(trace, params, model, world):
             route_m[t, r] += p
             skill_m[t, k] += p
             off_m[t] += p * lik_off[t] / (lik_on[t] + lik_off[t])
-        if p > best:
-            best, best_path = p, path
+        score = prior * math.prod(max(a, b) for a, b in zip(lik_on, lik_off)) if off_max else p
+        if score > best:
+            best, best_path = score, path
     return math.log(total), route_m / total, skill_m / total, off_m / total, best_path
 
 
