@@ -100,7 +100,8 @@ def cmd_fit(args) -> int:
     traces = _read(args, world)
     fit = fit_traces(traces, world, args.model, args.method, max_iter=args.max_iter, tol=args.tol, guide=args.guide,
                      steps=args.steps, lr=args.lr, warmup=args.warmup, samples=args.samples, chains=args.chains,
-                     seed=args.seed)
+                     seed=args.seed, backend=args.backend, batch=args.batch,
+                     amortized_em_traces=args.amortized_em_traces)
     write_fit(args.out, traces, fit, world)
     rec = fit["record"]
     print(f"{args.model}/{args.method}: {rec['n_traces']} traces, log evidence at the estimate "
@@ -118,6 +119,12 @@ def _fit_detail(rec: dict) -> str:
                 f"{'' if rec['converged'] else ' (not converged)'}")
     if rec["method"] == "svi":
         return f"{rec['guide']} guide, {rec['steps']} steps, final loss {rec['losses'][-1]:.6g}"
+    if rec["method"] == "amortized":
+        ev = rec["evaluation"]
+        held = (f"; on {ev['held_out_traces']} held-out traces KL(exact ‖ q) {ev['kl_exact_q']:.4g} nats/step, "
+                f"MAP agreement {ev['map_agreement']:.3f}" if ev["held_out_traces"] else "")
+        return (f"θ by EM on {rec['em']['traces']} traces, network trained {rec['steps']} steps of {rec['batch']} "
+                f"traces on {rec['device']}{held}")
     s = rec["nuts"]
     return (f"{s['chains']} chains x {s['draws']} draws ({rec['chain_method']}), "
             f"{s['divergences']} divergences, mean acceptance {s['accept_prob']:.3f}")
@@ -212,14 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit the latent model to a trace file")
     p.add_argument("traces", help="trace file (.jsonl or .jsonl.gz)")
     p.add_argument("--model", default="modular", choices=["modular", "entangled", "grammar"])
-    p.add_argument("--method", default="em", choices=["em", "svi", "nuts"],
+    p.add_argument("--method", default="em", choices=["em", "svi", "nuts", "amortized"],
                    help="em: MAP by EM; svi: TraceEnum_ELBO with an AutoDelta or AutoNormal guide; "
-                        "nuts: posterior draws (default: %(default)s)")
+                        "nuts: posterior draws; amortized: θ by EM on a subset, then an inference network "
+                        "for every step (--backend pyro) (default: %(default)s)")
+    p.add_argument("--backend", default="numpyro", choices=["numpyro", "pyro"],
+                   help="numpyro: em, svi, nuts; pyro: svi, amortized (default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder for fit.json and posterior.jsonl (nuts: samples.npz)")
     p.add_argument("--max-iter", type=_nonneg_int, default=500, help="EM E-steps at most (default: %(default)s)")
     p.add_argument("--tol", type=float, default=1e-8, help="relative tolerance on the EM objective")
     p.add_argument("--guide", default="delta", choices=["delta", "normal"], help="SVI guide (default: %(default)s)")
-    p.add_argument("--steps", type=_at_least(1), default=2000, help="SVI steps (default: %(default)s)")
+    p.add_argument("--steps", type=_at_least(1), default=2000,
+                   help="SVI / amortized training steps (default: %(default)s)")
+    p.add_argument("--batch", type=_at_least(1), default=256,
+                   help="amortized: traces per minibatch (default: %(default)s)")
+    p.add_argument("--amortized-em-traces", type=_at_least(1), default=10_000,
+                   help="amortized: traces of the EM fit of θ, drawn at random (default: %(default)s)")
     p.add_argument("--lr", type=_positive_float, default=0.05, help="SVI initial step size (default: %(default)s)")
     p.add_argument("--warmup", type=_nonneg_int, default=500, help="NUTS warm-up draws per chain (default: %(default)s)")
     p.add_argument("--samples", type=_at_least(4), default=500, help="NUTS draws per chain (default: %(default)s)")

@@ -2,8 +2,12 @@
 
 Methods: ``em`` (the MAP in softmax coordinates), ``svi`` (AutoDelta: the same point by
 stochastic optimization; AutoNormal: a variational posterior, its mean as the estimate) and
-``nuts`` (posterior draws; the estimate is the posterior mean, the draws go to ``samples.npz``).
-``posterior.jsonl`` holds the exact posterior of every step at the point estimate.
+``nuts`` (posterior draws; the estimate is the posterior mean, the draws go to ``samples.npz``)
+on the NumPyro backend; ``svi`` and ``amortized`` on the Pyro backend. ``posterior.jsonl``
+holds the exact posterior of every step at the point estimate, except for ``amortized``: θ by
+EM on a random subset of traces, then an inference network trained on the rest of the corpus
+gives every step's posterior (its accuracy against the exact posterior, measured on held-out
+traces, goes to ``fit.json`` as ``evaluation``).
 """
 from __future__ import annotations
 
@@ -25,7 +29,11 @@ from latentsel.world import World
 
 __all__ = ["fit_traces", "write_fit", "read_params", "params_to_json"]
 
-METHODS = ("em", "svi", "nuts")
+METHODS = ("em", "svi", "nuts", "amortized")
+BACKENDS = ("numpyro", "pyro")
+PYRO_METHODS = ("svi", "amortized")
+# the held-out traces of an amortized fit: a tenth of the corpus, at most this many
+EVALUATION_TRACES = 2000
 
 
 def params_to_json(params) -> dict:
@@ -54,28 +62,42 @@ def read_params(path: str | Path, model: str, world: World):
 def fit_traces(traces: Sequence[Trace], world: World, model: str = "modular", method: str = "em",
                *, max_iter: int = 500, tol: float = 1e-8, guide: str = "delta", steps: int = 2000, lr: float = 0.05,
                warmup: int = 500, samples: int = 500, chains: int = 2, seed: int = 0, progress: bool = True,
-               data: HLSMData | None = None) -> dict:
-    """Fit a corpus; returns a dict with the fitted ``params``, the exact ``posterior`` at them,
-    the JSON ``record`` and, for nuts, the ``mcmc`` result (draws per chain). ``data``: the
-    corpus's :func:`~latentsel.emission.build_data`, when the caller has it already."""
+               data: HLSMData | None = None, backend: str = "numpyro", batch: int = 256,
+               amortized_em_traces: int = 10_000, estimator: str = "tracegraph", device: str | None = None) -> dict:
+    """Fit a corpus; returns a dict with the fitted ``params``, the ``posterior`` of every step
+    (exact at them; amortized: the network's), the JSON ``record`` and, for nuts, the
+    ``mcmc`` result (draws per chain). ``data``: the corpus's
+    :func:`~latentsel.emission.build_data`, when the caller has it already. ``backend``:
+    ``numpyro`` (em, svi, nuts) or ``pyro`` (svi, amortized); ``batch``,
+    ``amortized_em_traces``, ``estimator`` and ``device``: the amortized fit's minibatch, EM
+    subset, ELBO estimator and torch device."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "pyro" and method not in PYRO_METHODS:
+        raise ValueError(f"method {method} runs on the numpyro backend; the pyro backend fits by "
+                         f"{' or '.join(PYRO_METHODS)}")
+    if method == "amortized" and backend != "pyro":
+        raise ValueError("method amortized runs on the pyro backend (--backend pyro)")
     params_class(model)
     data = build_data(traces, world, model=model) if data is None else data
-    fitters = {"em": _fit_em, "svi": _fit_svi, "nuts": _fit_nuts}
+    fitters = {"em": _fit_em, "svi": _fit_svi, "nuts": _fit_nuts, "amortized": _fit_amortized}
     options = dict(max_iter=max_iter, tol=tol, guide=guide, steps=steps, lr=lr, warmup=warmup, samples=samples,
-                   chains=chains, seed=seed)
+                   chains=chains, seed=seed, backend=backend, batch=batch, em_traces=amortized_em_traces,
+                   estimator=estimator, device=device)
     params, extra, out = fitters[method](model, data, progress, **options)
     post = exact(data, params, model, joint=False)
     record = {
         "model": model,
         "method": method,
+        "backend": backend,
         "params": params_to_json(params),
         "log_evidence": float(post.log_evidence.sum()),
         "n_traces": len(traces),
         **extra,
     }
-    return {"params": params, "posterior": post, "record": record, **out}
+    return {"params": params, "posterior": out.pop("posterior", post), "record": record, **out}
 
 
 def _fit_em(model, data, progress, *, max_iter, tol, **_):
@@ -94,10 +116,13 @@ def _fit_em(model, data, progress, *, max_iter, tol, **_):
     return result.params, extra, {}
 
 
-def _fit_svi(model, data, progress, *, guide, steps, lr, seed, **_):
-    from latentsel.inference.svi import fit_svi
+def _fit_svi(model, data, progress, *, guide, steps, lr, seed, backend, **_):
+    if backend == "pyro":
+        from latentsel.inference.pyro_svi import fit_pyro_svi as fit_svi
+    else:
+        from latentsel.inference.svi import fit_svi
 
-    bar = tqdm(total=steps, desc=f"SVI ({model}, {guide})", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=steps, desc=f"SVI ({model}, {guide}, {backend})", unit="step", disable=not progress, leave=False)
 
     def tick(step, loss):
         bar.update(step - bar.n)
@@ -112,9 +137,47 @@ def _fit_svi(model, data, progress, *, guide, steps, lr, seed, **_):
         extra["posterior_std"] = params_to_json(result.std)
         extra["posterior_median"] = params_to_json(result.median)
         # the guide's own scales, in NumPyro's unconstrained coordinates
-        extra["guide_scale"] = {k[: -len("_auto_scale")]: np.asarray(v).tolist()
-                                for k, v in result.guide_params.items() if k.endswith("_auto_scale")}
+        # NumPyro names the scales {site}_auto_scale, Pyro AutoNormal.scales.{site}
+        extra["guide_scale"] = {k.removesuffix("_auto_scale").removeprefix("AutoNormal.scales."): np.asarray(v).tolist()
+                                for k, v in result.guide_params.items()
+                                if k.endswith("_auto_scale") or k.startswith("AutoNormal.scales.")}
     return result.params, extra, {"svi": result}
+
+
+def _fit_amortized(model, data, progress, *, max_iter, tol, steps, lr, seed, batch, em_traces, estimator, device,
+                   **_):
+    """θ by EM on at most ``em_traces`` random traces; the network trained on every trace but
+    the held-out ones, which measure it against the exact posterior at θ."""
+    from latentsel.inference.amortized import (amortized_posterior, check_scope, default_device, evaluate_amortized,
+                                               fit_amortized)
+
+    check_scope(model, data)
+    rng = np.random.default_rng(seed)
+    n = data.n_traces
+    em_rows = np.sort(rng.choice(n, size=min(n, em_traces), replace=False))
+    params, em_extra, _ = _fit_em(model, data.take(em_rows), progress, max_iter=max_iter, tol=tol)
+    order = rng.permutation(n)
+    n_held = min(EVALUATION_TRACES, n // 10)
+    held, train = np.sort(order[:n_held]), np.sort(order[n_held:])
+    device = default_device() if device is None else device
+    bar = tqdm(total=steps, desc=f"amortized ({model}, {estimator}, {device})", unit="step", disable=not progress,
+               leave=False)
+
+    def tick(step, loss):
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.6g}")
+
+    try:
+        result = fit_amortized(model, data.take(train), params, estimator=estimator, steps=steps, batch=batch, lr=lr,
+                               seed=seed, device=device, progress=tick)
+    finally:
+        bar.close()
+    evaluation = evaluate_amortized(result, data.take(held), params) if n_held else {}
+    extra = {"em": {"traces": int(em_rows.size), **{k: em_extra[k] for k in ("iterations", "e_steps", "converged")}},
+             "estimator": estimator, "steps": steps, "batch": result.batch, "lr": lr, "seed": seed, "device": device,
+             "train_traces": int(train.size), "losses": [float(x) for x in result.losses],
+             "evaluation": {"held_out_traces": int(n_held), **evaluation}}
+    return params, extra, {"posterior": amortized_posterior(result, data), "amortized": result}
 
 
 def _fit_nuts(model, data, progress, *, warmup, samples, chains, seed, **_):
