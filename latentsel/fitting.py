@@ -63,7 +63,7 @@ def fit_traces(traces: Sequence[Trace], world: World, model: str = "modular", me
                *, max_iter: int = 500, tol: float = 1e-8, guide: str = "delta", steps: int = 2000, lr: float = 0.05,
                warmup: int = 500, samples: int = 500, chains: int = 2, seed: int = 0, progress: bool = True,
                data: HLSMData | None = None, backend: str = "numpyro", batch: int = 256,
-               amortized_em_traces: int = 10_000, estimator: str = "tracegraph", device: str | None = None) -> dict:
+               amortized_em_traces: int = 10_000, estimator: str = "enum", device: str | None = None) -> dict:
     """Fit a corpus; returns a dict with the fitted ``params``, the ``posterior`` of every step
     (exact at them; amortized: the network's), the JSON ``record`` and, for nuts, the
     ``mcmc`` result (draws per chain). ``data``: the corpus's

@@ -41,6 +41,7 @@ def test_fit_amortized_writes_the_design_files(trace_file, tmp_path, capsys):
     assert "θ by EM on 40 traces" in printed and "6 held-out traces" in printed
     rec = json.loads((out / "fit.json").read_text())
     assert rec["model"] == "modular" and rec["method"] == "amortized" and rec["backend"] == "pyro"
+    assert rec["estimator"] == "enum"
     assert np.isfinite(rec["log_evidence"]) and rec["n_traces"] == 60 and len(rec["params"]["route_exec"]) == 10
     assert rec["em"]["traces"] == 40 and rec["train_traces"] == 54 and len(rec["losses"]) == 4
     ev = rec["evaluation"]
