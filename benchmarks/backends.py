@@ -6,7 +6,7 @@ it), then the same SVI run (AutoDelta, TraceEnum_ELBO, the same steps, step size
 NumPyro and in Pyro on a smaller corpus. Times are given as ratios to the closed form and,
 for Pyro, to NumPyro.
 
-    python benchmarks/backends.py --evidence-traces 10000 --svi-traces 2000 --svi-steps 200
+    python benchmarks/backends.py --evidence-traces 10000 --svi-traces 2000 --svi-steps 200 --torch-threads 1
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def parse_args(argv=None):
     parser.add_argument("--svi-traces", type=int, default=2000, help="corpus for the SVI runs (0: skip)")
     parser.add_argument("--svi-steps", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "backends.json")
     return parser.parse_args(argv)
