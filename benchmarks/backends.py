@@ -11,14 +11,13 @@ for Pyro, to NumPyro.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pyro
 import torch
-from _results import write_results
+from _results import timed, write_results
 
 from latentsel.api import exact
 from latentsel.emission import build_data
@@ -31,15 +30,6 @@ from latentsel.models.params import default_params
 from latentsel.regimes import generate
 from latentsel.simulate import simulate
 from latentsel.world import default_world
-
-
-def timed(fn, repeat=1):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def corpus(world, truth, n, seed):

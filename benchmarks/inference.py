@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
 from numpyro.util import set_host_device_count
@@ -21,7 +20,7 @@ set_host_device_count(min(2, os.cpu_count() or 1))  # NUTS chains in parallel; b
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from _results import write_results  # noqa: E402
+from _results import timed, write_results  # noqa: E402
 
 from latentsel.api import exact  # noqa: E402
 from latentsel.emission import build_data  # noqa: E402
@@ -31,15 +30,6 @@ from latentsel.models.params import default_params  # noqa: E402
 from latentsel.regimes import generate  # noqa: E402
 from latentsel.simulate import simulate  # noqa: E402
 from latentsel.world import default_world  # noqa: E402
-
-
-def timed(fn, repeat=1):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def numpyro_evidence(data, params, repeat):

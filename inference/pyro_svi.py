@@ -18,7 +18,7 @@ from pyro.infer import SVI, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_value
 
 from latentsel.inference.em import prior_mean_params
-from latentsel.inference.svi import GUIDES, SVIResult, softmax_priors
+from latentsel.inference.svi import SVIResult, check_options
 from latentsel.models.data import HLSMData
 from latentsel.models.params import Priors, params_class
 from latentsel.models.pyro_models import GLOBAL_SITES, PYRO_MODELS
@@ -33,16 +33,10 @@ def fit_pyro_svi(model: str, data: HLSMData, *, guide: str = "delta", priors: Pr
     """Fit the guide by clipped Adam on Pyro's ``TraceEnum_ELBO`` (float64); the arguments and
     the result are those of :func:`latentsel.inference.svi.fit_svi` (guide parameters by Pyro
     name: ``AutoDelta.{site}``, ``AutoNormal.locs.{site}``, ``AutoNormal.scales.{site}``)."""
-    if guide not in GUIDES:
-        raise ValueError(f"unknown guide {guide!r}; choose from {', '.join(GUIDES)}")
-    if map_in not in ("softmax", "simplex"):
-        raise ValueError(f"map_in must be 'softmax' or 'simplex', got {map_in!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    fit_priors = check_options(guide, map_in, steps, priors)
     if model not in PYRO_MODELS:
         raise ValueError(f"unknown model {model!r}; expected one of {sorted(PYRO_MODELS)}")
     names = GLOBAL_SITES[model]
-    fit_priors = softmax_priors(priors) if guide == "delta" and map_in == "softmax" else priors
     init = init if init is not None else prior_mean_params(model, data.n_routes, data.n_skills, priors)
     init_values = {name: torch.as_tensor(np.asarray(v), dtype=torch.float64) for name, v in zip(names, init)}
 

@@ -38,7 +38,7 @@ from latentsel.models.data import HLSMData
 from latentsel.models.numpyro_models import GLOBAL_SITES, NUMPYRO_MODELS
 from latentsel.models.params import Priors
 
-__all__ = ["SVIResult", "fit_svi", "softmax_priors", "GUIDES"]
+__all__ = ["SVIResult", "fit_svi", "softmax_priors", "check_options", "GUIDES"]
 
 GUIDES = ("delta", "normal")
 
@@ -70,6 +70,17 @@ def softmax_priors(priors: Priors) -> Priors:
                   tuple(a + 1 for a in priors.noise), tuple(a + 1 for a in priors.off_module))
 
 
+def check_options(guide: str, map_in: str, steps: int, priors: Priors) -> Priors:
+    """Validate the options of an SVI fit; returns the priors the guide is fitted on."""
+    if guide not in GUIDES:
+        raise ValueError(f"unknown guide {guide!r}; choose from {', '.join(GUIDES)}")
+    if map_in not in ("softmax", "simplex"):
+        raise ValueError(f"map_in must be 'softmax' or 'simplex', got {map_in!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    return softmax_priors(priors) if guide == "delta" and map_in == "softmax" else priors
+
+
 def fit_svi(model: str, data: HLSMData, *, guide: str = "delta", priors: Priors = Priors(), steps: int = 2000,
             lr: float = 0.05, lr_final: float = 0.002, seed: int = 0, init=None, map_in: str = "softmax",
             num_particles: int = 1, posterior_samples: int = 1000, progress: Callable | None = None,
@@ -81,14 +92,8 @@ def fit_svi(model: str, data: HLSMData, *, guide: str = "delta", priors: Priors 
     guide's starting locations (default: every row at its prior mean, noise = off = 0.1).
     ``progress(step, loss)`` is called every ``progress_every`` steps.
     """
-    if guide not in GUIDES:
-        raise ValueError(f"unknown guide {guide!r}; choose from {', '.join(GUIDES)}")
-    if map_in not in ("softmax", "simplex"):
-        raise ValueError(f"map_in must be 'softmax' or 'simplex', got {map_in!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    fit_priors = check_options(guide, map_in, steps, priors)
     names = GLOBAL_SITES[model]
-    fit_priors = softmax_priors(priors) if guide == "delta" and map_in == "softmax" else priors
     init = init if init is not None else prior_mean_params(model, data.n_routes, data.n_skills, priors)
     r_n, k_n = data.n_routes, data.n_skills
     with jax.enable_x64(True):
