@@ -116,7 +116,7 @@ def parse_args(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=CHUNK, help="traces per jitted call of the closed form and EM")
-    parser.add_argument("--numpyro-max", type=int, default=10_000, help="largest corpus for the NumPyro path")
+    parser.add_argument("--numpyro-max", type=int, default=100_000, help="largest corpus for the NumPyro path")
     parser.add_argument("--svi-traces", type=int, default=2000, help="corpus for SVI and NUTS (0: skip them)")
     parser.add_argument("--svi-steps", type=int, default=1000)
     parser.add_argument("--nuts-draws", type=int, default=200, help="NUTS warm-up and kept draws per chain")
