@@ -29,7 +29,9 @@ from latentsel.models.pyro_models import GLOBAL_SITES, PYRO_MODELS
 
 __all__ = ["pyro_log_evidence", "pyro_map", "conditioned", "PYRO_CHUNK"]
 
-PYRO_CHUNK = 1024
+PYRO_CHUNK = 256
+"""Traces per traced and contracted chunk (on 10^4 depth-4 traces: 0.74 s at 256, 0.80 s at 1024,
+0.86 s at 128)."""
 
 _TRACE_PLATES = ("traces", "blocks")
 
