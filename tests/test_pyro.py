@@ -177,3 +177,23 @@ def test_same_site_names_as_numpyro(small_world):  # noqa: F811
         assert pyro_sites == np_sites
         assert set(GLOBAL_SITES[model]) < set(np_sites) and ("off" in np_sites or "off_2" in np_sites)
         assert any(name.startswith("route_after") for name in np_sites) or model == "grammar"
+
+
+@pytest.mark.parametrize("model", ["entangled", "grammar"])
+@pytest.mark.parametrize("guide", ["delta", "normal"])
+def test_pyro_svi_runs_on_every_model_with_hidden_steps(small_world, model, guide):  # noqa: F811
+    """Both guides run on the entangled and grammar programs with hidden-step blocks: finite
+    losses and estimates, rows on the simplex, the delta guide's loss falling, the normal
+    guide's standard deviations positive."""
+    rng = np.random.default_rng(6)
+    data = build_data(corpus_with_hidden(rng, small_world, model, n=30), small_world, model=model)
+    seen = []
+    res = fit_pyro_svi(model, data, guide=guide, steps=40, seed=1, posterior_samples=50,
+                       progress=lambda step, loss: seen.append(step), progress_every=20)
+    assert seen == [20, 40] and res.losses.shape == (40,) and np.isfinite(res.losses).all()
+    assert all(np.isfinite(np.asarray(v)).all() for v in res.params)
+    np.testing.assert_allclose(res.params[0].sum(-1), 1.0, rtol=1e-9)
+    if guide == "delta":
+        assert res.losses[-1] < res.losses[0]
+    else:
+        assert (np.asarray(res.std[1]) > 0).all() and res.median is not None
