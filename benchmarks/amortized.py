@@ -117,7 +117,7 @@ def parse_args(argv=None):
     parser.add_argument("--estimator", default="enum", choices=["enum", "tracegraph"])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (0: torch's default); minibatches are small, one is fastest")

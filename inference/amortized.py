@@ -170,7 +170,7 @@ def default_device() -> str:
 
 
 def fit_amortized(model: str, data: HLSMData, params, *, estimator: str = "tracegraph", steps: int = 2000,
-                  batch: int = 256, lr: float = 0.05, hidden: int = 16, seed: int = 0, device: str | None = None,
+                  batch: int = 256, lr: float = 0.02, hidden: int = 16, seed: int = 0, device: str | None = None,
                   progress: Callable | None = None, progress_every: int = 50) -> AmortizedResult:
     """Train q on minibatches of ``batch`` traces of ``data`` (drawn without replacement
     within a step by ``numpy.random.default_rng(seed)``) by Adam on the negative ELBO of the

@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "converge over the 240 modules of the default world (default: %(default)s)")
     p.add_argument("--amortized-em-traces", type=_at_least(1), default=10_000,
                    help="amortized: traces of the EM fit of θ, drawn at random (default: %(default)s)")
-    p.add_argument("--lr", type=_positive_float, default=0.05, help="SVI initial step size (default: %(default)s)")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help="Adam step size: SVI's initial one (default 0.05), the amortized network's (default 0.02)")
     p.add_argument("--warmup", type=_nonneg_int, default=500, help="NUTS warm-up draws per chain (default: %(default)s)")
     p.add_argument("--samples", type=_at_least(4), default=500, help="NUTS draws per chain (default: %(default)s)")
     p.add_argument("--chains", type=_at_least(1), default=2, help="NUTS chains (default: %(default)s)")
