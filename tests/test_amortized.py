@@ -18,13 +18,7 @@ from latentsel.simulate import simulate
 from test_exact import random_traces
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The minibatches are small: torch's intra-op threads cost more than they give (4x here on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _small_world():

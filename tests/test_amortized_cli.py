@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from latentsel.cli import main
 from latentsel.models.params import default_params
@@ -13,13 +12,7 @@ from latentsel.traces import write_traces
 from latentsel.world import default_world
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The minibatches are small: torch's intra-op threads cost more than they give (4x here on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,7 @@ from test_svi import corpus  # noqa: F401
 REL = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tensors here are small: a second intra-op thread only competes with the other
-    pytest worker on two cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 HIDDEN = [(3, (1,)), (3, (0, 1)), (3, (2,)), (2, (0, 1))]
 GRAMMAR_HIDDEN = [(3, (2,)), (2, (1,)), (3, (1, 2))]
 
