@@ -29,12 +29,15 @@ from numpyro.handlers import substitute
 from latentsel.models.data import HLSMData
 from latentsel.models.numpyro_models import GLOBAL_SITES, NUMPYRO_MODELS
 
-__all__ = ["numpyro_log_evidence", "ENUM_CHUNK"]
+__all__ = ["numpyro_log_evidence", "ENUM_CHUNK", "BLOCK_CHUNK"]
 
 ENUM_CHUNK = 32
 """Traces per step of the jitted map over a corpus. The contraction materializes
 [2, K, R, chunk, T] tensors, which stay in the fastest caches when chunks are small: on 10^5
 depth-4 traces, chunks of 32 took 1.28-1.44 s, of 128 1.75 s and of 512 2.41 s."""
+
+BLOCK_CHUNK = 1024
+"""Traces with hidden-step blocks per compiled part."""
 
 _TRACE_PLATES = ("traces", "blocks")
 
@@ -91,28 +94,37 @@ def _free_evidence(model: str, params, arrays, n_chars: int, max_len: int):
     return jax.lax.map(lambda a: _chunk_evidence(model, params, HLSMData.from_arrays(a, n_chars, max_len)), arrays)
 
 
-def numpyro_log_evidence(model: str, params, data: HLSMData, chunk: int = ENUM_CHUNK) -> np.ndarray:
-    """log p(D_n | θ) of every trace by the NumPyro program's enumeration: ``float64[N]``.
+def numpyro_log_evidence(model: str, params, data: HLSMData, chunk: int = ENUM_CHUNK,
+                         block_chunk: int = BLOCK_CHUNK) -> np.ndarray:
+    """log p(D_n | θ) of every trace by the NumPyro program's enumeration: ``float64[N]``, float64.
 
-    Traces are taken ``chunk`` at a time, float64 throughout. A corpus without hidden steps
-    is one jitted call that maps over its chunks (the last padded with empty traces); with
-    hidden steps, each chunk and its blocks is compiled on its own (the block trees are numpy
-    index structures the program reads while it is traced).
+    The traces without hidden-step blocks are one jitted call that maps over chunks of
+    ``chunk`` (the last padded with empty traces). The traces with blocks go ``block_chunk``
+    at a time, each part compiled on its own: the block trees are numpy index structures the
+    program reads while it is traced.
     """
     if model not in NUMPYRO_MODELS:
         raise ValueError(f"unknown model {model!r}; expected one of {sorted(NUMPYRO_MODELS)}")
-    n = data.n_traces
+    out = np.zeros(data.n_traces)
     with jax.enable_x64(True):
         params = tuple(jnp.asarray(a, jnp.float64) for a in params)
-        if not data.blocks:
-            n_chunks = max(1, -(-n // chunk))
-            size = min(chunk, n) if n_chunks == 1 else chunk
-            arrays = tuple(np.concatenate([a, np.zeros((n_chunks * size - n,) + a.shape[1:], a.dtype)])
-                           .reshape((n_chunks, size) + a.shape[1:]) for a in data.arrays())
-            values = _free_evidence(model, params, arrays, data.n_chars, data.max_len)
-            return np.asarray(values, dtype=np.float64).reshape(-1)[:n]
-        out = np.zeros(n)
-        for lo in range(0, n, chunk):
-            part = data.take(slice(lo, lo + chunk))
-            out[lo:lo + part.n_traces] = np.asarray(jax.jit(lambda p: _chunk_evidence(model, p, part))(params))
+        has_block = data.has_block
+        free = np.flatnonzero(~has_block)
+        if free.size:
+            part = data if free.size == data.n_traces else data.take(free)
+            out[free] = _mapped_evidence(model, params, part, chunk)
+        rows = np.flatnonzero(has_block)
+        for lo in range(0, rows.size, block_chunk):
+            part = data.take(rows[lo:lo + block_chunk])
+            out[rows[lo:lo + block_chunk]] = np.asarray(jax.jit(lambda p: _chunk_evidence(model, p, part))(params))
     return out
+
+
+def _mapped_evidence(model: str, params, data: HLSMData, chunk: int) -> np.ndarray:
+    n = data.n_traces
+    n_chunks = -(-n // chunk)
+    size = n if n_chunks == 1 else chunk
+    arrays = tuple(np.concatenate([a, np.zeros((n_chunks * size - n,) + a.shape[1:], a.dtype)])
+                   .reshape((n_chunks, size) + a.shape[1:]) for a in data.arrays())
+    values = _free_evidence(model, params, arrays, data.n_chars, data.max_len)
+    return np.asarray(values, dtype=np.float64).reshape(-1)[:n]
