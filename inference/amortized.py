@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -37,7 +39,7 @@ from pyro.ops.indexing import Vindex
 from torch import nn
 
 from latentsel.inference.pyro_enum import conditioned
-from latentsel.models.data import HLSMData
+from latentsel.models.data import HLSMData, execution_rows, log_p_off, log_p_on
 
 __all__ = ["StepFeatures", "Amortizer", "AmortizedResult", "AmortizedPosterior", "step_features", "make_guide",
            "fit_amortized", "amortized_posterior", "ESTIMATORS", "check_scope"]
@@ -258,18 +260,15 @@ def amortized_posterior(net_or_result, data: HLSMData, model: str | None = None,
 def exact_log_joint(model: str, params, part: HLSMData) -> torch.Tensor:
     """The exact log p(r_t, k_t, u_t | y_t, θ) of every free step (DESIGN §4, normalized per
     step): float64[B, T, R, K, 2], -inf for u = 0 where the lengths differ."""
-    route_p, skill_p, noise, off = (torch.as_tensor(np.asarray(p), dtype=torch.float64) for p in params)
-    ctx_r = torch.from_numpy(_context(model, np.asarray(part.route_intended), part.n_routes))
-    ctx_k = torch.from_numpy(_context(model, np.asarray(part.skill_intended), part.n_skills))
-    log_r = torch.log(route_p.reshape(-1, part.n_routes)[ctx_r])
-    log_k = torch.log(skill_p.reshape(-1, part.n_skills)[ctx_k])
-    match = torch.from_numpy(np.asarray(part.match)).to(torch.float64)
-    length = torch.from_numpy(np.asarray(part.length)).to(torch.float64)[..., None, None]
-    log_on = match * torch.log1p(-noise) + (length - match) * (torch.log(noise) - np.log(part.n_chars - 1.0))
-    log_on = torch.where(match >= 0, log_on + torch.log1p(-off), torch.full_like(log_on, -torch.inf))
-    log_off = (torch.log(off) - length * np.log(part.n_chars) - np.log(part.max_len + 1.0)).expand_as(log_on)
-    log_p = log_r[..., :, None, None] + log_k[..., None, :, None] + torch.stack([log_on, log_off], -1)
-    return log_p - torch.logsumexp(log_p.flatten(-3), -1)[..., None, None, None]
+    with jax.enable_x64(True):  # the model's own rows and emission terms (models.data)
+        route_p, skill_p, noise, off = (jnp.asarray(p, jnp.float64) for p in params)
+        rows_r, rows_k = execution_rows(model, route_p, skill_p, part)
+        log_on = jnp.log1p(-off) + log_p_on(part, noise)
+        log_off = jnp.log(off) + log_p_off(jnp.asarray(part.length), part.n_chars, part.max_len)
+        log_p = (jnp.log(rows_r)[..., :, None, None] + jnp.log(rows_k)[..., None, :, None]
+                 + jnp.stack([log_on, jnp.broadcast_to(log_off[..., None, None], log_on.shape)], -1))
+        log_p = log_p - jax.nn.logsumexp(log_p.reshape(log_p.shape[:2] + (-1,)), -1)[..., None, None, None]
+        return torch.from_numpy(np.array(log_p))
 
 
 def _kl(log_a, log_b):

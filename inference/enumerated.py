@@ -3,10 +3,10 @@
 ``TraceEnum_ELBO`` gives one number for a corpus: the discrete sites summed out and every
 plate multiplied out, the global sites' prior included. The per-trace evidence keeps the
 ``traces`` plate instead. The program runs under NumPyro's enumeration handlers with its
-global sites fixed at the given parameters; the log factors of its local sites are contracted
-by funsor's ``partial_sum_product``, which sums out the enumerated selections and multiplies
-out the ``steps`` plate but stops at the plates that index traces (``traces``, and each block
-plate ``blocks{j}``, whose entries are then added to their traces). The global sites' factors
+global sites fixed at the given parameters; the log factors of its local sites, grouped by
+the plate that indexes traces (``traces``, and each block plate ``blocks{j}``), are contracted
+by funsor's ``sum_product``, which sums out the enumerated selections and multiplies out the
+``steps`` plate but keeps that one (a block's entries are then added to its trace). The global sites' factors
 are left out, so nothing has to be subtracted again.
 
 This is the program's own contraction, not the closed form, and it is pinned against the

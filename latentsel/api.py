@@ -16,7 +16,6 @@ from latentsel.world import World, default_world
 __all__ = ["log_evidence", "posterior", "exact", "posterior_samples"]
 
 
-
 def exact(data: HLSMData, params, model: str, *, chunk: int = CHUNK, joint: bool = True) -> ExactPosterior:
     """Exact posterior of a prepared corpus, in float64, computed ``chunk`` traces at a time
     (``joint=False`` leaves out ``joint_probs``, [N, T, R, K])."""
@@ -44,11 +43,11 @@ def log_evidence(traces: Sequence[Trace], params, model: str = "modular", world:
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if backend == "closed":
-        return posterior(traces, params, model, world).log_evidence
     world = world or default_world()
     params_class(model)
     data = build_data(traces, world, model=model)
+    if backend == "closed":
+        return exact(data, params, model, joint=False).log_evidence
     params = validate_params(params, model, data.n_routes, data.n_skills)
     if backend == "numpyro":
         from latentsel.inference.enumerated import numpyro_log_evidence

@@ -12,6 +12,7 @@ traces, goes to ``fit.json`` as ``evaluation``).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -104,17 +105,24 @@ def fit_traces(traces: Sequence[Trace], world: World, model: str = "modular", me
     return {"params": params, "posterior": out.pop("posterior", post), "record": record, **out}
 
 
-def _fit_em(model, data, progress, *, max_iter, tol, **_):
-    bar = tqdm(total=max_iter, desc=f"EM ({model})", unit="it", disable=not progress, leave=False)
+@contextmanager
+def _bar(total: int, desc: str, unit: str, progress: bool, label: str):
+    """A progress bar, closed on exit, and its ``tick(step, value)`` (``value`` shown as ``label``)."""
+    bar = tqdm(total=total, desc=desc, unit=unit, disable=not progress, leave=False)
 
-    def tick(it, j):
-        bar.update(1)
-        bar.set_postfix(objective=f"{j:.6g}")
+    def tick(step, value):
+        bar.update(step - bar.n)
+        bar.set_postfix({label: f"{value:.6g}"})
 
     try:
-        result = fit_em(model, data, max_iter=max_iter, tol=tol, progress=tick)
+        yield tick
     finally:
         bar.close()
+
+
+def _fit_em(model, data, progress, *, max_iter, tol, **_):
+    with _bar(max_iter, f"EM ({model})", "it", progress, "objective") as tick:
+        result = fit_em(model, data, max_iter=max_iter, tol=tol, progress=tick)
     extra = {"iterations": len(result.objective) - 1, "e_steps": result.e_steps, "converged": bool(result.converged),
              "objective": [float(j) for j in result.objective]}
     return result.params, extra, {}
@@ -126,16 +134,8 @@ def _fit_svi(model, data, progress, *, guide, steps, lr, seed, backend, **_):
     else:
         from latentsel.inference.svi import fit_svi
 
-    bar = tqdm(total=steps, desc=f"SVI ({model}, {guide}, {backend})", unit="step", disable=not progress, leave=False)
-
-    def tick(step, loss):
-        bar.update(step - bar.n)
-        bar.set_postfix(loss=f"{loss:.6g}")
-
-    try:
+    with _bar(steps, f"SVI ({model}, {guide}, {backend})", "step", progress, "loss") as tick:
         result = fit_svi(model, data, guide=guide, steps=steps, lr=lr, seed=seed, progress=tick)
-    finally:
-        bar.close()
     extra = {"guide": guide, "steps": steps, "lr": lr, "seed": seed, "losses": [float(x) for x in result.losses]}
     if result.std is not None:
         extra["posterior_std"] = params_to_json(result.std)
@@ -164,18 +164,9 @@ def _fit_amortized(model, data, progress, *, max_iter, tol, steps, lr, seed, bat
     n_held = min(EVALUATION_TRACES, n // 10)
     held, train = np.sort(order[:n_held]), np.sort(order[n_held:])
     device = default_device() if device is None else device
-    bar = tqdm(total=steps, desc=f"amortized ({model}, {estimator}, {device})", unit="step", disable=not progress,
-               leave=False)
-
-    def tick(step, loss):
-        bar.update(step - bar.n)
-        bar.set_postfix(loss=f"{loss:.6g}")
-
-    try:
+    with _bar(steps, f"amortized ({model}, {estimator}, {device})", "step", progress, "loss") as tick:
         result = fit_amortized(model, data.take(train), params, estimator=estimator, steps=steps, batch=batch, lr=lr,
                                seed=seed, device=device, progress=tick)
-    finally:
-        bar.close()
     evaluation = evaluate_amortized(result, data.take(held), params) if n_held else {}
     extra = {"em": {"traces": int(em_rows.size), **{k: em_extra[k] for k in ("iterations", "e_steps", "converged")}},
              "estimator": estimator, "steps": steps, "batch": result.batch, "lr": lr, "seed": seed, "device": device,
