@@ -1,15 +1,17 @@
 """Exact inference on grammar-model traces with hidden-step blocks.
 
-The grammar model is a chain over executed modules z_t = (r_t, k_t); a block (j = 1 or 2
-hidden steps and the observed step after them) makes the emission of its observed step a
-factor of all j + 1 states, ψ(z_{t-j}, ..., z_t). Traces with the same layout (depth,
-blocks, observed steps) are run together through a scaled forward pass over the dense
-S = R·K state space, with each block a clique of j + 1 states. As in
-:mod:`latentsel.inference.blocks`, the marginals, the expected transition counts (start row
-included) and the noise and off-module counts are the gradient of the log evidence with
-respect to log potentials; the MAP path is a Viterbi pass over the same layout.
-
-Cost: O(S^(j+1)) per block and trace — fine for j = 1, heavy for j = 2 in a large world.
+The grammar model is a chain over executed modules z_t = (r_t, k_t). In a trace with a block
+(:class:`~latentsel.models.data.HiddenBlocks`) the emission of an observed step that reads a
+hidden entry depends on the hidden outputs, that is on the node of the block's tree that the
+hidden selections reach. The forward pass therefore runs over the pairs (node, z_t): at a
+hidden step each node splits into its children (the child is fixed by the node and z_t), and
+at a reading step each node scores the step with its own match counts. The transition
+factorizes over routing and skill, so a step costs O(nodes · R K (R + K)). Everything is in
+log space. Traces with the same layout (depth, observed steps, hidden steps and reading
+steps) run together. As in :mod:`latentsel.inference.blocks`, the marginals, the expected
+transition counts (start rows included) and the noise and off-module counts are the gradient
+of the log evidence with respect to log potentials; the MAP path is a Viterbi pass over the
+same pairs.
 """
 from __future__ import annotations
 
@@ -20,119 +22,159 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latentsel.inference.blocks import emission_coefs, leaf_emission
+from latentsel.inference.blocks import emission_coefs
+from latentsel.inference.logspace import log_emission_terms, lse, segment_lse
+from latentsel.models.data import HiddenBlocks
 
-__all__ = ["ChainLayout", "layouts", "layout_log_evidence", "chain_block_posterior", "chain_block_map"]
+__all__ = ["ChainLayout", "layouts", "tile", "layout_log_evidence", "chain_block_posterior", "chain_block_map"]
 
 
 class ChainLayout(NamedTuple):
-    """The traces of one layout: ``traces: int[G]``; ``depth``; ``emit``: per step, whether its
-    emission is ``match``; ``blocks``: ``((observed step, j), ...)``; ``dense``: per block,
-    ``int8[G, S, ..., S, R, K]`` (j state axes), the observed step's match given the hidden states."""
+    """The traces of one layout.
+
+    ``traces: int[G]``; ``depth``; ``emit``: per step, whether it is a free observed step;
+    ``hidden``: the enumerated hidden steps; ``reads``: ``((level, step), ...)``, the observed
+    steps that read hidden entries, after ``level`` of them; ``tree``: ``(nodes, parents,
+    owners, read_rows)`` of the layout's blocks in the order of ``traces`` (see
+    :class:`HiddenBlocks`), with ``read_rows[i]: int8[n_level, R, K]`` the match of reading
+    step i at every node of its level.
+    """
 
     traces: np.ndarray
     depth: int
     emit: tuple
-    blocks: tuple
-    dense: tuple
+    hidden: tuple
+    reads: tuple
+    tree: tuple
+
+    @property
+    def key(self) -> tuple:
+        return (self.depth, self.emit, self.hidden, self.reads)
+
+
+def _block_reads(g: HiddenBlocks) -> list[tuple]:
+    """Per block, the sorted ``(level, step)`` of its reading steps."""
+    out = [set() for _ in range(g.n_blocks)]
+    for level in range(g.n_hidden):
+        for b, t in zip(g.owners[level][g.read_node[level]].tolist(), g.read_step[level].tolist()):
+            out[b].add((level + 1, t))
+    return [tuple(sorted(s)) for s in out]
 
 
 def layouts(data, rows=None) -> list[ChainLayout]:
-    """Group the traces of ``data`` that have blocks (or the traces ``rows``) by layout, with
-    each block's dense match table."""
-    where = {int(i): [] for i in rows} if rows is not None else {}
-    for g in data.blocks:
-        for b, (i, t) in enumerate(zip(g.trace.tolist(), g.step.tolist())):
-            if rows is None or i in where:
-                where.setdefault(i, []).append((t, g.n_hidden, g, b))
-    groups: dict = {}
+    """Group the traces of ``data`` that have blocks (or all the traces ``rows``) by layout."""
     depth = data.step_mask.sum(axis=1)
-    for i, items in where.items():
-        items.sort(key=lambda it: it[0])
-        key = (int(depth[i]), tuple(bool(e) for e in data.emit[i, : depth[i]]), tuple((t, j) for t, j, _, _ in items))
-        groups.setdefault(key, []).append((i, items))
+    groups: dict = {}
+    in_block = np.zeros(data.n_traces, dtype=bool)
+    wanted = None if rows is None else set(np.asarray(rows).tolist())
+    for gi, g in enumerate(data.blocks):
+        reads = _block_reads(g)
+        for b, i in enumerate(g.trace.tolist()):
+            in_block[i] = True
+            if wanted is not None and i not in wanted:
+                continue
+            key = (int(depth[i]), tuple(bool(e) for e in data.emit[i, : depth[i]]), tuple(g.hidden[b].tolist()),
+                   reads[b])
+            groups.setdefault((gi, key), []).append((b, i))
+    if rows is not None:
+        for i in rows.tolist():
+            if not in_block[i]:
+                key = (int(depth[i]), tuple(bool(e) for e in data.emit[i, : depth[i]]), (), ())
+                groups.setdefault((-1, key), []).append((-1, i))
     out = []
-    s = data.n_routes * data.n_skills
-    for (d, emit, blocks), members in groups.items():
-        dense = []
-        for pos in range(len(blocks)):
-            tables = []
-            for _, items in members:
-                _, j, g, b = items[pos]
-                node = g.nodes[0][b].reshape(s)
-                for level in range(1, j):
-                    node = g.nodes[level][node].reshape((s,) * (level + 1))
-                tables.append(g.leaf_match[node])
-            dense.append(np.stack(tables))
-        out.append(ChainLayout(np.array([i for i, _ in members]), d, emit, blocks, tuple(dense)))
+    for (gi, (d, emit, hidden, reads)), members in groups.items():
+        traces = np.array([i for _, i in members])
+        if gi < 0:
+            out.append(ChainLayout(traces, d, emit, (), (), ((), (), (), ())))
+            continue
+        g = data.blocks[gi]
+        keep = np.zeros(g.n_blocks, dtype=bool)
+        keep[[b for b, _ in members]] = True
+        sel = g.select(keep, np.arange(data.n_traces))
+        traces = sel.trace.astype(np.int64)  # the group's order
+        read_rows = tuple(sel.read_match[level - 1][sel.read_step[level - 1] == t] for level, t in reads)
+        out.append(ChainLayout(traces, d, emit, hidden, reads, (sel.nodes, sel.parents, sel.owners, read_rows)))
     return out
 
 
-def _transition(log_rt, log_st, r_n, k_n):
-    rt, st = jnp.exp(log_rt), jnp.exp(log_st)
-    tm = (rt[:r_n, None, :, None] * st[None, :k_n, None, :]).reshape(r_n * k_n, r_n * k_n)
-    start = (rt[r_n][:, None] * st[k_n][None, :]).reshape(-1)
-    return tm, start
+def tile(layout: ChainLayout, copies: int) -> ChainLayout:
+    """The layout with its traces repeated ``copies`` times (copy c of trace g at c G + g)."""
+    g_n = layout.traces.size
+    nodes, parents, owners, read_rows = layout.tree
+    sizes = [g_n] + [p.shape[0] for p in parents]
+
+    def rep(a, size):
+        shift = (np.arange(copies) * size).reshape((copies,) + (1,) * a.ndim)
+        return (a[None] + shift).reshape((-1,) + a.shape[1:])
+
+    tree = (tuple(rep(np.asarray(n), sizes[l + 1]) for l, n in enumerate(nodes)),
+            tuple(rep(np.asarray(p), sizes[l]) for l, p in enumerate(parents)),
+            tuple(rep(np.asarray(o), g_n) for o in owners),
+            tuple(np.tile(np.asarray(r), (copies, 1, 1)) for r in read_rows))
+    return layout._replace(traces=np.tile(layout.traces, copies), tree=tree)
 
 
-def _step_emission(emit, match, length, coefs, mu, n_chars, max_len):
-    """p(y_t | z_t) of the free steps: ``[G, T, S]`` (1 where the step is not observed)."""
-    g_n, t_n = match.shape[:2]
-    e = leaf_emission(match.reshape(g_n * t_n, *match.shape[2:]), length.reshape(-1), coefs, mu.reshape(-1),
-                      n_chars, max_len).reshape(g_n, t_n, -1)
-    return jnp.where(jnp.asarray(emit)[None, :, None], e, 1.0)
+def _log_step(la, log_rt, log_st):
+    """log Σ_{z'} exp(la[z']) p(z | z') for the factorized transition: ``[n, R, K]`` -> ``[n, R, K]``."""
+    a1 = lse(la[:, :, :, None] + log_st[None, None, :, :], 2)  # [n, R', K]
+    return lse(a1[:, :, None, :] + log_rt[None, :, :, None], 1)
 
 
-def _block_emission(dense, y_len, mu, coefs, n_chars, max_len):
-    """p(y_t | hidden states, z_t) of a block: ``dense: int8[G, S, ..., R, K]``, ``y_len, mu: [G]`` -> ``[G, S, ..., S]``."""
-    r_n, k_n = dense.shape[-2:]
-    rep = dense[0].size // (r_n * k_n)
-    e = leaf_emission(dense.reshape(-1, r_n, k_n), jnp.repeat(y_len, rep), coefs, jnp.repeat(mu, rep), n_chars,
-                      max_len)
-    return e.reshape(dense.shape[:-2] + (r_n * k_n,))
+def layout_log_evidence(key, n_chars, max_len, log_rt, log_st, coefs, lam, mu, match, length, tree):
+    """``(Σ log p(D_g), log p(D_g): [G])`` of the traces of one layout.
 
-
-def layout_log_evidence(key, n_chars, max_len, log_rt, log_st, coefs, lam, mu, match, length, dense_tables):
-    depth, emit, blocks = key
+    ``lam: [G, depth, R, K]`` is added to the log potential of z_t and ``mu: [G, depth]`` to
+    the off-module branch of step t (zero; their gradients are the marginals); ``match: [G,
+    depth, R, K]`` and ``length: [G, depth]`` are the layout's rows of the corpus arrays.
+    """
+    depth, emit, hidden, reads = key
+    nodes, parents, owners, read_rows = tree
     r_n, k_n = log_rt.shape[-1], log_st.shape[-1]
-    tm, start = _transition(log_rt, log_st, r_n, k_n)
-    pot = jnp.exp(lam)  # [G, T, S]
-    e_free = _step_emission(emit, match, length, coefs, mu, n_chars, max_len)
-    starts = {t - j: (t, j, pos) for pos, (t, j) in enumerate(blocks)}
-    alpha, log_z, t = None, 0.0, 0
-    while t < depth:
-        pred = start[None] if alpha is None else alpha @ tm
-        if t in starts:
-            t_obs, j, pos = starts[t]
-            e = _block_emission(dense_tables[pos], length[:, t_obs], mu[:, t_obs], coefs, n_chars, max_len)
-            w = pred * pot[:, t]
-            if j == 1:
-                a = jnp.einsum("gx,xz,gxz->gz", w, tm, e)
-            else:
-                a = jnp.einsum("gx,xy,gy,yz,gxyz->gz", w, tm, pot[:, t + 1], tm, e)
-            a = a * pot[:, t_obs]
-            t = t_obs + 1
+    g_n = match.shape[0]
+    read_at = {t: i for i, (_, t) in enumerate(reads)}
+    owner = jnp.arange(g_n)
+    la = None
+    for t in range(depth):
+        if la is None:
+            pred = jnp.broadcast_to(log_rt[r_n][:, None] + log_st[k_n][None, :], (owner.shape[0], r_n, k_n))
         else:
-            a = pred * pot[:, t] * e_free[:, t]
-            t += 1
-        z = a.sum(axis=-1)
-        alpha = a / z[:, None]
-        log_z = log_z + jnp.log(z)
-    return jnp.sum(log_z), log_z
+            pred = _log_step(la, log_rt[:r_n], log_st[:k_n])
+        pred = pred + lam[owner, t]
+        if t in hidden:
+            level = hidden.index(t)
+            n_new = parents[level].shape[0]
+            # node c is reached from its parent by the selections that map there
+            reach = nodes[level][parents[level]] == jnp.arange(n_new)[:, None, None]
+            la = jnp.where(reach, pred[parents[level]], -jnp.inf)
+            owner = owners[level]
+        elif t in read_at:
+            le = log_emission_terms(read_rows[read_at[t]], length[owner, t], coefs, mu[owner, t], n_chars, max_len)
+            la = pred + le
+        elif emit[t]:
+            la = pred + log_emission_terms(match[owner, t], length[owner, t], coefs, mu[owner, t], n_chars, max_len)
+        else:
+            la = pred
+    log_ev = segment_lse(lse(la, (1, 2)), owner, g_n)
+    return jnp.sum(log_ev), log_ev
+
+
+def _layout_arrays(data, layout: ChainLayout):
+    rows = layout.traces
+    return (jnp.asarray(data.match[rows, : layout.depth]), jnp.asarray(data.length[rows, : layout.depth]),
+            jax.tree.map(jnp.asarray, layout.tree))
 
 
 @partial(jax.jit, static_argnames=("key", "n_chars", "max_len"))
-def _posterior(key, n_chars, max_len, params, match, length, dense_tables, lam):
+def _posterior(key, n_chars, max_len, params, match, length, tree, lam):
     g_n, depth = match.shape[0], key[0]
-    r_n, k_n = params.route_trans.shape[-1], params.skill_trans.shape[-1]
     dtype = jnp.result_type(params.noise, float)
     coefs = emission_coefs(params.noise, params.off_module, n_chars)
     mu = jnp.zeros((g_n, depth), dtype)
     grad = jax.grad(layout_log_evidence, argnums=(3, 4, 5, 6, 7), has_aux=True)
     (d_rt, d_st, d_coefs, d_lam, d_mu), log_ev = grad(key, n_chars, max_len, jnp.log(params.route_trans),
                                                       jnp.log(params.skill_trans), coefs, lam, mu, match, length,
-                                                      dense_tables)
-    return log_ev, d_lam.reshape(g_n, depth, r_n, k_n), d_mu, d_rt, d_st, d_coefs
+                                                      tree)
+    return log_ev, d_lam, d_mu, d_rt, d_st, d_coefs
 
 
 def chain_block_posterior(params, data, layout: ChainLayout, clamp=None):
@@ -143,77 +185,92 @@ def chain_block_posterior(params, data, layout: ChainLayout, clamp=None):
     Returns ``(log_evidence [G], joint_probs [G, depth, R, K], p_off [G, depth],
     route_counts [R + 1, R], skill_counts [K + 1, K], noise_counts [2], off_counts [2])``.
     """
-    rows = layout.traces
-    match = jnp.asarray(data.match[rows, : layout.depth])
-    length = jnp.asarray(data.length[rows, : layout.depth])
-    key = (layout.depth, layout.emit, layout.blocks)
-    s = data.n_routes * data.n_skills
-    lam = np.zeros((rows.size, layout.depth, s))
+    r_n, k_n = data.n_routes, data.n_skills
+    g_n, s = layout.traces.size, r_n * k_n
+    lam = np.zeros((g_n, layout.depth, s))
     if clamp is not None:
         lam = np.where((clamp[..., None] < 0) | (clamp[..., None] == np.arange(s)), 0.0, -np.inf)
+    lam = jnp.asarray(lam.reshape(g_n, layout.depth, r_n, k_n), jnp.result_type(params.noise, float))
     log_ev, joint, p_off, d_rt, d_st, (la, lb, l_on, l_off) = _posterior(
-        key, data.n_chars, data.max_len, jax.tree.map(jnp.asarray, params), match, length,
-        tuple(jnp.asarray(d) for d in layout.dense), jnp.asarray(lam, jnp.result_type(params.noise, float)))
+        layout.key, data.n_chars, data.max_len, jax.tree.map(jnp.asarray, params), *_layout_arrays(data, layout), lam)
     return log_ev, joint, p_off, d_rt, d_st, jnp.stack([lb, la]), jnp.stack([l_off, l_on])
 
 
 @partial(jax.jit, static_argnames=("key", "n_chars", "max_len"))
-def _map_factors(key, n_chars, max_len, params, match, length, dense_tables):
-    """Log transition, start, free-step emissions ``[G, T, S]`` and block emissions."""
-    r_n, k_n = params.route_trans.shape[-1], params.skill_trans.shape[-1]
-    tm, start = _transition(jnp.log(params.route_trans), jnp.log(params.skill_trans), r_n, k_n)
+def _map_emissions(key, n_chars, max_len, params, match, length, tree):
+    """Per step: the log emission at every node of that step (``None`` where there is none)."""
+    depth, emit, hidden, reads = key
     coefs = emission_coefs(params.noise, params.off_module, n_chars)
-    zeros = jnp.zeros(length.shape)
-    e_free = _step_emission(key[1], match, length, coefs, zeros, n_chars, max_len)
-    dense_e = tuple(jnp.log(_block_emission(dense, length[:, t_obs], zeros[:, t_obs], coefs, n_chars, max_len))
-                    for (t_obs, _), dense in zip(key[2], dense_tables))
-    return jnp.log(tm), jnp.log(start), jnp.log(e_free), dense_e
+    zero = jnp.zeros(length.shape)
+    read_at = {t: i for i, (_, t) in enumerate(reads)}
+    owners = tree[2]
+    out = []
+    level_owner = jnp.arange(match.shape[0])
+    for t in range(depth):
+        if t in hidden:
+            level_owner = owners[hidden.index(t)]
+            out.append(None)
+        elif t in read_at:
+            out.append(log_emission_terms(tree[3][read_at[t]], length[level_owner, t], coefs, zero[level_owner, t],
+                                          n_chars, max_len))
+        elif emit[t]:
+            out.append(log_emission_terms(match[level_owner, t], length[level_owner, t], coefs, zero[level_owner, t],
+                                          n_chars, max_len))
+        else:
+            out.append(None)
+    return out
 
 
 def chain_block_map(params, data, layout: ChainLayout) -> np.ndarray:
     """The Viterbi path of each trace of the layout, off flags summed out: ``int[G, depth, 2]``."""
     r_n, k_n = data.n_routes, data.n_skills
-    s = r_n * k_n
-    rows = layout.traces
-    key = (layout.depth, layout.emit, layout.blocks)
+    depth, _, hidden, _ = layout.key
+    nodes, parents, owners, _ = (jax.tree.map(np.asarray, part) for part in layout.tree)
     with jax.enable_x64(True):
-        log_tm, log_start, e_free, dense_e = jax.tree.map(np.asarray, _map_factors(
-            key, data.n_chars, data.max_len, jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params),
-            jnp.asarray(data.match[rows, : layout.depth]), jnp.asarray(data.length[rows, : layout.depth]),
-            tuple(jnp.asarray(d) for d in layout.dense)))
-    g_n = rows.size
-    starts = {t - j: (t, j, pos) for pos, (t, j) in enumerate(layout.blocks)}
-    delta, back, t = None, [], 0  # back: (first step, last step, argmax table [G, S] -> earlier states)
-    while t < layout.depth:
+        p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        emissions = [None if e is None else np.asarray(e) for e in _map_emissions(
+            layout.key, data.n_chars, data.max_len, p64, *_layout_arrays(data, layout))]
+    with np.errstate(divide="ignore"):
+        log_rt, log_st = np.log(np.asarray(params.route_trans)), np.log(np.asarray(params.skill_trans))
+    g_n = layout.traces.size
+    owner = np.arange(g_n)
+    delta, back = None, []  # back[t]: (best previous r, best previous k, parent of each node or None)
+    for t in range(depth):
         if delta is None:
-            d1, bp1 = np.broadcast_to(log_start, (g_n, s)), None
+            d = np.broadcast_to(log_rt[r_n][:, None] + log_st[k_n][None, :], (g_n, r_n, k_n)).copy()
+            br = bk = None
         else:
-            cand = delta[:, :, None] + log_tm[None]
-            d1, bp1 = cand.max(axis=1), cand.argmax(axis=1)
-        if t in starts:
-            t_obs, j, pos = starts[t]
-            score = d1[:, :, None] + log_tm[None]  # [G, z_t-j, z_next]
-            if j == 2:
-                score = score[..., None] + log_tm[None, None]
-            score = score + dense_e[pos]
-            flat = score.reshape(g_n, -1, s)
-            delta, arg = flat.max(axis=1), flat.argmax(axis=1)
-            back.append((t, t_obs, bp1, arg, j))
-            t = t_obs + 1
-        else:
-            delta = d1 + e_free[:, t]
-            back.append((t, t, bp1, None, 0))
-            t += 1
-    path = np.zeros((g_n, layout.depth), dtype=np.int64)
-    z = delta.argmax(axis=1)
-    rows_g = np.arange(g_n)
-    for first, last, bp1, arg, j in reversed(back):
-        path[:, last] = z
-        if j:
-            inner = np.unravel_index(arg[rows_g, z], (s,) * j)
-            for level in range(j):
-                path[:, first + level] = inner[level]
-        z_first = path[:, first]
-        if bp1 is not None:
-            z = bp1[rows_g, z_first]
+            s1 = delta[:, :, :, None] + log_st[None, None, :k_n, :]  # [n, R', K', K]
+            best_k, v1 = s1.argmax(axis=2), s1.max(axis=2)  # [n, R', K]
+            s2 = v1[:, :, None, :] + log_rt[None, :r_n, :, None]  # [n, R', R, K]
+            br, d = s2.argmax(axis=1), s2.max(axis=1)
+            bk = np.take_along_axis(best_k, br, axis=1)
+        parent = None
+        if t in hidden:
+            level = hidden.index(t)
+            parent = parents[level]
+            reach = nodes[level][parent] == np.arange(parent.size)[:, None, None]
+            d = np.where(reach, d[parent], -np.inf)
+            owner = owners[level]
+        elif emissions[t] is not None:
+            d = d + emissions[t]
+        back.append((br, bk, parent))
+        delta = d
+    flat = delta.reshape(delta.shape[0], -1)
+    node_best = flat.max(axis=1)
+    # per trace, the node whose best state scores highest (nodes are grouped by trace)
+    order = np.lexsort((-node_best, owner))
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = owner[order][1:] != owner[order][:-1]
+    node = order[first]
+    z = flat[node].argmax(axis=1)
+    path = np.zeros((g_n, depth), dtype=np.int64)
+    for t in reversed(range(depth)):
+        path[:, t] = z
+        br, bk, parent = back[t]
+        if parent is not None:
+            node = parent[node]
+        if br is not None:
+            r, k = z // k_n, z % k_n
+            z = br[node, r, k] * k_n + bk[node, r, k]
     return np.stack([path // k_n, path % k_n], axis=-1)

@@ -68,16 +68,17 @@ def log_evidence_fn(model: str, data: HLSMData):
         return free
     arrays = tuple(jnp.asarray(a) for a in (data.route_intended, data.skill_intended, data.length))
     groups = [jax.tree.map(jnp.asarray, g) for g in data.blocks]
+    t_max = data.step_mask.shape[1]
 
     def f(params):
         log_rows = (jnp.log(params[0]), jnp.log(params[1]))
         coefs = emission_coefs(params.noise, params.off_module, data.n_chars)
         total = free(params)
         for g in groups:
-            b, j = g.trace.shape[0], len(g.nodes)
-            lam = jnp.zeros((b, j + 1, data.n_routes, data.n_skills))
+            b = g.trace.shape[0]
+            lam = jnp.zeros((b, t_max, data.n_routes, data.n_skills))
             total = total + block_log_evidence(model, data.n_chars, data.max_len, log_rows, coefs, lam,
-                                               jnp.zeros(b), arrays, g)[0]
+                                               jnp.zeros((b, t_max)), arrays, g)[0]
         return total
 
     return f
@@ -97,11 +98,10 @@ def _grammar_log_evidence(data: HLSMData):
                 g_n = layout.traces.size
                 match = jnp.asarray(data.match[layout.traces, : layout.depth])
                 length = jnp.asarray(data.length[layout.traces, : layout.depth])
-                lam = jnp.zeros((g_n, layout.depth, data.n_routes * data.n_skills))
-                key = (layout.depth, layout.emit, layout.blocks)
-                total = total + layout_log_evidence(key, data.n_chars, data.max_len, log_rt, log_st, coefs, lam,
+                lam = jnp.zeros((g_n, layout.depth, data.n_routes, data.n_skills))
+                total = total + layout_log_evidence(layout.key, data.n_chars, data.max_len, log_rt, log_st, coefs, lam,
                                                    jnp.zeros((g_n, layout.depth)), match, length,
-                                                   tuple(jnp.asarray(d) for d in layout.dense))[0]
+                                                   jax.tree.map(jnp.asarray, layout.tree))[0]
         return total
 
     return f

@@ -46,17 +46,22 @@ def chunks(data: HLSMData, chunk: int, pad: bool = False):
         yield rows, part
 
 
-def block_chunks(g, n_traces: int, max_leaves: int = 1 << 16):
-    """The blocks of ``g`` in consecutive parts of at most ``max_leaves`` leaves (at least one block)."""
-    leaves = np.bincount(g.owners[-1], minlength=g.trace.size)
-    ends = np.cumsum(leaves)
+def block_chunks(g, n_traces: int, max_rows: int = 1 << 16, max_blocks: int = 2048):
+    """The blocks of ``g`` in consecutive parts of at most ``max_rows`` tree nodes and read rows
+    and ``max_blocks`` blocks (at least one block a part)."""
+    cost = np.ones(g.n_blocks, dtype=np.int64)
+    for level in range(g.n_hidden):
+        cost += np.bincount(g.owners[level], minlength=g.n_blocks)
+        cost += np.bincount(g.owners[level][g.read_node[level]], minlength=g.n_blocks)
+    ends = np.cumsum(cost)
     identity = np.arange(n_traces)
     lo = 0
-    while lo < g.trace.size:
-        hi = max(lo + 1, int(np.searchsorted(ends, (ends[lo - 1] if lo else 0) + max_leaves, side="right")))
-        keep = np.zeros(g.trace.size, dtype=bool)
+    while lo < g.n_blocks:
+        hi = int(np.searchsorted(ends, (ends[lo - 1] if lo else 0) + max_rows, side="right"))
+        hi = min(max(lo + 1, hi), lo + max_blocks)
+        keep = np.zeros(g.n_blocks, dtype=bool)
         keep[lo:hi] = True
-        yield g.select(keep, identity) if (lo, hi) != (0, g.trace.size) else g
+        yield g.select(keep, identity) if (lo, hi) != (0, g.n_blocks) else g
         lo = hi
 
 
@@ -100,14 +105,12 @@ def corpus_posterior(model: str, params, data: HLSMData, chunk: int = CHUNK, *, 
             return out
         for g in (part for group in data.blocks for part in block_chunks(group, n)):
             res = block_posterior(model, params, data, g)
-            j = g.n_hidden
-            steps = g.step[:, None] - j + np.arange(j + 1)[None, :]
-            p_off = np.zeros((g.trace.size, j + 1))
-            p_off[:, j] = np.asarray(res.p_off)  # hidden steps are on-module
-            _fill(out, g.trace[:, None], steps, np.asarray(res.joint_probs), p_off)
+            bi, ti = np.nonzero(g.steps(t))
+            rows = g.trace[bi]
+            _fill(out, rows, ti, np.asarray(res.joint_probs)[bi, ti], np.asarray(res.p_off)[bi, ti])
             np.add.at(out.log_evidence, g.trace, np.asarray(res.log_evidence))
             path = block_map(model, params, data, g)
-            out.map_route[g.trace[:, None], steps], out.map_skill[g.trace[:, None], steps] = path[..., 0], path[..., 1]
+            out.map_route[rows, ti], out.map_skill[rows, ti] = path[bi, ti, 0], path[bi, ti, 1]
     return out
 
 

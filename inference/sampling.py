@@ -2,7 +2,8 @@
 
 * Modular and entangled models: the steps outside blocks are independent given the trace,
   so each is drawn from its exact joint posterior; a block is drawn top-down on its tree of
-  hidden outputs, each level from its exact conditional given the levels above.
+  hidden outputs, each hidden step from its exact conditional given the ones before it, and
+  the observed steps that read them given the node reached.
 * Grammar: sequential conditioning. p(z_1 | D) is exact; clamping z_1 and recomputing gives
   p(z_2 | z_1, D), and so on — ``depth`` exact passes per trace layout.
 * Off-module flags are drawn last, from p(u_t = 1 | z_t, y_t); hidden steps are on-module.
@@ -15,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latentsel.inference.blocks import block_arrays, block_factors
-from latentsel.inference.chain_blocks import chain_block_posterior, layouts
+from latentsel.inference.blocks import block_sample
+from latentsel.inference.chain_blocks import chain_block_posterior, layouts, tile
 from latentsel.inference.corpus import block_chunks, corpus_posterior
 from latentsel.models.data import HLSMData, emission_table, log_p_off
 
@@ -46,39 +47,13 @@ def _p_off_given(match, y_len, params, data: HLSMData) -> np.ndarray:
     return off / table[y_len, match.astype(np.int64) + 1]
 
 
-def _sample_blocks(model, params, data, g, rng, n_samples):
-    """Draws of a block group's selections: ``z: int[S, B, j + 1]`` (z = r K + k)."""
-    j, b = g.n_hidden, g.trace.size
-    factors = block_factors(model, data.n_chars, data.max_len, params, block_arrays(data), jax.tree.map(jnp.asarray, g))
-    priors, emit = jax.tree.map(np.asarray, factors)
-    priors = [p.reshape(b, -1) for p in priors]
-    emit = emit.reshape(emit.shape[0], -1)  # [L, S_states], off summed out
-    owner_leaf = g.owners[-1]
-    values = [None] * (j + 1)
-    values[j] = (priors[j][owner_leaf] * emit).sum(axis=1)  # [L]
-    for level in reversed(range(j)):
-        owner = np.arange(b) if level == 0 else g.owners[level - 1]
-        values[level] = (priors[level][owner] * values[level + 1][g.nodes[level].reshape(len(owner), -1)]).sum(axis=1)
-    node = np.broadcast_to(np.arange(b), (n_samples, b))
-    z = np.zeros((n_samples, b, j + 1), dtype=np.int64)
-    for level in range(j):
-        table = g.nodes[level].reshape(-1, priors[0].shape[1])
-        owner = np.arange(b) if level == 0 else g.owners[level - 1]
-        weights = priors[level][owner[node]] * values[level + 1][table[node]]
-        z[..., level] = _categorical(rng, weights)
-        node = table[node, z[..., level]]
-    z[..., j] = _categorical(rng, priors[j][owner_leaf[node]] * emit[node])
-    return z
-
-
 def _sample_chain(params, data, rng, n_samples):
     """Grammar draws for every trace: ``z: int[S, N, T]`` (-1 past the depth)."""
     n, t_max = data.step_mask.shape
     z = np.full((n_samples, n, t_max), -1)
     for layout in layouts(data, rows=np.arange(n)):
-        rows = np.tile(layout.traces, n_samples)
-        big = layout._replace(traces=rows, dense=tuple(np.tile(d, (n_samples,) + (1,) * (d.ndim - 1))
-                                                       for d in layout.dense))
+        big = tile(layout, n_samples)
+        rows = big.traces
         clamp = np.full((rows.size, layout.depth), -1)
         for t in range(layout.depth):
             joint = np.asarray(chain_block_posterior(params, data, big, clamp)[1][:, t])
@@ -102,29 +77,35 @@ def sample_selections(model: str, params, data: HLSMData, n_samples: int, seed: 
             z = _categorical(rng, np.broadcast_to(flat, (n_samples,) + flat.shape))
             for group in data.blocks:
                 for g in block_chunks(group, n):
-                    zb = _sample_blocks(model, params, data, g, rng, n_samples)
-                    steps = g.step[:, None] - g.n_hidden + np.arange(g.n_hidden + 1)[None, :]
-                    z[:, g.trace[:, None], steps] = zb
+                    zb = block_sample(model, params, data, g, rng, n_samples)
+                    bi, ti = np.nonzero(g.steps(t_max))
+                    z[:, g.trace[bi], ti] = zb[:, bi, ti]
     z = np.where(data.step_mask[None], z, -1)
     route, skill = np.where(z >= 0, z // k_n, -1), np.where(z >= 0, z % k_n, -1)
     zc = np.maximum(z, 0)
     # the observed step's match under the drawn module: free steps from ``match``; block
-    # steps from their leaves, which the draws above reached
+    # steps under the drawn hidden outputs (grammar: the chain's draws of them)
     m = np.take_along_axis(data.match.reshape(n, t_max, -1)[None], zc[..., None], axis=-1)[..., 0]
-    observed = data.emit.copy()
-    for g in data.blocks:
-        observed[g.trace, g.step] = True
-        m[:, g.trace, g.step] = _block_match(g, zc, k_n)
+    observed = data.emit | data.block_observed
+    if data.blocks:
+        m = np.where(data.block_observed[None], _block_read_match(data, zc), m)
     p_off = _p_off_given(m, np.broadcast_to(data.length, m.shape), params, data)
     off = observed[None] & (rng.random(z.shape) < np.where(observed[None], p_off, 0.0))
     return Selections(route, skill, off)
 
 
-def _block_match(g, z, k_n):
-    """The match of each block's observed step under the drawn path: ``int[S, B]``."""
-    j = g.n_hidden
-    node = np.broadcast_to(np.arange(g.trace.size), (z.shape[0], g.trace.size))
-    for level in range(j):
-        table = g.nodes[level].reshape(-1, g.nodes[level].shape[1] * g.nodes[level].shape[2])
-        node = table[node, z[:, g.trace, g.step - j + level]]
-    return g.leaf_match.reshape(g.leaf_match.shape[0], -1)[node, z[:, g.trace, g.step]]
+def _block_read_match(data: HLSMData, z) -> np.ndarray:
+    """The match of each observed block step under the drawn path ``z: int[S, N, T]`` (z = r K + k;
+    the drawn hidden selections pick the node): ``int[S, N, T]``, -2 at the other steps."""
+    out = np.full(z.shape, -2)
+    k_n = data.n_skills
+    for g in data.blocks:
+        hidden = np.take_along_axis(z[:, g.trace], g.hidden[None], axis=-1)  # [S, B, J]
+        for level in range(g.n_hidden):
+            node = g.node_index(hidden // k_n, hidden % k_n, levels=level + 1)  # [S, B]
+            block = g.owners[level][g.read_node[level]]
+            s_idx, q_idx = np.nonzero(node[:, block] == g.read_node[level][None])
+            trace, step = g.trace[block[q_idx]], g.read_step[level][q_idx]
+            flat = g.read_match[level].reshape(-1, data.n_routes * data.n_skills)
+            out[s_idx, trace, step] = flat[q_idx, z[s_idx, trace, step]]
+    return out

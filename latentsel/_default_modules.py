@@ -336,4 +336,22 @@ _BATCH_ROUTES = {
     "shortest": _extreme(longest=False),
 }
 
-ROUTES = tuple(Route(name, _REFERENCE_ROUTES[name], _BATCH_ROUTES[name]) for name in _REFERENCE_ROUTES)
+def _skip_entry(t):
+    return t - 2 if t >= 2 else 0
+
+
+# which entries of a history of t entries each routing can read (Route.reads)
+_READS = {
+    "prev": lambda t: (t - 1,),
+    "input": lambda t: (0,),
+    "skip": lambda t: (_skip_entry(t),),
+    "cat_prev_input": lambda t: (t - 1, 0),
+    "cat_input_prev": lambda t: (0, t - 1),
+    "zip_prev_input": lambda t: (t - 1, 0),
+    "cat_prev_skip": lambda t: (t - 1, _skip_entry(t)),
+    "head_prev_tail_input": lambda t: (t - 1, 0),
+    "longest": range,
+    "shortest": range,
+}
+
+ROUTES = tuple(Route(name, _REFERENCE_ROUTES[name], _BATCH_ROUTES[name], _READS[name]) for name in _REFERENCE_ROUTES)

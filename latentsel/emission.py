@@ -2,10 +2,11 @@
 
 For every observed step the batch executor applies all R*K modules to the teacher-forced
 history ``[x, h_1, ..., h_{t-1}]`` and counts the positions where each output agrees with
-``y_t``. A history entry is the observed step, or for a hidden step the intended module's
-output (the convention of :mod:`latentsel.models.data`). For a block (1–2 hidden steps and
-the observed step after them) the executor enumerates every hidden path, keeping only the
-distinct outputs at each level. Work is chunked, so memory stays bounded for any corpus size.
+``y_t``. A hidden step's entry is the output of the module executed there (DESIGN §4), so the
+hidden steps of a trace and the observed steps whose routings can read them (``World.readable``)
+form a block: the executor enumerates every path of distinct hidden outputs and counts the
+matches of those observed steps on each. Work is chunked, so memory stays bounded for any
+corpus size.
 """
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ __all__ = ["build_data", "MAX_HIDDEN_RUN"]
 MAX_HIDDEN_RUN = 2
 
 
-def _hidden_runs(tr: Trace, has_program: bool) -> list[tuple[int, int]]:
-    """The blocks of a trace as (observed step, number of hidden steps before it), 0-based.
+def _block_plan(tr: Trace, world: World) -> tuple[list[int], dict[int, list[int]]] | None:
+    """The block of a trace: its enumerated hidden steps and, per level l (1..J), the observed
+    steps that read a hidden entry after l of them (0-based steps). ``None`` if no observed
+    step reads a hidden entry.
 
-    Raises ValueError for a run of more than ``MAX_HIDDEN_RUN`` hidden steps before an observed
-    one, and for a hidden step that later steps read when the trace states no program."""
-    blocks, run = [], 0
-    last_observed = max((t for t, y in enumerate(tr.steps) if y is not None), default=-1)
+    Raises ValueError for a run of more than ``MAX_HIDDEN_RUN`` hidden steps before an observed one."""
+    run = 0
     for t, y in enumerate(tr.steps):
         if y is None:
             run += 1
@@ -37,13 +38,23 @@ def _hidden_runs(tr: Trace, has_program: bool) -> list[tuple[int, int]]:
         if run > MAX_HIDDEN_RUN:
             raise ValueError(f"trace {tr.id!r}: steps {t - run + 1}-{t} are hidden; at most {MAX_HIDDEN_RUN} "
                              f"consecutive hidden steps can precede an observed one")
-        if run:
-            if not has_program and t < last_observed:
-                raise ValueError(f"trace {tr.id!r}: hidden step {t - run + 1} is read by the histories of later "
-                                 f"observed steps, which needs the intended program (the trace states none)")
-            blocks.append((t, run))
         run = 0
-    return blocks
+    needed, readers = set(), []
+    for t in reversed(range(tr.depth)):
+        # entry e of step t's history is h_e: the input (e = 0) or step e - 1
+        read = {e - 1 for e in world.readable(t + 1) if e >= 1 and tr.steps[e - 1] is None}
+        if tr.steps[t] is not None and read:
+            readers.append(t)
+            needed |= read
+        elif tr.steps[t] is None and t in needed:
+            needed |= read
+    if not readers:
+        return None
+    hidden = sorted(needed)
+    levels: dict[int, list[int]] = {}
+    for t in sorted(readers):
+        levels.setdefault(sum(h < t for h in hidden), []).append(t)
+    return hidden, levels
 
 
 def _apply_chunked(world: World, codes, lens, depth, chunk: int):
@@ -79,22 +90,46 @@ def _distinct(out, out_lens, first_parent: int):
     return (inverse.reshape(p, r_n, k_n), first // (r_n * k_n) + first_parent, rows[first, 4:4 + w], rows[first, 4 + w].astype(np.int32))
 
 
+def _read_rows(world: World, h_codes, h_lens, node_owner, plans, items, level: int, y_codes, y_lens, chunk: int):
+    """The read rows of the level-``level`` nodes: every node with every observed step its
+    block reads at that level. Returns ``(node: int32[Q], step: int32[Q], match: int8[Q, R, K])``."""
+    steps_of = [plans[b][1].get(level, []) for b in range(len(items))]
+    count = np.array([len(steps_of[b]) for b in node_owner], dtype=np.int64)
+    node = np.repeat(np.arange(node_owner.size), count)
+    step = np.array([t for b in node_owner for t in steps_of[b]], dtype=np.int32)
+    trace = np.array([i for i, _ in items], dtype=np.int64)[node_owner[node]] if node.size else node
+    match = np.empty((node.size, world.n_routes, world.n_skills), dtype=np.int8)
+    for lo in range(0, node.size, chunk):
+        sl = slice(lo, lo + chunk)
+        out, out_lens, owner, index = apply_distinct(world, h_codes[node[sl]], h_lens[node[sl]], step[sl] + 1)
+        rows = lo + owner  # the job of each distinct routed string
+        distinct = _match(out[:, None], out_lens[:, None], y_codes[trace[rows], step[rows] + 1],
+                          y_lens[trace[rows], step[rows] + 1], world.max_len)[:, 0]
+        match[sl] = distinct[index]
+    return node.astype(np.int32), step, match
+
+
 def _build_blocks(world: World, codes, lens, items, t_max: int, chunk: int) -> HiddenBlocks:
-    """The blocks ``items = [(trace, observed step)]`` with the same number j of hidden steps."""
-    j = items[0][2]
-    trace = np.array([i for i, _, _ in items], dtype=np.int32)
-    step = np.array([t for _, t, _ in items], dtype=np.int32)
-    h_codes, h_lens, owner = codes[trace], lens[trace], np.arange(trace.size)
-    nodes, owners = [], []
+    """The blocks ``items = [(trace, (hidden steps, {level: observed steps}))]`` with the same
+    number J of hidden steps. ``codes, lens``: the teacher-forced histories ``[N, T + 1, W]``
+    (hidden entries are placeholders, replaced along each path)."""
+    plans = [plan for _, plan in items]
+    j = len(plans[0][0])
+    trace = np.array([i for i, _ in items], dtype=np.int32)
+    hidden_steps = np.array([plan[0] for plan in plans], dtype=np.int32).reshape(trace.size, j)
+    h_codes, h_lens = codes[trace, :t_max], lens[trace, :t_max]
+    owner = np.arange(trace.size)
+    nodes, parents, owners, read_node, read_step, read_match = [], [], [], [], [], []
     for level in range(j):
-        hidden = step[owner] - j + level  # the hidden step enumerated at this level
+        hidden = hidden_steps[owner, level]  # the hidden step enumerated at this level
         parts, offset = [], 0
-        for sl, out, out_lens in _apply_chunked(world, h_codes[:, :t_max], h_lens[:, :t_max], hidden + 1, chunk):
+        for sl, out, out_lens in _apply_chunked(world, h_codes, h_lens, hidden + 1, chunk):
             node, parent, u_codes, u_lens = _distinct(out, out_lens, sl.start)
             parts.append((node + offset, parent, u_codes, u_lens))
             offset += parent.size
         nodes.append(np.concatenate([p[0] for p in parts]).astype(np.int32))
         parent = np.concatenate([p[1] for p in parts])
+        parents.append(parent.astype(np.int32))
         # each distinct output extends its parent's history at the hidden step's entry
         h_codes, h_lens = h_codes[parent], h_lens[parent].copy()
         rows = np.arange(parent.size)
@@ -102,13 +137,12 @@ def _build_blocks(world: World, codes, lens, items, t_max: int, chunk: int) -> H
         h_lens[rows, hidden[parent] + 1] = np.concatenate([p[3] for p in parts])
         owner = owner[parent]
         owners.append(owner.astype(np.int32))
-    t_obs = step[owner]
-    leaf_match = np.empty((owner.size, world.n_routes, world.n_skills), dtype=np.int8)
-    for sl, out, out_lens in _apply_chunked(world, h_codes[:, :t_max], h_lens[:, :t_max], t_obs + 1, chunk):
-        rows = np.arange(sl.start, sl.start + out.shape[0])
-        leaf_match[sl] = _match(out, out_lens, h_codes[rows, t_obs[rows] + 1], h_lens[rows, t_obs[rows] + 1],
-                                world.max_len)
-    return HiddenBlocks(trace, step, tuple(nodes), tuple(owners), leaf_match)
+        node, step, match = _read_rows(world, h_codes, h_lens, owner, plans, items, level + 1, codes, lens, chunk)
+        read_node.append(node)
+        read_step.append(step)
+        read_match.append(match)
+    return HiddenBlocks(trace, hidden_steps, tuple(nodes), tuple(parents), tuple(owners), tuple(read_node),
+                        tuple(read_step), tuple(read_match))
 
 
 def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular", chunk: int = 16_384) -> HLSMData:
@@ -119,7 +153,7 @@ def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular",
             observed step.
         world: the world the traces live in.
         model: ``modular`` / ``entangled`` need every trace to state its program; ``grammar``
-            ignores the programs except to fill hidden history entries.
+            ignores the programs.
         chunk: histories per executor call (bounds memory: ``chunk * R * K * max_len`` bytes).
     Raises:
         ValueError naming the trace for an empty corpus, a missing program, or hidden steps
@@ -155,19 +189,17 @@ def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular",
         step_mask[i, :depth] = True
         free[i, :depth] = True
         strings.append(tr.input)
-        if None not in tr.steps:
-            strings.extend(tr.steps)
-        else:
-            blocks = _hidden_runs(tr, prog is not None)
-            items.extend((i, t, j) for t, j in blocks)
-            for t, j in blocks:
-                free[i, t - j: t + 1] = False
-            history = [tr.input]
-            for t, y in enumerate(tr.steps):
-                # a hidden entry, as later histories read it: the intended module's output
-                history.append(y if y is not None else world.apply(*prog[t], history) if prog else "")
-            strings.extend(history[1:])
+        # a hidden entry is a placeholder here: the steps that read it are in the block,
+        # whose tree replaces it by every executed output
+        strings.extend("" if y is None else y for y in tr.steps)
         strings.extend([""] * (t_max - depth))
+        if None in tr.steps:
+            plan = _block_plan(tr, world)
+            if plan is not None:
+                items.append((i, plan))
+                free[i, plan[0]] = False
+                for reads in plan[1].values():
+                    free[i, reads] = False
     observed = step_mask.copy()
     for i in (i for i, tr in enumerate(traces) if None in tr.steps):
         observed[i, : traces[i].depth] = [y is not None for y in traces[i].steps]
@@ -189,9 +221,8 @@ def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular",
                           lens[jn[owner], jt[owner] + 1], world.max_len)[:, 0]
         match[jn, jt] = distinct[index]
     groups = []
-    for j in range(1, MAX_HIDDEN_RUN + 1):
-        group = [it for it in items if it[2] == j]
-        if group:
-            groups.append(_build_blocks(world, codes, lens, group, t_max, chunk))
+    for j in sorted({len(plan[0]) for _, plan in items}):
+        group = [it for it in items if len(it[1][0]) == j]
+        groups.append(_build_blocks(world, codes, lens, group, t_max, chunk))
     return HLSMData(match, length, step_mask, route_int, skill_int, world.n_chars, world.max_len, emit, free,
                     tuple(groups))

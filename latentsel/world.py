@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from functools import lru_cache
+from typing import Callable, Iterable, Sequence
 
 __all__ = [
     "Skill",
@@ -54,11 +55,28 @@ class Route:
             list ``[h_0 = input, h_1, ..., h_{t-1}]`` (non-empty).
         batch: optional vectorized implementation
             ``batch(codes: uint8[N, T, W], lens: int[N, T], depth: int[N]) -> (uint8[N, W'], int[N])``.
+        reads: the history entries the routing can read, ``reads(t) -> iterable of indices``
+            into ``[h_0, ..., h_{t-1}]`` for a history of ``t`` entries. ``None`` (the default)
+            means every entry, which is always exact. Exact inference on traces with hidden
+            steps enumerates a hidden step jointly with the later steps whose routings can
+            read it, so a tighter declaration only makes it faster; a declaration that leaves
+            out an entry the routing reads makes it wrong (``tests/test_world.py`` checks the
+            default routings' declarations by running them).
     """
 
     name: str
     fn: Callable[[Sequence[str]], str]
     batch: Callable | None = field(default=None, compare=False, repr=False)
+    reads: Callable[[int], Iterable[int]] | None = field(default=None, compare=False, repr=False)
+
+    def entries(self, t: int) -> frozenset[int]:
+        """The indices of the entries this routing can read in a history of ``t`` entries."""
+        if self.reads is None:
+            return frozenset(range(t))
+        out = frozenset(int(i) for i in self.reads(t))
+        if any(not 0 <= i < t for i in out):
+            raise ValueError(f"routing {self.name!r} declares reads outside a history of {t} entries: {sorted(out)}")
+        return out
 
 
 def _trunc(s: str, max_len: int) -> str:
@@ -160,10 +178,20 @@ class World:
             history.append(self.apply(route, skill, history))
         return history[1:]
 
+    def readable(self, t: int) -> frozenset[int]:
+        """The history entries that some routing can read at a step whose history has ``t``
+        entries (step t, 1-based): the entries that step's emission can depend on."""
+        return _readable(self.routes, t)
+
     def module_name(self, m: int) -> str:
         """Name ``route/skill`` of module index ``m = r * K + k``."""
         r, k = divmod(m, self.n_skills)
         return f"{self.routes[r].name}/{self.skills[k].name}"
+
+
+@lru_cache(maxsize=4096)
+def _readable(routes: tuple, t: int) -> frozenset[int]:
+    return frozenset().union(*(r.entries(t) for r in routes))
 
 
 def _lookup(key, index: dict, n: int, kind: str) -> int:

@@ -6,15 +6,17 @@ and ``m``, the number of positions where ``y_t`` agrees with the module's output
 tensor for any ``noise`` and ``off_module`` is a lookup in a small table (:func:`emission`)
 or, in log space, one fused expression (:func:`log_emission`).
 
-Hidden steps (DESIGN §4). A hidden step is on-module and noise-free, so the observed step
-after a run of j = 1 or 2 hidden steps depends on the selections of all j + 1 steps: such a
-run and its observed step form a *block* (:class:`HiddenBlocks`), enumerated jointly. Many
-modules give the same hidden output, so a block stores a tree: each hidden step's (r, k)
-maps to one of the *distinct* outputs given the path so far, and each leaf (a distinct path
-of hidden outputs) holds the match counts of the observed step under every module. Steps
-after a block's observed step read a hidden entry of their history as the intended module's
-output on the teacher-forced history (the block's own observed step sees the enumerated
-one). Hidden steps with no observed step after them contribute a factor 1.
+Hidden steps (DESIGN §4). A hidden step is on-module and noise-free: its history entry is
+the output of the module the policy executed there, and every later step whose routing can
+read that entry reads it. So the selections of the hidden steps of a trace are enumerated
+jointly with every later observed step that can read one of them: such a trace's hidden
+steps and those observed steps form its *block* (:class:`HiddenBlocks`). Many modules give
+the same hidden output, so a block stores a tree: level l holds the *distinct* paths of
+hidden outputs of the block's first l hidden steps, and each hidden step's (r, k) maps a
+level-l node to a level-(l + 1) node. An observed step after l of the block's hidden steps
+holds its match counts under every module at every level-l node (one *read row* per node).
+Hidden steps that no later step can read (directly, or through a hidden step that is read)
+contribute a factor 1 and stay outside the block.
 """
 from __future__ import annotations
 
@@ -28,45 +30,79 @@ __all__ = ["HLSMData", "HiddenBlocks", "log_p_on", "log_p_off", "log_emission", 
 
 
 class HiddenBlocks(NamedTuple):
-    """The B blocks of a corpus that have j hidden steps (j = ``len(nodes)``, 1 or 2).
+    """The B blocks of a corpus that have J enumerated hidden steps (J = ``len(nodes)``).
 
-    Block b covers steps ``step[b] - j, ..., step[b]`` of trace ``trace[b]``; the last is observed.
+    Level 0 is the block itself (node b = block b); level l (1..J) holds the distinct paths of
+    the outputs of the block's first l hidden steps.
 
     Attributes:
-        trace: int32[B]; step: int32[B], the observed step (0-based).
-        nodes: j arrays; ``nodes[0]: int32[B, R, K]`` maps the first hidden step's (r, k) to a
-            level-1 node, ``nodes[l]: int32[n_l, R, K]`` maps a level-l node and the next hidden
-            step's (r, k) to a level-(l + 1) node. The last level's nodes are the leaves.
-        owners: j arrays; ``owners[l]: int32[n_{l+1}]``, the block of each level-(l + 1) node.
-        leaf_match: int8[n_j, R, K]; the observed step's match under each module, given the
-            leaf's hidden outputs (-1 where the lengths differ).
+        trace: int32[B], the trace of each block.
+        hidden: int32[B, J], the hidden steps (0-based, ascending).
+        nodes: J arrays; ``nodes[l]: int32[n_l, R, K]`` maps a level-l node and the selection
+            (r, k) of hidden step l + 1 to a level-(l + 1) node (``n_0 = B``).
+        parents: J arrays; ``parents[l]: int32[n_{l+1}]``, the level-l node of each level-(l + 1) node.
+        owners: J arrays; ``owners[l]: int32[n_{l+1}]``, the block of each level-(l + 1) node.
+        read_node: J arrays; ``read_node[l]: int32[Q_l]``, the level-(l + 1) node of each read
+            row (rows ordered by node, then by step).
+        read_step: J arrays; ``read_step[l]: int32[Q_l]``, the observed step (0-based) of each row.
+        read_match: J arrays; ``read_match[l]: int8[Q_l, R, K]``, that step's match under each
+            module on the node's history (-1 where the lengths differ).
     """
 
     trace: np.ndarray
-    step: np.ndarray
+    hidden: np.ndarray
     nodes: tuple
+    parents: tuple
     owners: tuple
-    leaf_match: np.ndarray
+    read_node: tuple
+    read_step: tuple
+    read_match: tuple
 
     @property
     def n_hidden(self) -> int:
         return len(self.nodes)
 
+    @property
+    def n_blocks(self) -> int:
+        return int(self.trace.shape[0])
+
+    def steps(self, t_max: int) -> np.ndarray:
+        """bool[B, t_max]: the steps of each block (its hidden steps and the observed steps it reads)."""
+        out = np.zeros((self.n_blocks, t_max), dtype=bool)
+        out[np.arange(self.n_blocks)[:, None], self.hidden] = True
+        for level in range(self.n_hidden):
+            out[self.owners[level][self.read_node[level]], self.read_step[level]] = True
+        return out
+
+    def node_index(self, route, skill, levels: int | None = None) -> np.ndarray:
+        """The level-``levels`` node (default J) of each block reached by the selections
+        ``route, skill: int[..., B, J]`` of its hidden steps: ``int[..., B]``."""
+        node = np.broadcast_to(np.arange(self.n_blocks), np.shape(route)[:-1])
+        for level in range(self.n_hidden if levels is None else levels):
+            node = self.nodes[level][node, route[..., level], skill[..., level]]
+        return node
+
     def select(self, keep, trace_map) -> "HiddenBlocks":
         """The blocks where ``keep: bool[B]``, their traces renumbered by ``trace_map``."""
-        keep_node = np.asarray(keep)
-        nodes, owners = [], []
-        block_new = np.cumsum(keep_node) - 1
-        parent_keep = keep_node
-        for node, owner in zip(self.nodes, self.owners):
+        keep = np.asarray(keep, dtype=bool)
+        parent_new = np.cumsum(keep) - 1
+        parent_keep = keep
+        nodes, parents, owners, read_node, read_step, read_match = [], [], [], [], [], []
+        block_new = parent_new
+        for level in range(self.n_hidden):
             # every child of a kept parent belongs to the same block, so it is kept too
-            child_keep = keep_node[owner]
+            child_keep = parent_keep[self.parents[level]]
             child_new = np.cumsum(child_keep) - 1
-            nodes.append(child_new[node[parent_keep]].astype(np.int32))
-            owners.append(block_new[owner[child_keep]].astype(np.int32))
-            parent_keep = child_keep
-        return HiddenBlocks(trace_map[self.trace[keep_node]].astype(np.int32), self.step[keep_node], tuple(nodes),
-                            tuple(owners), self.leaf_match[parent_keep])
+            nodes.append(child_new[self.nodes[level][parent_keep]].astype(np.int32))
+            parents.append(parent_new[self.parents[level][child_keep]].astype(np.int32))
+            owners.append(block_new[self.owners[level][child_keep]].astype(np.int32))
+            rows = child_keep[self.read_node[level]]
+            read_node.append(child_new[self.read_node[level][rows]].astype(np.int32))
+            read_step.append(self.read_step[level][rows])
+            read_match.append(self.read_match[level][rows])
+            parent_keep, parent_new = child_keep, child_new
+        return HiddenBlocks(trace_map[self.trace[keep]].astype(np.int32), self.hidden[keep], tuple(nodes),
+                            tuple(parents), tuple(owners), tuple(read_node), tuple(read_step), tuple(read_match))
 
 
 class HLSMData(NamedTuple):
@@ -81,11 +117,11 @@ class HLSMData(NamedTuple):
         skill_intended: int32[N, T]; c_t^k.
         n_chars: A, the alphabet size.
         max_len: MAX_LEN.
-        emit_mask: bool[N, T]; the observed steps whose emission is ``match`` (not after a
-            hidden step). ``None``: every step.
-        free_mask: bool[N, T]; the steps outside every block (``emit_mask`` and trailing
-            hidden steps). ``None``: every step.
-        blocks: the :class:`HiddenBlocks` groups, one per number of hidden steps.
+        emit_mask: bool[N, T]; the observed steps whose emission is ``match`` (no routing
+            can read a hidden entry of their history). ``None``: every step.
+        free_mask: bool[N, T]; the steps outside every block (``emit_mask`` and the hidden
+            steps that nothing reads). ``None``: every step.
+        blocks: the :class:`HiddenBlocks` groups, one per number of enumerated hidden steps.
     """
 
     match: np.ndarray
@@ -137,10 +173,20 @@ class HLSMData(NamedTuple):
 
     @property
     def block_observed(self) -> np.ndarray:
-        """bool[N, T]: the observed steps of the blocks."""
+        """bool[N, T]: the observed steps of the blocks (those that read a hidden entry)."""
         out = np.zeros(self.step_mask.shape, dtype=bool)
         for g in self.blocks:
-            out[g.trace, g.step] = True
+            for level in range(g.n_hidden):
+                out[g.trace[g.owners[level][g.read_node[level]]], g.read_step[level]] = True
+        return out
+
+    @property
+    def block_steps(self) -> np.ndarray:
+        """bool[N, T]: the steps inside blocks (enumerated hidden steps and the observed steps
+        that read them)."""
+        out = np.zeros(self.step_mask.shape, dtype=bool)
+        for g in self.blocks:
+            out[g.trace] |= g.steps(self.step_mask.shape[1])
         return out
 
     def take(self, index) -> "HLSMData":

@@ -1,9 +1,9 @@
 """Hidden steps (DESIGN §4) against brute-force enumeration of the definition, all three models.
 
-The definition: a hidden step is on-module and noise-free. The observed step after a run
-of hidden steps sees their outputs under the enumerated selections; the steps after that
-read a hidden entry of their history as the intended module's output on the teacher-forced
-history. A hidden step with no observed step after it contributes a factor 1.
+The definition: a hidden step is on-module and noise-free, h_t = e, the output of the module
+the policy executed there, and every later step's history holds that e. The brute force
+enumerates every selection of every step, builds each path's history from that definition
+alone and scores the observed steps on it; nothing in it knows about blocks or trees.
 """
 import itertools
 import math
@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 
+import latentsel as ls
 from latentsel.api import exact, posterior
 from latentsel.emission import build_data
 from latentsel.inference.em import e_step, fit_em
@@ -21,10 +22,20 @@ from test_numpyro_models import enum_loss, log_prior
 
 REL = 1e-6
 
-# (depth, hidden steps), 0-based: blocks of one and two hidden steps, blocks read by later
-# steps, a block at the start, trailing hidden steps and a trace with every step hidden
-PATTERNS = [(3, (1,)), (3, (0, 1)), (4, (1,)), (4, (0,)), (3, (2,)), (2, (0, 1)), (4, (1, 3)), (1, (0,)),
-            (3, (0,)), (4, (0, 1))]
+# (depth, hidden steps), 0-based: one and two hidden steps in a row, at the start and at the
+# end, hidden steps read by later steps through every routing that can (prev, skip,
+# cat_prev_skip, longest, shortest), two runs in one trace, and a trace with every step hidden
+PATTERNS = [(3, (0,)), (3, (1,)), (3, (0, 1)), (4, (1,)), (4, (0,)), (3, (2,)), (2, (0, 1)), (4, (1, 3)),
+            (1, (0,)), (4, (0, 2)), (4, (1, 2)), (2, (0,))]
+
+
+@pytest.fixture(scope="module")
+def reading_world():
+    """Routings that read hidden entries from one, two and any number of steps back."""
+    base = ls.default_world()
+    skills = [base.skills[base.skill_index(n)] for n in ("reverse", "shift1", "drop_last")]
+    routes = [base.routes[base.route_index(n)] for n in ("prev", "skip", "cat_prev_skip", "longest", "shortest")]
+    return ls.World(skills=skills, routes=routes, alphabet="abc", max_len=6)
 
 
 def hidden_traces(rng, world, program=True, patterns=PATTERNS):
@@ -40,14 +51,11 @@ def hidden_traces(rng, world, program=True, patterns=PATTERNS):
 
 def brute_force(trace, params, model, world):
     """Evidence, marginals, p_off, the MAP path, the expected counts and the path posterior by
-    enumerating every path."""
+    enumerating every selection of every step."""
     r_n, k_n, a_n, w = world.n_routes, world.n_skills, world.n_chars, world.max_len
     eps, off = params.noise, params.off_module
     depth, steps = trace.depth, trace.steps
     prog = [(world.route_index(r), world.skill_index(k)) for r, k in trace.program] if trace.program else None
-    filled = [trace.input]  # the history as steps after a block read it
-    for t, y in enumerate(steps):
-        filled.append(y if y is not None else world.apply(*prog[t], filled) if prog else "")
 
     def row_index(t, r, k, path):
         if model == "modular":
@@ -76,25 +84,20 @@ def brute_force(trace, params, model, world):
             ir, ik = row_index(t, r, k, path)
             p *= rows_r[ir] * rows_k[ik]
             used.append((ir, ik))
-        stats = []  # per observed step: (p_on, p_off, mismatched, matched)
+        if p == 0.0:
+            continue
+        stats, history = [], [trace.input]  # stats per observed step: (t, p_on, p_off, (mismatched, matched))
         for t, y in enumerate(steps):
+            e = apply(path[t], history)
+            history.append(e if y is None else y)  # the definition: a hidden entry is the executed output
             if y is None:
                 continue
-            history = list(filled[: t + 1])
-            s = t - 1
-            while s >= 0 and steps[s] is None:
-                s -= 1
-            for h in range(s + 1, t):  # the run of hidden steps right before t: enumerated outputs
-                history[h + 1] = apply(path[h], history[: h + 1])
-            e = apply(path[t], history)
             on, mm = 0.0, (0, 0)
             if len(e) == len(y):
                 m = sum(a == b for a, b in zip(e, y))
                 on, mm = (1 - off) * (1 - eps) ** m * (eps / (a_n - 1)) ** (len(y) - m), (len(y) - m, m)
             stats.append((t, on, off * a_n ** (-len(y)) / (w + 1), mm))
         p *= math.prod(on + po for _, on, po, _ in stats)
-        if p == 0.0:
-            continue
         total += p
         paths[path] = p
         if p > best:
@@ -115,15 +118,17 @@ def brute_force(trace, params, model, world):
 
 @pytest.mark.parametrize("model", ["modular", "entangled", "grammar"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_hidden_steps_equal_brute_force(small_world, model, seed):  # noqa: F811
+@pytest.mark.parametrize("which", ["reading", "small"])
+def test_hidden_steps_equal_brute_force(reading_world, small_world, model, seed, which):  # noqa: F811
+    world = reading_world if which == "reading" else small_world
     rng = np.random.default_rng(100 + seed)
-    params = random_params(rng, model, small_world.n_routes, small_world.n_skills)
-    traces = hidden_traces(rng, small_world)
-    post = posterior(traces, params, model, small_world)
-    stats = e_step(model, params, build_data(traces, small_world, model=model))
+    params = random_params(rng, model, world.n_routes, world.n_skills)
+    traces = hidden_traces(rng, world, program=True)
+    post = posterior(traces, params, model, world)
+    stats = e_step(model, params, build_data(traces, world, model=model))
     want_counts = None
     for i, tr in enumerate(traces):
-        logz, rm, sm, om, path, counts, _ = brute_force(tr, params, model, small_world)
+        logz, rm, sm, om, path, counts, _ = brute_force(tr, params, model, world)
         d = tr.depth
         np.testing.assert_allclose(post.log_evidence[i], logz, rtol=REL, atol=1e-12, err_msg=tr.id)
         np.testing.assert_allclose(post.route_probs[i, :d], rm, rtol=REL, atol=1e-12, err_msg=tr.id)
@@ -136,27 +141,39 @@ def test_hidden_steps_equal_brute_force(small_world, model, seed):  # noqa: F811
         np.testing.assert_allclose(got, ref, rtol=REL, atol=1e-10)
 
 
-def test_grammar_without_program_hides_only_the_last_block(small_world):  # noqa: F811
+def test_grammar_without_program(reading_world):
+    """The grammar model needs no program for hidden steps: their entries are the executed outputs."""
     rng = np.random.default_rng(7)
-    params = random_params(rng, "grammar", small_world.n_routes, small_world.n_skills)
-    traces = hidden_traces(rng, small_world, program=False, patterns=[(3, (1,)), (2, (0,)), (3, (0, 1)), (3, (2,))])
-    post = posterior(traces, params, "grammar", small_world)
+    params = random_params(rng, "grammar", reading_world.n_routes, reading_world.n_skills)
+    traces = hidden_traces(rng, reading_world, program=False, patterns=[(3, (0,)), (3, (1,)), (3, (0, 1)), (3, (2,))])
+    post = posterior(traces, params, "grammar", reading_world)
     for i, tr in enumerate(traces):
-        np.testing.assert_allclose(post.log_evidence[i], brute_force(tr, params, "grammar", small_world)[0], rtol=REL)
-    bad = hidden_traces(rng, small_world, program=False, patterns=[(3, (0,))])
-    with pytest.raises(ValueError, match="hidden step 1 is read by the histories of later observed steps"):
-        build_data(bad, small_world, model="grammar")
+        np.testing.assert_allclose(post.log_evidence[i], brute_force(tr, params, "grammar", reading_world)[0],
+                                   rtol=REL)
+
+
+def test_block_reads_only_steps_that_can_read(reading_world, small_world):  # noqa: F811
+    """A later step joins a block only if some routing of the world can read the hidden entry:
+    with prev/input/cat_prev_input, step 3 cannot read step 1; with skip it can."""
+    x = "abc"
+    for world, joins in ((small_world, False), (reading_world, True)):
+        prog = [(world.route_names[0], world.skill_names[0])] * 3
+        tr = Trace("t", x, prog, [None, world.run(prog, x)[1], world.run(prog, x)[2]])
+        data = build_data([tr], world)
+        assert data.block_steps[0].tolist() == [True, True, joins]
+        assert data.emit[0].tolist() == [False, False, not joins]
 
 
 @pytest.mark.parametrize("model", ["modular", "entangled", "grammar"])
-def test_numpyro_program_with_hidden_steps(small_world, model):  # noqa: F811
+def test_numpyro_program_with_hidden_steps(reading_world, model):
     rng = np.random.default_rng(11)
-    params = random_params(rng, model, small_world.n_routes, small_world.n_skills)
-    # one- and two-step blocks, trailing hidden steps, a trace with no observed step
-    traces = hidden_traces(rng, small_world, patterns=[(3, (1,)), (3, (0, 1)), (3, (2,)), (2, (0, 1))])
-    data = build_data(traces, small_world, model=model)
-    closed = exact(data, params, model).log_evidence.sum() + log_prior(
-        params, model, small_world.n_routes, small_world.n_skills)
+    world = reading_world
+    params = random_params(rng, model, world.n_routes, world.n_skills)
+    # hidden steps read by later steps, two in a row, two runs, trailing, no observed step
+    traces = hidden_traces(rng, world, patterns=[(3, (0,)), (3, (1,)), (3, (0, 1)), (3, (2,)), (2, (0, 1)),
+                                                 (4, (0, 2))])
+    data = build_data(traces, world, model=model)
+    closed = exact(data, params, model).log_evidence.sum() + log_prior(params, model, world.n_routes, world.n_skills)
     np.testing.assert_allclose(-enum_loss(model, params, data), closed, rtol=REL)
 
 
@@ -183,12 +200,13 @@ def test_hidden_step_errors(small_world):  # noqa: F811
 
 
 @pytest.mark.parametrize("model", ["modular", "grammar"])
-def test_posterior_samples_match_exact_marginals(small_world, model):  # noqa: F811
+def test_posterior_samples_match_exact_marginals(reading_world, model):
     from latentsel.inference.sampling import sample_selections
 
+    small_world = reading_world
     rng = np.random.default_rng(21)
     params = random_params(rng, model, small_world.n_routes, small_world.n_skills)
-    traces = hidden_traces(rng, small_world, patterns=[(3, (1,)), (3, (0, 1)), (2, ())]) \
+    traces = hidden_traces(rng, small_world, patterns=[(3, (0,)), (3, (0, 1)), (2, ())]) \
         + random_traces(rng, small_world, 3, program=True)
     data = build_data(traces, small_world, model=model)
     post = exact(data, params, model)
