@@ -89,7 +89,7 @@ def corpus_posterior(model: str, params, data: HLSMData, chunk: int = CHUNK, *, 
             out = ExactPosterior(np.zeros(n), np.zeros((n, t, r_n)), np.zeros((n, t, k_n)), np.zeros((n, t)),
                                  np.full((n, t), -1), np.full((n, t), -1),
                                  np.zeros((n, t, r_n, k_n)) if joint else None)
-            for rows, part in chunks(data.take(fast), chunk):
+            for rows, part in (chunks(data.take(fast), chunk) if fast.size else ()):
                 post = jax.tree.map(np.asarray, exact_posterior(model, params, part, joint=joint))
                 for field, value in zip(out, post):
                     if field is not None:

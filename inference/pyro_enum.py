@@ -24,7 +24,7 @@ from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
 from pyro.poutine.util import site_is_subsample
 
-from latentsel.models.data import HLSMData
+from latentsel.models.data import HLSMData, tree_tables
 from latentsel.models.pyro_models import GLOBAL_SITES, PYRO_MODELS
 
 __all__ = ["pyro_log_evidence", "pyro_map", "conditioned", "PYRO_CHUNK"]
@@ -120,9 +120,12 @@ def pyro_map(model: str, params, data: HLSMData) -> tuple[np.ndarray, np.ndarray
     skill[free] = np.broadcast_to(values["skill"], (n, t_max))[free]
     for g in data.blocks:
         j = g.n_hidden
-        for level in range(j + 1):
-            name = f"hidden{j}_{level + 1}" if level < j else f"after{j}"
-            steps = g.step - j + level
-            route[g.trace, steps] = values[f"route_{name}"].reshape(-1)
-            skill[g.trace, steps] = values[f"skill_{name}"].reshape(-1)
+        for level in range(j):
+            steps = g.hidden[:, level]
+            route[g.trace, steps] = values[f"route_hidden{j}_{level + 1}"].reshape(-1)
+            skill[g.trace, steps] = values[f"skill_hidden{j}_{level + 1}"].reshape(-1)
+        read = tree_tables(g, t_max).read_steps  # [B, P]
+        b, p = np.nonzero(read >= 0)
+        route[g.trace[b], read[b, p]] = np.broadcast_to(values[f"route_read{j}"], read.T.shape)[p, b]
+        skill[g.trace[b], read[b, p]] = np.broadcast_to(values[f"skill_read{j}"], read.T.shape)[p, b]
     return route, skill

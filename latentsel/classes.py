@@ -7,7 +7,7 @@ observed step. The *distinguishability graph* has the R·K modules as nodes and 
 two modules that no observed step separates; its connected components are the classes up to
 which the data can identify a selection. Steps inside hidden-step blocks separate *paths* of
 modules, not modules, so they are left out of the graph; :func:`block_equivalent` compares two
-paths through a block by the emission of its observed step.
+paths through a block by the emissions of its observed steps.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import NamedTuple
 import networkx as nx
 import numpy as np
 
-from latentsel.models.data import HLSMData
+from latentsel.models.data import HLSMData, tree_tables
 from latentsel.world import World
 
 __all__ = ["ModuleClasses", "module_classes", "distinguishability_graph", "step_equivalent", "block_equivalent",
@@ -93,32 +93,34 @@ def step_equivalent(data: HLSMData, route: np.ndarray, skill: np.ndarray, other_
 
 
 def block_steps(data: HLSMData) -> np.ndarray:
-    """bool[N, T]: the steps inside hidden-step blocks (the hidden steps and the observed step
-    that closes each block)."""
-    inside = np.zeros(data.step_mask.shape, bool)
-    for g in data.blocks:
-        for lag in range(g.n_hidden + 1):
-            inside[g.trace, g.step - lag] = True
-    return inside
+    """bool[N, T]: the steps inside hidden-step blocks (the enumerated hidden steps and the
+    observed steps that read them)."""
+    return data.block_steps
 
 
 def block_equivalent(data: HLSMData, route: np.ndarray, skill: np.ndarray, other_route: np.ndarray,
                      other_skill: np.ndarray) -> np.ndarray:
     """bool[N, T]: at every step of a hidden-step block, do the two paths of modules through the
-    block (``route``/``skill`` and ``other_*``, int[N, T] each) give the block's observed step the
-    same emission? False outside blocks."""
+    block (``route``/``skill`` and ``other_*``, int[N, T] each) give every observed step of the
+    block the same emission? False outside blocks."""
     out = np.zeros(data.step_mask.shape, bool)
+    t_max = data.step_mask.shape[1]
     for g in data.blocks:
-        j = g.n_hidden
+        tables = tree_tables(g, t_max)
+        offset = tables.child.shape[0] - g.parents[-1].size  # the leaves' first global id
+        steps = g.steps(t_max)
+        read = tables.read_steps
 
-        def leaf_match(r, k):
-            first = g.step - j
-            node = g.nodes[0][np.arange(g.trace.size), r[g.trace, first], k[g.trace, first]]
-            for level in range(1, j):
-                node = g.nodes[level][node, r[g.trace, first + level], k[g.trace, first + level]]
-            return g.leaf_match[node, r[g.trace, g.step], k[g.trace, g.step]]
+        def read_matches(r, k):
+            rt, kt = r[g.trace], k[g.trace]  # [B, T]
+            leaf = offset + g.node_index(np.take_along_axis(rt, g.hidden, 1), np.take_along_axis(kt, g.hidden, 1))
+            st = np.maximum(read, 0)
+            row = tables.row_at[leaf[:, None], st]  # [B, P]
+            b = np.arange(g.n_blocks)[:, None]
+            m = tables.read_match[np.maximum(row, 0), rt[b, st], kt[b, st]]
+            return np.where(read >= 0, m, 0)
 
-        same = leaf_match(route, skill) == leaf_match(other_route, other_skill)
-        for lag in range(j + 1):
-            out[g.trace, g.step - lag] = same
+        same = (read_matches(route, skill) == read_matches(other_route, other_skill)).all(axis=1)
+        bi, ti = np.nonzero(steps)
+        out[g.trace[bi], ti] = same[bi]
     return out

@@ -7,8 +7,7 @@ uniformly drawn *other* character; an off-module step has a length uniform on
 0..MAX_LEN and uniform characters. The history is teacher-forced (``h_t = y_t``).
 
 Hidden steps (``hide``) follow the model's definition exactly: a hidden step is on-module
-and noise-free; the observed step after it sees the executed output, and later steps read
-the intended module's output in its place (:mod:`latentsel.models.data`).
+and noise-free, and its history entry, for every later step, is the executed module's output.
 """
 from __future__ import annotations
 
@@ -40,7 +39,6 @@ def simulate(prompts: Sequence[Trace], params, model: str, world: World, seed: i
             raise ValueError(f"prompt {p.id!r} states no program; the {model} model needs one")
         prog = [(world.route_index(r), world.skill_index(k)) for r, k in p.program] if p.program else None
         history, steps, routes, skills, offs = [p.input], [], [], [], []
-        filled = [p.input]  # the history as steps after the next observed one read it
         prev_r, prev_k = r_n, k_n
         for t in range(p.depth):
             if model == "modular":
@@ -64,12 +62,6 @@ def simulate(prompts: Sequence[Trace], params, model: str, world: World, seed: i
                 y = "".join(world.alphabet[(c + s) % a_n if f else c] for c, f, s in zip(codes, flip, shift))
             steps.append(None if t in hidden else y)
             history.append(y)
-            if t in hidden:
-                filled.append(world.apply(*prog[t], filled) if prog else "")
-            else:
-                # an observed step closes a block: from here on hidden entries read as intended
-                filled.append(y)
-                history = list(filled)
             routes.append(world.routes[r].name)
             skills.append(world.skills[k].name)
             offs.append(off)

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["HLSMData", "HiddenBlocks", "log_p_on", "log_p_off", "log_emission", "emission_table", "emission", "previous_intended",
+__all__ = ["HLSMData", "HiddenBlocks", "TreeTables", "tree_tables", "log_p_on", "log_p_off", "log_emission", "emission_table", "emission", "previous_intended",
            "execution_rows"]
 
 
@@ -103,6 +103,66 @@ class HiddenBlocks(NamedTuple):
             parent_keep, parent_new = child_keep, child_new
         return HiddenBlocks(trace_map[self.trace[keep]].astype(np.int32), self.hidden[keep], tuple(nodes),
                             tuple(parents), tuple(owners), tuple(read_node), tuple(read_step), tuple(read_match))
+
+
+class TreeTables(NamedTuple):
+    """A block group's tree as flat tables, for the generative programs.
+
+    Nodes of every level share one numbering: level 0 (the blocks) first, then level 1, …
+
+    Attributes:
+        child: int32[G, R, K], the node a hidden step's (r, k) leads to (a leaf maps to itself).
+        row_at: int32[G, T], the read row of step t at the node or its ancestor at the step's
+            level, -1 where the node's block does not read step t (or not yet).
+        read_steps: int32[B, P], the steps each block reads, ascending, -1 padding.
+        row_trace: int32[Q], row_step: int32[Q], read_match: int8[Q, R, K]: every read row.
+    """
+
+    child: np.ndarray
+    row_at: np.ndarray
+    read_steps: np.ndarray
+    row_trace: np.ndarray
+    row_step: np.ndarray
+    read_match: np.ndarray
+
+
+def tree_tables(g: HiddenBlocks, t_max: int) -> TreeTables:
+    """The flat tables of a block group (see :class:`TreeTables`)."""
+    sizes = [g.n_blocks] + [p.size for p in g.parents]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    r_n, k_n = g.nodes[0].shape[1:]
+    child = np.empty((offsets[-1], r_n, k_n), dtype=np.int32)
+    for level, n in enumerate(sizes):
+        lo = offsets[level]
+        if level < g.n_hidden:
+            child[lo:lo + n] = g.nodes[level] + offsets[level + 1]
+        else:
+            child[lo:lo + n] = (lo + np.arange(n))[:, None, None]
+    row_at = np.full((offsets[-1], t_max), -1, dtype=np.int32)
+    row_base = np.concatenate([[0], np.cumsum([q.size for q in g.read_node])])
+    for level in range(g.n_hidden):
+        lo = offsets[level + 1]
+        if level:  # inherit the rows of the ancestors
+            row_at[lo:lo + sizes[level + 1]] = row_at[offsets[level] + g.parents[level]]
+        q = np.arange(g.read_node[level].size)
+        row_at[lo + g.read_node[level], g.read_step[level]] = row_base[level] + q
+    steps = [sorted(set(s)) for s in _block_read_steps(g)]
+    width = max((len(s) for s in steps), default=0)
+    read_steps = np.full((g.n_blocks, max(width, 1)), -1, dtype=np.int32)
+    for b, s in enumerate(steps):
+        read_steps[b, :len(s)] = s
+    row_trace = np.concatenate([g.trace[g.owners[level][g.read_node[level]]] for level in range(g.n_hidden)])
+    row_step = np.concatenate(g.read_step)
+    return TreeTables(child, row_at, read_steps, row_trace.astype(np.int32), row_step.astype(np.int32),
+                      np.concatenate(g.read_match))
+
+
+def _block_read_steps(g: HiddenBlocks) -> list[list[int]]:
+    out = [[] for _ in range(g.n_blocks)]
+    for level in range(g.n_hidden):
+        for b, t in zip(g.owners[level][g.read_node[level]].tolist(), g.read_step[level].tolist()):
+            out[b].append(t)
+    return out
 
 
 class HLSMData(NamedTuple):

@@ -9,12 +9,15 @@ as a Python loop under ``markov`` with sites ``route_t``, ``skill_t``, ``off_t``
 enumerated ``scan`` gives a wrong ``TraceEnum_ELBO`` loss in current NumPyro releases).
 
 Hidden steps (:class:`~latentsel.models.data.HiddenBlocks`). In the modular and entangled
-models the steps plate covers the free observed steps; the j + 1 steps of each block are
-drawn in a plate ``blocks{j}`` with sites ``route_hidden{j}_{l}`` / ``skill_hidden{j}_{l}``
-(l = 1..j, the hidden steps) and ``route_after{j}`` / ``skill_after{j}`` / ``off_after{j}``
-(the observed step), whose emission ``obs_after{j}`` reads the block's tree of hidden
-outputs. In the grammar chain the emission of a block's observed step reads the selections
-of the j steps before it (``markov`` keeps them). Hidden steps have no off-module flag.
+models the steps plate covers the free observed steps. A block group with J hidden steps is
+a plate ``blocks{J}`` with sites ``route_hidden{J}_{l}`` / ``skill_hidden{J}_{l}`` (l = 1..J,
+the hidden steps, which walk the block's tree to a leaf) and, in a nested plate ``reads{J}``
+over the observed steps each block reads, ``route_read{J}`` / ``skill_read{J}`` /
+``off_read{J}`` and the emission ``obs_read{J}``, which reads the match counts at the leaf's
+ancestor of the step's level. In the grammar chain the current node of every block is carried
+along the steps (without a ``markov`` window, since a hidden entry can be read at any later
+step), and a reading step's emission reads that node's match counts. Hidden steps have no
+off-module flag.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import numpyro.distributions as dist
 from numpyro.contrib.funsor import markov
 from numpyro.ops.indexing import Vindex
 
-from latentsel.models.data import HLSMData, execution_rows, log_p_off, log_p_on
+from latentsel.models.data import HLSMData, execution_rows, log_p_off, log_p_on, tree_tables
 from latentsel.models.params import Priors
 
 __all__ = ["modular_model", "entangled_model", "grammar_model", "NUMPYRO_MODELS", "GLOBAL_SITES"]
@@ -53,36 +56,35 @@ def _globals(model: str, data: HLSMData, priors: Priors):
     return route, skill, noise, off_module
 
 
-def _leaf_log_on(data: HLSMData, g, noise):
-    """log p_on of a block's observed step at every leaf: ``[L, R, K]``, -inf where the lengths differ."""
-    y_len = jnp.asarray(data.length)[g.trace, g.step][g.owners[-1]][:, None, None]
-    m = jnp.asarray(g.leaf_match).astype(jnp.int32)
+def _rows_log_on(data: HLSMData, tables, noise):
+    """log p_on of every read row: ``[Q, R, K]``, -inf where the lengths differ."""
+    y_len = jnp.asarray(data.length)[tables.row_trace, tables.row_step][:, None, None]
+    m = jnp.asarray(tables.read_match).astype(jnp.int32)
     return jnp.where(m >= 0, m * jnp.log1p(-noise) + (y_len - m) * (jnp.log(noise) - jnp.log(data.n_chars - 1.0)),
                      -jnp.inf)
 
 
-def _leaf(g, block, hidden):
-    """The leaf reached by the hidden selections ``hidden = [(r, k), ...]`` of ``block``."""
-    idx = Vindex(jnp.asarray(g.nodes[0]))[block, hidden[0][0], hidden[0][1]]
-    for level in range(1, len(g.nodes)):
-        idx = Vindex(jnp.asarray(g.nodes[level]))[idx, hidden[level][0], hidden[level][1]]
-    return idx
-
-
-def _block_sites(g, route_rows, skill_rows, log_on_leaf, log_off, off_module):
-    j, b = g.n_hidden, g.trace.size
+def _block_sites(data, g, route_rows, skill_rows, log_off, off_module, noise):
+    j, b = g.n_hidden, g.n_blocks
+    tables = tree_tables(g, data.step_mask.shape[1])
+    log_on_rows = _rows_log_on(data, tables, noise)
+    trace = jnp.asarray(g.trace)
     with numpyro.plate(f"blocks{j}", b, dim=-1):
-        hidden = []
-        for level in range(j + 1):
-            t = jnp.asarray(g.step - j + level)
-            name = f"hidden{j}_{level + 1}" if level < j else f"after{j}"
-            r = numpyro.sample(f"route_{name}", dist.Categorical(route_rows[g.trace, t]), infer=_enum())
-            k = numpyro.sample(f"skill_{name}", dist.Categorical(skill_rows[g.trace, t]), infer=_enum())
-            hidden.append((r, k))
-        (r, k) = hidden.pop()
-        u = numpyro.sample(f"off_after{j}", dist.Bernoulli(off_module), infer=_enum())
-        lon = Vindex(log_on_leaf)[_leaf(g, jnp.arange(b), hidden), r, k]
-        numpyro.factor(f"obs_after{j}", jnp.where(u == 1, log_off[g.trace, g.step], lon))
+        node = jnp.arange(b)
+        for level in range(j):
+            t = jnp.asarray(g.hidden[:, level])
+            r = numpyro.sample(f"route_hidden{j}_{level + 1}", dist.Categorical(route_rows[trace, t]), infer=_enum())
+            k = numpyro.sample(f"skill_hidden{j}_{level + 1}", dist.Categorical(skill_rows[trace, t]), infer=_enum())
+            node = Vindex(jnp.asarray(tables.child))[node, r, k]
+        steps = tables.read_steps.T  # [P, B]
+        st = jnp.asarray(np.maximum(steps, 0))
+        with numpyro.plate(f"reads{j}", steps.shape[0], dim=-2), numpyro.handlers.mask(mask=jnp.asarray(steps >= 0)):
+            r = numpyro.sample(f"route_read{j}", dist.Categorical(route_rows[trace[None, :], st]), infer=_enum())
+            k = numpyro.sample(f"skill_read{j}", dist.Categorical(skill_rows[trace[None, :], st]), infer=_enum())
+            u = numpyro.sample(f"off_read{j}", dist.Bernoulli(off_module), infer=_enum())
+            row = jnp.maximum(Vindex(jnp.asarray(tables.row_at))[node, st], 0)
+            lon = Vindex(log_on_rows)[row, r, k]
+            numpyro.factor(f"obs_read{j}", jnp.where(u == 1, log_off[trace[None, :], st], lon))
 
 
 def _independent_model(model: str, data: HLSMData, priors: Priors):
@@ -92,7 +94,7 @@ def _independent_model(model: str, data: HLSMData, priors: Priors):
     log_on = log_p_on(data, noise)
     log_off = log_p_off(jnp.asarray(data.length), data.n_chars, data.max_len)
     for g in data.blocks:
-        _block_sites(g, route_rows, skill_rows, _leaf_log_on(data, g, noise), log_off, off_module)
+        _block_sites(data, g, route_rows, skill_rows, log_off, off_module, noise)
     with numpyro.plate("traces", n, dim=-2), numpyro.plate("steps", t, dim=-1):
         with numpyro.handlers.mask(mask=jnp.asarray(data.emit)):
             r = numpyro.sample("route", dist.Categorical(route_rows), infer=_enum())
@@ -122,30 +124,35 @@ def grammar_model(data: HLSMData, priors: Priors = Priors()):
     log_off = log_p_off(jnp.asarray(data.length), data.n_chars, data.max_len)
     step_mask = jnp.asarray(data.step_mask)
     observed = jnp.asarray(data.emit | data.block_observed)
-    # per block group: the block whose observed step is (trace, t), or -1
-    block_at = []
+    # per block group: its tables, the block of each trace (-1: none) and the hidden steps
+    groups = []
     for g in data.blocks:
-        at = np.full((n, t_max), -1)
-        at[g.trace, g.step] = np.arange(g.trace.size)
-        block_at.append((g, at, _leaf_log_on(data, g, noise)))
+        tables = tree_tables(g, t_max)
+        at = np.full(n, -1)
+        at[g.trace] = np.arange(g.n_blocks)
+        hidden_at = np.zeros((n, t_max), dtype=bool)
+        hidden_at[g.trace[:, None], g.hidden] = True
+        groups.append((tables, at, hidden_at, _rows_log_on(data, tables, noise)))
     n_idx = jnp.arange(n)
-    history = max([g.n_hidden for g in data.blocks], default=1)
+    nodes = [jnp.asarray(np.maximum(at, 0)) for _, at, _, _ in groups]
     with numpyro.plate("traces", n, dim=-1):
         r, k = data.n_routes, data.n_skills
-        past = []
-        for t in markov(range(t_max), history=history):
+        # with blocks a hidden entry can be read at any later step, so no step's enumeration
+        # dims may be recycled: no markov window (a window of t_max recycled the first
+        # step's dims at depth 4 and gave a wrong evidence)
+        for t in (range(t_max) if data.blocks else markov(range(t_max))):
             with numpyro.handlers.mask(mask=step_mask[:, t]):
                 r = numpyro.sample(f"route_{t}", dist.Categorical(route_trans[r]), infer=_enum())
                 k = numpyro.sample(f"skill_{t}", dist.Categorical(skill_trans[k]), infer=_enum())
-            past.append((r, k))
             lon = Vindex(log_on)[n_idx, t, r, k]
-            for g, at, log_on_leaf in block_at:
-                j = g.n_hidden
-                if t < j or not (at[:, t] >= 0).any():
-                    continue
-                block = jnp.asarray(np.maximum(at[:, t], 0))
-                leaf_lon = Vindex(log_on_leaf)[_leaf(g, block, past[t - j: t]), r, k]
-                lon = jnp.where(jnp.asarray(at[:, t] >= 0), leaf_lon, lon)
+            for i, (tables, at, hidden_at, log_on_rows) in enumerate(groups):
+                if hidden_at[:, t].any():
+                    step = Vindex(jnp.asarray(tables.child))[nodes[i], r, k]
+                    nodes[i] = jnp.where(jnp.asarray(hidden_at[:, t]), step, nodes[i])
+                if (tables.row_at[:, t] >= 0).any():
+                    row = Vindex(jnp.asarray(tables.row_at[:, t]))[nodes[i]]
+                    has = jnp.asarray(at >= 0) & (row >= 0)
+                    lon = jnp.where(has, Vindex(log_on_rows)[jnp.maximum(row, 0), r, k], lon)
             with numpyro.handlers.mask(mask=observed[:, t]):
                 u = numpyro.sample(f"off_{t}", dist.Bernoulli(off_module), infer=_enum())
                 numpyro.factor(f"obs_{t}", jnp.where(u == 1, log_off[:, t], lon))

@@ -4,9 +4,10 @@ The same programs as :mod:`latentsel.models.numpyro_models`, site for site: the 
 ``GLOBAL_SITES[model]`` with the DESIGN priors; per step, inside the ``traces`` (dim -2) and
 ``steps`` (dim -1) plates, the executed routing ``route``, skill ``skill`` and off-module flag
 ``off`` (all marked for parallel enumeration) and the emission factor ``obs``; blocks of
-hidden steps in plates ``blocks{j}`` with sites ``route_hidden{j}_{l}``, ``route_after{j}``,
-``off_after{j}`` and ``obs_after{j}``; the grammar chain as a Python loop under
-``pyro.markov`` with sites ``route_t``, ``skill_t``, ``off_t``, ``obs_t``.
+hidden steps in plates ``blocks{J}`` with sites ``route_hidden{J}_{l}`` and, in the nested
+plate ``reads{J}``, ``route_read{J}``, ``off_read{J}`` and ``obs_read{J}``; the grammar chain
+as a Python loop (under ``pyro.markov`` when no trace has a block) with sites ``route_t``,
+``skill_t``, ``off_t``, ``obs_t``.
 
 A model takes the numpy :class:`~latentsel.models.data.HLSMData` (the emission statistics
 are shared with the NumPyro programs; :func:`torch_arrays` views them as tensors without a
@@ -22,7 +23,7 @@ import pyro.distributions as dist
 import torch
 from pyro.ops.indexing import Vindex
 
-from latentsel.models.data import HLSMData
+from latentsel.models.data import HLSMData, tree_tables
 from latentsel.models.numpyro_models import GLOBAL_SITES
 from latentsel.models.params import Priors
 
@@ -77,36 +78,34 @@ def _execution_rows(model: str, route_p, skill_p, arrays, n_routes: int, n_skill
     return route_p[prev_r, cr], skill_p[prev_k, ck]
 
 
-def _leaf_log_on(data: HLSMData, g, noise):
-    """log p_on of a block's observed step at every leaf: ``[L, R, K]``."""
-    y_len = torch.from_numpy(np.asarray(data.length)[g.trace, g.step][g.owners[-1]]).to(noise.dtype)
-    return _log_on(torch.from_numpy(np.asarray(g.leaf_match)), y_len[:, None, None], noise, data.n_chars)
+def _rows_log_on(data: HLSMData, tables, noise):
+    """log p_on of every read row: ``[Q, R, K]``."""
+    y_len = torch.from_numpy(np.asarray(data.length)[tables.row_trace, tables.row_step]).to(noise.dtype)
+    return _log_on(torch.from_numpy(np.asarray(tables.read_match)), y_len[:, None, None], noise, data.n_chars)
 
 
-def _leaf(g, block, hidden):
-    """The leaf reached by the hidden selections ``hidden = [(r, k), ...]`` of ``block``."""
-    idx = Vindex(torch.from_numpy(np.asarray(g.nodes[0])).long())[block, hidden[0][0], hidden[0][1]]
-    for level in range(1, len(g.nodes)):
-        idx = Vindex(torch.from_numpy(np.asarray(g.nodes[level])).long())[idx, hidden[level][0], hidden[level][1]]
-    return idx
-
-
-def _block_sites(g, route_rows, skill_rows, log_on_leaf, log_off, off_module):
-    j, b = g.n_hidden, g.trace.size
+def _block_sites(data, g, route_rows, skill_rows, log_off, off_module, noise):
+    j, b = g.n_hidden, g.n_blocks
+    tables = tree_tables(g, data.step_mask.shape[1])
+    log_on_rows = _rows_log_on(data, tables, noise)
+    child = torch.from_numpy(tables.child).long()
     trace = torch.from_numpy(np.asarray(g.trace)).long()
-    step = torch.from_numpy(np.asarray(g.step)).long()
     with pyro.plate(f"blocks{j}", b, dim=-1):
-        hidden = []
-        for level in range(j + 1):
-            name = f"hidden{j}_{level + 1}" if level < j else f"after{j}"
-            t = step - j + level
-            r = pyro.sample(f"route_{name}", dist.Categorical(route_rows[trace, t]), infer=_enum())
-            k = pyro.sample(f"skill_{name}", dist.Categorical(skill_rows[trace, t]), infer=_enum())
-            hidden.append((r, k))
-        r, k = hidden.pop()
-        u = pyro.sample(f"off_after{j}", dist.Bernoulli(off_module), infer=_enum())
-        lon = Vindex(log_on_leaf)[_leaf(g, torch.arange(b), hidden), r, k]
-        pyro.factor(f"obs_after{j}", torch.where(u == 1, log_off[trace, step], lon))
+        node = torch.arange(b)
+        for level in range(j):
+            t = torch.from_numpy(np.asarray(g.hidden[:, level])).long()
+            r = pyro.sample(f"route_hidden{j}_{level + 1}", dist.Categorical(route_rows[trace, t]), infer=_enum())
+            k = pyro.sample(f"skill_hidden{j}_{level + 1}", dist.Categorical(skill_rows[trace, t]), infer=_enum())
+            node = Vindex(child)[node, r, k]
+        steps = tables.read_steps.T  # [P, B]
+        st = torch.from_numpy(np.maximum(steps, 0)).long()
+        with pyro.plate(f"reads{j}", steps.shape[0], dim=-2), pyro.poutine.mask(mask=torch.from_numpy(steps >= 0)):
+            r = pyro.sample(f"route_read{j}", dist.Categorical(route_rows[trace[None, :], st]), infer=_enum())
+            k = pyro.sample(f"skill_read{j}", dist.Categorical(skill_rows[trace[None, :], st]), infer=_enum())
+            u = pyro.sample(f"off_read{j}", dist.Bernoulli(off_module), infer=_enum())
+            row = Vindex(torch.from_numpy(tables.row_at).long())[node, st].clamp(min=0)
+            lon = Vindex(log_on_rows)[row, r, k]
+            pyro.factor(f"obs_read{j}", torch.where(u == 1, log_off[trace[None, :], st], lon))
 
 
 def _independent_model(model: str, data: HLSMData, priors: Priors, dtype):
@@ -117,7 +116,7 @@ def _independent_model(model: str, data: HLSMData, priors: Priors, dtype):
     log_on = _log_on(arrays["match"], arrays["length"][..., None, None], noise, data.n_chars)
     log_off = _log_off(arrays["length"], data.n_chars, data.max_len, noise.dtype)
     for g in data.blocks:
-        _block_sites(g, route_rows, skill_rows, _leaf_log_on(data, g, noise), log_off, off_module)
+        _block_sites(data, g, route_rows, skill_rows, log_off, off_module, noise)
     with pyro.plate("traces", n, dim=-2), pyro.plate("steps", t, dim=-1):
         with pyro.poutine.mask(mask=arrays["emit"]):
             r = pyro.sample("route", dist.Categorical(route_rows), infer=_enum())
@@ -145,29 +144,32 @@ def grammar_model(data: HLSMData, priors: Priors = Priors(), dtype=torch.float64
     log_on = _log_on(arrays["match"], arrays["length"][..., None, None], noise, data.n_chars)
     log_off = _log_off(arrays["length"], data.n_chars, data.max_len, noise.dtype)
     observed = arrays["emit"] | torch.from_numpy(data.block_observed)
-    block_at = []
+    groups = []  # per block group: its tables, the block of each trace (-1: none), the hidden steps
     for g in data.blocks:
-        at = np.full((n, t_max), -1)
-        at[g.trace, g.step] = np.arange(g.trace.size)
-        block_at.append((g, at, _leaf_log_on(data, g, noise)))
+        tables = tree_tables(g, t_max)
+        at = np.full(n, -1)
+        at[g.trace] = np.arange(g.n_blocks)
+        hidden_at = np.zeros((n, t_max), dtype=bool)
+        hidden_at[g.trace[:, None], g.hidden] = True
+        groups.append((tables, torch.from_numpy(tables.child).long(), at, hidden_at, _rows_log_on(data, tables, noise)))
     n_idx = torch.arange(n)
-    history = max([g.n_hidden for g in data.blocks], default=1)
+    nodes = [torch.from_numpy(np.maximum(at, 0)) for _, _, at, _, _ in groups]
+    # with blocks a hidden entry can be read at any later step: no markov window
+    steps = range(t_max) if data.blocks else pyro.markov(range(t_max))
     with pyro.plate("traces", n, dim=-1):
         r, k = data.n_routes, data.n_skills
-        past = []
-        for t in pyro.markov(range(t_max), history=history):
+        for t in steps:
             with pyro.poutine.mask(mask=arrays["step_mask"][:, t]):
                 r = pyro.sample(f"route_{t}", dist.Categorical(Vindex(route_trans)[r]), infer=_enum())
                 k = pyro.sample(f"skill_{t}", dist.Categorical(Vindex(skill_trans)[k]), infer=_enum())
-            past.append((r, k))
             lon = Vindex(log_on)[n_idx, t, r, k]
-            for g, at, log_on_leaf in block_at:
-                j = g.n_hidden
-                if t < j or not (at[:, t] >= 0).any():
-                    continue
-                block = torch.from_numpy(np.maximum(at[:, t], 0))
-                leaf_lon = Vindex(log_on_leaf)[_leaf(g, block, past[t - j: t]), r, k]
-                lon = torch.where(torch.from_numpy(at[:, t] >= 0), leaf_lon, lon)
+            for i, (tables, child, at, hidden_at, log_on_rows) in enumerate(groups):
+                if hidden_at[:, t].any():
+                    nodes[i] = torch.where(torch.from_numpy(hidden_at[:, t]), Vindex(child)[nodes[i], r, k], nodes[i])
+                if (tables.row_at[:, t] >= 0).any():
+                    row = Vindex(torch.from_numpy(tables.row_at[:, t]).long())[nodes[i]]
+                    has = torch.from_numpy(at >= 0) & (row >= 0)
+                    lon = torch.where(has, Vindex(log_on_rows)[row.clamp(min=0), r, k], lon)
             with pyro.poutine.mask(mask=observed[:, t]):
                 u = pyro.sample(f"off_{t}", dist.Bernoulli(off_module), infer=_enum())
                 pyro.factor(f"obs_{t}", torch.where(u == 1, log_off[:, t], lon))
