@@ -10,7 +10,8 @@
       p(y_t) = off_module p_off(y_t) + (1 - off_module) Σ_{(r, k): len(e) = len(y_t)} p(r) p(k) p_on(y_t | e).
 
   About a quarter of the R K modules fit a step's length in the default world; the gradient
-  scatters into the small parameter arrays only. The grammar chain uses forward-backward
+  scatters into the small parameter arrays only. It is computed in log space, so it stays
+  exact at the boundary of the parameter space. The grammar chain uses forward-backward
   (:func:`~latentsel.inference.exact.exact_posterior`).
 * :func:`collapsed_model`: the global prior plus one factor, that log evidence. Its log
   density equals the enumerated NumPyro model's; it is the fast potential of NUTS.
@@ -29,6 +30,7 @@ from latentsel.inference.blocks import block_log_evidence, emission_coefs
 from latentsel.inference.chain_blocks import layout_log_evidence
 from latentsel.inference.chain_blocks import layouts as chain_layouts
 from latentsel.inference.exact import exact_posterior
+from latentsel.inference.logspace import segment_lse
 from latentsel.models.data import HLSMData, log_p_off, previous_intended
 from latentsel.models.numpyro_models import GLOBAL_SITES
 from latentsel.models.params import Priors, params_class
@@ -130,13 +132,21 @@ def _free_log_evidence(model: str, data: HLSMData):
     def f(params):
         la = jnp.log1p(-params.noise)
         lb = jnp.log(params.noise) - jnp.log(data.n_chars - 1.0)
-        terms = (jnp.ravel(params[0])[route_idx] * jnp.ravel(params[1])[skill_idx]
-                 * jnp.exp(m * la + (y_len - m) * lb))
-        p_on = jax.ops.segment_sum(terms, step, num_segments=n_steps)[on_steps]
-        p_y = (1 - params.off_module) * p_on + params.off_module * jnp.exp(log_off)
-        return jnp.sum(jnp.log(p_y))
+        # log space throughout: exact for tiny noise, off_module and row entries (a zero row
+        # entry is a -inf term, which segment_lse and its gradient handle)
+        terms = (_safe_log(jnp.ravel(params[0]))[route_idx] + _safe_log(jnp.ravel(params[1]))[skill_idx]
+                 + m * la + (y_len - m) * lb)
+        log_p_on = segment_lse(terms, step, n_steps)[on_steps]
+        log_p_y = jnp.logaddexp(jnp.log1p(-params.off_module) + log_p_on, jnp.log(params.off_module) + log_off)
+        return jnp.sum(log_p_y)
 
     return f
+
+
+def _safe_log(x):
+    """log x with log 0 = -inf and a finite (zero) gradient there."""
+    pos = x > 0
+    return jnp.where(pos, jnp.log(jnp.where(pos, x, 1.0)), -jnp.inf)
 
 
 def collapsed_model(model: str, data: HLSMData, priors: Priors = Priors(), log_evidence=None):

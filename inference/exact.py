@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from latentsel.inference.logspace import lse
 from latentsel.models.data import HLSMData, emission, execution_rows, log_emission, log_p_off
 
 __all__ = ["ExactPosterior", "ForwardBackward", "exact_posterior", "independent_posterior", "forward_backward", "chain_posterior"]
@@ -172,30 +173,57 @@ def _viterbi(log_rt, log_st, le, mask):
     return jnp.where(mask, routes, -1), jnp.where(mask, skills, -1)
 
 
-def independent_posterior(route_prior, skill_prior, p_emit, p_off_term, mask, emit=None, with_joint: bool = True
-                          ) -> ExactPosterior:
-    """Exact posterior of the independent-step models, in probability space (float64 holds
-    every emission of the world; no transcendental function per entry).
+UNDERFLOW = 1e-280
+"""A step whose p(y_t) computes below this in probability space is recomputed in log space:
+above it, every term that could have underflowed (< 2.2e-308) is below 1e-27 of p(y_t)."""
+
+
+def independent_posterior(route_prior, skill_prior, p_emit, log_emit, log_off_term, mask, emit=None,
+                          with_joint: bool = True) -> ExactPosterior:
+    """Exact posterior of the independent-step models.
+
+    The fast path is probability space (the emission a table lookup, no transcendental
+    function per entry). Where a step's p(y_t) falls below :data:`UNDERFLOW` (tiny
+    ``off_module`` or ``noise``, execution rows with zeros where the step matches), the chunk
+    is recomputed in log space, so the result is exact for every parameter in range.
 
     Args:
         route_prior: [N, T, R]; skill_prior: [N, T, K]; p_emit: [N, T, R, K] p(y_t | r, k)
-        (1 where the step is not observed); p_off_term: [N, T] off_module * p_off(y_t);
+        (1 where the step is not observed); log_emit: a function returning log p(y_t | r, k),
+        [N, T, R, K] (0 where not observed); log_off_term: [N, T] log(off_module p_off(y_t));
         mask: bool[N, T], the steps to give a posterior; emit: bool[N, T], the observed ones
         among them (default: all); with_joint: also return ``joint_probs``.
     """
     emit = mask if emit is None else emit
-    joint = route_prior[..., :, None] * skill_prior[..., None, :] * p_emit
-    p_y = joint.sum(axis=(-2, -1))
-    n, t, r, k = joint.shape
+    n, t, r, k = p_emit.shape
+
+    def fast(_):
+        joint = route_prior[..., :, None] * skill_prior[..., None, :] * p_emit
+        return joint, jnp.log(joint.sum(axis=(-2, -1)))
+
+    def careful(_):
+        with_zero = jnp.where(route_prior > 0, route_prior, 1.0), jnp.where(skill_prior > 0, skill_prior, 1.0)
+        lr = jnp.where(route_prior > 0, jnp.log(with_zero[0]), -jnp.inf)
+        lk = jnp.where(skill_prior > 0, jnp.log(with_zero[1]), -jnp.inf)
+        log_joint = lr[..., :, None] + lk[..., None, :] + log_emit()
+        log_p_y = lse(log_joint, (-2, -1))
+        # scaled so the largest term of each step is 1: the marginals and the MAP are unchanged
+        return jnp.exp(log_joint - log_p_y[..., None, None]), log_p_y
+
+    joint, log_p_y = fast(None)
+    risky = jnp.any(emit & ~(log_p_y >= jnp.log(UNDERFLOW)))
+    joint, log_p_y = jax.lax.cond(risky, careful, lambda _: (joint, log_p_y), None)
+    p_y = jnp.exp(jnp.where(emit, log_p_y, 0.0))
     flat_map = jnp.argmax(joint.reshape(n, t, r * k), axis=-1)
-    scale = mask.astype(joint.dtype) / p_y
-    post = joint * scale[..., None, None]
+    # in the careful branch joint is already normalized (its sum is 1, not p_y)
+    total = joint.sum(axis=(-2, -1))
+    post = joint * (mask.astype(joint.dtype) / jnp.where(mask, total, 1.0))[..., None, None]
     return ExactPosterior(
-        log_evidence=jnp.sum(jnp.where(emit, jnp.log(p_y), 0.0), axis=1),
+        log_evidence=jnp.sum(jnp.where(emit, log_p_y, 0.0), axis=1),
         route_probs=post.sum(-1),
         skill_probs=post.sum(-2),
         # Σ_{r,k} p(r) p(k) = 1, so p(u = 1 | D) = off p_off(y) / p(y)
-        p_off=jnp.clip(jnp.where(emit, p_off_term, 0.0) * scale, 0.0, 1.0),
+        p_off=jnp.clip(jnp.where(emit & mask, jnp.exp(log_off_term - jnp.where(emit, log_p_y, 0.0)), 0.0), 0.0, 1.0),
         map_route=jnp.where(mask, flat_map // k, -1),
         map_skill=jnp.where(mask, flat_map % k, -1),
         joint_probs=post if with_joint else None,
@@ -224,5 +252,7 @@ def _exact_posterior(model, n_chars, max_len, params, arrays, joint=True) -> Exa
         return post if joint else post._replace(joint_probs=None)
     route_prior, skill_prior = execution_rows(model, params[0], params[1], data)
     p_emit = emission(data, params.noise, params.off_module)
-    p_off_term = params.off_module * jnp.exp(log_p_off(length, data.n_chars, data.max_len))
-    return independent_posterior(route_prior, skill_prior, p_emit, p_off_term, mask, emit, joint)
+    log_off_term = jnp.log(params.off_module) + log_p_off(length, data.n_chars, data.max_len)
+    return independent_posterior(route_prior, skill_prior, p_emit,
+                                 lambda: log_emission(data, params.noise, params.off_module), log_off_term, mask, emit,
+                                 joint)

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latentsel.inference.blocks import block_sample
+from latentsel.inference.blocks import block_sample, emission_coefs
 from latentsel.inference.chain_blocks import chain_block_posterior, layouts, tile
 from latentsel.inference.corpus import block_chunks, corpus_posterior
-from latentsel.models.data import HLSMData, emission_table, log_p_off
+from latentsel.models.data import HLSMData
 
 __all__ = ["Selections", "sample_selections"]
 
@@ -41,10 +41,14 @@ def _categorical(rng: np.random.Generator, weights: np.ndarray) -> np.ndarray:
 
 
 def _p_off_given(match, y_len, params, data: HLSMData) -> np.ndarray:
-    """p(u = 1 | z, y) from the match count ``m`` of y under z (-1: lengths differ)."""
-    table = np.asarray(emission_table(params.noise, params.off_module, data.n_chars, data.max_len))
-    off = params.off_module * np.exp(np.asarray(log_p_off(np.asarray(y_len, float), data.n_chars, data.max_len)))
-    return off / table[y_len, match.astype(np.int64) + 1]
+    """p(u = 1 | z, y) from the match count ``m`` of y under z (-1: lengths differ), in log space."""
+    coefs = tuple(np.asarray(c) for c in emission_coefs(params.noise, params.off_module, data.n_chars))
+    m = np.asarray(match)
+    y = np.asarray(y_len, dtype=np.float64)
+    log_off = coefs[3] - y * np.log(data.n_chars) - np.log(data.max_len + 1.0)
+    mm = np.maximum(m, 0)
+    log_on = np.where(m >= 0, coefs[2] + mm * coefs[0] + (y - mm) * coefs[1], -np.inf)
+    return np.exp(log_off - np.logaddexp(log_on, log_off))
 
 
 def _sample_chain(params, data, rng, n_samples):

@@ -106,9 +106,15 @@ def _expected_shapes(model: str, n_routes: int, n_skills: int):
     }[model]
 
 
+_TINY = float(np.finfo(np.float64).tiny)
+
+
 def validate_params(params, model: str, n_routes: int, n_skills: int, *, atol: float = 1e-6):
     """Check type, shapes, finiteness, row sums and ranges; return the params as float64 numpy.
 
+    Every number must be exact in float64 arithmetic as JAX does it on the CPU: a subnormal
+    entry (0 < x < 2.2e-308) is flushed to zero there, so it is refused rather than silently
+    read as 0 (an exact zero in a row is fine; ``noise`` and ``off_module`` lie in (0, 1)).
     Raises ``TypeError`` / ``ValueError`` naming the offending field.
     """
     cls = params_class(model)
@@ -124,6 +130,11 @@ def validate_params(params, model: str, n_routes: int, n_skills: int, *, atol: f
             raise ValueError(f"{name} has NaN or infinite entries")
         if (a < 0).any():
             raise ValueError(f"{name} has negative entries")
+        sub = np.argwhere((a > 0) & (a < _TINY))
+        if sub.size:
+            at = tuple(int(i) for i in sub[0])
+            raise ValueError(f"{name}{list(at)} = {a[at]:.3g} is subnormal (below {_TINY:.3g}, the smallest normal "
+                             f"float64), which JAX flushes to zero: use 0 or a normal number")
         sums = a.sum(axis=-1)
         bad = np.argwhere(np.abs(sums - 1) > atol)
         if bad.size:
@@ -137,6 +148,9 @@ def validate_params(params, model: str, n_routes: int, n_skills: int, *, atol: f
         v = float(v)
         if not 0 < v < 1:
             raise ValueError(f"{name} must lie in (0, 1), got {v}")
+        if v < _TINY:
+            raise ValueError(f"{name} = {v:.3g} is subnormal (below {_TINY:.3g}, the smallest normal float64), "
+                             f"which JAX flushes to zero: use a normal number")
         scalars.append(v)
     return cls(*arrays, *scalars)
 

@@ -34,6 +34,17 @@ def _enum():
     return {"enumerate": "parallel"}
 
 
+def _categorical(probs):
+    """Categorical by its logits: torch's ``probs=`` clamps probabilities to [eps, 1 - eps],
+    which turns an exact zero in a row into 2e-16 and changes the evidence."""
+    return dist.Categorical(logits=torch.log(probs))
+
+
+def _bernoulli(p):
+    """Bernoulli by its logit, exact for any p in (0, 1) (``probs=`` would clamp a tiny p to eps)."""
+    return dist.Bernoulli(logits=torch.log(p) - torch.log1p(-p))
+
+
 def torch_arrays(data: HLSMData) -> dict:
     """The per-step arrays of ``data`` as tensors sharing the numpy memory (int64 indices)."""
     as_t = torch.from_numpy
@@ -94,15 +105,15 @@ def _block_sites(data, g, route_rows, skill_rows, log_off, off_module, noise):
         node = torch.arange(b)
         for level in range(j):
             t = torch.from_numpy(np.asarray(g.hidden[:, level])).long()
-            r = pyro.sample(f"route_hidden{j}_{level + 1}", dist.Categorical(route_rows[trace, t]), infer=_enum())
-            k = pyro.sample(f"skill_hidden{j}_{level + 1}", dist.Categorical(skill_rows[trace, t]), infer=_enum())
+            r = pyro.sample(f"route_hidden{j}_{level + 1}", _categorical(route_rows[trace, t]), infer=_enum())
+            k = pyro.sample(f"skill_hidden{j}_{level + 1}", _categorical(skill_rows[trace, t]), infer=_enum())
             node = Vindex(child)[node, r, k]
         steps = tables.read_steps.T  # [P, B]
         st = torch.from_numpy(np.maximum(steps, 0)).long()
         with pyro.plate(f"reads{j}", steps.shape[0], dim=-2), pyro.poutine.mask(mask=torch.from_numpy(steps >= 0)):
-            r = pyro.sample(f"route_read{j}", dist.Categorical(route_rows[trace[None, :], st]), infer=_enum())
-            k = pyro.sample(f"skill_read{j}", dist.Categorical(skill_rows[trace[None, :], st]), infer=_enum())
-            u = pyro.sample(f"off_read{j}", dist.Bernoulli(off_module), infer=_enum())
+            r = pyro.sample(f"route_read{j}", _categorical(route_rows[trace[None, :], st]), infer=_enum())
+            k = pyro.sample(f"skill_read{j}", _categorical(skill_rows[trace[None, :], st]), infer=_enum())
+            u = pyro.sample(f"off_read{j}", _bernoulli(off_module), infer=_enum())
             row = Vindex(torch.from_numpy(tables.row_at).long())[node, st].clamp(min=0)
             lon = Vindex(log_on_rows)[row, r, k]
             pyro.factor(f"obs_read{j}", torch.where(u == 1, log_off[trace[None, :], st], lon))
@@ -119,9 +130,9 @@ def _independent_model(model: str, data: HLSMData, priors: Priors, dtype):
         _block_sites(data, g, route_rows, skill_rows, log_off, off_module, noise)
     with pyro.plate("traces", n, dim=-2), pyro.plate("steps", t, dim=-1):
         with pyro.poutine.mask(mask=arrays["emit"]):
-            r = pyro.sample("route", dist.Categorical(route_rows), infer=_enum())
-            k = pyro.sample("skill", dist.Categorical(skill_rows), infer=_enum())
-            u = pyro.sample("off", dist.Bernoulli(off_module), infer=_enum())
+            r = pyro.sample("route", _categorical(route_rows), infer=_enum())
+            k = pyro.sample("skill", _categorical(skill_rows), infer=_enum())
+            u = pyro.sample("off", _bernoulli(off_module), infer=_enum())
             lon = Vindex(log_on)[torch.arange(n)[:, None], torch.arange(t)[None, :], r, k]
             pyro.factor("obs", torch.where(u == 1, log_off, lon))
 
@@ -160,8 +171,8 @@ def grammar_model(data: HLSMData, priors: Priors = Priors(), dtype=torch.float64
         r, k = data.n_routes, data.n_skills
         for t in steps:
             with pyro.poutine.mask(mask=arrays["step_mask"][:, t]):
-                r = pyro.sample(f"route_{t}", dist.Categorical(Vindex(route_trans)[r]), infer=_enum())
-                k = pyro.sample(f"skill_{t}", dist.Categorical(Vindex(skill_trans)[k]), infer=_enum())
+                r = pyro.sample(f"route_{t}", _categorical(Vindex(route_trans)[r]), infer=_enum())
+                k = pyro.sample(f"skill_{t}", _categorical(Vindex(skill_trans)[k]), infer=_enum())
             lon = Vindex(log_on)[n_idx, t, r, k]
             for i, (tables, child, at, hidden_at, log_on_rows) in enumerate(groups):
                 if hidden_at[:, t].any():
@@ -171,7 +182,7 @@ def grammar_model(data: HLSMData, priors: Priors = Priors(), dtype=torch.float64
                     has = torch.from_numpy(at >= 0) & (row >= 0)
                     lon = torch.where(has, Vindex(log_on_rows)[row.clamp(min=0), r, k], lon)
             with pyro.poutine.mask(mask=observed[:, t]):
-                u = pyro.sample(f"off_{t}", dist.Bernoulli(off_module), infer=_enum())
+                u = pyro.sample(f"off_{t}", _bernoulli(off_module), infer=_enum())
                 pyro.factor(f"obs_{t}", torch.where(u == 1, log_off[:, t], lon))
 
 

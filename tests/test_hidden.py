@@ -75,45 +75,54 @@ def brute_force(trace, params, model, world):
             cache[key] = world.apply(*module, history)
         return cache[key]
 
-    total, best, best_path, paths = 0.0, -1.0, None, {}
-    route_m, skill_m, off_m = np.zeros((depth, r_n)), np.zeros((depth, k_n)), np.zeros(depth)
-    rc, kc, noise_c, off_c = np.zeros_like(rows_r), np.zeros_like(rows_k), np.zeros(2), np.zeros(2)
+    def log(x):
+        return math.log(x) if x > 0 else -math.inf
+
+    log_eps, log_1m_eps, log_off, log_on_flag = log(eps / (a_n - 1)), log(1 - eps), log(off), log(1 - off)
+    scored = []  # (path, log p(path, D), rows used, per observed step: (t, log p_on, log p_off, (mismatched, matched)))
     for path in itertools.product(itertools.product(range(r_n), range(k_n)), repeat=depth):
-        p, used = 1.0, []
+        lp, used = 0.0, []
         for t, (r, k) in enumerate(path):
             ir, ik = row_index(t, r, k, path)
-            p *= rows_r[ir] * rows_k[ik]
+            lp += log(rows_r[ir]) + log(rows_k[ik])
             used.append((ir, ik))
-        if p == 0.0:
+        if lp == -math.inf:
             continue
-        stats, history = [], [trace.input]  # stats per observed step: (t, p_on, p_off, (mismatched, matched))
+        stats, history = [], [trace.input]
         for t, y in enumerate(steps):
             e = apply(path[t], history)
             history.append(e if y is None else y)  # the definition: a hidden entry is the executed output
             if y is None:
                 continue
-            on, mm = 0.0, (0, 0)
+            lon, mm = -math.inf, (0, 0)
             if len(e) == len(y):
                 m = sum(a == b for a, b in zip(e, y))
-                on, mm = (1 - off) * (1 - eps) ** m * (eps / (a_n - 1)) ** (len(y) - m), (len(y) - m, m)
-            stats.append((t, on, off * a_n ** (-len(y)) / (w + 1), mm))
-        p *= math.prod(on + po for _, on, po, _ in stats)
-        total += p
-        paths[path] = p
-        if p > best:
-            best, best_path = p, path
+                lon, mm = log_on_flag + m * log_1m_eps + (len(y) - m) * log_eps, (len(y) - m, m)
+            loff = log_off - len(y) * math.log(a_n) - math.log(w + 1)
+            stats.append((t, lon, loff, mm))
+            lp += np.logaddexp(lon, loff)
+        scored.append((path, lp, used, stats))
+    top = max(lp for _, lp, _, _ in scored)
+    total = math.fsum(math.exp(lp - top) for _, lp, _, _ in scored)
+    log_total = top + math.log(total)
+    route_m, skill_m, off_m = np.zeros((depth, r_n)), np.zeros((depth, k_n)), np.zeros(depth)
+    rc, kc, noise_c, off_c = np.zeros_like(rows_r), np.zeros_like(rows_k), np.zeros(2), np.zeros(2)
+    path_probs, best_path = {}, max(scored, key=lambda item: item[1])[0]
+    for path, lp, used, stats in scored:
+        p = math.exp(lp - log_total)
+        path_probs[path] = p
         for t, (r, k) in enumerate(path):
             route_m[t, r] += p
             skill_m[t, k] += p
             rc[used[t][0]] += p
             kc[used[t][1]] += p
-        for t, on, po, mm in stats:
-            off_m[t] += p * po / (on + po)
-            off_c += p * np.array([po, on]) / (on + po)
-            noise_c += p * on / (on + po) * np.array(mm)
-    counts = (rc / total, kc / total, noise_c / total, off_c / total, math.log(total))
-    path_probs = {k: v / total for k, v in paths.items()}
-    return math.log(total), route_m / total, skill_m / total, off_m / total, best_path, counts, path_probs
+        for t, lon, loff, mm in stats:
+            q_off = math.exp(loff - np.logaddexp(lon, loff))
+            off_m[t] += p * q_off
+            off_c += p * np.array([q_off, 1 - q_off])
+            noise_c += p * (1 - q_off) * np.array(mm)
+    counts = (rc, kc, noise_c, off_c, log_total)
+    return log_total, route_m, skill_m, off_m, best_path, counts, path_probs
 
 
 @pytest.mark.parametrize("model", ["modular", "entangled", "grammar"])
