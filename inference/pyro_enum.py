@@ -51,7 +51,9 @@ def _ordinal(tr, site):
 def _chunk_evidence(model: str, params, data: HLSMData) -> np.ndarray:
     program = pyro.poutine.enum(conditioned(model, params), first_available_dim=-3)
     tr = pyro.poutine.trace(program).get_trace(data)
-    tr.compute_log_prob()
+    # the global sites are left out: their prior is not part of the evidence (and a row with
+    # exact zeros has a Dirichlet density of 0 or infinity there)
+    tr.compute_log_prob(site_filter=lambda name, site: name not in GLOBAL_SITES[model])
     tr.pack_tensors()
     groups: dict[str, OrderedDict] = {}
     sum_dims: set = set()

@@ -33,7 +33,7 @@ PATTERNS = [(3, (0,)), (3, (1,)), (3, (0, 1)), (4, (1,)), (4, (0,)), (3, (2,)), 
 def reading_world():
     """Routings that read hidden entries from one, two and any number of steps back."""
     base = ls.default_world()
-    skills = [base.skills[base.skill_index(n)] for n in ("reverse", "shift1", "drop_last")]
+    skills = [base.skills[base.skill_index(n)] for n in ("shift1", "drop_last")]
     routes = [base.routes[base.route_index(n)] for n in ("prev", "skip", "cat_prev_skip", "longest", "shortest")]
     return ls.World(skills=skills, routes=routes, alphabet="abc", max_len=6)
 
@@ -80,28 +80,34 @@ def brute_force(trace, params, model, world):
 
     log_eps, log_1m_eps, log_off, log_on_flag = log(eps / (a_n - 1)), log(1 - eps), log(off), log(1 - off)
     scored = []  # (path, log p(path, D), rows used, per observed step: (t, log p_on, log p_off, (mismatched, matched)))
-    for path in itertools.product(itertools.product(range(r_n), range(k_n)), repeat=depth):
-        lp, used = 0.0, []
-        for t, (r, k) in enumerate(path):
-            ir, ik = row_index(t, r, k, path)
-            lp += log(rows_r[ir]) + log(rows_k[ik])
-            used.append((ir, ik))
-        if lp == -math.inf:
-            continue
-        stats, history = [], [trace.input]
-        for t, y in enumerate(steps):
-            e = apply(path[t], history)
-            history.append(e if y is None else y)  # the definition: a hidden entry is the executed output
-            if y is None:
-                continue
-            lon, mm = -math.inf, (0, 0)
-            if len(e) == len(y):
-                m = sum(a == b for a, b in zip(e, y))
-                lon, mm = log_on_flag + m * log_1m_eps + (len(y) - m) * log_eps, (len(y) - m, m)
-            loff = log_off - len(y) * math.log(a_n) - math.log(w + 1)
-            stats.append((t, lon, loff, mm))
-            lp += np.logaddexp(lon, loff)
-        scored.append((path, lp, used, stats))
+
+    def extend(path, lp, used, stats, history):
+        """Every selection of step t = len(path), given the path so far and the history it built."""
+        t = len(path)
+        if t == depth:
+            scored.append((path, lp, used, stats))
+            return
+        y = steps[t]
+        for r in range(r_n):
+            for k in range(k_n):
+                ir, ik = row_index(t, r, k, path + ((r, k),))
+                lp_t = lp + log(rows_r[ir]) + log(rows_k[ik])
+                if lp_t == -math.inf:
+                    continue
+                e = apply((r, k), history)
+                stat = stats
+                if y is not None:
+                    lon, mm = -math.inf, (0, 0)
+                    if len(e) == len(y):
+                        m = sum(a == b for a, b in zip(e, y))
+                        lon, mm = log_on_flag + m * log_1m_eps + (len(y) - m) * log_eps, (len(y) - m, m)
+                    loff = log_off - len(y) * math.log(a_n) - math.log(w + 1)
+                    stat = stats + ((t, lon, loff, mm),)
+                    lp_t += np.logaddexp(lon, loff)
+                # the definition: a hidden entry is the executed output, for every later step
+                extend(path + ((r, k),), lp_t, used + ((ir, ik),), stat, history + (e if y is None else y,))
+
+    extend((), 0.0, (), (), (trace.input,))
     top = max(lp for _, lp, _, _ in scored)
     total = math.fsum(math.exp(lp - top) for _, lp, _, _ in scored)
     log_total = top + math.log(total)
@@ -126,8 +132,7 @@ def brute_force(trace, params, model, world):
 
 
 @pytest.mark.parametrize("model", ["modular", "entangled", "grammar"])
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("which", ["reading", "small"])
+@pytest.mark.parametrize("which, seed", [("reading", 0), ("reading", 1), ("small", 0)])
 def test_hidden_steps_equal_brute_force(reading_world, small_world, model, seed, which):  # noqa: F811
     world = reading_world if which == "reading" else small_world
     rng = np.random.default_rng(100 + seed)
@@ -137,14 +142,15 @@ def test_hidden_steps_equal_brute_force(reading_world, small_world, model, seed,
     stats = e_step(model, params, build_data(traces, world, model=model))
     want_counts = None
     for i, tr in enumerate(traces):
-        logz, rm, sm, om, path, counts, _ = brute_force(tr, params, model, world)
+        logz, rm, sm, om, path, counts, path_probs = brute_force(tr, params, model, world)
         d = tr.depth
         np.testing.assert_allclose(post.log_evidence[i], logz, rtol=REL, atol=1e-12, err_msg=tr.id)
         np.testing.assert_allclose(post.route_probs[i, :d], rm, rtol=REL, atol=1e-12, err_msg=tr.id)
         np.testing.assert_allclose(post.skill_probs[i, :d], sm, rtol=REL, atol=1e-12, err_msg=tr.id)
         np.testing.assert_allclose(post.p_off[i, :d], om, rtol=REL, atol=1e-12, err_msg=tr.id)
-        got = list(zip(post.map_route[i, :d].tolist(), post.map_skill[i, :d].tolist()))
-        assert got == list(path), tr.id
+        got = tuple(zip(post.map_route[i, :d].tolist(), post.map_skill[i, :d].tolist()))
+        # a MAP path: ties (two hidden selections with the same output and prior) are real
+        assert path_probs.get(got, 0.0) >= path_probs[path] * (1 - 1e-9), tr.id
         want_counts = counts if want_counts is None else [a + b for a, b in zip(want_counts, counts)]
     for got, ref in zip(stats, want_counts):
         np.testing.assert_allclose(got, ref, rtol=REL, atol=1e-10)
