@@ -196,40 +196,23 @@ def chain_block_posterior(params, data, layout: ChainLayout, clamp=None):
     return log_ev, joint, p_off, d_rt, d_st, jnp.stack([lb, la]), jnp.stack([l_off, l_on])
 
 
-@partial(jax.jit, static_argnames=("key", "n_chars", "max_len"))
-def _map_emissions(key, n_chars, max_len, params, match, length, tree):
-    """Per step: the log emission at every node of that step (``None`` where there is none)."""
-    depth, emit, hidden, reads = key
-    coefs = emission_coefs(params.noise, params.off_module, n_chars)
-    zero = jnp.zeros(length.shape)
-    read_at = {t: i for i, (_, t) in enumerate(reads)}
-    owners = tree[2]
-    out = []
-    level_owner = jnp.arange(match.shape[0])
-    for t in range(depth):
-        if t in hidden:
-            level_owner = owners[hidden.index(t)]
-            out.append(None)
-        elif t in read_at:
-            out.append(log_emission_terms(tree[3][read_at[t]], length[level_owner, t], coefs, zero[level_owner, t],
-                                          n_chars, max_len))
-        elif emit[t]:
-            out.append(log_emission_terms(match[level_owner, t], length[level_owner, t], coefs, zero[level_owner, t],
-                                          n_chars, max_len))
-        else:
-            out.append(None)
-    return out
+def _np_log_emission(match, y_len, params, n_chars: int, max_len: int):
+    """log p(y | r, k), off flag summed out, in numpy: ``match: int[n, R, K]``, ``y_len: [n]``."""
+    noise, off = float(params.noise), float(params.off_module)
+    la, lb = np.log1p(-noise), np.log(noise) - np.log(n_chars - 1.0)
+    y = np.asarray(y_len, dtype=np.float64)[:, None, None]
+    m = np.maximum(match, 0)
+    on = np.where(match >= 0, np.log1p(-off) + m * la + (y - m) * lb, -np.inf)
+    return np.logaddexp(on, np.log(off) - y * np.log(n_chars) - np.log(max_len + 1.0))
 
 
 def chain_block_map(params, data, layout: ChainLayout) -> np.ndarray:
     """The Viterbi path of each trace of the layout, off flags summed out: ``int[G, depth, 2]``."""
     r_n, k_n = data.n_routes, data.n_skills
     depth, _, hidden, _ = layout.key
-    nodes, parents, owners, _ = (jax.tree.map(np.asarray, part) for part in layout.tree)
-    with jax.enable_x64(True):
-        p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
-        emissions = [None if e is None else np.asarray(e) for e in _map_emissions(
-            layout.key, data.n_chars, data.max_len, p64, *_layout_arrays(data, layout))]
+    nodes, parents, owners, read_rows = (jax.tree.map(np.asarray, part) for part in layout.tree)
+    match, length = data.match[layout.traces, :depth], data.length[layout.traces, :depth]
+    read_at = {t: i for i, (_, t) in enumerate(layout.reads)}
     with np.errstate(divide="ignore"):
         log_rt, log_st = np.log(np.asarray(params.route_trans)), np.log(np.asarray(params.skill_trans))
     g_n = layout.traces.size
@@ -252,8 +235,10 @@ def chain_block_map(params, data, layout: ChainLayout) -> np.ndarray:
             reach = nodes[level][parent] == np.arange(parent.size)[:, None, None]
             d = np.where(reach, d[parent], -np.inf)
             owner = owners[level]
-        elif emissions[t] is not None:
-            d = d + emissions[t]
+        elif t in read_at:
+            d = d + _np_log_emission(read_rows[read_at[t]], length[owner, t], params, data.n_chars, data.max_len)
+        elif layout.emit[t]:
+            d = d + _np_log_emission(match[owner, t], length[owner, t], params, data.n_chars, data.max_len)
         back.append((br, bk, parent))
         delta = d
     flat = delta.reshape(delta.shape[0], -1)

@@ -30,7 +30,7 @@ from latentsel.inference.blocks import block_log_evidence, emission_coefs
 from latentsel.inference.chain_blocks import layout_log_evidence
 from latentsel.inference.chain_blocks import layouts as chain_layouts
 from latentsel.inference.exact import exact_posterior
-from latentsel.inference.logspace import segment_lse
+from latentsel.inference.logspace import safe_log, segment_lse
 from latentsel.models.data import HLSMData, log_p_off, previous_intended
 from latentsel.models.numpyro_models import GLOBAL_SITES
 from latentsel.models.params import Priors, params_class
@@ -73,7 +73,7 @@ def log_evidence_fn(model: str, data: HLSMData):
     t_max = data.step_mask.shape[1]
 
     def f(params):
-        log_rows = (jnp.log(params[0]), jnp.log(params[1]))
+        log_rows = (safe_log(params[0]), safe_log(params[1]))
         coefs = emission_coefs(params.noise, params.off_module, data.n_chars)
         total = free(params)
         for g in groups:
@@ -95,7 +95,7 @@ def _grammar_log_evidence(data: HLSMData):
         total = exact_posterior("grammar", params, fast).log_evidence.sum() if rows.size else 0.0
         if layouts:
             coefs = emission_coefs(params.noise, params.off_module, data.n_chars)
-            log_rt, log_st = jnp.log(params.route_trans), jnp.log(params.skill_trans)
+            log_rt, log_st = safe_log(params.route_trans), safe_log(params.skill_trans)
             for layout in layouts:
                 g_n = layout.traces.size
                 match = jnp.asarray(data.match[layout.traces, : layout.depth])
@@ -134,19 +134,13 @@ def _free_log_evidence(model: str, data: HLSMData):
         lb = jnp.log(params.noise) - jnp.log(data.n_chars - 1.0)
         # log space throughout: exact for tiny noise, off_module and row entries (a zero row
         # entry is a -inf term, which segment_lse and its gradient handle)
-        terms = (_safe_log(jnp.ravel(params[0]))[route_idx] + _safe_log(jnp.ravel(params[1]))[skill_idx]
+        terms = (safe_log(jnp.ravel(params[0]))[route_idx] + safe_log(jnp.ravel(params[1]))[skill_idx]
                  + m * la + (y_len - m) * lb)
         log_p_on = segment_lse(terms, step, n_steps)[on_steps]
         log_p_y = jnp.logaddexp(jnp.log1p(-params.off_module) + log_p_on, jnp.log(params.off_module) + log_off)
         return jnp.sum(log_p_y)
 
     return f
-
-
-def _safe_log(x):
-    """log x with log 0 = -inf and a finite (zero) gradient there."""
-    pos = x > 0
-    return jnp.where(pos, jnp.log(jnp.where(pos, x, 1.0)), -jnp.inf)
 
 
 def collapsed_model(model: str, data: HLSMData, priors: Priors = Priors(), log_evidence=None):

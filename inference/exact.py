@@ -20,7 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from latentsel.inference.logspace import lse
+from latentsel.inference.logspace import lse, safe_log
 from latentsel.models.data import HLSMData, emission, execution_rows, log_emission, log_p_off
 
 __all__ = ["ExactPosterior", "ForwardBackward", "exact_posterior", "independent_posterior", "forward_backward", "chain_posterior"]
@@ -114,14 +114,33 @@ def chain_posterior(log_route_trans, log_skill_trans, le, log_off_term, mask) ->
         log_route_trans: [R + 1, R]; log_skill_trans: [K + 1, K] (last row = start);
         le: [N, T, R, K]; log_off_term: [N, T]; mask: bool[N, T] (steps ``t < depth``, a prefix).
     """
-    fb = forward_backward(jnp.exp(log_route_trans), jnp.exp(log_skill_trans), le, mask)
+    # The scaled pass divides the backward messages by the forward normalizers z_t, so a
+    # backward message is at most Π_{s > t} 1 / z_s. Where the predicted mass and the
+    # emission disagree by ~1e200 (exact zeros in the rows with off_module ~ 1e-250) that
+    # product overflows; such chunks go through log space (a bound of e^500 leaves room for
+    # the gradient). Ordinary off-module steps (z ~ 1e-20) stay on the fast path.
+    lrt, lst = jax.lax.stop_gradient(log_route_trans), jax.lax.stop_gradient(log_skill_trans)
+    probe = forward_backward(jnp.exp(lrt), jnp.exp(lst), jax.lax.stop_gradient(le), mask)
+    growth = jnp.sum(jnp.where(mask.T, -jnp.log(jnp.maximum(probe.zs, UNDERFLOW)), 0.0), axis=0)
+    risky = (jnp.any(mask.T & ~(probe.zs >= UNDERFLOW)) | jnp.any(growth > 500.0)
+             | jnp.any(~jnp.isfinite(probe.log_evidence)))
+
+    def guard(x):  # no gradient reaches the fast path when it is not used
+        return jnp.where(risky, jax.lax.stop_gradient(x), x)
+
+    fb = forward_backward(jnp.exp(guard(log_route_trans)), jnp.exp(guard(log_skill_trans)), guard(le), mask)
     post = jnp.moveaxis(fb.alphas * fb.betas, 0, 1)  # [N, T, R, K]
     post = post / post.sum(axis=(-2, -1), keepdims=True)
+    careful = jax.lax.cond(risky, lambda a: log_chain(*a, mask),
+                           lambda a: (jnp.zeros_like(post), jnp.zeros_like(fb.log_evidence)),
+                           (log_route_trans, log_skill_trans, le))
+    post = jnp.where(risky, careful[0], post)
+    log_evidence = jnp.where(risky, careful[1], fb.log_evidence)
     maskf = mask.astype(le.dtype)
     post = post * maskf[..., None, None]
     map_route, map_skill = _viterbi(log_route_trans, log_skill_trans, le, mask)
     return ExactPosterior(
-        log_evidence=fb.log_evidence,
+        log_evidence=log_evidence,
         route_probs=post.sum(-1),
         skill_probs=post.sum(-2),
         p_off=_off_posterior(post, le, log_off_term) * maskf,
@@ -129,6 +148,40 @@ def chain_posterior(log_route_trans, log_skill_trans, le, log_off_term, mask) ->
         map_skill=map_skill,
         joint_probs=post,
     )
+
+
+def log_chain(log_route_trans, log_skill_trans, le, mask):
+    """Forward-backward of the grammar chain in log space: ``(post [N, T, R, K], log_evidence [N])``.
+
+    The slow, always exact path (a log-sum-exp per transition entry), used where the scaled
+    pass of :func:`forward_backward` would lose its normalizers."""
+    n, t_max, r_n, k_n = le.shape
+    lrt, lst = log_route_trans[:r_n], log_skill_trans[:k_n]
+    init = log_route_trans[r_n][:, None] + log_skill_trans[k_n][None, :]
+
+    def fwd(la, xs):
+        le_t, m_t, t = xs
+        step = lse(lse(la[:, :, :, None] + lst[None, None], 2)[:, :, None, :] + lrt[None, :, :, None], 1)
+        new = jnp.where(t == 0, init[None], step) + le_t
+        new = jnp.where(m_t[:, None, None], new, la)
+        return new, new
+
+    zeros = jnp.zeros((n, r_n, k_n), le.dtype)
+    last, las = jax.lax.scan(fwd, zeros, (jnp.moveaxis(le, 1, 0), mask.T, jnp.arange(t_max)))
+    log_evidence = lse(last, (1, 2))
+
+    def bwd(lb, xs):
+        le_next, m_next = xs
+        x = le_next + lb  # [N, R', K']
+        y = lse(lst[None, None, :, :] + x[:, :, None, :], 3)  # [N, R', K]: over k'
+        b = lse(lrt[None, :, :, None] + y[:, None, :, :], 2)  # [N, R, K]: over r'
+        b = jnp.where(m_next[:, None, None], b, 0.0)
+        return b, b
+
+    _, lbs = jax.lax.scan(bwd, zeros, (jnp.moveaxis(le, 1, 0)[1:], mask.T[1:]), reverse=True)
+    lbs = jnp.concatenate([lbs, zeros[None]], axis=0)
+    post = jnp.exp(jnp.moveaxis(las + lbs, 0, 1) - log_evidence[:, None, None, None])
+    return post, log_evidence
 
 
 def _viterbi(log_rt, log_st, le, mask):
@@ -248,7 +301,7 @@ def _exact_posterior(model, n_chars, max_len, params, arrays, joint=True) -> Exa
         le = log_emission(data, params.noise, params.off_module)
         log_off_term = jnp.where(emit, jnp.log(params.off_module) + log_p_off(length, data.n_chars, data.max_len),
                                  -jnp.inf)
-        post = chain_posterior(jnp.log(params.route_trans), jnp.log(params.skill_trans), le, log_off_term, mask)
+        post = chain_posterior(safe_log(params.route_trans), safe_log(params.skill_trans), le, log_off_term, mask)
         return post if joint else post._replace(joint_probs=None)
     route_prior, skill_prior = execution_rows(model, params[0], params[1], data)
     p_emit = emission(data, params.noise, params.off_module)

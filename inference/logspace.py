@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["lse", "segment_lse", "log_emission_terms"]
+__all__ = ["lse", "segment_lse", "safe_log", "log_emission_terms"]
 
 
 def lse(x, axis):
@@ -23,6 +23,14 @@ def lse(x, axis):
     ok = s > 0
     out = jnp.where(ok, jnp.log(jnp.where(ok, s, 1.0)) + m, -jnp.inf)
     return jnp.squeeze(out, axis=axis)
+
+
+def safe_log(x):
+    """log x with log 0 = -inf and a zero gradient there. An exact zero is on the boundary of
+    the simplex, where the derivative along the entry is taken as 0 (NUTS and SVI move in
+    unconstrained coordinates, where no entry is ever exactly 0)."""
+    pos = x > 0
+    return jnp.where(pos, jnp.log(jnp.where(pos, x, 1.0)), -jnp.inf)
 
 
 def segment_lse(x, segment_ids, num_segments: int):

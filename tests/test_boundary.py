@@ -47,6 +47,11 @@ def corpus(rng, world, model):
     return traces + random_traces(rng, world, 4, program=program)
 
 
+# the generative programs (NumPyro, Pyro) compile for each case, so they run on the cases
+# that combine the boundaries; the closed form runs on every case
+ALL_BACKENDS = {"zeros_and_tiny_off", "off_1e-290", "noise_1e-300"}
+
+
 @pytest.mark.parametrize("model", ["modular", "entangled", "grammar"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_backend_exact_at_the_boundary(reading_world, model, case):  # noqa: F811
@@ -55,7 +60,7 @@ def test_every_backend_exact_at_the_boundary(reading_world, model, case):  # noq
     params = CASES[case](random_params(rng, model, world.n_routes, world.n_skills), rng)
     traces = corpus(rng, world, model)
     want = [brute_force(tr, params, model, world) for tr in traces]
-    for backend in BACKENDS:
+    for backend in BACKENDS if case in ALL_BACKENDS else ("closed",):
         got = ls.log_evidence(traces, params, model, world, backend=backend)
         assert np.isfinite(got).all(), backend
         np.testing.assert_allclose(got, [w[0] for w in want], rtol=REL, err_msg=backend)

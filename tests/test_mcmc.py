@@ -17,6 +17,7 @@ from latentsel.models.numpyro_models import NUMPYRO_MODELS
 from latentsel.models.params import Priors
 from latentsel.traces import Trace
 
+from test_hidden import reading_world  # noqa: F401
 from test_exact import random_traces, small_world  # noqa: F401
 from test_numpyro_models import delta_guide
 
@@ -51,24 +52,34 @@ def test_closed_potential_equals_enumerated_model(small_world, model):  # noqa: 
 
 
 @pytest.mark.parametrize("model", ["modular", "entangled", "grammar"])
-def test_closed_log_evidence_with_hidden_steps(small_world, model):  # noqa: F811
-    """With hidden-step blocks the differentiable closed form equals the exact evidence
-    (itself pinned to brute force in test_hidden.py), and its gradient is finite."""
+def test_closed_log_evidence_with_hidden_steps(reading_world, model):
+    """With hidden-step blocks (hidden entries read by later steps) the differentiable closed
+    form, the NUTS potential, equals the exact evidence (itself pinned to brute force in
+    test_hidden.py), and its gradient is finite, exact zeros in the rows included."""
     from latentsel.api import exact
     from latentsel.inference.collapsed import log_evidence_fn
 
+    from test_boundary import _with_zeros
     from test_exact import random_params
     from test_hidden import hidden_traces
 
+    small_world = reading_world
     rng = np.random.default_rng(5)
     params = random_params(rng, model, small_world.n_routes, small_world.n_skills)
-    traces = hidden_traces(rng, small_world) + random_traces(rng, small_world, 4, program=True)
+    traces = hidden_traces(rng, small_world, patterns=[(3, (0,)), (3, (0, 1)), (4, (0, 2)), (2, ())]) \
+        + random_traces(rng, small_world, 4, program=True)
     data = build_data(traces, small_world, model=model)
     assert data.blocks and _resolve_potential("auto", data) == "closed"
     f = jax.jit(log_evidence_fn(model, data))
     with jax.enable_x64(True):
         p = jax.tree.map(jnp.asarray, params)
         np.testing.assert_allclose(float(f(p)), exact(data, params, model).log_evidence.sum(), rtol=1e-6)
+        grads = jax.grad(f)(p)
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+    zeros = _with_zeros(params, rng)._replace(off_module=1e-250)
+    with jax.enable_x64(True):
+        p = jax.tree.map(jnp.asarray, zeros)
+        np.testing.assert_allclose(float(f(p)), exact(data, zeros, model).log_evidence.sum(), rtol=1e-6)
         grads = jax.grad(f)(p)
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
