@@ -155,3 +155,14 @@ def test_ddp_gradients_equal_single_process(tmp_path):
         for name in one[key]:
             assert one[key][name].abs().max() > 0, name
             torch.testing.assert_close(ddp[key][name], one[key][name], rtol=1e-5, atol=1e-7, msg=f"{key} {name}")
+
+
+def test_training_logs_teacher_forced_accuracy_on_held_out_prompts(tmp_path):
+    cfg = _tiny(tmp_path, "probe", regime="sft", max_depth=3, steps=4, eval_every=2, eval_prompts=12, log_every=100)
+    summary = train(cfg, progress=False)
+    probed = [r for r in _records(cfg.out) if "teacher_forced" in r]
+    assert [r["step"] for r in probed] == [2, 4]
+    tf = summary["teacher_forced"]
+    assert tf == probed[-1]["teacher_forced"]
+    assert tf["step"]["n"] == 36 and set(tf["by_position"]) == {"1", "2", "3"}
+    assert summary["competent"] is False  # four steps of a tiny model learn nothing

@@ -52,6 +52,12 @@ def cmd_train(args) -> int:
           f"in {summary['wall_s']:.1f} s, {summary['tokens_per_s']:.0f} tokens/s, loss {last.get('loss', 0.0):.4f}"
           + (f", reward {last['reward']:.3f}" if "reward" in last else "")
           + f"; wrote {cfg.out}/checkpoint.pt and {cfg.out}/metrics.jsonl")
+    tf = summary.get("teacher_forced")
+    if tf:
+        by_pos = ", ".join(f"step {t} {c['acc']:.1%}" for t, c in tf["by_position"].items())
+        print(f"teacher-forced on {tf['answer']['n']} held-out eval-seen prompts: per step {tf['step']['acc']:.1%} "
+              f"({by_pos}), stop {tf['stop']['acc']:.1%}, answer {tf['answer']['acc']:.1%}"
+              + ("" if summary["competent"] else "; UNDER-TRAINED (competent at >= 90% per step)"))
     return 0
 
 
@@ -145,6 +151,11 @@ def _train_args(p, defaults: dict):
     p.add_argument("--split-seed", type=int, default=0, help="seed of the skill-bigram split (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=_count, default=100)
     p.add_argument("--log-every", type=_count, default=10)
+    p.add_argument("--eval-every", type=int, default=100,
+                   help="steps between teacher-forced accuracy probes on held-out eval-seen prompts "
+                        "(logged in metrics.jsonl; 0: only at the end) (default: %(default)s)")
+    p.add_argument("--eval-prompts", type=_count, default=500,
+                   help="held-out eval-seen prompts per probe (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
     _common(p)
     p.set_defaults(func=cmd_train, **defaults)

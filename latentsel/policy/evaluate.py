@@ -18,9 +18,11 @@ from latentsel.regimes import REGIMES, bigram_split, generate
 from latentsel.traces import Trace, write_traces
 from latentsel.world import World, default_world
 
-__all__ = ["SPLITS", "wilson", "score", "evaluate", "markdown_table"]
+__all__ = ["SPLITS", "COMPETENT", "wilson", "score", "evaluate", "markdown_table"]
 
 SPLITS = ("eval-seen", "eval-unseen", "eval-ood")
+COMPETENT = 0.9
+"""Teacher-forced per-step accuracy on eval-seen at which a policy counts as competent (DESIGN §7)."""
 _Z95 = 1.959963984540054
 
 
@@ -80,6 +82,7 @@ def evaluate(policies: dict[str, str | os.PathLike], out: str | os.PathLike, *, 
     """
     from latentsel.policy.checkpoint import load_policy
     from latentsel.policy.distributed import pick_device
+    from latentsel.policy.probe import teacher_forced
     from latentsel.policy.sampling import sample_traces
 
     world = world or default_world()
@@ -93,9 +96,12 @@ def evaluate(policies: dict[str, str | os.PathLike], out: str | os.PathLike, *, 
     record = {"device": dev.type, "n_per_split": n, "seed": seed, "split_seed": split_seed,
               "decoding": "greedy" if temperature == 0 else f"temperature {temperature}",
               "title": title, "policies": {}}
+    # teacher-forced per-step accuracy on eval-seen: has the policy learned its modules?
+    seen = prompts.get("eval-seen") or generate("eval-seen", n, seed, world=world, split=split)
     for name, path in policies.items():
         model, tok, ckpt = load_policy(path, dev)
-        entry = {"checkpoint": str(path), "trained_steps": ckpt["step"], "splits": {}}
+        entry = {"checkpoint": str(path), "trained_steps": ckpt["step"], "splits": {},
+                 "teacher_forced": teacher_forced(model, tok, seen, batch_size=batch_size)}
         for s in splits:
             traces = sample_traces(model, tok, prompts[s], policy=name, checkpoint=str(path), seed=seed,
                                    temperature=temperature, batch_size=batch_size, progress=progress)
@@ -122,6 +128,10 @@ def markdown_table(record: dict) -> str:
     policies = record["policies"]
     splits = list(next(iter(policies.values()))["splits"]) if policies else []
     title = record.get("title") or "Compositional generalization"
+    under = [name for name, e in policies.items()
+             if e.get("teacher_forced") and e["teacher_forced"]["step"]["acc"] < COMPETENT]
+    if under:
+        title += f" (under-trained: {', '.join(under)} below {COMPETENT:.0%} teacher-forced per-step accuracy)"
     lines = [f"# {title}", "",
              f"Exact-match accuracy of the final answer, {record['decoding']} decoding, {record['n_per_split']} "
              f"prompts per split, device {record['device']}; 95% Wilson intervals in brackets.", ""]
@@ -133,6 +143,17 @@ def markdown_table(record: dict) -> str:
     header([f"{s} (depth {policies[next(iter(policies))]['splits'][s]['depth']})" for s in splits] if policies else [])
     for name, entry in policies.items():
         lines.append(f"| {name} | " + " | ".join(_pct(entry["splits"][s]) for s in splits) + " |")
+    probes = {name: e["teacher_forced"] for name, e in policies.items() if e.get("teacher_forced")}
+    if probes:
+        positions = sorted({t for p in probes.values() for t in p["by_position"]}, key=int)
+        lines += ["", "## Teacher-forced accuracy on eval-seen (golden earlier steps given)", "",
+                  f"A step is right when greedy decoding reproduces it and its terminator; a policy is "
+                  f"competent at {COMPETENT:.0%} per step.", ""]
+        header(["per step"] + [f"step {t}" for t in positions] + ["stop", "all steps"])
+        for name, p in probes.items():
+            cells = [p["step"]] + [p["by_position"].get(t, {"acc": None}) for t in positions] + [p["stop"], p["answer"]]
+            lines.append(f"| {name} | " + " | ".join("n/a" if c["acc"] is None else f"{100 * c['acc']:.1f}%"
+                                                      for c in cells) + " |")
     for s in splits:
         depth = max(entry["splits"][s]["depth"] for entry in policies.values())
         lines += ["", f"## {s}: accuracy at depth t (first t steps all correct)", ""]

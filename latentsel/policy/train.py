@@ -27,6 +27,7 @@ from latentsel.policy.checkpoint import CheckpointError, load_checkpoint, load_p
 from latentsel.policy.data import POOL_REGIMES, collate, prompt_pool, sft_pairs
 from latentsel.policy.losses import group_advantages, grpo_loss, sft_loss, token_logprobs
 from latentsel.policy.model import GPT, PRESETS, GPTConfig
+from latentsel.policy.probe import COMPETENT, teacher_forced
 from latentsel.policy.sampling import autocast, derive_seed, generate
 from latentsel.policy.tokenizer import Tokenizer
 from latentsel.world import default_world
@@ -34,7 +35,11 @@ from latentsel.world import default_world
 __all__ = ["TrainConfig", "train", "lr_at"]
 
 # fields that may differ when a run is resumed: where and how it runs, not what it computes
-_RUN_FIELDS = {"out", "checkpoint_every", "log_every", "compile", "device"}
+_RUN_FIELDS = {"out", "checkpoint_every", "log_every", "compile", "device", "eval_every", "eval_prompts"}
+
+EVAL_SEED = 1_000_003
+"""Seed of the held-out eval-seen prompts that training measures itself on (the pools draw
+with the run's own seed)."""
 
 
 @dataclass
@@ -66,6 +71,8 @@ class TrainConfig:
     max_depth: int = 4
     checkpoint_every: int = 100
     log_every: int = 10
+    eval_every: int = 100
+    eval_prompts: int = 500
     compile: bool = False
     device: str | None = None
 
@@ -80,9 +87,11 @@ class TrainConfig:
             raise ValueError("RL needs --init, the checkpoint to start from")
         if self.mode == "rl" and self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {self.group_size}")
-        for name in ("steps", "batch_size", "pool", "checkpoint_every", "log_every"):
+        for name in ("steps", "batch_size", "pool", "checkpoint_every", "log_every", "eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: only at the end), got {self.eval_every}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -173,6 +182,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, on_step) -> di
         raise ValueError(f"regime {cfg.regime} has depth-{deepest} programs, beyond the model's "
                          f"block_size={model.config.block_size}")
     step_fn = _SFTStep(cfg, tok, pool, d) if cfg.mode == "sft" else _RLStep(cfg, tok, pool, d, model, ref)
+    # held-out eval-seen prompts: what the run measures its learning on (teacher-forced accuracy)
+    held_out = prompt_pool("eval-seen", cfg.eval_prompts, EVAL_SEED, world, cfg.split_seed) if d.is_main else None
+    if held_out and tok.block_size(max(len(t.program) for t in held_out)) > model.config.block_size:
+        held_out = None  # a model built for shorter programs (a toy run) cannot read eval-seen prompts
+    probe = None
     net = torch.compile(model) if cfg.compile else model
     if d.enabled:
         net = DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
@@ -198,9 +212,15 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, on_step) -> di
             optimizer.step()
         tokens += record["tokens"]
         flops += record["tokens"] * model.flops_per_token(record.pop("_width"))
-        if d.is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+        evaluate_now = step + 1 == cfg.steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)
+        if d.is_main and ((step + 1) % cfg.log_every == 0 or evaluate_now):
             elapsed = time.perf_counter() - t0
             record.update(step=step + 1, lr=lr, tokens_per_s=tokens / elapsed, model_flops_per_s=flops / elapsed)
+            if evaluate_now and held_out:
+                t_eval = time.perf_counter()
+                probe = teacher_forced(model, tok, held_out)
+                t0 += time.perf_counter() - t_eval  # the probe's time is not training throughput
+                record["teacher_forced"] = probe
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "reward") if k in record})
@@ -217,7 +237,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, on_step) -> di
                "n_params": model.n_params(), "resumed_from_step": start, "steps_run": cfg.steps - start,
                "wall_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed else None,
                "model_flops_per_s": flops / elapsed if elapsed else None,
-               "mfu": _mfu(flops / elapsed, d) if elapsed else None, "last": record}
+               "mfu": _mfu(flops / elapsed, d) if elapsed else None, "last": record,
+               "teacher_forced": probe,
+               "competent": None if probe is None else probe["step"]["acc"] >= COMPETENT}
     if d.is_main:
         with atomic_open(out / "train.json", "w") as f:
             json.dump(summary, f, indent=1)
