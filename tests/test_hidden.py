@@ -194,7 +194,8 @@ def test_block_reads_only_steps_that_can_read(reading_world, small_world):  # no
         assert data.emit[0].tolist() == [False, False, not joins]
 
 
-@pytest.mark.parametrize("model", ["modular", "entangled", "grammar"])
+# the entangled program shares the modular one's blocks (and test_pyro pins it with hidden steps)
+@pytest.mark.parametrize("model", ["modular", "grammar"])
 def test_numpyro_program_with_hidden_steps(reading_world, model):
     rng = np.random.default_rng(11)
     world = reading_world
@@ -275,7 +276,7 @@ def test_simulated_hidden_steps_have_positive_likelihood(world, model):
     from latentsel.simulate import simulate
 
     params = default_params(model, world.n_routes, world.n_skills, fidelity=0.5, noise=1e-6, off_module=1e-9)
-    prompts = generate("eval-ood", 300, seed=3)
+    prompts = generate("eval-ood", 150, seed=3)
     traces = simulate(prompts, params, model, world, seed=4, hide=[2])
     assert all(tr.steps[1] is None and tr.steps[2] is not None for tr in traces)
     post = posterior(traces, params, model, world)
