@@ -194,3 +194,30 @@ def test_apply_distinct_equals_apply_all(world):
     np.testing.assert_array_equal(out[index], full)
     np.testing.assert_array_equal(out_lens[index], full_lens)
     np.testing.assert_array_equal(owner[index], np.repeat(np.arange(len(histories)), world.n_routes).reshape(-1, world.n_routes))
+
+
+def test_default_routings_read_only_what_they_declare(world):
+    """Hidden steps are enumerated jointly with the steps that can read them (Route.reads):
+    changing an entry a routing does not declare must never change its output."""
+    rng = np.random.default_rng(0)
+    letters = list(world.alphabet)
+    for _ in range(300):
+        t = int(rng.integers(1, 7))
+        history = ["".join(rng.choice(letters, size=rng.integers(0, 9))) for _ in range(t)]
+        for route in world.routes:
+            declared = route.entries(t)
+            assert declared <= set(range(t))
+            base = world.route(route.name, history)
+            for e in set(range(t)) - declared:
+                changed = list(history)
+                changed[e] = "".join(rng.choice(letters, size=rng.integers(0, 17)))
+                assert world.route(route.name, changed) == base, (route.name, t, e)
+    assert world.readable(1) == {0} and world.readable(4) == {0, 1, 2, 3}
+
+
+def test_undeclared_reads_mean_every_entry():
+    r = Route("last_two", lambda h: "".join(h[-2:]))
+    assert r.entries(3) == {0, 1, 2}
+    bad = Route("bad", lambda h: h[0], reads=lambda t: (t,))
+    with pytest.raises(ValueError, match="declares reads outside a history of 2 entries"):
+        bad.entries(2)
