@@ -23,7 +23,7 @@ NUTS on the modular model checks it. Measures per (regime, model, N, seed):
 * ``class_accuracy``: steps whose MAP selection is right up to what the data can tell apart.
   At an observed step outside the hidden-step blocks: the MAP module lies in the executed
   module's class of the distinguishability graph (:mod:`latentsel.classes`). At the steps of a
-  block: the MAP path of modules through the block gives its observed step the same emission
+  block: the MAP path of modules through the block gives every observed step of it the same emission
   as the executed path (a compressed step is identified only up to such paths);
   ``step_class_accuracy``: observed steps outside blocks whose MAP module gives the step the
   same emission as the executed one; ``block_class_accuracy``: the block steps alone;
