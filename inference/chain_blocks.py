@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from latentsel.inference.blocks import emission_coefs
-from latentsel.inference.logspace import log_emission_terms, lse, segment_lse
+from latentsel.inference.logspace import log_emission_terms, log_transition, lse, segment_lse
 from latentsel.models.data import HiddenBlocks
 
 __all__ = ["ChainLayout", "layouts", "tile", "layout_log_evidence", "chain_block_posterior", "chain_block_map"]
@@ -52,15 +52,6 @@ class ChainLayout(NamedTuple):
         return (self.depth, self.emit, self.hidden, self.reads)
 
 
-def _block_reads(g: HiddenBlocks) -> list[tuple]:
-    """Per block, the sorted ``(level, step)`` of its reading steps."""
-    out = [set() for _ in range(g.n_blocks)]
-    for level in range(g.n_hidden):
-        for b, t in zip(g.owners[level][g.read_node[level]].tolist(), g.read_step[level].tolist()):
-            out[b].add((level + 1, t))
-    return [tuple(sorted(s)) for s in out]
-
-
 def layouts(data, rows=None) -> list[ChainLayout]:
     """Group the traces of ``data`` that have blocks (or all the traces ``rows``) by layout."""
     depth = data.step_mask.sum(axis=1)
@@ -68,7 +59,7 @@ def layouts(data, rows=None) -> list[ChainLayout]:
     in_block = np.zeros(data.n_traces, dtype=bool)
     wanted = None if rows is None else set(np.asarray(rows).tolist())
     for gi, g in enumerate(data.blocks):
-        reads = _block_reads(g)
+        reads = g.reads()
         for b, i in enumerate(g.trace.tolist()):
             in_block[i] = True
             if wanted is not None and i not in wanted:
@@ -114,12 +105,6 @@ def tile(layout: ChainLayout, copies: int) -> ChainLayout:
     return layout._replace(traces=np.tile(layout.traces, copies), tree=tree)
 
 
-def _log_step(la, log_rt, log_st):
-    """log Σ_{z'} exp(la[z']) p(z | z') for the factorized transition: ``[n, R, K]`` -> ``[n, R, K]``."""
-    a1 = lse(la[:, :, :, None] + log_st[None, None, :, :], 2)  # [n, R', K]
-    return lse(a1[:, :, None, :] + log_rt[None, :, :, None], 1)
-
-
 def layout_log_evidence(key, n_chars, max_len, log_rt, log_st, coefs, lam, mu, match, length, tree):
     """``(Σ log p(D_g), log p(D_g): [G])`` of the traces of one layout.
 
@@ -138,7 +123,7 @@ def layout_log_evidence(key, n_chars, max_len, log_rt, log_st, coefs, lam, mu, m
         if la is None:
             pred = jnp.broadcast_to(log_rt[r_n][:, None] + log_st[k_n][None, :], (owner.shape[0], r_n, k_n))
         else:
-            pred = _log_step(la, log_rt[:r_n], log_st[:k_n])
+            pred = log_transition(la, log_rt[:r_n], log_st[:k_n])
         pred = pred + lam[owner, t]
         if t in hidden:
             level = hidden.index(t)

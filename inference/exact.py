@@ -20,7 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from latentsel.inference.logspace import lse, safe_log
+from latentsel.inference.logspace import log_transition, lse, safe_log
 from latentsel.models.data import HLSMData, emission, execution_rows, log_emission, log_p_off
 
 __all__ = ["ExactPosterior", "ForwardBackward", "exact_posterior", "independent_posterior", "forward_backward", "chain_posterior"]
@@ -161,8 +161,7 @@ def log_chain(log_route_trans, log_skill_trans, le, mask):
 
     def fwd(la, xs):
         le_t, m_t, t = xs
-        step = lse(lse(la[:, :, :, None] + lst[None, None], 2)[:, :, None, :] + lrt[None, :, :, None], 1)
-        new = jnp.where(t == 0, init[None], step) + le_t
+        new = jnp.where(t == 0, init[None], log_transition(la, lrt, lst)) + le_t
         new = jnp.where(m_t[:, None, None], new, la)
         return new, new
 

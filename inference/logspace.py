@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["lse", "segment_lse", "safe_log", "log_emission_terms"]
+__all__ = ["lse", "segment_lse", "safe_log", "log_transition", "log_emission_terms"]
 
 
 def lse(x, axis):
@@ -41,6 +41,14 @@ def segment_lse(x, segment_ids, num_segments: int):
     s = jax.ops.segment_sum(jnp.exp(x - m[segment_ids]), segment_ids, num_segments=num_segments)
     ok = s > 0
     return jnp.where(ok, jnp.log(jnp.where(ok, s, 1.0)) + m, -jnp.inf)
+
+
+def log_transition(la, log_rt, log_st):
+    """log Σ_{z'} exp(la[z']) p(z | z') for the grammar's factorized transition
+    p((r, k) | (r', k')) = route_trans[r', r] skill_trans[k', k]: ``la: [n, R, K]`` -> ``[n, R, K]``
+    (``log_rt: [R, R]``, ``log_st: [K, K]``, start rows excluded); O(R K (R + K)) per row."""
+    a1 = lse(la[:, :, :, None] + log_st[None, None, :, :], 2)  # [n, R', K]: over k'
+    return lse(a1[:, :, None, :] + log_rt[None, :, :, None], 1)  # over r'
 
 
 def log_emission_terms(match, y_len, coefs, log_off_extra, n_chars: int, max_len: int):

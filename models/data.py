@@ -74,6 +74,14 @@ class HiddenBlocks(NamedTuple):
             out[self.owners[level][self.read_node[level]], self.read_step[level]] = True
         return out
 
+    def reads(self) -> list[tuple]:
+        """Per block, its observed reading steps as sorted ``(level, step)`` pairs (level 1..J)."""
+        out = [set() for _ in range(self.n_blocks)]
+        for level in range(self.n_hidden):
+            for b, t in zip(self.owners[level][self.read_node[level]].tolist(), self.read_step[level].tolist()):
+                out[b].add((level + 1, t))
+        return [tuple(sorted(s)) for s in out]
+
     def node_index(self, route, skill, levels: int | None = None) -> np.ndarray:
         """The level-``levels`` node (default J) of each block reached by the selections
         ``route, skill: int[..., B, J]`` of its hidden steps: ``int[..., B]``."""
@@ -146,7 +154,7 @@ def tree_tables(g: HiddenBlocks, t_max: int) -> TreeTables:
             row_at[lo:lo + sizes[level + 1]] = row_at[offsets[level] + g.parents[level]]
         q = np.arange(g.read_node[level].size)
         row_at[lo + g.read_node[level], g.read_step[level]] = row_base[level] + q
-    steps = [sorted(set(s)) for s in _block_read_steps(g)]
+    steps = [[t for _, t in reads] for reads in g.reads()]
     width = max((len(s) for s in steps), default=0)
     read_steps = np.full((g.n_blocks, max(width, 1)), -1, dtype=np.int32)
     for b, s in enumerate(steps):
@@ -155,14 +163,6 @@ def tree_tables(g: HiddenBlocks, t_max: int) -> TreeTables:
     row_step = np.concatenate(g.read_step)
     return TreeTables(child, row_at, read_steps, row_trace.astype(np.int32), row_step.astype(np.int32),
                       np.concatenate(g.read_match))
-
-
-def _block_read_steps(g: HiddenBlocks) -> list[list[int]]:
-    out = [[] for _ in range(g.n_blocks)]
-    for level in range(g.n_hidden):
-        for b, t in zip(g.owners[level][g.read_node[level]].tolist(), g.read_step[level].tolist()):
-            out[b].append(t)
-    return out
 
 
 class HLSMData(NamedTuple):
