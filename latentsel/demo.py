@@ -122,7 +122,7 @@ def _regimes(out: Path, world, n: int, seed: int, progress: bool) -> dict:
             raise RuntimeError("the batch executor disagrees with the reference on a golden step")
         rows[regime] = {
             "n": len(traces),
-            "depth": REGIMES[regime].depth,
+            "depth": "–".join(map(str, REGIMES[regime].depths)),
             "programs": len({tuple(t.program) for t in traces}),
             "skills": len({k for t in traces for _, k in t.program}),
             "routes": len({r for t in traces for r, _ in t.program}),

@@ -45,6 +45,7 @@ import numpy as np
 from latentsel.classes import block_equivalent, block_steps, module_classes, step_equivalent
 from latentsel.models.data import previous_intended
 from latentsel.models.params import ModularParams
+from latentsel.regimes import REGIMES as PROMPT_REGIMES
 from latentsel.regimes import bigram_split, generate
 from latentsel.traces import Trace
 from latentsel.world import World, default_world
@@ -105,7 +106,9 @@ def regime_traces(name: str, n_traces: int, seed: int, world: World, truth: Modu
     spec = regime(name)
     truth = truth_params(world, seed, spec.fidelity) if truth is None else truth
     n_prompts = -(-n_traces // spec.traces_per_prompt)
-    prompts = generate(spec.source, n_prompts, seed, world=world, split=bigram_split(world.n_skills))
+    # identify's SFT-like traces are depth 3 (the policy regime also draws depth 2)
+    depths = (PROMPT_REGIMES[spec.source].depth,)
+    prompts = generate(spec.source, n_prompts, seed, world=world, split=bigram_split(world.n_skills), depths=depths)
     repeated = [Trace(f"{name}-{i // spec.traces_per_prompt:06d}-{i % spec.traces_per_prompt}", p.input, p.program,
                       p.steps)
                 for i, p in enumerate(q for q in prompts for _ in range(spec.traces_per_prompt))][:n_traces]

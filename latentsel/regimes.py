@@ -6,7 +6,7 @@ and a held-out quarter. The prompt regimes:
 =============  =====  ==============================================================
 regime         depth  skill bigrams of the program
 =============  =====  ==============================================================
-sft            3      all seen; the set covers every skill and every routing
+sft            2-3    all seen; the set covers every skill and every routing
 rl-atomic      1      (none: any single module)
 rl-compound    3      at least one from the RL quarter, none held out
 eval-seen      3      all seen
@@ -14,14 +14,15 @@ eval-unseen    3      at least one held out
 eval-ood       4      any
 =============  =====  ==============================================================
 
-Routings are uniform at every step; inputs have length 4 to 8, characters uniform over the
+A regime of several depths draws each prompt's depth uniformly. Routings are uniform at every
+step; inputs have length 4 to 8, characters uniform over the
 alphabet. The same ``(regime, n, seed, split_seed)`` always gives the same prompts, and
 different regimes draw from independent streams.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -35,17 +36,22 @@ MIN_INPUT_LEN, MAX_INPUT_LEN = 4, 8
 
 
 class _Regime(NamedTuple):
-    depth: int
+    depths: tuple[int, ...]
     code: int
+
+    @property
+    def depth(self) -> int:
+        """The deepest program of the regime."""
+        return max(self.depths)
 
 
 REGIMES = {
-    "sft": _Regime(3, 0),
-    "rl-atomic": _Regime(1, 1),
-    "rl-compound": _Regime(3, 2),
-    "eval-seen": _Regime(3, 3),
-    "eval-unseen": _Regime(3, 4),
-    "eval-ood": _Regime(4, 5),
+    "sft": _Regime((2, 3), 0),
+    "rl-atomic": _Regime((1,), 1),
+    "rl-compound": _Regime((3,), 2),
+    "eval-seen": _Regime((3,), 3),
+    "eval-unseen": _Regime((3,), 4),
+    "eval-ood": _Regime((4,), 5),
 }
 
 
@@ -94,9 +100,21 @@ def bigram_split(n_skills: int, seed: int = 0) -> BigramSplit:
     return BigramSplit(labels.reshape(n_skills, n_skills), seed)
 
 
-def regime_programs(regime: str, split: BigramSplit) -> np.ndarray:
-    """Every skill sequence the regime allows: ``int[C, depth]`` (skill indices)."""
-    depth = _regime(regime).depth
+def regime_programs(regime: str, split: BigramSplit, depth: int | None = None) -> np.ndarray:
+    """Every skill sequence of ``depth`` (default the regime's deepest) the regime allows:
+    ``int[C, depth]`` (skill indices)."""
+    depth = _regime(regime).depth if depth is None else depth
+    key = (regime, depth, split.labels.tobytes())
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = _programs(regime, split, depth)
+        _PROGRAMS[key].flags.writeable = False
+    return _PROGRAMS[key]
+
+
+_PROGRAMS: dict = {}
+
+
+def _programs(regime: str, split: BigramSplit, depth: int) -> np.ndarray:
     k = split.labels.shape[0]
     seqs = np.stack(np.unravel_index(np.arange(k**depth), (k,) * depth), axis=1)
     if depth == 1 or regime == "eval-ood":
@@ -138,7 +156,8 @@ def _cover(candidates: np.ndarray, n_skills: int, rng: np.random.Generator) -> l
 
 
 def generate(
-    regime: str, n: int, seed: int = 0, *, world: World | None = None, split: BigramSplit | None = None
+    regime: str, n: int, seed: int = 0, *, world: World | None = None, split: BigramSplit | None = None,
+    depths: Sequence[int] | None = None, cover: bool = True,
 ) -> list[Trace]:
     """``n`` golden traces of a regime: prompts with the world's faithful execution as steps.
 
@@ -148,11 +167,18 @@ def generate(
         seed: the prompt seed.
         world: the world (default :func:`default_world`).
         split: the bigram split (default ``bigram_split(K, seed=0)``).
-
-    For ``sft`` with ``n`` large enough (8 for the default world), the set contains every
-    skill and every routing.
+        depths: program depths to draw from (default the regime's); depth >= 2 for the
+            compound regimes.
+        cover: for ``sft``, make the first prompts cover every skill and every routing: with
+            ``n`` large enough (8 for the default world) the set contains them all.
     """
     spec = _regime(regime)
+    if depths is not None:
+        depths = tuple(int(d) for d in depths)
+        compound = regime not in ("rl-atomic", "eval-ood")
+        if not depths or min(depths) < (2 if compound else 1):
+            raise ValueError(f"depths for {regime} must be >= {2 if compound else 1}, got {list(depths)}")
+        spec = spec._replace(depths=depths)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     world = world or default_world()
@@ -160,21 +186,34 @@ def generate(
     if split.labels.shape != (world.n_skills,) * 2:
         raise ValueError(f"the bigram split is for {split.labels.shape[0]} skills, the world has {world.n_skills}")
     rng = np.random.default_rng([seed, spec.code])
-    candidates = regime_programs(regime, split)
-    if len(candidates) == 0:
-        raise ValueError(f"the bigram split (seed {split.seed}) allows no {regime} program")
-
-    skills = candidates[rng.integers(len(candidates), size=n)]
-    routes = rng.integers(world.n_routes, size=(n, spec.depth))
-    if regime == "sft":
-        cover = _cover(candidates, world.n_skills, rng)
-        n_cover = min(n, max(len(cover), -(-world.n_routes // spec.depth)))
+    candidates = {d: regime_programs(regime, split, d) for d in spec.depths}
+    for d, c in candidates.items():
+        if len(c) == 0:
+            raise ValueError(f"the bigram split (seed {split.seed}) allows no depth-{d} {regime} program")
+    if len(spec.depths) > 1:
+        depth_of = np.asarray(spec.depths)[rng.integers(len(spec.depths), size=n)]
+        programs = [list(candidates[d][rng.integers(len(candidates[d]))]) for d in depth_of]
+        routes = [list(rng.integers(world.n_routes, size=d)) for d in depth_of]
+    else:
+        cands = candidates[spec.depth]
+        programs = list(cands[rng.integers(len(cands), size=n)])
+        routes = list(rng.integers(world.n_routes, size=(n, spec.depth)))
+    if regime == "sft" and cover:
+        # the first prompts cover every skill and every routing, at the deepest depth
+        candidates, d = candidates[spec.depth], spec.depth
+        # greedy covers from a few random tie-breaks; the smallest fits the fewest prompts
+        cover = min((_cover(candidates, world.n_skills, rng) for _ in range(8)), key=len)
+        n_cover = min(n, max(len(cover), -(-world.n_routes // d)))
         if n_cover:
-            skills[: len(cover[:n_cover])] = np.stack(cover[:n_cover])
-            slots = np.resize(rng.permutation(world.n_routes), n_cover * spec.depth)
-            routes[:n_cover] = rng.permutation(slots).reshape(n_cover, spec.depth)
+            for i in range(n_cover):
+                if i < len(cover):
+                    programs[i] = list(cover[i])
+                elif len(programs[i]) < d:
+                    programs[i] = list(candidates[rng.integers(len(candidates))])
+            slots = rng.permutation(np.resize(rng.permutation(world.n_routes), n_cover * d)).reshape(n_cover, d)
+            routes[:n_cover] = list(slots)
         perm = rng.permutation(n)
-        skills, routes = skills[perm], routes[perm]
+        programs, routes = [programs[i] for i in perm], [routes[i] for i in perm]
 
     lengths = rng.integers(MIN_INPUT_LEN, MAX_INPUT_LEN + 1, size=n)
     chars = rng.integers(world.n_chars, size=(n, MAX_INPUT_LEN))
@@ -182,6 +221,6 @@ def generate(
     traces = []
     for i in range(n):
         x = "".join(world.alphabet[c] for c in chars[i, : lengths[i]])
-        program = [(world.routes[r].name, world.skills[k].name) for r, k in zip(routes[i], skills[i])]
+        program = [(world.routes[r].name, world.skills[k].name) for r, k in zip(routes[i], programs[i])]
         traces.append(golden_trace(f"{regime}-{i:06d}", x, program, world, source))
     return traces

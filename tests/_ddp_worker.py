@@ -13,7 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from latentsel.policy import distributed
-from latentsel.policy.data import collate, prompt_pool, sft_pairs
+from latentsel.policy.data import collate, PromptStream, sft_pairs
 from latentsel.policy.losses import grpo_loss
 from latentsel.policy.model import GPT, GPTConfig
 from latentsel.policy.tokenizer import Tokenizer
@@ -32,11 +32,12 @@ def main(out):
     tok = Tokenizer.from_world(world)
     torch.manual_seed(0)
     model = GPT(GPTConfig(tok.vocab_size, tok.block_size(3), n_layer=2, n_head=2, n_embd=32,
-                          segment_tokens=tok.segment_tokens))
+                          slot_layout=tok.segment_tokens))
     net = DistributedDataParallel(model) if d.enabled else model
     cfg = TrainConfig(regime="sft", preset="tiny", batch_size=10, pool=50, seed=3)
-    pool = prompt_pool("sft", cfg.pool, cfg.seed, world)
-    record = _SFTStep(cfg, tok, pool, d)(net, step=2)
+    stream = PromptStream("sft", cfg.pool, cfg.seed, world)
+    pool = stream.pool
+    record = _SFTStep(cfg, tok, stream, d)(net, step=2)
     result = {"sft": grads(model), "sft_loss": record["loss"], "tokens": record["tokens"]}
 
     model.zero_grad(set_to_none=True)

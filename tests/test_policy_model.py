@@ -18,11 +18,42 @@ WORLD = default_world()
 TOK = Tokenizer.from_world(WORLD)
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["slots", "segment"])
+def model(request):
+    torch.manual_seed(0)
+    layout = {"slot_layout" if request.param == "slots" else "segment_tokens": TOK.segment_tokens}
+    return GPT(GPTConfig(TOK.vocab_size, TOK.block_size(4), n_layer=2, n_head=2, n_embd=32, **layout)).eval()
+
+
+def _slot_model():
     torch.manual_seed(0)
     return GPT(GPTConfig(TOK.vocab_size, TOK.block_size(4), n_layer=2, n_head=2, n_embd=32,
-                         segment_tokens=TOK.segment_tokens)).eval()
+                         slot_layout=TOK.segment_tokens)).eval()
+
+
+def test_slot_positions_by_hand():
+    ids = TOK.encode_prompt("abc", [("prev", "reverse"), ("input", "sort")]) + TOK.encode_completion(["cba", "abc"])
+    got = _slot_model().slot_positions(torch.tensor([[TOK.pad, TOK.pad] + ids]))[0].tolist()
+    # role 0 input, 1 program, 2 completion; slot; offset from the segment's opening token
+    want = ([[0, 0, 1], [0, 0, 2]]                                   # left padding
+            + [[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 3]]            # <bos> a b c
+            + [[1, 0, 0], [1, 1, 1], [1, 1, 2], [1, 2, 1], [1, 2, 2]]  # <prog> r1 k1 r2 k2
+            + [[2, 1, 0], [2, 1, 1], [2, 1, 2], [2, 1, 3]]            # <out> c b a
+            + [[2, 2, 0], [2, 2, 1], [2, 2, 2], [2, 2, 3], [2, 2, 4]])  # <sep> a b c <eos>
+    assert got == want
+
+
+def test_a_deeper_program_moves_nothing_a_step_reads():
+    # the input and step 1 of a depth-2 and a depth-4 prompt sit at the same (role, slot, offset)
+    m = _slot_model()
+    steps = ["cba"]
+    short = TOK.encode_prompt("abc", [("prev", "reverse")] * 2) + TOK.encode_completion(steps)[:-1]
+    deep = TOK.encode_prompt("abc", [("prev", "reverse")] * 4) + TOK.encode_completion(steps)[:-1]
+    a, b = m.slot_positions(torch.tensor([short]))[0], m.slot_positions(torch.tensor([deep]))[0]
+    n_in = 1 + 3  # <bos> abc
+    assert a[:n_in].tolist() == b[:n_in].tolist()
+    assert a[-4:].tolist() == b[-4:].tolist()  # <out> c b a
+    assert m.pos is None  # no absolute position anywhere
 
 
 @pytest.fixture(scope="module")

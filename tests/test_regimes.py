@@ -19,8 +19,8 @@ def test_regime_constraints(world, regime):
     split = bigram_split(world.n_skills, seed=0)
     traces = generate(regime, 300, seed=7, world=world, split=split)
     assert len(traces) == 300 and len({t.id for t in traces}) == 300
+    assert {t.depth for t in traces} == set(REGIMES[regime].depths)
     for t in traces:
-        assert t.depth == REGIMES[regime].depth
         assert 4 <= len(t.input) <= 8
         assert t.steps == world.run(t.program, t.input)
         ks = [world.skill_index(k) for _, k in t.program]
@@ -38,6 +38,19 @@ def test_sft_covers_every_skill_and_routing(world, n):
     traces = generate("sft", n, seed=11)
     assert {k for t in traces for _, k in t.program} == set(world.skill_names)
     assert {r for t in traces for r, _ in t.program} == set(world.route_names)
+
+
+def test_depths_override_and_refusal(world):
+    deep = generate("sft", 50, seed=3, world=world, depths=(3,))
+    assert {t.depth for t in deep} == {3}
+    mixed = generate("sft", 50, seed=3, world=world)
+    assert {t.depth for t in mixed} == {2, 3}
+    # a single-depth draw is the regime's own stream: eval-seen is unchanged by the argument
+    assert [t.to_dict() for t in generate("eval-seen", 20, seed=4, depths=(3,))] == \
+        [t.to_dict() for t in generate("eval-seen", 20, seed=4)]
+    assert {t.depth for t in generate("eval-seen", 20, seed=4, depths=(2,))} == {2}
+    with pytest.raises(ValueError, match="depths for sft must be >= 2"):
+        generate("sft", 5, depths=(1, 2))
 
 
 def test_deterministic_and_independent_streams():

@@ -43,6 +43,8 @@ def cmd_train(args) -> int:
 
     _threads(args)
     keys = set(TrainConfig.__dataclass_fields__)
+    if getattr(args, "min_groups", 0) is None:
+        args.min_groups = max(1, args.batch_size // 4)
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in keys})
     summary = train(cfg, progress=not args.no_progress)
     if summary["world_size"] > 1 and not _is_rank0():
@@ -146,7 +148,9 @@ def _train_args(p, defaults: dict):
     p.add_argument("--warmup", type=_count, help="warm-up steps (default: %(default)s)")
     p.add_argument("--weight-decay", type=_nonneg_float, default=0.1)
     p.add_argument("--grad-clip", type=_nonneg_float, default=1.0)
-    p.add_argument("--pool", type=_count, default=20000, help="training prompts generated (default: %(default)s)")
+    p.add_argument("--pool", type=at_least(0), default=0,
+                   help="a fixed pool of this many training prompts; 0 draws fresh prompts every step "
+                        "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0, help="seed of the skill-bigram split (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=_count, default=100)
@@ -157,6 +161,8 @@ def _train_args(p, defaults: dict):
     p.add_argument("--eval-prompts", type=_count, default=500,
                    help="held-out eval-seen prompts per probe (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
+    p.add_argument("--workers", type=at_least(0), default=0,
+                   help="processes that prepare SFT batches ahead of the step (default: %(default)s)")
     _common(p)
     p.set_defaults(func=cmd_train, **defaults)
 
@@ -176,7 +182,11 @@ def add_commands(sub) -> None:
     q.add_argument("--init", required=True, help="the SFT checkpoint to start from (and the KL reference)")
     q.add_argument("--group-size", type=_count, default=8, help="samples per prompt (default: %(default)s)")
     q.add_argument("--temperature", type=_nonneg_float, default=1.0)
-    q.add_argument("--kl-coef", type=_nonneg_float, default=0.0, help="weight of the KL to the reference")
+    q.add_argument("--kl-coef", type=_nonneg_float, default=0.05,
+                   help="weight of the KL penalty (k3) to the --init policy (default: %(default)s)")
+    q.add_argument("--min-groups", type=_count,
+                   help="update only when at least this many prompt groups have unequal rewards "
+                        "(default: a quarter of --batch-size, at least 1)")
 
     p = sub.add_parser("sample", help="complete prompts with a policy and write its traces")
     p.add_argument("--checkpoint", required=True, help="policy checkpoint (.pt)")

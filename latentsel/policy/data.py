@@ -1,8 +1,9 @@
 """Prompt pools and token batches for training.
 
-Training draws from a fixed, seeded pool of golden traces: a regime of
-:mod:`latentsel.regimes`, or ``toy`` (uniformly random modules, depth 1 or 2), which is what
-a CPU learns in minutes.
+Training prompts are golden traces of a regime of :mod:`latentsel.regimes`, or ``toy``
+(uniformly random modules, depth 1 or 2). A :class:`PromptStream` draws fresh prompts at every
+step (``pool=0``, the default: no prompt is seen twice, so the policy cannot memorize its data)
+or from a fixed, seeded pool; either way a step's prompts depend only on ``(seed, step)``.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from latentsel.regimes import REGIMES, bigram_split, generate
 from latentsel.traces import Trace, golden_trace
 from latentsel.world import World
 
-__all__ = ["Batch", "POOL_REGIMES", "prompt_pool", "toy_prompts", "collate", "sft_pairs"]
+__all__ = ["Batch", "POOL_REGIMES", "PromptStream", "prompt_pool", "toy_prompts", "collate", "sft_pairs"]
 
 POOL_REGIMES = ("toy", *REGIMES)
 TOY_DEPTHS = (1, 2)
@@ -52,6 +53,29 @@ def prompt_pool(regime: str, n: int, seed: int, world: World, split_seed: int = 
     if regime not in REGIMES:
         raise ValueError(f"unknown regime {regime!r}; choose from {', '.join(POOL_REGIMES)}")
     return generate(regime, n, seed, world=world, split=bigram_split(world.n_skills, split_seed))
+
+
+class PromptStream:
+    """The prompts of a training run: ``batch(step, n)`` gives the ``n`` prompts of a step."""
+
+    def __init__(self, regime: str, pool: int, seed: int, world: World, split_seed: int = 0):
+        if regime not in POOL_REGIMES:
+            raise ValueError(f"unknown regime {regime!r}; choose from {', '.join(POOL_REGIMES)}")
+        if pool < 0:
+            raise ValueError(f"pool must be >= 0 (0: fresh prompts every step), got {pool}")
+        self.regime, self.seed, self.world = regime, seed, world
+        self.split = bigram_split(world.n_skills, split_seed)
+        self.pool = prompt_pool(regime, pool, seed, world, split_seed) if pool else None
+        self.depth = max(TOY_DEPTHS) if regime == "toy" else REGIMES[regime].depth
+
+    def batch(self, step: int, n: int) -> list[Trace]:
+        rng = np.random.default_rng([self.seed, step, 0x5F7])
+        if self.pool is not None:
+            return [self.pool[i] for i in rng.integers(len(self.pool), size=n)]
+        seed = int(rng.integers(2**62))
+        if self.regime == "toy":
+            return toy_prompts(n, seed, self.world)
+        return generate(self.regime, n, seed, world=self.world, split=self.split, cover=False)
 
 
 def collate(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int, device) -> Batch:

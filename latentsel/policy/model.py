@@ -1,9 +1,19 @@
 """A compact decoder-only transformer (pre-LayerNorm, GELU MLP, tied embeddings).
 
-Besides absolute positions, a token may embed its *segment position*: how far it is from the
-latest of a few segment tokens (the tokenizer's ``<bos>``, ``<prog>``, ``<out>``, ``<sep>``).
-Character j of a step then sits at the same segment position as character j of the input,
-which is what copy-like skills (shifts, rotations, reversals) need to align.
+Positions come in three layouts:
+
+* absolute (the default): one learned embedding per position, as in GPT-2;
+* segment (``segment_tokens``): absolute positions plus the distance from the latest of a few
+  segment tokens, so character j of a step sits at the same segment position as character j of
+  the input;
+* slots (``slot_layout``, what the training recipe builds): no absolute position at all. Every
+  token gets a *role* (input, program, completion), a *slot* and an *offset*: the input is slot 0,
+  the program tokens ``r_t k_t`` and the completion's step ``h_t`` are slot t, and the offset
+  counts from the token that opens the segment (``<bos>``, ``<prog>``, ``<out>``, ``<sep>``; in
+  the program, 1 for ``r_t`` and 2 for ``k_t``). Role and offset are learned embeddings; the
+  slot enters attention as a rotary angle, so attention scores depend on slot *differences*
+  only. Step t then reads its program slot and the entries before it the same way at every t
+  and in programs of any depth: two more program tokens move nothing a step reads.
 
 One :class:`GPTConfig` describes the network; it travels inside every checkpoint as a plain
 dict. The forward pass takes explicit positions and an optional boolean attention mask so
@@ -30,10 +40,14 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     segment_tokens: tuple[int, ...] = ()
+    slot_layout: tuple[int, ...] = ()
+    """``(bos, prog, out, sep)`` token ids: the slot layout (see the module doc)."""
+    rope_base: float = 100.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["segment_tokens"] = list(self.segment_tokens)
+        d["slot_layout"] = list(self.slot_layout)
         return d
 
     @classmethod
@@ -44,11 +58,22 @@ class GPTConfig:
             raise ValueError(f"unknown model config keys {unknown}")
         d = dict(d)
         d["segment_tokens"] = tuple(d.get("segment_tokens", ()))
+        d["slot_layout"] = tuple(d.get("slot_layout", ()))
         return cls(**d)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        if self.slot_layout and self.segment_tokens:
+            raise ValueError("a model has slot_layout or segment_tokens, not both")
+        if self.slot_layout and len(self.slot_layout) != 4:
+            raise ValueError(f"slot_layout is (bos, prog, out, sep), got {self.slot_layout}")
+        if self.slot_layout and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rotary slots need an even head size, got {self.n_embd // self.n_head}")
+
+    @property
+    def layout(self) -> str:
+        return "slots" if self.slot_layout else "segment" if self.segment_tokens else "absolute"
 
 
 # sizes by name: (n_layer, n_head, n_embd); vocab and block size come from the tokenizer
@@ -83,6 +108,12 @@ class KVCache:
         return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x: [B, H, T, D]`` by angles given as ``cos, sin: [B, 1, T, D / 2]``."""
+    a, b = x.float().chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1).type_as(x)
+
+
 class _Attention(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
@@ -90,9 +121,11 @@ class _Attention(nn.Module):
         self.qkv = nn.Linear(c.n_embd, 3 * c.n_embd, bias=False)
         self.proj = nn.Linear(c.n_embd, c.n_embd, bias=False)
 
-    def forward(self, x, mask, cache: KVCache | None, layer: int):
+    def forward(self, x, mask, cache: KVCache | None, layer: int, rope=None):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = _rotate(q, *rope), _rotate(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         drop = self.dropout if self.training else 0.0
@@ -113,8 +146,8 @@ class _Block(nn.Module):
             nn.Linear(4 * c.n_embd, c.n_embd, bias=False), nn.Dropout(c.dropout),
         )
 
-    def forward(self, x, mask, cache, layer):
-        x = x + self.attn(self.ln1(x), mask, cache, layer)
+    def forward(self, x, mask, cache, layer, rope=None):
+        x = x + self.attn(self.ln1(x), mask, cache, layer, rope)
         return x + self.mlp(self.ln2(x))
 
 
@@ -123,9 +156,15 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.tok = nn.Embedding(config.vocab_size, config.n_embd)
-        self.pos = nn.Embedding(config.block_size, config.n_embd)
+        slots = bool(config.slot_layout)
+        self.pos = None if slots else nn.Embedding(config.block_size, config.n_embd)
         self.seg = nn.Embedding(config.block_size, config.n_embd) if config.segment_tokens else None
         self.register_buffer("seg_tokens", torch.tensor(config.segment_tokens, dtype=torch.long), persistent=False)
+        self.role = nn.Embedding(3, config.n_embd) if slots else None
+        self.offset = nn.Embedding(config.block_size, config.n_embd) if slots else None
+        half = config.n_embd // config.n_head // 2
+        freq = config.rope_base ** (-torch.arange(half, dtype=torch.float32) / max(half, 1))
+        self.register_buffer("rope_freq", freq, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(_Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
@@ -153,6 +192,35 @@ class GPT(nn.Module):
         last = torch.where(is_start, p, -1).cummax(dim=1).values
         return (p - last).clamp(max=self.config.block_size - 1)
 
+    def slot_positions(self, idx: torch.Tensor) -> torch.Tensor:
+        """``long[B, T, 3]``: the (role, slot, offset) of every token (the slot layout).
+
+        Computed from the tokens given, left to right; tokens before the first ``<bos>`` (left
+        padding) count as input.
+        """
+        bos, prog, out, sep = self.config.slot_layout
+        b, t = idx.shape
+        p = torch.arange(t, device=idx.device).expand(b, t)
+
+        def last(hit):
+            return torch.where(hit, p, -1).cummax(dim=1).values
+
+        l_bos, l_prog, l_out = last(idx == bos), last(idx == prog), last(idx == out)
+        role = torch.where((l_out > l_prog) & (l_out > l_bos), 2, torch.where(l_prog > l_bos, 1, 0))
+        opener = last((idx == bos) | (idx == prog) | (idx == out) | (idx == sep))
+        d = p - opener
+        seps = (idx == sep).long().cumsum(dim=1)
+        since_out = seps - torch.gather(seps, 1, l_out.clamp(min=0))
+        in_prog = (role == 1) & (d > 0)
+        slot = torch.where(role == 2, 1 + since_out, torch.where(in_prog, (d - 1) // 2 + 1, 0))
+        offset = torch.where(in_prog, 1 + (d - 1) % 2, d)
+        top = self.config.block_size - 1
+        return torch.stack([role, slot.clamp(max=top), offset.clamp(max=top)], dim=-1)
+
+    def _rope(self, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angle = slot[:, None, :, None].float() * self.rope_freq
+        return angle.cos(), angle.sin()
+
     def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, seg: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, T, vocab]`` of tokens ``idx: [B, T]``.
@@ -162,10 +230,26 @@ class GPT(nn.Module):
             mask: boolean ``[B, 1, T, T_keys]``, True where a query may attend a key; ``None``
                 is causal attention over ``idx`` (training, right padding).
             cache: keys and values of earlier positions; updated in place.
-            seg: segment positions ``[B, T]`` (models with ``segment_tokens``); default computed
-                from ``idx``, which only sees the tokens given, so cached decoding passes them.
+            seg: segment positions ``[B, T]`` (models with ``segment_tokens``), or slot positions
+                ``[B, T, 3]`` (models with ``slot_layout``; ``pos`` is then unused); default
+                computed from ``idx``, which only sees the tokens given, so cached decoding passes them.
         """
         b, t = idx.shape
+        if self.pos is None:
+            if seg is None:
+                if cache is not None and cache.length:
+                    raise ValueError("decoding with a cache needs explicit slot positions")
+                seg = self.slot_positions(idx)
+            start = cache.length if cache is not None else 0
+            if start + t > self.config.block_size:
+                raise ValueError(f"position {start + t - 1} is beyond block_size={self.config.block_size}")
+            x = self.drop(self.tok(idx) + self.role(seg[..., 0]) + self.offset(seg[..., 2]))
+            rope = self._rope(seg[..., 1])
+            for layer, block in enumerate(self.blocks):
+                x = block(x, mask, cache, layer, rope)
+            if cache is not None:
+                cache.length += t
+            return self.head(self.ln_f(x))
         if pos is None:
             # checked on host integers: no device sync and no graph break under torch.compile
             start = cache.length if cache is not None else 0
@@ -191,5 +275,6 @@ class GPT(nn.Module):
     def flops_per_token(self, t: int) -> int:
         """Training FLOPs per token (forward + backward) at context ``t``, as in the PaLM appendix."""
         c = self.config
-        n = self.n_params() - self.pos.weight.numel() - (self.seg.weight.numel() if self.seg is not None else 0)
+        tables = (self.pos, self.seg, self.role, self.offset)
+        n = self.n_params() - sum(e.weight.numel() for e in tables if e is not None)
         return 6 * n + 12 * c.n_layer * c.n_embd * t

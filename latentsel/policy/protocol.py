@@ -19,8 +19,9 @@ about 20 minutes on one H100-class GPU; it has not been run yet, so its sizes ar
 from __future__ import annotations
 
 import json
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from latentsel._io import atomic_open
@@ -37,6 +38,10 @@ __all__ = ["Size", "SIZES", "POLICIES", "run_protocol"]
 
 @dataclass(frozen=True)
 class Size:
+    """A protocol size. With a wall-clock budget, ``share`` splits it between SFT, each RL run
+    and the rest (evaluation and corpora), and a training stage's steps are its share divided
+    by the step time measured in a short calibration run, at most ``sft_steps`` / ``rl_steps``."""
+
     preset: str
     sft_steps: int
     sft_batch: int
@@ -48,43 +53,84 @@ class Size:
     eval_n: int
     corpus_n: int
     batch_size: int  # sampling batch
+    kl_coef: float = 0.05
+    workers: int = 0
+    share: tuple[float, float, float] = (0.6, 0.12, 0.12)  # SFT, each RL run (the rest: eval + corpora)
 
 
 SIZES = {
     "tiny": Size("tiny", 4, 8, 3e-3, 2, 4, 4, 1e-4, 8, 4, 64),
-    "cpu": Size("toy", 2400, 64, 3e-3, 200, 16, 16, 2e-4, 1000, 2000, 512),
-    "gpu": Size("gpu", 6000, 256, 1e-3, 300, 64, 16, 5e-5, 2000, 2000, 1024),
+    "cpu": Size("cpu", 3000, 64, 3e-3, 60, 16, 8, 5e-5, 500, 500, 500),
+    "gpu": Size("gpu", 20000, 256, 2e-3, 300, 64, 16, 5e-5, 2000, 2000, 1024, workers=6),
 }
 POLICIES = {"sft": "sft", "sft+rl-atomic": "rl-atomic", "sft+rl-compound": "rl-compound"}
+CALIBRATION_STEPS = {"sft": 12, "rl": 3}
 
 
 def _stage(summary: dict) -> dict:
     return {k: summary.get(k) for k in ("policy", "device", "world_size", "n_params", "wall_s", "tokens_per_s",
-                                    "model_flops_per_s", "mfu", "steps_run", "resumed_from_step")} | {
+                                        "model_flops_per_s", "mfu", "steps_run", "resumed_from_step", "stopped_at",
+                                        "teacher_forced", "competent")} | {
         "steps": summary["config"]["steps"], "last": summary["last"]}
 
 
+def _sized(cfg: TrainConfig, seconds: float | None, progress: bool) -> tuple[TrainConfig, dict | None]:
+    """``cfg`` with as many steps as fit in ``seconds`` (measured on a short calibration run)."""
+    if seconds is None or Path(cfg.out, "checkpoint.pt").exists():
+        return cfg, None  # no budget, or a run to resume with the steps it was started with
+    n = CALIBRATION_STEPS[cfg.mode]
+    cal_dir = Path(cfg.out).parent / ".calibration" / Path(cfg.out).name
+    t0 = time.perf_counter()
+    summary = train(replace(cfg, out=str(cal_dir), steps=n + 1, warmup=1, eval_every=0, log_every=1,
+                            checkpoint_every=10**9), progress=False)
+    wall = time.perf_counter() - t0
+    shutil.rmtree(cal_dir, ignore_errors=True)
+    # the first step pays for warm-up (allocation, kernel selection): time the rest
+    per_step = summary["wall_s"] / (n + 1)
+    steps = max(1, min(cfg.steps, int(0.95 * (seconds - wall) / per_step)))
+    return replace(cfg, steps=steps, warmup=min(cfg.warmup, max(1, steps // 10))), {
+        "calibration_steps": n + 1, "calibration_wall_s": wall, "s_per_step": per_step, "steps": steps,
+        "budget_s": seconds}
+
+
 def run_protocol(out, *, size: str = "cpu", seed: int = 0, device: str | None = None, progress: bool = True,
-                 eval_n: int | None = None, corpus_n: int | None = None) -> dict:
-    """Run the protocol into ``out``; returns the record also written to ``out/protocol.json``."""
+                 eval_n: int | None = None, corpus_n: int | None = None, budget_s: float | None = None) -> dict:
+    """Run the protocol into ``out``; returns the record also written to ``out/protocol.json``.
+
+    ``budget_s`` bounds the training stages by wall clock: each gets its share of the budget,
+    its steps sized from a calibration run and a hard deadline at the end of its share.
+    """
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
+    if budget_s is not None and budget_s <= 0:
+        raise ValueError(f"budget_s must be > 0, got {budget_s}")
     s = SIZES[size]
     eval_n, corpus_n = eval_n or s.eval_n, corpus_n or s.corpus_n
     out = Path(out)
     world = default_world()
     t_start = time.perf_counter()
+    clock0 = time.monotonic()
     common = dict(seed=seed, device=device, checkpoint_every=100)
-    stages = {"sft": _stage(train(TrainConfig(
+    budgets = None if budget_s is None else [budget_s * f for f in s.share]
+    sizing = {}
+
+    def run(name: str, cfg: TrainConfig, k: int) -> dict:
+        seconds = None if budgets is None else budgets[k] - (time.monotonic() - clock0 - sum(budgets[:k]))
+        cfg, sizing[name] = _sized(cfg, seconds, progress)
+        deadline = None if budgets is None else clock0 + sum(budgets[: k + 1])
+        return _stage(train(cfg, progress=progress, deadline=deadline))
+
+    stages = {"sft": run("sft", TrainConfig(
         mode="sft", out=str(out / "sft"), regime="sft", preset=s.preset, steps=s.sft_steps, batch_size=s.sft_batch,
-        lr=s.sft_lr, min_lr=s.sft_lr / 10, warmup=min(100, s.sft_steps // 10 + 1), log_every=10, **common),
-        progress=progress))}
+        lr=s.sft_lr, min_lr=s.sft_lr / 10, warmup=min(100, s.sft_steps // 10 + 1), log_every=10,
+        eval_every=max(1, s.sft_steps // 12), workers=s.workers, **common), 0)}
     init = str(out / "sft" / "checkpoint.pt")
-    for regime in ("rl-atomic", "rl-compound"):
-        stages[regime] = _stage(train(TrainConfig(
+    for k, regime in enumerate(("rl-atomic", "rl-compound"), start=1):
+        stages[regime] = run(regime, TrainConfig(
             mode="rl", out=str(out / regime), regime=regime, init=init, steps=s.rl_steps, batch_size=s.rl_prompts,
             group_size=s.group_size, lr=s.rl_lr, min_lr=s.rl_lr / 10, warmup=min(10, s.rl_steps // 10 + 1),
-            log_every=1, **common), progress=progress))  # every step: which groups carried a signal
+            kl_coef=s.kl_coef, min_groups=max(1, s.rl_prompts // 4), eval_every=max(1, s.rl_steps // 4),
+            log_every=1, **common), k)  # every step: which groups carried a signal
     checkpoints = {name: str(out / "policies" / f"{name}.pt") for name in POLICIES}
     for name, run in POLICIES.items():
         export_policy(out / run / "checkpoint.pt", checkpoints[name])
@@ -114,7 +160,9 @@ def run_protocol(out, *, size: str = "cpu", seed: int = 0, device: str | None = 
                                   "accuracy": acc["accuracy"], "malformed": acc["malformed"],
                                   "generated_tokens_per_s": stats["generated_tokens"] / wall}
     record = {
-        "device": dev_name, "size": size, "seed": seed, "sizes": s.__dict__, "stages": stages,
+        "device": dev_name, "device_name": _device_name(dev_name), "size": size, "seed": seed,
+        "sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in s.__dict__.items()},
+        "budget_s": budget_s, "sizing": sizing, "stages": stages,
         "evaluation": {name: {sp: {k: c[k] for k in ("accuracy", "ci95", "n", "malformed")}
                               for sp, c in entry["splits"].items()}
                        for name, entry in evaluation["policies"].items()},
@@ -123,3 +171,13 @@ def run_protocol(out, *, size: str = "cpu", seed: int = 0, device: str | None = 
     with atomic_open(out / "protocol.json", "w") as f:
         json.dump(record, f, indent=1)
     return record
+
+
+def _device_name(kind: str) -> str:
+    import platform
+
+    import torch
+
+    if kind == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

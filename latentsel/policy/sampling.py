@@ -79,8 +79,9 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], budgets: Sequence[int
     out = torch.full((b, n_new), pad, dtype=torch.long, device=device)
     done = budget <= 0
     cache = KVCache(model.config, width + n_new) if use_cache else None
-    seg = model.segment_positions(idx) if model.seg is not None else None
-    seg_now = seg[:, -1] if seg is not None else None
+    layout = model.config.layout
+    seg = {"slots": model.slot_positions, "segment": model.segment_positions}.get(layout, lambda _: None)(idx)
+    seg_now = seg[:, -1] if layout == "segment" else None
     logits = model(idx, pos, _mask(valid, width), cache, seg)[:, -1]
     for j in range(n_new):
         if temperature > 0:
@@ -96,7 +97,10 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], budgets: Sequence[int
         keys = torch.cat([valid, torch.ones((b, j + 1), dtype=torch.bool, device=device)], 1)
         if use_cache:
             step_seg = None
-            if seg_now is not None:
+            if layout == "slots":
+                # a step's slot and offset depend on the whole completion so far
+                step_seg = model.slot_positions(torch.cat([idx, out[:, : j + 1]], 1))[:, -1:]
+            elif seg_now is not None:
                 seg_now = torch.where(torch.isin(tok, model.seg_tokens), 0, seg_now + 1)
                 step_seg = seg_now.clamp(max=model.config.block_size - 1)[:, None]
             logits = model(tok[:, None], (lengths + j)[:, None], _mask(keys, 1), cache, step_seg)[:, -1]

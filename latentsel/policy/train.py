@@ -17,14 +17,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from latentsel._io import atomic_open
 from latentsel.policy import distributed
 from latentsel.policy.checkpoint import CheckpointError, load_checkpoint, load_policy, save_checkpoint
-from latentsel.policy.data import POOL_REGIMES, collate, prompt_pool, sft_pairs
+from latentsel.policy.data import POOL_REGIMES, PromptStream, collate, prompt_pool, sft_pairs
 from latentsel.policy.losses import group_advantages, grpo_loss, sft_loss, token_logprobs
 from latentsel.policy.model import GPT, PRESETS, GPTConfig
 from latentsel.policy.probe import COMPETENT, teacher_forced
@@ -35,7 +34,7 @@ from latentsel.world import default_world
 __all__ = ["TrainConfig", "train", "lr_at"]
 
 # fields that may differ when a run is resumed: where and how it runs, not what it computes
-_RUN_FIELDS = {"out", "checkpoint_every", "log_every", "compile", "device", "eval_every", "eval_prompts"}
+_RUN_FIELDS = {"out", "checkpoint_every", "log_every", "compile", "device", "eval_every", "eval_prompts", "workers"}
 
 EVAL_SEED = 1_000_003
 """Seed of the held-out eval-seen prompts that training measures itself on (the pools draw
@@ -47,7 +46,11 @@ class TrainConfig:
     """Everything a training run depends on; saved (as a dict) in its checkpoints.
 
     ``batch_size`` is global: sequences per step for SFT, prompts per step for RL (each
-    sampled ``group_size`` times).
+    sampled ``group_size`` times). ``pool=0`` draws fresh prompts every step; ``pool > 0``
+    draws from a fixed pool of that many. An RL step updates only when at least
+    ``min_groups`` of its groups carry a signal (rewards not all equal): Adam turns any
+    gradient into a step of about ``lr``, so a step driven by one or two prompts moves the
+    policy as far as one driven by the whole batch.
     """
 
     mode: str = "sft"
@@ -62,12 +65,13 @@ class TrainConfig:
     warmup: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    pool: int = 20000
+    pool: int = 0
     seed: int = 0
     split_seed: int = 0
     group_size: int = 8
     temperature: float = 1.0
     kl_coef: float = 0.0
+    min_groups: int = 1
     max_depth: int = 4
     checkpoint_every: int = 100
     log_every: int = 10
@@ -75,6 +79,8 @@ class TrainConfig:
     eval_prompts: int = 500
     compile: bool = False
     device: str | None = None
+    workers: int = 0
+    """Processes that draw and collate SFT batches ahead of the step (0: in the training loop)."""
 
     def __post_init__(self):
         if self.mode not in ("sft", "rl"):
@@ -87,9 +93,15 @@ class TrainConfig:
             raise ValueError("RL needs --init, the checkpoint to start from")
         if self.mode == "rl" and self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {self.group_size}")
-        for name in ("steps", "batch_size", "pool", "checkpoint_every", "log_every", "eval_prompts"):
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "eval_prompts", "min_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pool < 0:
+            raise ValueError(f"pool must be >= 0 (0: fresh prompts every step), got {self.pool}")
+        if self.mode == "rl" and self.min_groups > self.batch_size:
+            raise ValueError(f"min_groups={self.min_groups} exceeds the {self.batch_size} groups of a step")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0 (0: only at the end), got {self.eval_every}")
 
@@ -130,7 +142,7 @@ def _build(cfg: TrainConfig, tok: Tokenizer, ckpt: Path, device) -> tuple[GPT, d
         torch.manual_seed(cfg.seed)
         n_layer, n_head, n_embd = PRESETS[cfg.preset]
         model = GPT(GPTConfig(tok.vocab_size, tok.block_size(cfg.max_depth), n_layer, n_head, n_embd,
-                              segment_tokens=tok.segment_tokens))
+                              slot_layout=tok.segment_tokens))
         return model.to(device), None
     model, init_tok, _ = load_policy(cfg.init, device)
     if init_tok != tok:
@@ -147,19 +159,22 @@ def _truncate_metrics(path: Path, step: int) -> None:
         f.writelines(line + "\n" for line in keep)
 
 
-def train(cfg: TrainConfig, *, progress: bool = True, on_step=None) -> dict:
+def train(cfg: TrainConfig, *, progress: bool = True, on_step=None, deadline: float | None = None) -> dict:
     """Run (or resume) training; returns the summary also written to ``out/train.json``.
 
     ``on_step(step)`` is called after every completed step, once its checkpoint (if any) is written.
+    ``deadline`` (a ``time.monotonic()`` value) ends the run early: the step in progress completes,
+    the checkpoint is written and the summary records ``stopped_at`` (``None`` when the run ran
+    all its steps).
     """
     d = distributed.setup(cfg.device)
     try:
-        return _train(cfg, d, progress, on_step)
+        return _train(cfg, d, progress, on_step, deadline)
     finally:
         distributed.teardown(d)
 
 
-def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, on_step) -> dict:
+def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, on_step, deadline) -> dict:
     from tqdm.auto import tqdm
 
     if cfg.batch_size < d.world_size:
@@ -176,12 +191,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, on_step) -> di
     if state and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     ref = load_policy(cfg.init, d.device)[0] if cfg.mode == "rl" and cfg.kl_coef > 0 else None
-    pool = prompt_pool(cfg.regime, cfg.pool, cfg.seed, world, cfg.split_seed)
-    deepest = max(len(t.program) for t in pool)
-    if tok.block_size(deepest) > model.config.block_size:
-        raise ValueError(f"regime {cfg.regime} has depth-{deepest} programs, beyond the model's "
+    stream = PromptStream(cfg.regime, cfg.pool, cfg.seed, world, cfg.split_seed)
+    if tok.block_size(stream.depth) > model.config.block_size:
+        raise ValueError(f"regime {cfg.regime} has depth-{stream.depth} programs, beyond the model's "
                          f"block_size={model.config.block_size}")
-    step_fn = _SFTStep(cfg, tok, pool, d) if cfg.mode == "sft" else _RLStep(cfg, tok, pool, d, model, ref)
+    step_fn = _SFTStep(cfg, tok, stream, d) if cfg.mode == "sft" else _RLStep(cfg, tok, stream, d, model, ref)
     # held-out eval-seen prompts: what the run measures its learning on (teacher-forced accuracy)
     held_out = prompt_pool("eval-seen", cfg.eval_prompts, EVAL_SEED, world, cfg.split_seed) if d.is_main else None
     if held_out and tok.block_size(max(len(t.program) for t in held_out)) > model.config.block_size:
@@ -199,20 +213,23 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, on_step) -> di
     t0 = time.perf_counter()
     record: dict = {}
     model.train()
+    stopped_at = None
+    batches = _prefetch(step_fn, start, cfg) if cfg.mode == "sft" and cfg.workers else None
     for step in range(start, cfg.steps):
         torch.manual_seed(derive_seed(cfg.seed, step, d.rank))  # dropout, if any
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        record = step_fn(net, step)
+        record = step_fn(net, step, next(batches) if batches is not None else None)
         record["updated"] = record.pop("_update")
         if record["updated"]:
             record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             optimizer.step()
         tokens += record["tokens"]
         flops += record["tokens"] * model.flops_per_token(record.pop("_width"))
-        evaluate_now = step + 1 == cfg.steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)
+        out_of_time = deadline is not None and time.monotonic() >= deadline and step + 1 < cfg.steps
+        evaluate_now = step + 1 == cfg.steps or out_of_time or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)
         if d.is_main and ((step + 1) % cfg.log_every == 0 or evaluate_now):
             elapsed = time.perf_counter() - t0
             record.update(step=step + 1, lr=lr, tokens_per_s=tokens / elapsed, model_flops_per_s=flops / elapsed)
@@ -224,17 +241,21 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, on_step) -> di
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "reward") if k in record})
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time:
             if d.is_main:
                 save_checkpoint(ckpt_path, model, tok, step=step + 1, policy=policy, train_config=asdict(cfg),
                                 optimizer=optimizer)
         bar.update(1)
         if on_step is not None:
             on_step(step + 1)
+        if out_of_time:
+            stopped_at = step + 1
+            break
     bar.close()
     elapsed = time.perf_counter() - t0
     summary = {"config": asdict(cfg), "policy": policy, "device": d.device.type, "world_size": d.world_size,
-               "n_params": model.n_params(), "resumed_from_step": start, "steps_run": cfg.steps - start,
+               "n_params": model.n_params(), "resumed_from_step": start,
+               "steps_run": (stopped_at or cfg.steps) - start, "stopped_at": stopped_at,
                "wall_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed else None,
                "model_flops_per_s": flops / elapsed if elapsed else None,
                "mfu": _mfu(flops / elapsed, d) if elapsed else None, "last": record,
@@ -246,18 +267,40 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, on_step) -> di
     return summary
 
 
+class _StepBatches(torch.utils.data.Dataset):
+    """The SFT batch of step ``i`` for one rank, on the host: what loader workers compute ahead."""
+
+    def __init__(self, step_fn: "_SFTStep", n: int):
+        self.step_fn, self.n = step_fn, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, step):
+        return self.step_fn.host_batch(step)
+
+
+def _prefetch(step_fn: "_SFTStep", start: int, cfg: TrainConfig):
+    loader = torch.utils.data.DataLoader(
+        _StepBatches(step_fn, cfg.steps), batch_size=None, sampler=range(start, cfg.steps), num_workers=cfg.workers,
+        pin_memory=step_fn.d.device.type == "cuda", prefetch_factor=4, persistent_workers=False)
+    return iter(loader)
+
+
 class _SFTStep:
     """One SFT step: backward of the completion NLL on this rank's share of the global batch."""
 
-    def __init__(self, cfg, tok, pool, d):
-        self.cfg, self.tok, self.d = cfg, tok, d
-        self.pairs = sft_pairs(pool, tok)
+    def __init__(self, cfg, tok, stream, d):
+        self.cfg, self.tok, self.d, self.stream = cfg, tok, d, stream
 
-    def __call__(self, net, step: int) -> dict:
-        rng = np.random.default_rng([self.cfg.seed, step, 0x5F7])
-        rows = rng.integers(len(self.pairs), size=self.cfg.batch_size)[self.d.rank:: self.d.world_size]
-        batch = collate([self.pairs[i] for i in rows], self.tok.pad, self.d.device)
-        local_tokens = float((batch.inputs != self.tok.pad).sum()) + len(rows)
+    def host_batch(self, step: int):
+        traces = self.stream.batch(step, self.cfg.batch_size)[self.d.rank:: self.d.world_size]
+        return collate(sft_pairs(traces, self.tok), self.tok.pad, "cpu"), len(traces)
+
+    def __call__(self, net, step: int, prepared=None) -> dict:
+        batch, n_rows = prepared if prepared is not None else self.host_batch(step)
+        batch = type(batch)(*(x.to(self.d.device, non_blocking=True) for x in batch))
+        local_tokens = float((batch.inputs != self.tok.pad).sum()) + n_rows
         n_completion, _ = distributed.all_sum([float(batch.mask.sum()), 0.0], self.d)
         with autocast(self.d.device):
             loss = sft_loss(net, batch, n_completion, self.d.world_size)
@@ -269,24 +312,23 @@ class _SFTStep:
 class _RLStep:
     """One group-relative policy-gradient step on this rank's prompts (``group_size`` samples each)."""
 
-    def __init__(self, cfg, tok, pool, d, model, ref):
-        self.cfg, self.tok, self.pool, self.d, self.model, self.ref = cfg, tok, pool, d, model, ref
-        self.prompts = [tok.encode_prompt(t.input, t.program) for t in pool]
+    def __init__(self, cfg, tok, stream, d, model, ref):
+        self.cfg, self.tok, self.stream, self.d, self.model, self.ref = cfg, tok, stream, d, model, ref
 
-    def __call__(self, net, step: int) -> dict:
+    def __call__(self, net, step: int, prepared=None) -> dict:
         cfg, tok, d, g = self.cfg, self.tok, self.d, self.cfg.group_size
-        rng = np.random.default_rng([cfg.seed, step, 0x47])
-        rows = rng.integers(len(self.pool), size=cfg.batch_size)[d.rank:: d.world_size]
-        prompts = [self.prompts[i] for i in rows for _ in range(g)]
-        budgets = [tok.completion_budget(len(self.pool[i].program)) for i in rows for _ in range(g)]
+        local = self.stream.batch(step, cfg.batch_size)[d.rank:: d.world_size]
+        rows = range(len(local))
+        encoded = [tok.encode_prompt(t.input, t.program) for t in local]
+        prompts = [encoded[i] for i in rows for _ in range(g)]
+        budgets = [tok.completion_budget(len(local[i].program)) for i in rows for _ in range(g)]
         gen = torch.Generator(device=d.device).manual_seed(derive_seed(cfg.seed, step, d.rank))
         self.model.eval()
         with autocast(d.device):
             completions = generate(self.model, prompts, budgets, eos=tok.eos, pad=tok.pad,
                                    temperature=cfg.temperature, generator=gen)
         self.model.train()
-        rewards = torch.tensor([[_reward(tok, completions[n * g + j], self.pool[i]) for j in range(g)]
-                                for n, i in enumerate(rows)])
+        rewards = torch.tensor([[_reward(tok, completions[n * g + j], local[n]) for j in range(g)] for n in rows])
         adv = group_advantages(rewards)
         kept = [(n, j) for n in range(len(rows)) if adv.keep[n] for j in range(g)]
         sampled = sum(len(c) for c in completions)
@@ -297,8 +339,8 @@ class _RLStep:
         record = {"reward": reward_sum / (cfg.batch_size * g), "groups_skipped": int(n_skipped),
                   "groups": cfg.batch_size, "sampled_tokens": int(n_sampled), "loss": 0.0, "kl": 0.0,
                   "tokens": 0.0, "_update": False, "_width": 0}
-        if n_tok == 0:
-            return record
+        if n_tok == 0 or cfg.batch_size - n_skipped < cfg.min_groups:
+            return record  # too few informative groups: no update (see TrainConfig)
         # a rank whose groups all carry no signal still joins DDP's gradient all-reduce
         batch = collate(pairs or [(prompts[0], completions[0])], tok.pad, d.device)
         if not pairs:
