@@ -112,3 +112,85 @@ def test_help_lists_the_policy_commands_without_importing_torch():
             "h = p.format_help(); assert all(c in h for c in ('train', 'sample', 'evaluate', 'protocol')), h; "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", "..", ".hidden", "x" * 65])
+def test_evaluate_refuses_a_policy_name_that_is_a_path(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--policy", f"{name}=ckpt.pt", "--out", "evout", "--save-traces"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "policy name" in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def _checkpoint_of(tmp_path, tok, max_depth=4):
+    import torch
+
+    from latentsel.policy.checkpoint import save_checkpoint
+    from latentsel.policy.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(tok.vocab_size, tok.block_size(max_depth), 1, 1, 8, slot_layout=tok.segment_tokens))
+    path = tmp_path / "other.pt"
+    save_checkpoint(path, model, tok, step=0, policy="other")
+    return path
+
+
+def test_a_checkpoint_of_another_world_is_named(tmp_path, capsys):
+    from latentsel.policy.tokenizer import Tokenizer
+    from latentsel.world import default_world
+
+    tok = Tokenizer.from_world(default_world())
+    other = Tokenizer(tok.alphabet, tok.routes, tok.skills[:-1] + ("remove_vowels",), tok.max_len)
+    ckpt = _checkpoint_of(tmp_path, other)
+    prompts = tmp_path / "p.jsonl"
+    assert main(["generate", "--regime", "eval-seen", "--n", "2", "-o", str(prompts)]) == 0
+    assert main(["sample", "--checkpoint", str(ckpt), "--prompts", str(prompts), "-o", str(tmp_path / "o.jsonl"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"{ckpt}: a policy of another world" in err and "remove_vowels" in err and len(err.splitlines()) == 1
+    assert main(["evaluate", "--policy", f"x={ckpt}", "--out", str(tmp_path / "ev"), "--n", "1",
+                 "--no-progress"]) == 1
+    assert "a policy of another world" in capsys.readouterr().err
+
+
+def test_prompts_deeper_than_the_context_name_the_file(tmp_path, capsys):
+    from latentsel.policy.tokenizer import Tokenizer
+    from latentsel.world import default_world
+
+    ckpt = _checkpoint_of(tmp_path, Tokenizer.from_world(default_world()), max_depth=2)
+    prompts = tmp_path / "deep.jsonl"
+    assert main(["generate", "--regime", "eval-ood", "--n", "2", "-o", str(prompts)]) == 0
+    assert main(["sample", "--checkpoint", str(ckpt), "--prompts", str(prompts), "-o", str(tmp_path / "o.jsonl"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"{prompts}: prompt" in err and "(depth 4)" in err and "programs up to depth 2" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "o.jsonl").exists()
+
+
+def test_resume_drops_a_torn_last_metrics_line_and_names_a_bad_one(tmp_path):
+    from latentsel.policy.train import TrainConfig, train
+
+    cfg = TrainConfig(out=str(tmp_path / "run"), regime="toy", preset="tiny", steps=4, batch_size=4, warmup=1,
+                      checkpoint_every=1, log_every=1, eval_prompts=2, max_depth=4)
+
+    def kill_after(n):
+        def on_step(step):
+            if step == n:
+                raise KeyboardInterrupt
+        return on_step
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False, on_step=kill_after(2))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"loss": 1.2, "tok')  # killed mid-append
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False, on_step=kill_after(3))
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "not json", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=f"{metrics}:2: not a metrics record"):
+        train(cfg, progress=False)

@@ -24,7 +24,7 @@ from latentsel.policy.model import GPT, GPTConfig
 from latentsel.policy.tokenizer import Tokenizer
 
 __all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_policy", "export_policy",
-           "tokenizer_dict"]
+           "tokenizer_dict", "check_tokenizer"]
 
 FORMAT = "latentsel-policy/1"
 _REQUIRED = ("format", "step", "policy", "model_config", "tokenizer", "model")
@@ -81,8 +81,13 @@ def export_policy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         torch.save(state, f)
 
 
-def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, dict]:
-    """``(model in eval mode on device, tokenizer, checkpoint dict)`` of a checkpoint file."""
+def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", world=None
+                ) -> tuple[GPT, Tokenizer, dict]:
+    """``(model in eval mode on device, tokenizer, checkpoint dict)`` of a checkpoint file.
+
+    With ``world``, the checkpoint's tokenizer must be that world's (same alphabet, routings,
+    skills and ``max_len``, in the same order); else :class:`CheckpointError` says what differs.
+    """
     state = load_checkpoint(path)
     try:
         model = GPT(GPTConfig.from_dict(state["model_config"]))
@@ -93,4 +98,23 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         raise CheckpointError(f"{path}: inconsistent checkpoint ({str(e).splitlines()[0]})") from None
     if tok.vocab_size != model.config.vocab_size:
         raise CheckpointError(f"{path}: tokenizer has {tok.vocab_size} tokens, model {model.config.vocab_size}")
+    if world is not None:
+        check_tokenizer(tok, Tokenizer.from_world(world), path)
     return model.to(device).eval(), tok, state
+
+
+def check_tokenizer(tok: Tokenizer, want: Tokenizer, path) -> None:
+    """:class:`CheckpointError` naming ``path`` and the first difference when ``tok != want``."""
+    if tok == want:
+        return
+    for field, a, b in (("alphabet", tok.alphabet, want.alphabet), ("routings", tok.routes, want.routes),
+                        ("skills", tok.skills, want.skills), ("max_len", tok.max_len, want.max_len)):
+        if a != b:
+            if isinstance(a, tuple):
+                extra, missing = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+                what = (f"{len(a)} {field}, the world {len(b)}" if extra or missing or len(a) != len(b)
+                        else f"the {field} in another order")
+                detail = f" (checkpoint only: {extra[:3]}; world only: {missing[:3]})" if extra or missing else ""
+                raise CheckpointError(f"{path}: a policy of another world: it has {what}{detail}")
+            raise CheckpointError(f"{path}: a policy of another world: its {field} is {str(a)[:60]!r}, "
+                                  f"the world's {str(b)[:60]!r}")

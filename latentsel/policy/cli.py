@@ -22,9 +22,15 @@ _RL_DEFAULTS = dict(regime="rl-compound", steps=200, batch_size=16, lr=1e-4, min
 
 
 def _named(value: str) -> tuple[str, str]:
+    from latentsel.policy.evaluate import check_policy_name
+
     name, sep, path = value.partition("=")
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=CHECKPOINT, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=CHECKPOINT, got {value[:200]!r}")
+    try:
+        check_policy_name(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return name, path
 
 
@@ -74,8 +80,9 @@ def cmd_sample(args) -> int:
 
     from latentsel.policy.checkpoint import load_policy
     from latentsel.policy.distributed import pick_device
-    from latentsel.policy.sampling import sample_traces
+    from latentsel.policy.sampling import check_prompts, sample_traces
     from latentsel.traces import read_traces, write_traces
+    from latentsel.world import default_world
 
     _threads(args)
     errors: list = []
@@ -84,9 +91,13 @@ def cmd_sample(args) -> int:
         print(f"skipped {len(errors)} invalid records (first: {errors[0]})", file=sys.stderr)
     if not prompts:
         raise ValueError(f"{args.prompts}: no prompts")
-    model, tok, state = load_policy(args.checkpoint, pick_device(args.device))
+    model, tok, state = load_policy(args.checkpoint, pick_device(args.device), world=default_world())
     stats: dict = {}
     t0 = time.perf_counter()
+    try:
+        check_prompts(model, tok, prompts)
+    except ValueError as e:
+        raise ValueError(f"{args.prompts}: {e}") from None
     traces = sample_traces(model, tok, prompts, policy=args.policy or state["policy"], checkpoint=args.checkpoint,
                            seed=args.seed, temperature=args.temperature, samples=args.samples,
                            batch_size=args.batch_size, progress=not args.no_progress, stats=stats)
@@ -121,7 +132,8 @@ def cmd_protocol(args) -> int:
 
     _threads(args)
     summary = run_protocol(args.out, size=args.size, seed=args.seed, device=args.device,
-                           progress=not args.no_progress, corpus_n=args.corpus_n, eval_n=args.eval_n)
+                           progress=not args.no_progress, corpus_n=args.corpus_n, eval_n=args.eval_n,
+                           budget_s=args.budget)
     print(f"protocol ({args.size}) on {summary['device']} in {summary['wall_s']:.0f} s; wrote {args.out}/")
     return 0
 
@@ -223,5 +235,8 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=_count, help="evaluation prompts per split (default: the size's)")
     p.add_argument("--corpus-n", type=_count, help="corpus traces per policy and split (default: the size's)")
+    p.add_argument("--budget", type=_nonneg_float,
+                   help="wall-clock seconds for the training stages, each sized to its share from a short "
+                        "calibration run; 0 for none (default: the size's: 1680 for cpu, 450 for gpu)")
     _common(p)
     p.set_defaults(func=cmd_protocol)

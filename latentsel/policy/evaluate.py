@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +19,7 @@ from latentsel.regimes import REGIMES, bigram_split, generate
 from latentsel.traces import Trace, write_traces
 from latentsel.world import World, default_world
 
-__all__ = ["SPLITS", "COMPETENT", "wilson", "score", "evaluate", "markdown_table"]
+__all__ = ["SPLITS", "COMPETENT", "wilson", "score", "evaluate", "markdown_table", "check_policy_name"]
 
 SPLITS = ("eval-seen", "eval-unseen", "eval-ood")
 COMPETENT = 0.9
@@ -71,6 +72,17 @@ def score(traces: Sequence[Trace], golden: Sequence[Trace]) -> dict:
     return out
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+
+
+def check_policy_name(name: str) -> str:
+    """A policy name becomes part of file names: letters, digits and ``_ . + -``, no path."""
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"policy name {name[:80]!r} must be 1-64 letters, digits or '_.+-', start with a "
+                         f"letter or digit and hold no '..' (it names files under --out)")
+    return name
+
+
 def evaluate(policies: dict[str, str | os.PathLike], out: str | os.PathLike, *, n: int = 1000, seed: int = 1,
              split_seed: int = 0, splits: Sequence[str] = SPLITS, device: str | None = None,
              batch_size: int = 256, temperature: float = 0.0, save_traces: bool = False,
@@ -86,6 +98,8 @@ def evaluate(policies: dict[str, str | os.PathLike], out: str | os.PathLike, *, 
     from latentsel.policy.sampling import sample_traces
 
     world = world or default_world()
+    for name in policies:
+        check_policy_name(name)
     for s in splits:
         if s not in REGIMES:
             raise ValueError(f"unknown split {s!r}; choose from {', '.join(REGIMES)}")
@@ -99,7 +113,7 @@ def evaluate(policies: dict[str, str | os.PathLike], out: str | os.PathLike, *, 
     # teacher-forced per-step accuracy on eval-seen: has the policy learned its modules?
     seen = prompts.get("eval-seen") or generate("eval-seen", n, seed, world=world, split=split)
     for name, path in policies.items():
-        model, tok, ckpt = load_policy(path, dev)
+        model, tok, ckpt = load_policy(path, dev, world=world)
         entry = {"checkpoint": str(path), "trained_steps": ckpt["step"], "splits": {},
                  "teacher_forced": teacher_forced(model, tok, seen, batch_size=batch_size)}
         for s in splits:

@@ -12,7 +12,8 @@ Positions come in three layouts:
   counts from the token that opens the segment (``<bos>``, ``<prog>``, ``<out>``, ``<sep>``; in
   the program, 1 for ``r_t`` and 2 for ``k_t``). Role and offset are learned embeddings; the
   slot enters attention as a rotary angle, so attention scores depend on slot *differences*
-  only. Step t then reads its program slot and the entries before it the same way at every t
+  only (the low rotary frequencies barely turn over a few slots, so a head can also match
+  content whatever the slots). Step t then reads its program slot and the entries before it the same way at every t
   and in programs of any depth: two more program tokens move nothing a step reads.
 
 One :class:`GPTConfig` describes the network; it travels inside every checkpoint as a plain
@@ -162,8 +163,8 @@ class GPT(nn.Module):
         self.register_buffer("seg_tokens", torch.tensor(config.segment_tokens, dtype=torch.long), persistent=False)
         self.role = nn.Embedding(3, config.n_embd) if slots else None
         self.offset = nn.Embedding(config.block_size, config.n_embd) if slots else None
-        half = config.n_embd // config.n_head // 2
-        freq = config.rope_base ** (-torch.arange(half, dtype=torch.float32) / max(half, 1))
+        pairs = config.n_embd // config.n_head // 2
+        freq = config.rope_base ** (-torch.arange(pairs, dtype=torch.float32) / max(pairs, 1))
         self.register_buffer("rope_freq", freq, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(_Block(config) for _ in range(config.n_layer))

@@ -12,9 +12,12 @@ Both RL runs start from the final SFT checkpoint. Started again on the same fold
 training stages resume (or are skipped when finished); evaluation and sampling are redone.
 Single process: the stages that sample and evaluate do not shard over ``torchrun`` ranks.
 
-``cpu`` took 9 minutes on two shared laptop cores (``data/policy-cpu``). ``gpu`` (4.8M
-parameters, 6000 SFT steps of 256 traces, RL on 64 prompts x 16 samples) is meant to fit in
-about 20 minutes on one H100-class GPU; it has not been run yet, so its sizes are estimates.
+The recipe: SFT on fresh depth 2-3 prompts of seen bigrams at every step (compound only, so
+stopping is learned and no isolated atom is ever seen), a slot-position model (a deeper program
+moves nothing a step reads); RL with a KL penalty to the SFT policy and no update from a step
+where fewer than a quarter of the prompt groups carry a signal. ``cpu`` and ``gpu`` run under
+a wall-clock budget (28 and 7.5 minutes): each training stage gets its share, and its steps are
+sized from a calibration run on the machine at hand.
 """
 from __future__ import annotations
 
@@ -56,12 +59,13 @@ class Size:
     kl_coef: float = 0.05
     workers: int = 0
     share: tuple[float, float, float] = (0.6, 0.12, 0.12)  # SFT, each RL run (the rest: eval + corpora)
+    budget_s: float | None = None  # the default wall-clock budget
 
 
 SIZES = {
     "tiny": Size("tiny", 4, 8, 3e-3, 2, 4, 4, 1e-4, 8, 4, 64),
-    "cpu": Size("cpu", 3000, 64, 3e-3, 60, 16, 8, 5e-5, 500, 500, 500),
-    "gpu": Size("gpu", 20000, 256, 2e-3, 300, 64, 16, 5e-5, 2000, 2000, 1024, workers=6),
+    "cpu": Size("cpu", 5000, 64, 3e-3, 100, 16, 8, 5e-5, 1000, 2000, 500, share=(0.74, 0.07, 0.07), budget_s=1680),
+    "gpu": Size("gpu", 20000, 256, 2e-3, 300, 64, 16, 5e-5, 2000, 2000, 1024, workers=6, budget_s=450),
 }
 POLICIES = {"sft": "sft", "sft+rl-atomic": "rl-atomic", "sft+rl-compound": "rl-compound"}
 CALIBRATION_STEPS = {"sft": 12, "rl": 3}
@@ -81,8 +85,8 @@ def _sized(cfg: TrainConfig, seconds: float | None, progress: bool) -> tuple[Tra
     n = CALIBRATION_STEPS[cfg.mode]
     cal_dir = Path(cfg.out).parent / ".calibration" / Path(cfg.out).name
     t0 = time.perf_counter()
-    summary = train(replace(cfg, out=str(cal_dir), steps=n + 1, warmup=1, eval_every=0, log_every=1,
-                            checkpoint_every=10**9), progress=False)
+    summary = train(replace(cfg, out=str(cal_dir), steps=n + 1, warmup=1, eval_every=0, eval_prompts=1,
+                            log_every=1, checkpoint_every=10**9), progress=False)
     wall = time.perf_counter() - t0
     shutil.rmtree(cal_dir, ignore_errors=True)
     # the first step pays for warm-up (allocation, kernel selection): time the rest
@@ -97,14 +101,16 @@ def run_protocol(out, *, size: str = "cpu", seed: int = 0, device: str | None = 
                  eval_n: int | None = None, corpus_n: int | None = None, budget_s: float | None = None) -> dict:
     """Run the protocol into ``out``; returns the record also written to ``out/protocol.json``.
 
-    ``budget_s`` bounds the training stages by wall clock: each gets its share of the budget,
-    its steps sized from a calibration run and a hard deadline at the end of its share.
+    ``budget_s`` (default the size's; 0 for none) bounds the training stages by wall clock:
+    each gets its share of the budget, its steps sized from a calibration run and a hard
+    deadline at the end of its share.
     """
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
-    if budget_s is not None and budget_s <= 0:
-        raise ValueError(f"budget_s must be > 0, got {budget_s}")
     s = SIZES[size]
+    budget_s = s.budget_s if budget_s is None else budget_s or None
+    if budget_s is not None and budget_s < 0:
+        raise ValueError(f"budget_s must be >= 0, got {budget_s}")
     eval_n, corpus_n = eval_n or s.eval_n, corpus_n or s.corpus_n
     out = Path(out)
     world = default_world()

@@ -129,6 +129,27 @@ def completion_traces(prompts: Sequence[Trace], completions: Sequence[Sequence[i
     return traces
 
 
+def check_prompts(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Trace]) -> None:
+    """``ValueError`` naming the first prompt the policy cannot complete: no program, a module
+    the tokenizer lacks, or a prompt and completion longer than the model's context."""
+    block = model.config.block_size
+    for p in prompts:
+        if p.program is None:
+            raise ValueError(f"prompt {p.id!r} states no program; a policy needs the intended program")
+        need = len(p.input) + 2 * len(p.program) + 3 + tokenizer.completion_budget(len(p.program))
+        if need > block:
+            raise ValueError(f"prompt {p.id!r} (depth {len(p.program)}) needs {need} positions; "
+                             f"the policy's context holds {block} (programs up to depth "
+                             f"{_deepest(tokenizer, block)})")
+
+
+def _deepest(tok: Tokenizer, block: int) -> int:
+    depth = 0
+    while tok.block_size(depth + 1) <= block:
+        depth += 1
+    return depth
+
+
 def sample_traces(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Trace], *, policy: str, checkpoint: str,
                   seed: int = 0, temperature: float = 0.0, samples: int = 1, batch_size: int = 256,
                   progress: bool = False, stats: dict | None = None) -> list[Trace]:
@@ -142,14 +163,7 @@ def sample_traces(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Trace], *,
 
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    block = model.config.block_size
-    for p in prompts:
-        if p.program is None:
-            raise ValueError(f"prompt {p.id!r} states no program; a policy needs the intended program")
-        need = len(p.input) + 2 * len(p.program) + 3 + tokenizer.completion_budget(len(p.program))
-        if need > block:
-            raise ValueError(f"prompt {p.id!r} (depth {len(p.program)}) needs {need} positions; "
-                             f"the policy's context holds {block}")
+    check_prompts(model, tokenizer, prompts)
     device = next(model.parameters()).device
     source = {"kind": "policy", "policy": policy, "checkpoint": str(checkpoint), "seed": seed,
               "device": device.type, "temperature": temperature}

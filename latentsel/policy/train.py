@@ -144,17 +144,33 @@ def _build(cfg: TrainConfig, tok: Tokenizer, ckpt: Path, device) -> tuple[GPT, d
         model = GPT(GPTConfig(tok.vocab_size, tok.block_size(cfg.max_depth), n_layer, n_head, n_embd,
                               slot_layout=tok.segment_tokens))
         return model.to(device), None
-    model, init_tok, _ = load_policy(cfg.init, device)
-    if init_tok != tok:
-        raise CheckpointError(f"{cfg.init}: the checkpoint's tokenizer is not the default world's")
+    model, _, _ = load_policy(cfg.init, device, world=default_world())
     return model.train(), None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records after ``step``: a killed run may have logged steps its checkpoint lacks."""
+    """Drop records after ``step``: a killed run may have logged steps its checkpoint lacks.
+
+    A last line cut short (a kill or a full disk mid-append) is dropped too; an unreadable line
+    before it is an error naming the file and line.
+    """
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    keep = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            rec_step = int(rec["step"])
+        except (ValueError, KeyError, TypeError) as e:
+            if n == len(lines):
+                break  # the torn end of an interrupted append
+            raise ValueError(f"{path}:{n}: not a metrics record ({type(e).__name__}: {str(e)[:80]}); "
+                             f"remove the line or start afresh with another --out") from None
+        if rec_step <= step:
+            keep.append(line)
     with atomic_open(path, "w") as f:
         f.writelines(line + "\n" for line in keep)
 
