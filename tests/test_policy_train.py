@@ -166,3 +166,48 @@ def test_training_logs_teacher_forced_accuracy_on_held_out_prompts(tmp_path):
     assert tf == probed[-1]["teacher_forced"]
     assert tf["step"]["n"] == 36 and set(tf["by_position"]) == {"1", "2", "3"}
     assert summary["competent"] is False  # four steps of a tiny model learn nothing
+
+
+def test_loader_workers_give_the_same_run(tmp_path):
+    a = train(_tiny(tmp_path, "inline", pool=0, steps=3), progress=False)
+    b = train(_tiny(tmp_path, "workers", pool=0, steps=3, workers=2), progress=False)
+    assert [r["loss"] for r in _records(Path(tmp_path, "inline"))] == [r["loss"] for r in _records(Path(tmp_path, "workers"))]
+    assert a["last"]["loss"] == b["last"]["loss"]
+
+
+def test_fresh_prompts_differ_every_step_and_repeat_with_the_seed():
+    from latentsel.policy.data import PromptStream
+
+    world = default_world()
+    s = PromptStream("sft", 0, 3, world)
+    first, second = s.batch(0, 16), s.batch(1, 16)
+    assert {t.input for t in first}.isdisjoint({t.input for t in second}) or \
+        [t.program for t in first] != [t.program for t in second]
+    assert [t.to_dict() for t in PromptStream("sft", 0, 3, world).batch(0, 16)] == [t.to_dict() for t in first]
+    assert {len(t.program) for t in s.batch(2, 64)} == {2, 3}
+
+
+def test_a_deadline_ends_the_run_with_a_checkpoint(tmp_path):
+    import time
+
+    cfg = _tiny(tmp_path, "timed", steps=50, checkpoint_every=100)
+    summary = train(cfg, progress=False, deadline=time.monotonic())  # already past: one step runs
+    assert summary["stopped_at"] == 1 and summary["steps_run"] == 1
+    assert load_checkpoint(Path(cfg.out) / "checkpoint.pt")["step"] == 1
+
+
+def test_rl_needs_min_groups_informative_groups_to_update(tmp_path, sft_checkpoint, monkeypatch):
+    calls = []
+
+    def reward(tok, completion, prompt):  # 2 of the 8 groups carry a signal
+        calls.append(1)
+        return float(len(calls) % 32 in (1, 5))
+
+    monkeypatch.setattr(train_mod, "_reward", reward)
+    for name, need, updated in (("three", 3, False), ("two", 2, True)):
+        calls.clear()
+        cfg = _tiny(tmp_path, name, mode="rl", regime="rl-atomic", init=sft_checkpoint, steps=1, group_size=4,
+                    min_groups=need)
+        train(cfg, progress=False)
+        [record] = _records(cfg.out)
+        assert record["groups_skipped"] == 6 and record["updated"] is updated
