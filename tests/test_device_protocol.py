@@ -123,8 +123,8 @@ def test_tiny_dry_run_imports_nothing_else_and_packs_eight_files(bare_python, tm
     joined = tmp_path / "policies.tar"
     joined.write_bytes(whole)
     with tarfile.open(joined) as tar:
-        assert sorted(tar.getnames()) == ["policies/sft+rl-atomic.pt", "policies/sft+rl-compound.pt",
-                                          "policies/sft.pt"]
+        assert sorted(tar.getnames()) == ["policies/sft+rl-atomic.pt.gz", "policies/sft+rl-compound.pt.gz",
+                                          "policies/sft.pt.gz"]
 
 
 def test_a_gpu_run_without_a_gpu_says_so(bare_python, tmp_path):

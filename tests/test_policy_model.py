@@ -149,6 +149,9 @@ def test_checkpoint_round_trip_loads_with_weights_only(model, tmp_path):
     assert small["optimizer"] is None and small["train_config"] == {"seed": 0, "init": None}
     assert all(torch.equal(small["model"][k], v) for k, v in model.state_dict().items())
     assert (tmp_path / "weights.pt").stat().st_size < path.stat().st_size / 2
+    export_policy(path, tmp_path / "weights.pt.gz")
+    packed = load_checkpoint(tmp_path / "weights.pt.gz")
+    assert all(torch.equal(packed["model"][k], v) for k, v in small["model"].items())
 
 
 def test_bad_checkpoints_name_the_file(tmp_path):
@@ -158,6 +161,10 @@ def test_bad_checkpoints_name_the_file(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt: not a readable"):
         load_checkpoint(junk)
+    torn = tmp_path / "torn.pt.gz"
+    torn.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    with pytest.raises(CheckpointError, match="torn.pt.gz: not a readable"):
+        load_checkpoint(torn)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)
     with pytest.raises(CheckpointError, match="other.pt: not a latentsel policy checkpoint"):

@@ -12,6 +12,8 @@ state and the step are all a resumed run needs to continue the same stream.
 """
 from __future__ import annotations
 
+import gzip
+import io
 import os
 import pickle
 import zipfile
@@ -27,6 +29,7 @@ __all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "l
            "tokenizer_dict", "check_tokenizer"]
 
 FORMAT = "latentsel-policy/1"
+_MAX_GZ = 4 << 30  # bytes a compressed checkpoint may expand to
 _REQUIRED = ("format", "step", "policy", "model_config", "tokenizer", "model")
 
 
@@ -61,8 +64,15 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as e:
+        if path.suffix == ".gz":  # a compressed copy (``export_policy(src, "x.pt.gz")`` writes one)
+            with gzip.open(path, "rb") as f:
+                source = io.BytesIO(f.read(_MAX_GZ + 1))
+            if len(source.getbuffer()) > _MAX_GZ:
+                raise CheckpointError(f"{path}: decompresses to more than {_MAX_GZ >> 30} GiB")
+        else:
+            source = path
+        state = torch.load(source, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, gzip.BadGzipFile) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable policy checkpoint ({first})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -74,7 +84,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 
 def export_policy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copy a checkpoint without its optimizer state (a third of the size): what sampling needs."""
+    """Copy a checkpoint without its optimizer state (a third of the size): what sampling needs.
+    A ``dst`` ending in ``.gz`` is gzip-compressed; :func:`load_checkpoint` reads either."""
     state = load_checkpoint(src)
     state["optimizer"] = None
     with atomic_open(dst, "wb") as f:

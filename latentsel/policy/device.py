@@ -60,7 +60,7 @@ def pack(work: str | Path, out: str | Path, *, max_files: int = MAX_FILES, part_
     work, out = Path(work), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = [p for p in work.rglob("*") if p.is_file() and not p.is_symlink()]
-    weights = [p for p in files if p.parent.name == "policies" and p.suffix == ".pt"]
+    weights = [p for p in files if p.parent.name == "policies" and p.name.endswith((".pt", ".pt.gz"))]
     skipped = [p for p in files if p.name == "checkpoint.pt" or p.name.startswith(".")]
     small = [p for p in files if p not in weights and p not in skipped]
     manifest: dict = {"files": {}, "left_out": [str(p.relative_to(work)) for p in sorted(skipped)]}

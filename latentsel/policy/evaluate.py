@@ -168,6 +168,14 @@ def markdown_table(record: dict) -> str:
             cells = [p["step"]] + [p["by_position"].get(t, {"acc": None}) for t in positions] + [p["stop"], p["answer"]]
             lines.append(f"| {name} | " + " | ".join("n/a" if c["acc"] is None else f"{100 * c['acc']:.1f}%"
                                                       for c in cells) + " |")
+        for key, what in (("by_skill", "skill"), ("by_route", "routing")):
+            names = sorted({k for p in probes.values() for k in p[key]})
+            lines += ["", f"### Teacher-forced per-step accuracy by intended {what} (eval-seen)", "",
+                      f"| {what} | " + " | ".join(probes) + " |", "|---|" + "---|" * len(probes)]
+            for k in names:
+                cells = [p[key].get(k, {"acc": None, "n": 0}) for p in probes.values()]
+                lines.append(f"| {k} | " + " | ".join("n/a" if c["acc"] is None else f"{100 * c['acc']:.1f}% ({c['n']})"
+                                                      for c in cells) + " |")
     for s in splits:
         depth = max(entry["splits"][s]["depth"] for entry in policies.values())
         lines += ["", f"## {s}: accuracy at depth t (first t steps all correct)", ""]

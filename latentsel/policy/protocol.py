@@ -3,7 +3,7 @@
 One folder holds everything::
 
     out/sft/, out/rl-atomic/, out/rl-compound/   runs (checkpoint.pt, metrics.jsonl, train.json)
-    out/policies/{policy}.pt                     the final weights, without optimizer state
+    out/policies/{policy}.pt.gz                  the final weights, without optimizer state, gzipped
     out/eval/eval.json, out/eval/eval.md         accuracy per split and depth, greedy decoding
     out/corpora/{policy}.{split}.jsonl.gz        traces sampled at temperature 1 per policy and split
     out/protocol.json                            sizes, wall times, throughput, device
@@ -64,7 +64,7 @@ class Size:
 
 SIZES = {
     "tiny": Size("tiny", 4, 8, 3e-3, 2, 4, 4, 1e-4, 8, 4, 64),
-    "cpu": Size("cpu", 5000, 64, 3e-3, 100, 16, 8, 5e-5, 1000, 2000, 500, share=(0.74, 0.07, 0.07), budget_s=1680),
+    "cpu": Size("cpu", 6000, 64, 3e-3, 100, 16, 8, 5e-5, 1000, 2000, 500, share=(0.8, 0.05, 0.05), budget_s=1680),
     "gpu": Size("gpu", 20000, 256, 2e-3, 300, 64, 16, 5e-5, 2000, 2000, 1024, workers=6, budget_s=450),
 }
 POLICIES = {"sft": "sft", "sft+rl-atomic": "rl-atomic", "sft+rl-compound": "rl-compound"}
@@ -137,7 +137,7 @@ def run_protocol(out, *, size: str = "cpu", seed: int = 0, device: str | None = 
             group_size=s.group_size, lr=s.rl_lr, min_lr=s.rl_lr / 10, warmup=min(10, s.rl_steps // 10 + 1),
             kl_coef=s.kl_coef, min_groups=max(1, s.rl_prompts // 4), eval_every=max(1, s.rl_steps // 4),
             log_every=1, **common), k)  # every step: which groups carried a signal
-    checkpoints = {name: str(out / "policies" / f"{name}.pt") for name in POLICIES}
+    checkpoints = {name: str(out / "policies" / f"{name}.pt.gz") for name in POLICIES}
     for name, run in POLICIES.items():
         export_policy(out / run / "checkpoint.pt", checkpoints[name])
 

@@ -240,13 +240,14 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, on_step, deadl
         record = step_fn(net, step, next(batches) if batches is not None else None)
         record["updated"] = record.pop("_update")
         if record["updated"]:
-            record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            record["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
         tokens += record["tokens"]
         flops += record["tokens"] * model.flops_per_token(record.pop("_width"))
         out_of_time = deadline is not None and time.monotonic() >= deadline and step + 1 < cfg.steps
         evaluate_now = step + 1 == cfg.steps or out_of_time or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)
         if d.is_main and ((step + 1) % cfg.log_every == 0 or evaluate_now):
+            record = {k: float(v) if torch.is_tensor(v) else v for k, v in record.items()}
             elapsed = time.perf_counter() - t0
             record.update(step=step + 1, lr=lr, tokens_per_s=tokens / elapsed, model_flops_per_s=flops / elapsed)
             if evaluate_now and held_out:
@@ -268,6 +269,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, on_step, deadl
             stopped_at = step + 1
             break
     bar.close()
+    record = {k: float(v) if torch.is_tensor(v) else v for k, v in record.items()}
     elapsed = time.perf_counter() - t0
     summary = {"config": asdict(cfg), "policy": policy, "device": d.device.type, "world_size": d.world_size,
                "n_params": model.n_params(), "resumed_from_step": start,
@@ -315,12 +317,17 @@ class _SFTStep:
 
     def __call__(self, net, step: int, prepared=None) -> dict:
         batch, n_rows = prepared if prepared is not None else self.host_batch(step)
-        batch = type(batch)(*(x.to(self.d.device, non_blocking=True) for x in batch))
+        # counted on the host copy: no device synchronisation in the step
         local_tokens = float((batch.inputs != self.tok.pad).sum()) + n_rows
-        n_completion, _ = distributed.all_sum([float(batch.mask.sum()), 0.0], self.d)
+        n_completion = float(batch.mask.sum())
+        batch = type(batch)(*(x.to(self.d.device, non_blocking=True) for x in batch))
+        if self.d.enabled:
+            n_completion, _ = distributed.all_sum([n_completion, 0.0], self.d)
         with autocast(self.d.device):
             loss = sft_loss(net, batch, n_completion, self.d.world_size)
         loss.backward()
+        if not self.d.enabled:  # the loss stays on the device until a record is written
+            return {"loss": loss.detach(), "tokens": local_tokens, "_update": True, "_width": batch.inputs.shape[1]}
         total_loss, tokens = distributed.all_sum([float(loss.detach()) / self.d.world_size, local_tokens], self.d)
         return {"loss": total_loss, "tokens": tokens, "_update": True, "_width": batch.inputs.shape[1]}
 
@@ -376,8 +383,9 @@ class _RLStep:
         return record
 
 
-# dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity)
-_PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "B200": 2250e12, "L4": 121e12, "A10": 125e12}
+# dense bf16 peak FLOP/s per device: the H200's as measured on a large bf16 matmul (its data
+# sheet says 989e12), the others from the vendors' data sheets (no sparsity)
+_PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 790e12, "B200": 2250e12, "L4": 121e12, "A10": 125e12}
 
 
 def _mfu(flops_per_s: float, d: distributed.Dist) -> float | None:
