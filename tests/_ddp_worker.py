@@ -38,7 +38,7 @@ def main(out):
     stream = PromptStream("sft", cfg.pool, cfg.seed, world)
     pool = stream.pool
     record = _SFTStep(cfg, tok, stream, d)(net, step=2)
-    result = {"sft": grads(model), "sft_loss": record["loss"], "tokens": record["tokens"]}
+    result = {"sft": grads(model), "sft_loss": float(record["loss"]), "tokens": record["tokens"]}
 
     model.zero_grad(set_to_none=True)
     pairs = sft_pairs(pool[:6], tok)

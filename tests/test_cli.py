@@ -65,6 +65,7 @@ def test_debug_shows_traceback(tmp_path):
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
 
+@pytest.mark.slow  # its stages have their own tests; run it with -m slow
 def test_demo_runs(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--n", "30", "--sizes", "30", "--seeds", "0", "--nuts-max", "0", "--sbc", "2",

@@ -290,3 +290,18 @@ def test_attribution_bars_reject_bad_input(rng):
     for bad in ([], rows + rows[:1], [{**rows[0], "skill_error": 1.5}], [{"policy": "sft"}]):
         with pytest.raises(ValueError, match="^rows"):
             plots.attribution_bars(bad)
+
+
+def test_training_curves_draw_probes_and_rl_runs(tmp_path):
+    from latentsel.plots import save_figure, training_curves
+
+    probe = {"step": {"acc": 0.4}, "stop": {"acc": 0.8}, "by_position": {"1": {"acc": 0.6}, "2": {"acc": 0.3}}}
+    sft = [{"step": s, "loss": 2.0 / s} for s in range(1, 11)] + [{"step": 10, "loss": 0.2, "teacher_forced": probe}]
+    rl = {"rl-atomic": [{"step": s, "reward": 0.5, "updated": s % 2 == 0} for s in range(1, 6)]}
+    fig = training_curves(sft, rl, title="cpu run")
+    assert len(fig.axes) == 3
+    assert "2/5 steps updated" in fig.axes[2].get_legend().get_texts()[0].get_text()
+    assert save_figure(fig, tmp_path / "c.png").stat().st_size > 1000
+    assert len(training_curves(sft).axes) == 2
+    with pytest.raises(ValueError, match="sft must hold metrics records"):
+        training_curves([{"loss": 1.0}])

@@ -4,6 +4,7 @@
   module graphs, distinguishability classes.
 - :mod:`~latentsel.plots.experiments`: experiment summaries: identifiability and contraction
   curves, SBC rank histograms, error attribution.
+- :mod:`~latentsel.plots.policy`: the training curves of a policy protocol.
 
 Every function takes numpy arrays and plain records, so it can be tested without running
 inference, and returns a :class:`matplotlib.figure.Figure` built with the object-oriented API,
@@ -13,9 +14,10 @@ for a report about 1000 px wide; :func:`save_figure` writes one as a PNG atomica
 from latentsel.plots._common import save_figure
 from latentsel.plots.experiments import (attribution_bars, contraction_curves, identifiability_curves,
                                          sbc_histograms)
+from latentsel.plots.policy import training_curves
 from latentsel.plots.traces import (distinguishability_graph, draw_module_digraph, execution_heatmap,
                                     module_digraph, module_graph, routing_sources, selection_heatmap)
 
 __all__ = ["save_figure", "execution_heatmap", "selection_heatmap", "routing_sources", "module_digraph",
            "draw_module_digraph", "module_graph", "distinguishability_graph", "identifiability_curves",
-           "contraction_curves", "sbc_histograms", "attribution_bars"]
+           "contraction_curves", "sbc_histograms", "attribution_bars", "training_curves"]

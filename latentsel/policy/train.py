@@ -245,6 +245,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, on_step, deadl
         tokens += record["tokens"]
         flops += record["tokens"] * model.flops_per_token(record.pop("_width"))
         out_of_time = deadline is not None and time.monotonic() >= deadline and step + 1 < cfg.steps
+        if deadline is not None and d.enabled:  # every rank stops at the same step
+            out_of_time = distributed.all_sum([float(out_of_time)], d)[0] > 0
         evaluate_now = step + 1 == cfg.steps or out_of_time or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)
         if d.is_main and ((step + 1) % cfg.log_every == 0 or evaluate_now):
             record = {k: float(v) if torch.is_tensor(v) else v for k, v in record.items()}
