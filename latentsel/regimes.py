@@ -175,6 +175,8 @@ def generate(
     spec = _regime(regime)
     if depths is not None:
         depths = tuple(int(d) for d in depths)
+        if regime == "rl-atomic" and depths != (1,):
+            raise ValueError(f"rl-atomic programs are depth 1, got depths {list(depths)}")
         compound = regime not in ("rl-atomic", "eval-ood")
         if not depths or min(depths) < (2 if compound else 1):
             raise ValueError(f"depths for {regime} must be >= {2 if compound else 1}, got {list(depths)}")
@@ -201,8 +203,10 @@ def generate(
     if regime == "sft" and cover:
         # the first prompts cover every skill and every routing, at the deepest depth
         candidates, d = candidates[spec.depth], spec.depth
-        # greedy covers from a few random tie-breaks; the smallest fits the fewest prompts
-        cover = min((_cover(candidates, world.n_skills, rng) for _ in range(8)), key=len)
+        # a single depth keeps the one greedy cover it always drew (the same prompts for a seed);
+        # with several, the smallest of a few random tie-breaks fits the fewest prompts
+        tries = 1 if len(spec.depths) == 1 else 8
+        cover = min((_cover(candidates, world.n_skills, rng) for _ in range(tries)), key=len)
         n_cover = min(n, max(len(cover), -(-world.n_routes // d)))
         if n_cover:
             for i in range(n_cover):

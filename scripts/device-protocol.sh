@@ -31,4 +31,7 @@ ln -s "$ROOT/inference" "$STAGE/latentsel/inference"
 
 export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1
+# "python -m" would put the current folder first on sys.path, and from the checkout's root that
+# is ./latentsel, without models/ and inference/: keep it off (Python >= 3.11)
+export PYTHONSAFEPATH=1
 "$PYTHON" -m latentsel.policy.device "$OUT" --size "$SIZE" --budget "$BUDGET"

@@ -74,6 +74,8 @@ def bare_python(tmp_path_factory):
     boot = bin_dir / "boot.py"
     boot.write_text(
         "import atexit, os, runpy, sys\n"
+        "if not os.environ.get('PYTHONSAFEPATH'):\n"  # as python -m: the current folder first
+        "    sys.path.insert(0, os.getcwd())\n"
         "def dump():\n"
         "    with open(os.environ['LOADED_MODULES'], 'w') as f:\n"
         "        f.write('\\n'.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
@@ -95,7 +97,8 @@ def test_tiny_dry_run_imports_nothing_else_and_packs_eight_files(bare_python, tm
     loaded = tmp_path / "loaded.txt"
     env.update(PYTHON=str(python), PYTHONPATH=str(site), BUDGET="240", TMPDIR=str(tmp_path), OMP_NUM_THREADS="1",
                LOADED_MODULES=str(loaded))
-    run = subprocess.run(["bash", str(SCRIPT), str(out), "tiny"], cwd=tmp_path, env=env, capture_output=True,
+    # from the checkout's root, as the accelerator machine starts commands
+    run = subprocess.run(["bash", str(SCRIPT), str(out), "tiny"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "device-protocol: done" in run.stdout

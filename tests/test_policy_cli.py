@@ -76,6 +76,22 @@ def test_protocol_runs_every_stage(tmp_path):
     assert len(read_traces(out / "corpora" / "sft+rl-compound.eval-ood.jsonl.gz")) == 3
 
 
+def test_a_budgeted_protocol_is_sized_by_calibration_and_reruns_on_its_folder(tmp_path):
+    out = tmp_path / "protocol"
+    argv = ["protocol", "--out", str(out), "--size", "tiny", "--eval-n", "2", "--corpus-n", "2", "--budget", "120",
+            "--no-progress"]
+    assert main(argv) == 0
+    record = json.loads((out / "protocol.json").read_text())
+    sizing = record["sizing"]["sft"]
+    assert sizing["calibration_steps"] == 13 and sizing["s_per_step"] > 0 and sizing["steps"] >= 1
+    assert record["stages"]["sft"]["steps"] == sizing["steps"]
+    assert not (out / ".calibration" / "sft").exists()
+    # started again, every stage is finished: nothing is recalibrated and nothing refuses to resume
+    assert main(argv) == 0
+    again = json.loads((out / "protocol.json").read_text())
+    assert again["sizing"]["sft"] is None and again["stages"]["sft"]["steps"] == sizing["steps"]
+
+
 @pytest.mark.parametrize("argv, code, message", [
     (["sample", "--checkpoint", "missing.pt", "--prompts", "p.jsonl", "-o", "o.jsonl"], 1, "p.jsonl: no such file"),
     (["evaluate", "--policy", "a=missing.pt", "--out", "x", "--n", "1"], 1, "missing.pt: no such checkpoint file"),

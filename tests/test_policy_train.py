@@ -217,3 +217,18 @@ def test_rl_needs_min_groups_informative_groups_to_update(tmp_path, sft_checkpoi
         train(cfg, progress=False)
         [record] = _records(cfg.out)
         assert record["groups_skipped"] == 6 and record["updated"] is updated
+
+
+def test_a_checkpoint_from_before_a_new_field_resumes(tmp_path):
+    cfg = _tiny(tmp_path, "old", steps=2, checkpoint_every=1)
+    train(cfg, progress=False)
+    path = Path(cfg.out) / "checkpoint.pt"
+    state = load_checkpoint(path)
+    for newer in ("min_groups", "workers"):  # fields this checkpoint's writer did not have
+        del state["train_config"][newer]
+    torch.save(state, path)
+    # the missing fields count as their defaults: the same run resumes (here: is finished) ...
+    assert train(cfg, progress=False)["steps_run"] == 2
+    # ... and a different one is still refused
+    with pytest.raises(CheckpointError, match="min_groups: 1 != 2"):
+        train(_tiny(tmp_path, "old", steps=2, checkpoint_every=1, min_groups=2), progress=False)

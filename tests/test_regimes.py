@@ -51,6 +51,24 @@ def test_depths_override_and_refusal(world):
     assert {t.depth for t in generate("eval-seen", 20, seed=4, depths=(2,))} == {2}
     with pytest.raises(ValueError, match="depths for sft must be >= 2"):
         generate("sft", 5, depths=(1, 2))
+    with pytest.raises(ValueError, match="rl-atomic programs are depth 1"):
+        generate("rl-atomic", 5, depths=(2,))
+
+
+# (input, program) of generate(regime, 40, seed=3) at the regime's deepest depth, as drawn before
+# regimes had several depths: a single-depth draw must keep that stream (identify relies on it)
+PINNED = {"sft": "98fda179d9d392e1", "eval-seen": "579e9251e146ff9d", "rl-compound": "3cf22fbaf1045571",
+          "eval-ood": "93f75e9419402af5", "rl-atomic": "82bd4b22ae3733c7", "eval-unseen": "bb312bea3d8d51ab"}
+
+
+@pytest.mark.parametrize("regime", list(PINNED))
+def test_single_depth_streams_are_pinned(regime):
+    import hashlib
+    import json
+
+    traces = generate(regime, 40, seed=3, depths=(REGIMES[regime].depth,))
+    digest = hashlib.sha256(json.dumps([(t.input, [list(m) for m in t.program]) for t in traces]).encode())
+    assert digest.hexdigest()[:16] == PINNED[regime]
 
 
 def test_deterministic_and_independent_streams():

@@ -59,12 +59,17 @@ def pack(work: str | Path, out: str | Path, *, max_files: int = MAX_FILES, part_
     """
     work, out = Path(work), Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise ValueError(f"{out}: not empty; the packed files must be all it holds")
     files = [p for p in work.rglob("*") if p.is_file() and not p.is_symlink()]
     weights = [p for p in files if p.parent.name == "policies" and p.name.endswith((".pt", ".pt.gz"))]
     skipped = [p for p in files if p.name == "checkpoint.pt" or p.name.startswith(".")]
     small = [p for p in files if p not in weights and p not in skipped]
     manifest: dict = {"files": {}, "left_out": [str(p.relative_to(work)) for p in sorted(skipped)]}
     _tar(small, work, out / "protocol.tar.gz", gz=True)
+    if (out / "protocol.tar.gz").stat().st_size > part_bytes:
+        raise RuntimeError(f"{out / 'protocol.tar.gz'}: {(out / 'protocol.tar.gz').stat().st_size} bytes, "
+                           f"more than the {part_bytes} a file may have")
     if weights:
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             whole = Path(tmp) / "policies.tar"

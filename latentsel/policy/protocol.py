@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from latentsel._io import atomic_open
-from latentsel.policy.checkpoint import export_policy, load_policy
+from latentsel.policy.checkpoint import export_policy, load_checkpoint, load_policy
 from latentsel.policy.evaluate import SPLITS, evaluate, score
 from latentsel.policy.sampling import sample_traces
 from latentsel.policy.train import TrainConfig, train
@@ -80,21 +80,26 @@ def _stage(summary: dict) -> dict:
 
 def _sized(cfg: TrainConfig, seconds: float | None, progress: bool) -> tuple[TrainConfig, dict | None]:
     """``cfg`` with as many steps as fit in ``seconds`` (measured on a short calibration run)."""
-    if seconds is None or Path(cfg.out, "checkpoint.pt").exists():
-        return cfg, None  # no budget, or a run to resume with the steps it was started with
+    ckpt = Path(cfg.out, "checkpoint.pt")
+    if ckpt.exists():  # a run to resume, with the steps it was sized to when it started
+        saved = load_checkpoint(ckpt)["train_config"] or {}
+        return replace(cfg, steps=saved.get("steps", cfg.steps), warmup=saved.get("warmup", cfg.warmup)), None
+    if seconds is None:
+        return cfg, None
     n = CALIBRATION_STEPS[cfg.mode]
     cal_dir = Path(cfg.out).parent / ".calibration" / Path(cfg.out).name
+    stamps: list[float] = []
     t0 = time.perf_counter()
-    summary = train(replace(cfg, out=str(cal_dir), steps=n + 1, warmup=1, eval_every=0, eval_prompts=1,
-                            log_every=1, checkpoint_every=10**9), progress=False)
+    train(replace(cfg, out=str(cal_dir), steps=n + 1, warmup=1, eval_every=0, eval_prompts=1, log_every=1,
+                  checkpoint_every=10**9), progress=False, on_step=lambda step: stamps.append(time.perf_counter()))
     wall = time.perf_counter() - t0
     shutil.rmtree(cal_dir, ignore_errors=True)
-    # the first step pays for warm-up (allocation, kernel selection): time the rest
-    per_step = summary["wall_s"] / (n + 1)
+    # the first step pays for warm-up (allocation, kernel selection, loader start): time the rest
+    per_step = (stamps[-1] - stamps[0]) / n
     steps = max(1, min(cfg.steps, int(0.95 * (seconds - wall) / per_step)))
     return replace(cfg, steps=steps, warmup=min(cfg.warmup, max(1, steps // 10))), {
-        "calibration_steps": n + 1, "calibration_wall_s": wall, "s_per_step": per_step, "steps": steps,
-        "budget_s": seconds}
+        "calibration_steps": n + 1, "calibration_wall_s": wall, "s_per_step": per_step,
+        "first_step_s": stamps[0] - t0, "steps": steps, "budget_s": seconds}
 
 
 def run_protocol(out, *, size: str = "cpu", seed: int = 0, device: str | None = None, progress: bool = True,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -126,7 +126,10 @@ def _check_resume(saved: dict | None, cfg: TrainConfig, path: Path) -> None:
     if saved is None:
         raise CheckpointError(f"{path}: holds no training config, so the run cannot resume from it")
     now = asdict(cfg)
-    diff = [f"{k}: {saved.get(k)!r} != {now[k]!r}" for k in now if k not in _RUN_FIELDS and saved.get(k) != now[k]]
+    # a field newer than the checkpoint had its default when the checkpoint was written
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    diff = [f"{k}: {saved.get(k, defaults[k])!r} != {now[k]!r}" for k in now
+            if k not in _RUN_FIELDS and saved.get(k, defaults[k]) != now[k]]
     if diff:
         raise CheckpointError(f"{path} was written by a different run ({diff[0]}); use another --out to start afresh")
 
