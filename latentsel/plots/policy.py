@@ -6,10 +6,9 @@ from typing import Mapping, Sequence
 from matplotlib.figure import Figure
 
 from latentsel.plots._common import _LABEL, _TICK, _WIDTH
+from latentsel.policy.evaluate import COMPETENT  # no torch at import
 
 __all__ = ["training_curves"]
-
-COMPETENT = 0.9  # as latentsel.policy.evaluate.COMPETENT, spelled out to keep torch out of the plots
 
 
 def _series(records: Sequence[Mapping], key) -> tuple[list[int], list[float]]:

@@ -236,20 +236,25 @@ class GPT(nn.Module):
                 computed from ``idx``, which only sees the tokens given, so cached decoding passes them.
         """
         b, t = idx.shape
+        x, rope = self._embed(idx, pos, cache, seg)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, mask, cache, layer, rope)
+        if cache is not None:
+            cache.length += t
+        return self.head(self.ln_f(x))
+
+    def _embed(self, idx, pos, cache, seg):
+        """The input embedding of ``idx`` and the rotary angles (``None`` without slots)."""
+        b, t = idx.shape
+        if cache is not None and cache.length and seg is None and self.config.layout != "absolute":
+            kind = "slot" if self.pos is None else "segment"
+            raise ValueError(f"decoding with a cache needs explicit {kind} positions")
         if self.pos is None:
-            if seg is None:
-                if cache is not None and cache.length:
-                    raise ValueError("decoding with a cache needs explicit slot positions")
-                seg = self.slot_positions(idx)
+            seg = self.slot_positions(idx) if seg is None else seg
             # no table is indexed by absolute position (offsets are clamped, slots rotate), so a
             # left-padded batch may be wider than block_size; callers check each prompt's length
-            x = self.drop(self.tok(idx) + self.role(seg[..., 0]) + self.offset(seg[..., 2]))
-            rope = self._rope(seg[..., 1])
-            for layer, block in enumerate(self.blocks):
-                x = block(x, mask, cache, layer, rope)
-            if cache is not None:
-                cache.length += t
-            return self.head(self.ln_f(x))
+            x = self.tok(idx) + self.role(seg[..., 0]) + self.offset(seg[..., 2])
+            return self.drop(x), self._rope(seg[..., 1])
         if pos is None:
             # checked on host integers: no device sync and no graph break under torch.compile
             start = cache.length if cache is not None else 0
@@ -260,17 +265,8 @@ class GPT(nn.Module):
             raise ValueError(f"position {int(pos.max())} is beyond block_size={self.config.block_size}")
         x = self.tok(idx) + self.pos(pos)
         if self.seg is not None:
-            if seg is None:
-                if cache is not None and cache.length:
-                    raise ValueError("decoding with a cache needs explicit segment positions")
-                seg = self.segment_positions(idx)
-            x = x + self.seg(seg)
-        x = self.drop(x)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, mask, cache, layer)
-        if cache is not None:
-            cache.length += t
-        return self.head(self.ln_f(x))
+            x = x + self.seg(self.segment_positions(idx) if seg is None else seg)
+        return self.drop(x), None
 
     def flops_per_token(self, t: int) -> int:
         """Training FLOPs per token (forward + backward) at context ``t``, as in the PaLM appendix."""
