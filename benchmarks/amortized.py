@@ -23,13 +23,13 @@ import pyro
 import torch
 from _results import write_results
 
-from latentsel.api import exact
-from latentsel.emission import build_data
+from latentsel.analysis.posterior import posterior_from_data
 from latentsel.inference.amortized import amortized_posterior, default_device, evaluate_amortized, fit_amortized
 from latentsel.models.data import HLSMData
-from latentsel.models.params import default_params
-from latentsel.regimes import generate
-from latentsel.simulate import simulate
+from latentsel.models.registry import default_params
+from latentsel.traces.emission import build_data
+from latentsel.traces.regimes import generate
+from latentsel.traces.simulate import simulate
 from latentsel.world import default_world
 
 
@@ -66,7 +66,7 @@ def size_row(world, truth, n: int, held: HLSMData, args) -> dict:
     train_s = time.perf_counter() - t0
     ev = evaluate_amortized(res, held, truth)
     q_rate = throughput(lambda: amortized_posterior(res, held), held.n_traces)
-    exact_rate = throughput(lambda: exact(held, truth, "modular", joint=False), held.n_traces)
+    exact_rate = throughput(lambda: posterior_from_data(held, truth, "modular", joint=False), held.n_traces)
     return {"n_traces": n, "estimator": args.estimator, "train_s": train_s, "steps": args.steps, "batch": res.batch,
             "device": res.device, "final_loss": float(res.losses[-50:].mean()), **ev,
             "amortized_traces_per_s": q_rate, "exact_traces_per_s": exact_rate}

@@ -19,16 +19,16 @@ import pyro
 import torch
 from _results import timed, write_results
 
-from latentsel.api import exact
-from latentsel.emission import build_data
+from latentsel.analysis.posterior import posterior_from_data
 from latentsel.inference.em import fit_em
 from latentsel.inference.enumerated import numpyro_log_evidence
 from latentsel.inference.pyro_enum import pyro_log_evidence
 from latentsel.inference.pyro_svi import fit_pyro_svi
 from latentsel.inference.svi import fit_svi
-from latentsel.models.params import default_params
-from latentsel.regimes import generate
-from latentsel.simulate import simulate
+from latentsel.models.registry import default_params
+from latentsel.traces.emission import build_data
+from latentsel.traces.regimes import generate
+from latentsel.traces.simulate import simulate
 from latentsel.world import default_world
 
 
@@ -41,7 +41,7 @@ def evidence_rows(world, truth, args):
     data = corpus(world, truth, args.evidence_traces, args.seed)
     warm = data.take(slice(0, 1024))
     paths = {
-        "closed form": lambda d: exact(d, truth, "modular", joint=False).log_evidence,
+        "closed form": lambda d: posterior_from_data(d, truth, "modular", joint=False).log_evidence,
         "NumPyro enumeration": lambda d: numpyro_log_evidence("modular", truth, d),
         "Pyro enumeration": lambda d: pyro_log_evidence("modular", truth, d),
     }

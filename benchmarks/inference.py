@@ -25,13 +25,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from _results import timed, write_results  # noqa: E402
 
-from latentsel.api import exact  # noqa: E402
-from latentsel.emission import build_data  # noqa: E402
+from latentsel.analysis.posterior import posterior_from_data  # noqa: E402
 from latentsel.inference.corpus import CHUNK  # noqa: E402
 from latentsel.inference.em import fit_em  # noqa: E402
-from latentsel.models.params import default_params  # noqa: E402
-from latentsel.regimes import generate  # noqa: E402
-from latentsel.simulate import simulate  # noqa: E402
+from latentsel.models.registry import default_params  # noqa: E402
+from latentsel.traces.emission import build_data  # noqa: E402
+from latentsel.traces.regimes import generate  # noqa: E402
+from latentsel.traces.simulate import simulate  # noqa: E402
 from latentsel.world import default_world  # noqa: E402
 
 
@@ -51,8 +51,8 @@ def main(args):
         prompts = generate("eval-ood", n, seed=args.seed, world=world)
         traces = simulate(prompts, truth, "modular", world, seed=args.seed)
         build_s, data = timed(lambda: build_data(traces, world))
-        exact(data.take(slice(0, 16)), truth, "modular", joint=False)  # compile
-        closed_s, _ = timed(lambda: exact(data, truth, "modular", joint=False, chunk=args.chunk), repeat=args.repeat)
+        posterior_from_data(data.take(slice(0, 16)), truth, "modular", joint=False)  # compile
+        closed_s, _ = timed(lambda: posterior_from_data(data, truth, "modular", joint=False, chunk=args.chunk), repeat=args.repeat)
         row = {"n_traces": n, "build_s": build_s, "closed_s": closed_s,
                "closed_traces_per_s": n / closed_s, "end_to_end_traces_per_s": n / (build_s + closed_s)}
         if n <= args.numpyro_max:
@@ -101,8 +101,8 @@ def compressed_rows(world, truth, args):
         prompts = generate("eval-ood", n, seed=args.seed, world=world)
         traces = simulate(prompts, truth, "modular", world, seed=args.seed, hide=hide)
         build_s, data = timed(lambda: build_data(traces, world))
-        exact(data.take(slice(0, 8)), truth, "modular", joint=False)  # compile the free path
-        closed_s, _ = timed(lambda: exact(data, truth, "modular", joint=False, chunk=args.chunk), repeat=args.repeat)
+        posterior_from_data(data.take(slice(0, 8)), truth, "modular", joint=False)  # compile the free path
+        closed_s, _ = timed(lambda: posterior_from_data(data, truth, "modular", joint=False, chunk=args.chunk), repeat=args.repeat)
         nodes = sum(int(p.size) for g in data.blocks for p in g.parents)  # tree nodes below the blocks
         rows.append({"hidden": "-".join(map(str, hide)) or "none", "n_traces": n, "build_s": build_s,
                      "closed_s": closed_s, "closed_traces_per_s": n / closed_s,
@@ -120,8 +120,8 @@ def sampling_rows(world, truth, args):
     n = args.svi_traces
     traces = simulate(generate("eval-ood", n, seed=args.seed, world=world), truth, "modular", world, seed=args.seed)
     data = build_data(traces, world)
-    exact(data.take(slice(0, 16)), truth, "modular", joint=False)  # compile
-    closed_s, _ = timed(lambda: exact(data, truth, "modular", joint=False), repeat=args.repeat)
+    posterior_from_data(data.take(slice(0, 16)), truth, "modular", joint=False)  # compile
+    closed_s, _ = timed(lambda: posterior_from_data(data, truth, "modular", joint=False), repeat=args.repeat)
     em_s, em = timed(lambda: fit_em("modular", data, tol=1e-8, max_iter=500))
     rows = [{"method": "closed form", "n_traces": n, "work": "evidence + marginals", "seconds": closed_s,
              "quality": ""},

@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from _results import write_results
 
 from latentsel.policy import distributed
-from latentsel.policy.data import PromptStream, collate, sft_pairs
+from latentsel.policy.data import PromptStream
 from latentsel.policy.model import GPT, PRESETS, GPTConfig
 from latentsel.policy.sampling import autocast, generate
 from latentsel.policy.tokenizer import Tokenizer
 from latentsel.policy.train import TrainConfig, _optimizer, _SFTStep
-from latentsel.regimes import generate as prompts_of
+from latentsel.traces.regimes import generate as prompts_of
 from latentsel.world import default_world
 
 H200_BF16 = 790e12  # measured dense bf16 ceiling of the H200 (the device notes)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from _results import write_results
 
-from latentsel.batch import apply_all, encode_histories
 from latentsel.world import default_world
+from latentsel.world.executor import apply_all, encode_histories
 
 
 def random_histories(n: int, seed: int, world) -> list[list[str]]:

@@ -11,8 +11,8 @@ import argparse
 import numpy as np
 
 import latentsel as ls
-from latentsel.consistency import consistent_modules
-from latentsel.regimes import REGIMES, generate
+from latentsel.traces.consistency import consistent_modules
+from latentsel.traces.regimes import PROMPT_REGIMES, generate
 
 
 def main(args):
@@ -36,7 +36,7 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Count the modules consistent with golden steps.")
-    parser.add_argument("--regime", default="sft", choices=list(REGIMES))
+    parser.add_argument("--regime", default="sft", choices=list(PROMPT_REGIMES))
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     main(parser.parse_args())

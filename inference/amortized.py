@@ -40,6 +40,7 @@ from torch import nn
 
 from latentsel.inference.pyro_enum import conditioned
 from latentsel.models.data import HLSMData, execution_rows, log_p_off, log_p_on
+from latentsel.models.registry import MODELS, model_spec
 
 __all__ = ["StepFeatures", "Amortizer", "AmortizedResult", "AmortizedPosterior", "step_features", "make_guide",
            "fit_amortized", "amortized_posterior", "ESTIMATORS", "check_scope"]
@@ -52,8 +53,9 @@ CERTAIN = 1e4
 
 
 def check_scope(model: str, data: HLSMData) -> None:
-    if model not in ("modular", "entangled"):
-        raise ValueError(f"amortized inference covers the modular and entangled models, not {model!r}")
+    if model_spec(model).chain:
+        covered = " and ".join(name for name, spec in MODELS.items() if spec.uses_program)
+        raise ValueError(f"amortized inference covers the {covered} models, not {model!r}")
     if data.blocks:
         raise ValueError("amortized inference covers traces without hidden steps; this corpus has hidden-step blocks")
 
@@ -75,7 +77,7 @@ class StepFeatures(NamedTuple):
 
 def _context(model: str, intended: np.ndarray, n: int) -> np.ndarray:
     intended = intended.astype(np.int64)
-    if model == "modular":
+    if not model_spec(model).context:
         return intended
     prev = np.concatenate([np.full_like(intended[:, :1], n), intended[:, :-1]], axis=1)
     return prev * n + intended
@@ -103,8 +105,8 @@ class Amortizer(nn.Module):
 
     def __init__(self, model: str, n_routes: int, n_skills: int, hidden: int = 16):
         super().__init__()
-        ctx_r, ctx_k = (n_routes, n_skills) if model == "modular" else ((n_routes + 1) * n_routes,
-                                                                         (n_skills + 1) * n_skills)
+        ctx_r, ctx_k = (((n_routes + 1) * n_routes, (n_skills + 1) * n_skills) if model_spec(model).context
+                        else (n_routes, n_skills))
         self.route = nn.Embedding(ctx_r, n_routes)
         self.skill = nn.Embedding(ctx_k, n_skills)
         nn.init.zeros_(self.route.weight)

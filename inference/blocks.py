@@ -27,6 +27,7 @@ import numpy as np
 
 from latentsel.inference.logspace import log_emission_terms, lse
 from latentsel.models.data import HiddenBlocks
+from latentsel.models.registry import MODELS, model_spec
 
 __all__ = ["BlockPosterior", "block_posterior", "block_log_evidence", "block_terms", "block_arrays",
            "emission_coefs", "block_map", "block_sample"]
@@ -55,45 +56,49 @@ def emission_coefs(noise, off_module, n_chars: int):
     return (jnp.log1p(-noise), jnp.log(noise) - jnp.log(n_chars - 1.0), jnp.log1p(-off_module), jnp.log(off_module))
 
 
-def _log_prior(model, log_route, log_skill, ri, si, trace, t):
+def _log_prior(model, log_route, log_skill, route_intended, skill_intended, trace, t):
     """log p(r_t) + log p(k_t) at steps ``t: [B]`` of traces ``trace: [B]``: ``[B, R, K]``."""
-    cr, ck = ri[trace, t], si[trace, t]
-    if model == "modular":
+    cr, ck = route_intended[trace, t], skill_intended[trace, t]
+    if not model_spec(model).context:
         lr, lk = log_route[cr], log_skill[ck]
     else:
         r_n, k_n = log_route.shape[-1], log_skill.shape[-1]
         prev = jnp.maximum(t - 1, 0)
-        pr = jnp.where(t == 0, r_n, ri[trace, prev])
-        pk = jnp.where(t == 0, k_n, si[trace, prev])
+        pr = jnp.where(t == 0, r_n, route_intended[trace, prev])
+        pk = jnp.where(t == 0, k_n, skill_intended[trace, prev])
         lr, lk = log_route[pr, cr], log_skill[pk, ck]
     return lr[:, :, None] + lk[:, None, :]
 
 
-def block_terms(model, n_chars, max_len, log_rows, coefs, lam, mu, arrays, g: HiddenBlocks):
+def block_terms(model, n_chars, max_len, log_rows, coefs, prior_shift, off_shift, arrays, g: HiddenBlocks):
     """The log potentials of a block group.
 
     Returns ``(hidden, reads)``: ``hidden[l]: [n_l, R, K]``, log p(z) of hidden step l + 1 at
     every level-l node; ``reads[l]: [Q_l, R, K]``, log p(z) + log p(y | z) of every read row of
-    level l + 1. ``lam: [B, T, R, K]`` and ``mu: [B, T]`` are added to the log prior of a step
-    and to the off-module branch of its emission (zero; their gradients are the marginals).
+    level l + 1. ``prior_shift: [B, T, R, K]`` and ``off_shift: [B, T]`` are added to the log prior
+    of a step and to the off-module branch of its emission (zero; their gradients are the marginals
+    p(r_t, k_t | D) and p(u_t = 1 | D)).
     """
-    ri, si, length = arrays
+    route_intended, skill_intended, length = arrays
     hidden, reads = [], []
     for level in range(len(g.nodes)):
         owner = jnp.arange(g.trace.shape[0]) if level == 0 else g.owners[level - 1]
         t = g.hidden[owner, level]
-        hidden.append(_log_prior(model, *log_rows, ri, si, g.trace[owner], t) + lam[owner, t])
+        hidden.append(_log_prior(model, *log_rows, route_intended, skill_intended, g.trace[owner], t)
+                      + prior_shift[owner, t])
         block = g.owners[level][g.read_node[level]]
         t = g.read_step[level]
         trace = g.trace[block]
-        le = log_emission_terms(g.read_match[level], length[trace, t], coefs, mu[block, t], n_chars, max_len)
-        reads.append(_log_prior(model, *log_rows, ri, si, trace, t) + lam[block, t] + le)
+        log_emit = log_emission_terms(g.read_match[level], length[trace, t], coefs, off_shift[block, t], n_chars,
+                                      max_len)
+        reads.append(_log_prior(model, *log_rows, route_intended, skill_intended, trace, t) + prior_shift[block, t]
+                     + log_emit)
     return hidden, reads
 
 
-def block_log_evidence(model, n_chars, max_len, log_rows, coefs, lam, mu, arrays, g):
+def block_log_evidence(model, n_chars, max_len, log_rows, coefs, prior_shift, off_shift, arrays, g):
     """``(Σ_b log V_0(b), log V_0: [B])`` of a block group (see the module docstring)."""
-    hidden, reads = block_terms(model, n_chars, max_len, log_rows, coefs, lam, mu, arrays, g)
+    hidden, reads = block_terms(model, n_chars, max_len, log_rows, coefs, prior_shift, off_shift, arrays, g)
     below = None
     for level in reversed(range(len(g.nodes))):
         n_next = g.parents[level].shape[0]
@@ -111,12 +116,14 @@ def _block_posterior(model, n_chars, max_len, t_max, params, arrays, g) -> Block
     dtype = jnp.result_type(params.noise, float)
     log_rows = (jnp.log(params[0]), jnp.log(params[1]))
     coefs = emission_coefs(params.noise, params.off_module, n_chars)
-    lam = jnp.zeros((b, t_max, r_n, k_n), dtype)
-    mu = jnp.zeros((b, t_max), dtype)
+    prior_shift = jnp.zeros((b, t_max, r_n, k_n), dtype)
+    off_shift = jnp.zeros((b, t_max), dtype)
     grad = jax.grad(block_log_evidence, argnums=(3, 4, 5, 6), has_aux=True)
-    (d_rows, d_coefs, d_lam, d_mu), log_ev = grad(model, n_chars, max_len, log_rows, coefs, lam, mu, arrays, g)
-    la, lb, l_on, l_off = d_coefs
-    return BlockPosterior(log_ev, d_lam, d_mu, d_rows[0], d_rows[1], jnp.stack([lb, la]), jnp.stack([l_off, l_on]))
+    (d_rows, d_coefs, joint_probs, p_off), log_ev = grad(model, n_chars, max_len, log_rows, coefs, prior_shift,
+                                                         off_shift, arrays, g)
+    matched, mismatched, on, off = d_coefs
+    return BlockPosterior(log_ev, joint_probs, p_off, d_rows[0], d_rows[1], jnp.stack([mismatched, matched]),
+                          jnp.stack([off, on]))
 
 
 def block_arrays(data):
@@ -125,8 +132,9 @@ def block_arrays(data):
 
 
 def _check_model(model: str) -> None:
-    if model not in ("modular", "entangled"):
-        raise ValueError(f"the block functions are for the modular and entangled models, not {model!r}")
+    if model_spec(model).chain:
+        covered = " and ".join(name for name, spec in MODELS.items() if spec.uses_program)
+        raise ValueError(f"the block functions are for the {covered} models, not {model!r}")
 
 
 def block_posterior(model: str, params, data, g: HiddenBlocks) -> BlockPosterior:

@@ -24,7 +24,6 @@ import numpy as np
 
 from latentsel.inference.blocks import emission_coefs
 from latentsel.inference.logspace import log_emission_terms, log_transition, lse, segment_lse
-from latentsel.models.data import HiddenBlocks
 
 __all__ = ["ChainLayout", "layouts", "tile", "layout_log_evidence", "chain_block_posterior", "chain_block_map"]
 
@@ -105,41 +104,46 @@ def tile(layout: ChainLayout, copies: int) -> ChainLayout:
     return layout._replace(traces=np.tile(layout.traces, copies), tree=tree)
 
 
-def layout_log_evidence(key, n_chars, max_len, log_rt, log_st, coefs, lam, mu, match, length, tree):
+def layout_log_evidence(key, n_chars, max_len, log_route_trans, log_skill_trans, coefs, prior_shift, off_shift, match,
+                        length, tree):
     """``(Σ log p(D_g), log p(D_g): [G])`` of the traces of one layout.
 
-    ``lam: [G, depth, R, K]`` is added to the log potential of z_t and ``mu: [G, depth]`` to
-    the off-module branch of step t (zero; their gradients are the marginals); ``match: [G,
-    depth, R, K]`` and ``length: [G, depth]`` are the layout's rows of the corpus arrays.
+    ``prior_shift: [G, depth, R, K]`` is added to the log potential of z_t and ``off_shift: [G,
+    depth]`` to the off-module branch of step t (zero; their gradients are the marginals
+    p(z_t | D) and p(u_t = 1 | D)); ``match: [G, depth, R, K]`` and ``length: [G, depth]`` are
+    the layout's rows of the corpus arrays.
     """
     depth, emit, hidden, reads = key
     nodes, parents, owners, read_rows = tree
-    r_n, k_n = log_rt.shape[-1], log_st.shape[-1]
+    r_n, k_n = log_route_trans.shape[-1], log_skill_trans.shape[-1]
     g_n = match.shape[0]
     read_at = {t: i for i, (_, t) in enumerate(reads)}
     owner = jnp.arange(g_n)
-    la = None
+    log_alpha = None
     for t in range(depth):
-        if la is None:
-            pred = jnp.broadcast_to(log_rt[r_n][:, None] + log_st[k_n][None, :], (owner.shape[0], r_n, k_n))
+        if log_alpha is None:
+            pred = jnp.broadcast_to(log_route_trans[r_n][:, None] + log_skill_trans[k_n][None, :],
+                                    (owner.shape[0], r_n, k_n))
         else:
-            pred = log_transition(la, log_rt[:r_n], log_st[:k_n])
-        pred = pred + lam[owner, t]
+            pred = log_transition(log_alpha, log_route_trans[:r_n], log_skill_trans[:k_n])
+        pred = pred + prior_shift[owner, t]
         if t in hidden:
             level = hidden.index(t)
             n_new = parents[level].shape[0]
             # node c is reached from its parent by the selections that map there
             reach = nodes[level][parents[level]] == jnp.arange(n_new)[:, None, None]
-            la = jnp.where(reach, pred[parents[level]], -jnp.inf)
+            log_alpha = jnp.where(reach, pred[parents[level]], -jnp.inf)
             owner = owners[level]
         elif t in read_at:
-            le = log_emission_terms(read_rows[read_at[t]], length[owner, t], coefs, mu[owner, t], n_chars, max_len)
-            la = pred + le
+            log_emit = log_emission_terms(read_rows[read_at[t]], length[owner, t], coefs, off_shift[owner, t], n_chars,
+                                          max_len)
+            log_alpha = pred + log_emit
         elif emit[t]:
-            la = pred + log_emission_terms(match[owner, t], length[owner, t], coefs, mu[owner, t], n_chars, max_len)
+            log_alpha = pred + log_emission_terms(match[owner, t], length[owner, t], coefs, off_shift[owner, t],
+                                                  n_chars, max_len)
         else:
-            la = pred
-    log_ev = segment_lse(lse(la, (1, 2)), owner, g_n)
+            log_alpha = pred
+    log_ev = segment_lse(lse(log_alpha, (1, 2)), owner, g_n)
     return jnp.sum(log_ev), log_ev
 
 
@@ -150,16 +154,16 @@ def _layout_arrays(data, layout: ChainLayout):
 
 
 @partial(jax.jit, static_argnames=("key", "n_chars", "max_len"))
-def _posterior(key, n_chars, max_len, params, match, length, tree, lam):
+def _posterior(key, n_chars, max_len, params, match, length, tree, prior_shift):
     g_n, depth = match.shape[0], key[0]
     dtype = jnp.result_type(params.noise, float)
     coefs = emission_coefs(params.noise, params.off_module, n_chars)
-    mu = jnp.zeros((g_n, depth), dtype)
+    off_shift = jnp.zeros((g_n, depth), dtype)
     grad = jax.grad(layout_log_evidence, argnums=(3, 4, 5, 6, 7), has_aux=True)
-    (d_rt, d_st, d_coefs, d_lam, d_mu), log_ev = grad(key, n_chars, max_len, jnp.log(params.route_trans),
-                                                      jnp.log(params.skill_trans), coefs, lam, mu, match, length,
-                                                      tree)
-    return log_ev, d_lam, d_mu, d_rt, d_st, d_coefs
+    (route_counts, skill_counts, d_coefs, joint_probs, p_off), log_ev = grad(
+        key, n_chars, max_len, jnp.log(params.route_trans), jnp.log(params.skill_trans), coefs, prior_shift, off_shift,
+        match, length, tree)
+    return log_ev, joint_probs, p_off, route_counts, skill_counts, d_coefs
 
 
 def chain_block_posterior(params, data, layout: ChainLayout, clamp=None):
@@ -172,22 +176,23 @@ def chain_block_posterior(params, data, layout: ChainLayout, clamp=None):
     """
     r_n, k_n = data.n_routes, data.n_skills
     g_n, s = layout.traces.size, r_n * k_n
-    lam = np.zeros((g_n, layout.depth, s))
+    prior_shift = np.zeros((g_n, layout.depth, s))
     if clamp is not None:
-        lam = np.where((clamp[..., None] < 0) | (clamp[..., None] == np.arange(s)), 0.0, -np.inf)
-    lam = jnp.asarray(lam.reshape(g_n, layout.depth, r_n, k_n), jnp.result_type(params.noise, float))
-    log_ev, joint, p_off, d_rt, d_st, (la, lb, l_on, l_off) = _posterior(
-        layout.key, data.n_chars, data.max_len, jax.tree.map(jnp.asarray, params), *_layout_arrays(data, layout), lam)
-    return log_ev, joint, p_off, d_rt, d_st, jnp.stack([lb, la]), jnp.stack([l_off, l_on])
+        prior_shift = np.where((clamp[..., None] < 0) | (clamp[..., None] == np.arange(s)), 0.0, -np.inf)
+    prior_shift = jnp.asarray(prior_shift.reshape(g_n, layout.depth, r_n, k_n), jnp.result_type(params.noise, float))
+    log_ev, joint, p_off, route_counts, skill_counts, (matched, mismatched, on, off) = _posterior(
+        layout.key, data.n_chars, data.max_len, jax.tree.map(jnp.asarray, params), *_layout_arrays(data, layout),
+        prior_shift)
+    return log_ev, joint, p_off, route_counts, skill_counts, jnp.stack([mismatched, matched]), jnp.stack([off, on])
 
 
 def _np_log_emission(match, y_len, params, n_chars: int, max_len: int):
     """log p(y | r, k), off flag summed out, in numpy: ``match: int[n, R, K]``, ``y_len: [n]``."""
     noise, off = float(params.noise), float(params.off_module)
-    la, lb = np.log1p(-noise), np.log(noise) - np.log(n_chars - 1.0)
+    log_match, log_mismatch = np.log1p(-noise), np.log(noise) - np.log(n_chars - 1.0)
     y = np.asarray(y_len, dtype=np.float64)[:, None, None]
     m = np.maximum(match, 0)
-    on = np.where(match >= 0, np.log1p(-off) + m * la + (y - m) * lb, -np.inf)
+    on = np.where(match >= 0, np.log1p(-off) + m * log_match + (y - m) * log_mismatch, -np.inf)
     return np.logaddexp(on, np.log(off) - y * np.log(n_chars) - np.log(max_len + 1.0))
 
 
@@ -199,18 +204,19 @@ def chain_block_map(params, data, layout: ChainLayout) -> np.ndarray:
     match, length = data.match[layout.traces, :depth], data.length[layout.traces, :depth]
     read_at = {t: i for i, (_, t) in enumerate(layout.reads)}
     with np.errstate(divide="ignore"):
-        log_rt, log_st = np.log(np.asarray(params.route_trans)), np.log(np.asarray(params.skill_trans))
+        log_route_trans = np.log(np.asarray(params.route_trans))
+        log_skill_trans = np.log(np.asarray(params.skill_trans))
     g_n = layout.traces.size
     owner = np.arange(g_n)
     delta, back = None, []  # back[t]: (best previous r, best previous k, parent of each node or None)
     for t in range(depth):
         if delta is None:
-            d = np.broadcast_to(log_rt[r_n][:, None] + log_st[k_n][None, :], (g_n, r_n, k_n)).copy()
+            d = np.broadcast_to(log_route_trans[r_n][:, None] + log_skill_trans[k_n][None, :], (g_n, r_n, k_n)).copy()
             br = bk = None
         else:
-            s1 = delta[:, :, :, None] + log_st[None, None, :k_n, :]  # [n, R', K', K]
+            s1 = delta[:, :, :, None] + log_skill_trans[None, None, :k_n, :]  # [n, R', K', K]
             best_k, v1 = s1.argmax(axis=2), s1.max(axis=2)  # [n, R', K]
-            s2 = v1[:, :, None, :] + log_rt[None, :r_n, :, None]  # [n, R', R, K]
+            s2 = v1[:, :, None, :] + log_route_trans[None, :r_n, :, None]  # [n, R', R, K]
             br, d = s2.argmax(axis=1), s2.max(axis=1)
             bk = np.take_along_axis(best_k, br, axis=1)
         parent = None

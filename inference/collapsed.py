@@ -1,6 +1,6 @@
 """The HLSM with its discrete selections summed out, for gradient-based inference on the globals.
 
-* :func:`global_prior`: only the global sites (``GLOBAL_SITES[model]``) with the DESIGN §4
+* :func:`global_prior`: only the global sites (``model_spec(model).sites``) with the DESIGN §4
   priors. AutoGuides build their prototype from it (see :mod:`latentsel.inference.svi`).
 * :func:`log_evidence_fn`: Σ_n log p(D_n | θ) in closed form as a differentiable function of
   θ, hidden-step blocks included. The modular and entangled models use a sparse form:
@@ -32,8 +32,8 @@ from latentsel.inference.chain_blocks import layouts as chain_layouts
 from latentsel.inference.exact import exact_posterior
 from latentsel.inference.logspace import safe_log, segment_lse
 from latentsel.models.data import HLSMData, log_p_off, previous_intended
-from latentsel.models.numpyro_models import GLOBAL_SITES
-from latentsel.models.params import Priors, params_class
+from latentsel.models.params import Priors
+from latentsel.models.registry import model_spec, params_class
 
 __all__ = ["global_prior", "log_evidence_fn", "collapsed_model", "finite_factors", "params_from_sites", "FACTOR_FLOOR"]
 
@@ -45,11 +45,11 @@ FACTOR_FLOOR = -1e30
 def global_prior(model: str, n_routes: int, n_skills: int, priors: Priors = Priors()):
     """Sample the global sites from their priors; returns the model's params NamedTuple.
 
-    Sites (names of ``GLOBAL_SITES[model]``): two row-stochastic arrays shaped as in DESIGN §4
+    Sites (names of ``model_spec(model).sites``): two row-stochastic arrays shaped as in DESIGN §4
     (Dirichlet rows), ``noise`` and ``off_module`` (Beta).
     """
-    conc_r, conc_k = priors.concentration(model, n_routes, n_skills)
-    names = GLOBAL_SITES[model]
+    conc_r, conc_k = model_spec(model).concentration(priors, n_routes, n_skills)
+    names = model_spec(model).sites
     route = numpyro.sample(names[0], dist.Dirichlet(jnp.asarray(conc_r)).to_event(conc_r.ndim - 1))
     skill = numpyro.sample(names[1], dist.Dirichlet(jnp.asarray(conc_k)).to_event(conc_k.ndim - 1))
     noise = numpyro.sample(names[2], dist.Beta(*priors.noise))
@@ -63,7 +63,7 @@ def log_evidence_fn(model: str, data: HLSMData):
     Hidden-step blocks enter through their exact block evidence
     (:mod:`latentsel.inference.blocks`, :mod:`latentsel.inference.chain_blocks`).
     """
-    if model == "grammar":
+    if model_spec(model).chain:
         return _grammar_log_evidence(data)
     free = _free_log_evidence(model, data)
     if not data.blocks:
@@ -78,8 +78,8 @@ def log_evidence_fn(model: str, data: HLSMData):
         total = free(params)
         for g in groups:
             b = g.trace.shape[0]
-            lam = jnp.zeros((b, t_max, data.n_routes, data.n_skills))
-            total = total + block_log_evidence(model, data.n_chars, data.max_len, log_rows, coefs, lam,
+            prior_shift = jnp.zeros((b, t_max, data.n_routes, data.n_skills))
+            total = total + block_log_evidence(model, data.n_chars, data.max_len, log_rows, coefs, prior_shift,
                                                jnp.zeros((b, t_max)), arrays, g)[0]
         return total
 
@@ -95,15 +95,16 @@ def _grammar_log_evidence(data: HLSMData):
         total = exact_posterior("grammar", params, fast).log_evidence.sum() if rows.size else 0.0
         if layouts:
             coefs = emission_coefs(params.noise, params.off_module, data.n_chars)
-            log_rt, log_st = safe_log(params.route_trans), safe_log(params.skill_trans)
+            log_route_trans, log_skill_trans = safe_log(params.route_trans), safe_log(params.skill_trans)
             for layout in layouts:
                 g_n = layout.traces.size
                 match = jnp.asarray(data.match[layout.traces, : layout.depth])
                 length = jnp.asarray(data.length[layout.traces, : layout.depth])
-                lam = jnp.zeros((g_n, layout.depth, data.n_routes, data.n_skills))
-                total = total + layout_log_evidence(layout.key, data.n_chars, data.max_len, log_rt, log_st, coefs, lam,
-                                                   jnp.zeros((g_n, layout.depth)), match, length,
-                                                   jax.tree.map(jnp.asarray, layout.tree))[0]
+                prior_shift = jnp.zeros((g_n, layout.depth, data.n_routes, data.n_skills))
+                total = total + layout_log_evidence(layout.key, data.n_chars, data.max_len, log_route_trans,
+                                                    log_skill_trans, coefs, prior_shift,
+                                                    jnp.zeros((g_n, layout.depth)), match, length,
+                                                    jax.tree.map(jnp.asarray, layout.tree))[0]
         return total
 
     return f
@@ -120,7 +121,7 @@ def _free_log_evidence(model: str, data: HLSMData):
     length = np.asarray(data.length).astype(np.float64)  # [N, T]
     y_len = length[n, t]
     ctx_r, ctx_k = (np.asarray(a) for a in (data.route_intended, data.skill_intended))
-    if model == "entangled":
+    if model_spec(model).context:
         prev_r, prev_k = (np.asarray(a) for a in previous_intended(data))
         ctx_r, ctx_k = prev_r * r_n + ctx_r, prev_k * k_n + ctx_k
     route_idx = ctx_r[n, t] * r_n + r  # [E], into the flattened route rows
@@ -130,12 +131,12 @@ def _free_log_evidence(model: str, data: HLSMData):
     log_off = np.asarray(log_p_off(length, data.n_chars, data.max_len)).ravel()[on_steps]
 
     def f(params):
-        la = jnp.log1p(-params.noise)
-        lb = jnp.log(params.noise) - jnp.log(data.n_chars - 1.0)
+        log_match = jnp.log1p(-params.noise)
+        log_mismatch = jnp.log(params.noise) - jnp.log(data.n_chars - 1.0)
         # log space throughout: exact for tiny noise, off_module and row entries (a zero row
         # entry is a -inf term, which segment_lse and its gradient handle)
         terms = (safe_log(jnp.ravel(params[0]))[route_idx] + safe_log(jnp.ravel(params[1]))[skill_idx]
-                 + m * la + (y_len - m) * lb)
+                 + m * log_match + (y_len - m) * log_mismatch)
         log_p_on = segment_lse(terms, step, n_steps)[on_steps]
         log_p_y = jnp.logaddexp(jnp.log1p(-params.off_module) + log_p_on, jnp.log(params.off_module) + log_off)
         return jnp.sum(log_p_y)
@@ -156,7 +157,7 @@ def collapsed_model(model: str, data: HLSMData, priors: Priors = Priors(), log_e
 def params_from_sites(model: str, values: dict):
     """The params NamedTuple from a dict keyed by the global site names."""
     cls = params_class(model)
-    return cls(*(values[name] for name in GLOBAL_SITES[model]))
+    return cls(*(values[name] for name in model_spec(model).sites))
 
 
 class _Floored(dist.Distribution):

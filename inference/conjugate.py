@@ -22,7 +22,8 @@ from scipy.special import digamma, gammaln
 from latentsel.inference.corpus import CHUNK
 from latentsel.inference.em import e_step
 from latentsel.models.data import HLSMData
-from latentsel.models.params import Priors, params_class
+from latentsel.models.params import Priors
+from latentsel.models.registry import model_spec, params_class
 
 __all__ = ["ConjugatePosterior", "conjugate_posterior", "dirichlet_kl", "beta_kl"]
 
@@ -91,7 +92,7 @@ class ConjugatePosterior(NamedTuple):
 
 
 def prior_concentrations(model: str, n_routes: int, n_skills: int, priors: Priors = Priors()) -> ConjugatePosterior:
-    conc_r, conc_k = priors.concentration(model, n_routes, n_skills)
+    conc_r, conc_k = model_spec(model).concentration(priors, n_routes, n_skills)
     return ConjugatePosterior(model, conc_r, conc_k, np.asarray(priors.noise, float), np.asarray(priors.off_module, float))
 
 

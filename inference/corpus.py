@@ -15,6 +15,7 @@ from latentsel.inference.blocks import block_map, block_posterior
 from latentsel.inference.chain_blocks import chain_block_map, chain_block_posterior, layouts
 from latentsel.inference.exact import ExactPosterior, exact_posterior
 from latentsel.models.data import HLSMData
+from latentsel.models.registry import model_spec
 
 __all__ = ["corpus_posterior", "corpus_counts", "chunks", "block_chunks", "CHUNK"]
 
@@ -67,7 +68,7 @@ def block_chunks(g, n_traces: int, max_rows: int = 1 << 16, max_blocks: int = 20
 
 def _fast_rows(model: str, data: HLSMData) -> np.ndarray:
     # grammar traces with blocks go through the layout path whole
-    return np.flatnonzero(~data.has_block) if model == "grammar" else np.arange(data.n_traces)
+    return np.flatnonzero(~data.has_block) if model_spec(model).chain else np.arange(data.n_traces)
 
 
 def corpus_posterior(model: str, params, data: HLSMData, chunk: int = CHUNK, *, joint: bool = True) -> ExactPosterior:
@@ -94,7 +95,7 @@ def corpus_posterior(model: str, params, data: HLSMData, chunk: int = CHUNK, *, 
                 for field, value in zip(out, post):
                     if field is not None:
                         field[fast[rows]] = value
-        if model == "grammar":
+        if model_spec(model).chain:
             for layout in layouts(data):
                 log_ev, joint, p_off = (np.asarray(a) for a in chain_block_posterior(params, data, layout)[:3])
                 rows, d = layout.traces, layout.depth
@@ -140,10 +141,10 @@ def corpus_counts(model: str, params, data: HLSMData, fast_counts, chunk: int = 
             sub = data.take(fast) if fast.size < data.n_traces else data
             for _, part in chunks(sub, chunk, pad=True):
                 add(fast_counts(model, params, part))
-        if model == "grammar":
+        if model_spec(model).chain:
             for layout in layouts(data):
-                log_ev, _, _, d_rt, d_st, noise, off = chain_block_posterior(params, data, layout)
-                add((d_rt, d_st, noise, off, jnp.sum(log_ev)))
+                log_ev, _, _, route_counts, skill_counts, noise, off = chain_block_posterior(params, data, layout)
+                add((route_counts, skill_counts, noise, off, jnp.sum(log_ev)))
         else:
             for g in (part for group in data.blocks for part in block_chunks(group, data.n_traces)):
                 res = block_posterior(model, params, data, g)

@@ -22,9 +22,17 @@ import numpy as np
 
 from latentsel.inference.corpus import CHUNK, corpus_counts
 from latentsel.inference.exact import forward_backward
-from latentsel.models.data import (HLSMData, emission_table, execution_rows, log_emission, log_p_off, log_p_on,
-                                   previous_intended)
-from latentsel.models.params import Priors, params_class
+from latentsel.models.data import (
+    HLSMData,
+    emission_table,
+    execution_rows,
+    log_emission,
+    log_p_off,
+    log_p_on,
+    previous_intended,
+)
+from latentsel.models.params import Priors
+from latentsel.models.registry import model_spec, params_class
 
 __all__ = ["SuffStats", "expected_counts", "m_step", "objective", "fit_em", "EMResult", "prior_mean_params"]
 
@@ -44,12 +52,12 @@ class SuffStats(NamedTuple):
     log_evidence: jax.Array
 
 
-def _noise_and_off(post, data: HLSMData, le, noise, off_module):
+def _noise_and_off(post, data: HLSMData, log_emit, noise, off_module):
     """Expected (mismatch, match) counts on on-module steps and (off, on) step counts."""
     match = jnp.asarray(data.match)
     length = jnp.asarray(data.length)[..., None, None]
     ok = match >= 0
-    w_on = post * jnp.exp(jnp.log1p(-off_module) + log_p_on(data, noise) - le)  # p(r, k, u = 0 | D)
+    w_on = post * jnp.exp(jnp.log1p(-off_module) + log_p_on(data, noise) - log_emit)  # p(r, k, u = 0 | D)
     m = jnp.where(ok, match, 0)
     matched = jnp.sum(w_on * m)
     mismatched = jnp.sum(w_on * jnp.where(ok, length - m, 0))
@@ -62,7 +70,7 @@ def _noise_and_off(post, data: HLSMData, le, noise, off_module):
 
 def expected_counts(model: str, params, data: HLSMData) -> SuffStats:
     """The exact E-step on a corpus (one jitted call; chunk large corpora outside)."""
-    if model == "grammar":
+    if model_spec(model).chain:
         return _expected_counts_chain(model, data.n_chars, data.max_len, params, data.arrays())
     return _expected_counts_independent(model, data.n_chars, data.max_len, params, data.arrays())
 
@@ -98,7 +106,7 @@ def _expected_counts_independent(model, n_chars, max_len, params, arrays) -> Suf
     p_off = params.off_module * jnp.exp(log_p_off(jnp.asarray(data.length), n_chars, max_len)) * scale * emitf
     n_off = jnp.sum(p_off)
     cr, ck = jnp.asarray(data.route_intended), jnp.asarray(data.skill_intended)
-    if model == "modular":
+    if not model_spec(model).context:
         route_counts = jnp.einsum("ntc,ntr->cr", jax.nn.one_hot(cr, r_n, dtype=maskf.dtype), route_m)
         skill_counts = jnp.einsum("ntc,ntk->ck", jax.nn.one_hot(ck, k_n, dtype=maskf.dtype), skill_m)
     else:
@@ -115,33 +123,33 @@ def _expected_counts_independent(model, n_chars, max_len, params, arrays) -> Suf
 def _expected_counts_chain(model, n_chars, max_len, params, arrays) -> SuffStats:
     """The E-step of the grammar chain: forward-backward with pairwise marginals."""
     data = HLSMData.from_arrays(arrays, n_chars, max_len)
-    le = log_emission(data, params.noise, params.off_module)
+    log_emit = log_emission(data, params.noise, params.off_module)
     mask = jnp.asarray(data.step_mask)
-    maskf = mask.astype(le.dtype)
+    maskf = mask.astype(log_emit.dtype)
     r_n, k_n = data.n_routes, data.n_skills
-    fb = forward_backward(params.route_trans, params.skill_trans, le, mask)
+    fb = forward_backward(params.route_trans, params.skill_trans, log_emit, mask)
     post = jnp.moveaxis(fb.alphas * fb.betas, 0, 1)
     post = post / post.sum(axis=(-2, -1), keepdims=True) * maskf[..., None, None]
-    rt, st = params.route_trans[:r_n], params.skill_trans[:k_n]
+    route_trans, skill_trans = params.route_trans[:r_n], params.skill_trans[:k_n]
     # pairwise marginals of consecutive steps, summed over the other factor
     b = fb.e[1:] * fb.betas[1:] / fb.zs[1:, :, None, None]  # [T-1, N, R, K]
     a = fb.alphas[:-1]  # [T-1, N, R, K]
-    m_next = mask.T[1:].astype(le.dtype)[..., None, None]
-    a_st = jnp.einsum("tnab,bk->tnak", a, st)  # Σ_k' α(r', k') st[k', k]
-    route_pairs = rt * jnp.einsum("tnak,tnrk->ar", a_st, b * m_next)
-    a_rt = jnp.einsum("tnab,ar->tnrb", a, rt)  # Σ_r' α(r', k') rt[r', r]
-    skill_pairs = st * jnp.einsum("tnrb,tnrk->bk", a_rt, b * m_next)
+    m_next = mask.T[1:].astype(log_emit.dtype)[..., None, None]
+    alpha_skill = jnp.einsum("tnab,bk->tnak", a, skill_trans)  # Σ_k' α(r', k') skill_trans[k', k]
+    route_pairs = route_trans * jnp.einsum("tnak,tnrk->ar", alpha_skill, b * m_next)
+    alpha_route = jnp.einsum("tnab,ar->tnrb", a, route_trans)  # Σ_r' α(r', k') route_trans[r', r]
+    skill_pairs = skill_trans * jnp.einsum("tnrb,tnrk->bk", alpha_route, b * m_next)
     start = post[:, 0]  # [N, R, K]
     route_counts = jnp.concatenate([route_pairs, start.sum(axis=(0, 2))[None]], axis=0)
     skill_counts = jnp.concatenate([skill_pairs, start.sum(axis=(0, 1))[None]], axis=0)
     log_ev = fb.log_evidence.sum()
-    noise_counts, off_counts = _noise_and_off(post, data, le, params.noise, params.off_module)
+    noise_counts, off_counts = _noise_and_off(post, data, log_emit, params.noise, params.off_module)
     return SuffStats(route_counts, skill_counts, noise_counts, off_counts, log_ev)
 
 
 def _prior_terms(model: str, data_shape, priors: Priors):
     r_n, k_n = data_shape
-    conc_r, conc_k = priors.concentration(model, r_n, k_n)
+    conc_r, conc_k = model_spec(model).concentration(priors, r_n, k_n)
     return conc_r, conc_k, np.asarray(priors.noise), np.asarray(priors.off_module)
 
 
@@ -168,7 +176,7 @@ def objective(model: str, params, log_evidence: float, priors: Priors = Priors()
 
 def prior_mean_params(model: str, n_routes: int, n_skills: int, priors: Priors = Priors(), noise=0.1, off=0.1):
     """A neutral starting point: every row at its prior mean."""
-    conc_r, conc_k = priors.concentration(model, n_routes, n_skills)
+    conc_r, conc_k = model_spec(model).concentration(priors, n_routes, n_skills)
     return params_class(model)(conc_r / conc_r.sum(-1, keepdims=True), conc_k / conc_k.sum(-1, keepdims=True),
                                noise, off)
 

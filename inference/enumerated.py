@@ -27,7 +27,8 @@ from numpyro.distributions import ExpandedDistribution, MaskedDistribution
 from numpyro.handlers import substitute
 
 from latentsel.models.data import HLSMData
-from latentsel.models.numpyro_models import GLOBAL_SITES, NUMPYRO_MODELS
+from latentsel.models.numpyro_models import NUMPYRO_MODELS
+from latentsel.models.registry import model_spec
 
 __all__ = ["numpyro_log_evidence", "ENUM_CHUNK", "BLOCK_CHUNK"]
 
@@ -46,12 +47,12 @@ def _local_factors(model: str, params, data: HLSMData):
     """The funsor log factors of the program's local sites, grouped by the plate that indexes
     traces (``traces`` or ``blocks{j}``): ``{plate: (factors, enumerated sites, plates)}``."""
     program = substitute(enum(NUMPYRO_MODELS[model], first_available_dim=-3),
-                         data=dict(zip(GLOBAL_SITES[model], params)))
+                         data=dict(zip(model_spec(model).sites, params)))
     with plate_to_enum_plate():
         tr = packed_trace(program).get_trace(data)
     groups = {}
     for site in tr.values():
-        if site["type"] != "sample" or site["name"] in GLOBAL_SITES[model]:
+        if site["type"] != "sample" or site["name"] in model_spec(model).sites:
             continue
         fn = site["fn"]
         if not site["is_observed"]:

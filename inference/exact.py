@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from latentsel.inference.logspace import log_transition, lse, safe_log
 from latentsel.models.data import HLSMData, emission, execution_rows, log_emission, log_p_off
+from latentsel.models.registry import model_spec
 
 __all__ = ["ExactPosterior", "ForwardBackward", "exact_posterior", "independent_posterior", "forward_backward", "chain_posterior"]
 
@@ -49,9 +50,9 @@ class ExactPosterior(NamedTuple):
     joint_probs: jax.Array
 
 
-def _off_posterior(post, le, log_off_term):
+def _off_posterior(post, log_emit, log_off_term):
     """p(u_t = 1 | D) = Σ_{r,k} p(r, k | D) off p_off(y) / p(y | r, k)."""
-    p = jnp.sum(post * jnp.exp(log_off_term[..., None, None] - le), axis=(-2, -1))
+    p = jnp.sum(post * jnp.exp(log_off_term[..., None, None] - log_emit), axis=(-2, -1))
     return jnp.clip(p, 0.0, 1.0)  # rounding can leave it 1 ulp outside
 
 
@@ -69,58 +70,60 @@ class ForwardBackward(NamedTuple):
     log_evidence: jax.Array
 
 
-def forward_backward(route_trans, skill_trans, le, mask) -> ForwardBackward:
+def forward_backward(route_trans, skill_trans, log_emit, mask) -> ForwardBackward:
     """Forward-backward over the joint state (r, k) with a factorized transition.
 
     Args:
         route_trans: [R + 1, R]; skill_trans: [K + 1, K] (last row = start);
-        le: [N, T, R, K] log p(y_t | r, k); mask: bool[N, T] (a prefix of each row).
+        log_emit: [N, T, R, K] log p(y_t | r, k); mask: bool[N, T] (a prefix of each row).
     """
-    rt, st = route_trans, skill_trans
-    n, t_max, r_n, k_n = le.shape
-    shift = jnp.max(le, axis=(-2, -1))  # [N, T]; the emission is finite, so this is too
-    e = jnp.moveaxis(jnp.exp(le - shift[..., None, None]), 1, 0)  # [T, N, R, K]
-    init = rt[r_n][:, None] * st[k_n][None, :]  # [R, K]
+    n, t_max, r_n, k_n = log_emit.shape
+    shift = jnp.max(log_emit, axis=(-2, -1))  # [N, T]; the emission is finite, so this is too
+    e = jnp.moveaxis(jnp.exp(log_emit - shift[..., None, None]), 1, 0)  # [T, N, R, K]
+    init = route_trans[r_n][:, None] * skill_trans[k_n][None, :]  # [R, K]
     mask_t = mask.T
 
     def fwd(alpha, xs):
         e_t, m_t, t = xs
-        pred = jnp.where(t == 0, init[None], jnp.einsum("nab,ar,bk->nrk", alpha, rt[:r_n], st[:k_n]))
+        pred = jnp.where(t == 0, init[None],
+                         jnp.einsum("nab,ar,bk->nrk", alpha, route_trans[:r_n], skill_trans[:k_n]))
         a = pred * e_t
         z = a.sum(axis=(1, 2))
         a = a / z[:, None, None]
         return jnp.where(m_t[:, None, None], a, alpha), (a, jnp.where(m_t, z, 1.0))
 
-    _, (alphas, zs) = jax.lax.scan(fwd, jnp.zeros((n, r_n, k_n), le.dtype), (e, mask_t, jnp.arange(t_max)))
+    _, (alphas, zs) = jax.lax.scan(fwd, jnp.zeros((n, r_n, k_n), log_emit.dtype), (e, mask_t, jnp.arange(t_max)))
     log_evidence = jnp.sum(jnp.log(zs), axis=0) + jnp.sum(jnp.where(mask, shift, 0.0), axis=1)
 
     def bwd(beta, xs):
         e_next, m_next, z_next = xs
         # beta_t = Σ trans · e_{t+1} · beta_{t+1} / z_{t+1}; past the last step beta = 1
-        b = jnp.einsum("ar,bk,nrk->nab", rt[:r_n], st[:k_n], e_next * beta) / z_next[:, None, None]
+        b = jnp.einsum("ar,bk,nrk->nab", route_trans[:r_n], skill_trans[:k_n], e_next * beta) / z_next[:, None, None]
         b = jnp.where(m_next[:, None, None], b, 1.0)
         return b, b
 
-    ones = jnp.ones((n, r_n, k_n), le.dtype)
+    ones = jnp.ones((n, r_n, k_n), log_emit.dtype)
     _, betas = jax.lax.scan(bwd, ones, (e[1:], mask_t[1:], zs[1:]), reverse=True)
     betas = jnp.concatenate([betas, ones[None]], axis=0)
     return ForwardBackward(alphas, betas, zs, e, log_evidence)
 
 
-def chain_posterior(log_route_trans, log_skill_trans, le, log_off_term, mask) -> ExactPosterior:
+def chain_posterior(log_route_trans, log_skill_trans, log_emit, log_off_term, mask) -> ExactPosterior:
     """Forward-backward and Viterbi for the grammar model.
 
     Args:
         log_route_trans: [R + 1, R]; log_skill_trans: [K + 1, K] (last row = start);
-        le: [N, T, R, K]; log_off_term: [N, T]; mask: bool[N, T] (steps ``t < depth``, a prefix).
+        log_emit: [N, T, R, K]; log_off_term: [N, T]; mask: bool[N, T] (steps ``t < depth``, a prefix).
     """
     # The scaled pass divides the backward messages by the forward normalizers z_t, so a
     # backward message is at most Π_{s > t} 1 / z_s. Where the predicted mass and the
     # emission disagree by ~1e200 (exact zeros in the rows with off_module ~ 1e-250) that
     # product overflows; such chunks go through log space (a bound of e^500 leaves room for
     # the gradient). Ordinary off-module steps (z ~ 1e-20) stay on the fast path.
-    lrt, lst = jax.lax.stop_gradient(log_route_trans), jax.lax.stop_gradient(log_skill_trans)
-    probe = forward_backward(jnp.exp(lrt), jnp.exp(lst), jax.lax.stop_gradient(le), mask)
+    log_route_trans_const = jax.lax.stop_gradient(log_route_trans)
+    log_skill_trans_const = jax.lax.stop_gradient(log_skill_trans)
+    probe = forward_backward(jnp.exp(log_route_trans_const), jnp.exp(log_skill_trans_const),
+                             jax.lax.stop_gradient(log_emit), mask)
     growth = jnp.sum(jnp.where(mask.T, -jnp.log(jnp.maximum(probe.zs, UNDERFLOW)), 0.0), axis=0)
     risky = (jnp.any(mask.T & ~(probe.zs >= UNDERFLOW)) | jnp.any(growth > 500.0)
              | jnp.any(~jnp.isfinite(probe.log_evidence)))
@@ -128,81 +131,82 @@ def chain_posterior(log_route_trans, log_skill_trans, le, log_off_term, mask) ->
     def guard(x):  # no gradient reaches the fast path when it is not used
         return jnp.where(risky, jax.lax.stop_gradient(x), x)
 
-    fb = forward_backward(jnp.exp(guard(log_route_trans)), jnp.exp(guard(log_skill_trans)), guard(le), mask)
+    fb = forward_backward(jnp.exp(guard(log_route_trans)), jnp.exp(guard(log_skill_trans)), guard(log_emit), mask)
     post = jnp.moveaxis(fb.alphas * fb.betas, 0, 1)  # [N, T, R, K]
     post = post / post.sum(axis=(-2, -1), keepdims=True)
     careful = jax.lax.cond(risky, lambda a: log_chain(*a, mask),
                            lambda a: (jnp.zeros_like(post), jnp.zeros_like(fb.log_evidence)),
-                           (log_route_trans, log_skill_trans, le))
+                           (log_route_trans, log_skill_trans, log_emit))
     post = jnp.where(risky, careful[0], post)
     log_evidence = jnp.where(risky, careful[1], fb.log_evidence)
-    maskf = mask.astype(le.dtype)
+    maskf = mask.astype(log_emit.dtype)
     post = post * maskf[..., None, None]
-    map_route, map_skill = _viterbi(log_route_trans, log_skill_trans, le, mask)
+    map_route, map_skill = _viterbi(log_route_trans, log_skill_trans, log_emit, mask)
     return ExactPosterior(
         log_evidence=log_evidence,
         route_probs=post.sum(-1),
         skill_probs=post.sum(-2),
-        p_off=_off_posterior(post, le, log_off_term) * maskf,
+        p_off=_off_posterior(post, log_emit, log_off_term) * maskf,
         map_route=map_route,
         map_skill=map_skill,
         joint_probs=post,
     )
 
 
-def log_chain(log_route_trans, log_skill_trans, le, mask):
+def log_chain(log_route_trans, log_skill_trans, log_emit, mask):
     """Forward-backward of the grammar chain in log space: ``(post [N, T, R, K], log_evidence [N])``.
 
     The slow, always exact path (a log-sum-exp per transition entry), used where the scaled
     pass of :func:`forward_backward` would lose its normalizers."""
-    n, t_max, r_n, k_n = le.shape
-    lrt, lst = log_route_trans[:r_n], log_skill_trans[:k_n]
+    n, t_max, r_n, k_n = log_emit.shape
+    log_route_no_start, log_skill_no_start = log_route_trans[:r_n], log_skill_trans[:k_n]
     init = log_route_trans[r_n][:, None] + log_skill_trans[k_n][None, :]
 
-    def fwd(la, xs):
-        le_t, m_t, t = xs
-        new = jnp.where(t == 0, init[None], log_transition(la, lrt, lst)) + le_t
-        new = jnp.where(m_t[:, None, None], new, la)
+    def fwd(log_alpha, xs):
+        log_emit_t, m_t, t = xs
+        new = (jnp.where(t == 0, init[None], log_transition(log_alpha, log_route_no_start, log_skill_no_start))
+               + log_emit_t)
+        new = jnp.where(m_t[:, None, None], new, log_alpha)
         return new, new
 
-    zeros = jnp.zeros((n, r_n, k_n), le.dtype)
-    last, las = jax.lax.scan(fwd, zeros, (jnp.moveaxis(le, 1, 0), mask.T, jnp.arange(t_max)))
+    zeros = jnp.zeros((n, r_n, k_n), log_emit.dtype)
+    last, log_alphas = jax.lax.scan(fwd, zeros, (jnp.moveaxis(log_emit, 1, 0), mask.T, jnp.arange(t_max)))
     log_evidence = lse(last, (1, 2))
 
-    def bwd(lb, xs):
-        le_next, m_next = xs
-        x = le_next + lb  # [N, R', K']
-        y = lse(lst[None, None, :, :] + x[:, :, None, :], 3)  # [N, R', K]: over k'
-        b = lse(lrt[None, :, :, None] + y[:, None, :, :], 2)  # [N, R, K]: over r'
+    def bwd(log_beta, xs):
+        log_emit_next, m_next = xs
+        x = log_emit_next + log_beta  # [N, R', K']
+        y = lse(log_skill_no_start[None, None, :, :] + x[:, :, None, :], 3)  # [N, R', K]: over k'
+        b = lse(log_route_no_start[None, :, :, None] + y[:, None, :, :], 2)  # [N, R, K]: over r'
         b = jnp.where(m_next[:, None, None], b, 0.0)
         return b, b
 
-    _, lbs = jax.lax.scan(bwd, zeros, (jnp.moveaxis(le, 1, 0)[1:], mask.T[1:]), reverse=True)
-    lbs = jnp.concatenate([lbs, zeros[None]], axis=0)
-    post = jnp.exp(jnp.moveaxis(las + lbs, 0, 1) - log_evidence[:, None, None, None])
+    _, log_betas = jax.lax.scan(bwd, zeros, (jnp.moveaxis(log_emit, 1, 0)[1:], mask.T[1:]), reverse=True)
+    log_betas = jnp.concatenate([log_betas, zeros[None]], axis=0)
+    post = jnp.exp(jnp.moveaxis(log_alphas + log_betas, 0, 1) - log_evidence[:, None, None, None])
     return post, log_evidence
 
 
-def _viterbi(log_rt, log_st, le, mask):
+def _viterbi(log_route_trans, log_skill_trans, log_emit, mask):
     """The MAP path of the grammar chain; max-product in two stages (skill, then routing)."""
-    n, t_max, r_n, k_n = le.shape
+    n, t_max, r_n, k_n = log_emit.shape
 
     def step(delta, xs):
-        le_t, m_t = xs
+        log_emit_t, m_t = xs
         # stage 1: best previous skill for each (previous routing, skill)
-        s1 = delta[:, :, :, None] + log_st[None, None, :k_n, :]  # [N, R', K', K]
+        s1 = delta[:, :, :, None] + log_skill_trans[None, None, :k_n, :]  # [N, R', K', K]
         best_k = jnp.argmax(s1, axis=2)  # [N, R', K]
         v1 = jnp.max(s1, axis=2)  # [N, R', K]
         # stage 2: best previous routing for each (routing, skill)
-        s2 = v1[:, :, None, :] + log_rt[None, :r_n, :, None]  # [N, R', R, K]
+        s2 = v1[:, :, None, :] + log_route_trans[None, :r_n, :, None]  # [N, R', R, K]
         best_r = jnp.argmax(s2, axis=1)  # [N, R, K]
-        v2 = jnp.max(s2, axis=1) + le_t
+        v2 = jnp.max(s2, axis=1) + log_emit_t
         back_k = jnp.take_along_axis(best_k, best_r, axis=1)  # [N, R, K]: best previous skill
         new = jnp.where(m_t[:, None, None], v2, delta)
         return new, (best_r, back_k)
 
-    delta0 = log_rt[r_n][None, :, None] + log_st[k_n][None, None, :] + le[:, 0]
-    delta, (bp_r, bp_k) = jax.lax.scan(step, delta0, (jnp.moveaxis(le, 1, 0)[1:], mask.T[1:]))
+    delta0 = log_route_trans[r_n][None, :, None] + log_skill_trans[k_n][None, None, :] + log_emit[:, 0]
+    delta, (bp_r, bp_k) = jax.lax.scan(step, delta0, (jnp.moveaxis(log_emit, 1, 0)[1:], mask.T[1:]))
     flat = jnp.argmax(delta.reshape(n, -1), axis=-1)
     last_r, last_k = flat // k_n, flat % k_n
     depth = mask.sum(axis=1)
@@ -265,7 +269,6 @@ def independent_posterior(route_prior, skill_prior, p_emit, log_emit, log_off_te
     joint, log_p_y = fast(None)
     risky = jnp.any(emit & ~(log_p_y >= jnp.log(UNDERFLOW)))
     joint, log_p_y = jax.lax.cond(risky, careful, lambda _: (joint, log_p_y), None)
-    p_y = jnp.exp(jnp.where(emit, log_p_y, 0.0))
     flat_map = jnp.argmax(joint.reshape(n, t, r * k), axis=-1)
     # in the careful branch joint is already normalized (its sum is 1, not p_y)
     total = joint.sum(axis=(-2, -1))
@@ -296,11 +299,11 @@ def _exact_posterior(model, n_chars, max_len, params, arrays, joint=True) -> Exa
     mask = jnp.asarray(data.free)
     emit = jnp.asarray(data.emit)
     length = jnp.asarray(data.length)
-    if model == "grammar":
-        le = log_emission(data, params.noise, params.off_module)
+    if model_spec(model).chain:
+        log_emit = log_emission(data, params.noise, params.off_module)
         log_off_term = jnp.where(emit, jnp.log(params.off_module) + log_p_off(length, data.n_chars, data.max_len),
                                  -jnp.inf)
-        post = chain_posterior(safe_log(params.route_trans), safe_log(params.skill_trans), le, log_off_term, mask)
+        post = chain_posterior(safe_log(params.route_trans), safe_log(params.skill_trans), log_emit, log_off_term, mask)
         return post if joint else post._replace(joint_probs=None)
     route_prior, skill_prior = execution_rows(model, params[0], params[1], data)
     p_emit = emission(data, params.noise, params.off_module)

@@ -43,12 +43,13 @@ def segment_lse(x, segment_ids, num_segments: int):
     return jnp.where(ok, jnp.log(jnp.where(ok, s, 1.0)) + m, -jnp.inf)
 
 
-def log_transition(la, log_rt, log_st):
-    """log Σ_{z'} exp(la[z']) p(z | z') for the grammar's factorized transition
-    p((r, k) | (r', k')) = route_trans[r', r] skill_trans[k', k]: ``la: [n, R, K]`` -> ``[n, R, K]``
-    (``log_rt: [R, R]``, ``log_st: [K, K]``, start rows excluded); O(R K (R + K)) per row."""
-    a1 = lse(la[:, :, :, None] + log_st[None, None, :, :], 2)  # [n, R', K]: over k'
-    return lse(a1[:, :, None, :] + log_rt[None, :, :, None], 1)  # over r'
+def log_transition(log_alpha, log_route_trans, log_skill_trans):
+    """log Σ_{z'} exp(log_alpha[z']) p(z | z') for the grammar's factorized transition
+    p((r, k) | (r', k')) = route_trans[r', r] skill_trans[k', k]: ``log_alpha: [n, R, K]`` ->
+    ``[n, R, K]`` (``log_route_trans: [R, R]``, ``log_skill_trans: [K, K]``, start rows excluded);
+    O(R K (R + K)) per row."""
+    a1 = lse(log_alpha[:, :, :, None] + log_skill_trans[None, None, :, :], 2)  # [n, R', K]: over k'
+    return lse(a1[:, :, None, :] + log_route_trans[None, :, :, None], 1)  # over r'
 
 
 def log_emission_terms(match, y_len, coefs, log_off_extra, n_chars: int, max_len: int):
@@ -60,10 +61,10 @@ def log_emission_terms(match, y_len, coefs, log_off_extra, n_chars: int, max_len
     posterior probability of the branch). Every term is a sum of logs, so nothing underflows
     for any parameter in (0, 1).
     """
-    la, lb, l_on, l_off = coefs
-    m = jnp.maximum(match, 0).astype(la.dtype)
-    y_len = jnp.asarray(y_len).astype(la.dtype)
+    log_match, log_mismatch, log_on, log_off = coefs
+    m = jnp.maximum(match, 0).astype(log_match.dtype)
+    y_len = jnp.asarray(y_len).astype(log_match.dtype)
     y = y_len[..., None, None]
-    on = jnp.where(match >= 0, l_on + m * la + (y - m) * lb, -jnp.inf)
-    off = (l_off + log_off_extra - y_len * jnp.log(n_chars) - jnp.log(max_len + 1.0))[..., None, None]
+    on = jnp.where(match >= 0, log_on + m * log_match + (y - m) * log_mismatch, -jnp.inf)
+    off = (log_off + log_off_extra - y_len * jnp.log(n_chars) - jnp.log(max_len + 1.0))[..., None, None]
     return jnp.logaddexp(on, off)

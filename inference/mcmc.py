@@ -37,11 +37,17 @@ from numpyro.handlers import seed, trace
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.util import constrain_fn, potential_energy
 
-from latentsel.inference.collapsed import (collapsed_model, finite_factors, global_prior, log_evidence_fn,
-                                           params_from_sites)
+from latentsel.inference.collapsed import (
+    collapsed_model,
+    finite_factors,
+    global_prior,
+    log_evidence_fn,
+    params_from_sites,
+)
 from latentsel.models.data import HLSMData
-from latentsel.models.numpyro_models import GLOBAL_SITES, NUMPYRO_MODELS
+from latentsel.models.numpyro_models import NUMPYRO_MODELS
 from latentsel.models.params import Priors
+from latentsel.models.registry import model_spec
 
 __all__ = ["MCMCResult", "fit_nuts", "potential_fn", "diagnostics", "summary", "POTENTIALS"]
 
@@ -54,7 +60,7 @@ class MCMCResult(NamedTuple):
 
     params: the model's params NamedTuple at the posterior mean;
     samples: {site: float64[chains, draws, *site_shape]} (constrained, site names of
-        ``GLOBAL_SITES[model]``);
+        ``model_spec(model).sites``);
     diverging: bool[chains, draws]; accept_prob: float64[chains, draws], the mean
         acceptance probability of each NUTS tree; num_steps: int[chains, draws], leapfrog
         steps per tree; potential_energy: float64[chains, draws];
@@ -136,7 +142,7 @@ def fit_nuts(model: str, data: HLSMData, *, priors: Priors = Priors(), num_warmu
         prior = lambda: global_prior(model, r_n, k_n, priors)  # noqa: E731
         constrained = jax.jit(lambda z: constrain_fn(prior, (), {}, z, batch_ndims=2))(z)
         extra = mcmc.get_extra_fields(group_by_chain=True)
-    samples = {name: np.asarray(constrained[name], np.float64) for name in GLOBAL_SITES[model]}
+    samples = {name: np.asarray(constrained[name], np.float64) for name in model_spec(model).sites}
     mean = params_from_sites(model, {name: v.mean(axis=(0, 1)) for name, v in samples.items()})
     mean = type(mean)(*(float(v) if np.ndim(v) == 0 else v for v in mean))
     mean = mean._replace(**{f: mean[i] / mean[i].sum(-1, keepdims=True) for i, f in enumerate(mean._fields[:2])})

@@ -25,7 +25,8 @@ from pyro.ops.rings import LogRing
 from pyro.poutine.util import site_is_subsample
 
 from latentsel.models.data import HLSMData, tree_tables
-from latentsel.models.pyro_models import GLOBAL_SITES, PYRO_MODELS
+from latentsel.models.pyro_models import PYRO_MODELS
+from latentsel.models.registry import model_spec
 
 __all__ = ["pyro_log_evidence", "pyro_map", "conditioned", "PYRO_CHUNK"]
 
@@ -40,7 +41,7 @@ def conditioned(model: str, params, dtype=torch.float64):
     """The program of ``model`` with its global sites fixed at ``params``."""
     if model not in PYRO_MODELS:
         raise ValueError(f"unknown model {model!r}; expected one of {sorted(PYRO_MODELS)}")
-    values = {name: torch.as_tensor(np.asarray(v), dtype=dtype) for name, v in zip(GLOBAL_SITES[model], params)}
+    values = {name: torch.as_tensor(np.asarray(v), dtype=dtype) for name, v in zip(model_spec(model).sites, params)}
     return pyro.poutine.condition(PYRO_MODELS[model], data=values)
 
 
@@ -53,13 +54,13 @@ def _chunk_evidence(model: str, params, data: HLSMData) -> np.ndarray:
     tr = pyro.poutine.trace(program).get_trace(data)
     # the global sites are left out: their prior is not part of the evidence (and a row with
     # exact zeros has a Dirichlet density of 0 or infinity there)
-    tr.compute_log_prob(site_filter=lambda name, site: name not in GLOBAL_SITES[model])
+    tr.compute_log_prob(site_filter=lambda name, site: name not in model_spec(model).sites)
     tr.pack_tensors()
     groups: dict[str, OrderedDict] = {}
     sum_dims: set = set()
     plate_sizes: dict = {}
     for name, site in tr.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site) or name in GLOBAL_SITES[model]:
+        if site["type"] != "sample" or site_is_subsample(site) or name in model_spec(model).sites:
             continue
         if site["infer"].get("_enumerate_dim") is not None:
             term = site["packed"]["unscaled_log_prob"]  # the measure: a prior sums to one, mask or not
@@ -111,7 +112,7 @@ def pyro_map(model: str, params, data: HLSMData) -> tuple[np.ndarray, np.ndarray
         tr = pyro.poutine.trace(decoded).get_trace(data)
     values = {name: site["value"].numpy() for name, site in tr.nodes.items() if site["type"] == "sample"}
     mask = np.asarray(data.step_mask)
-    if model == "grammar":
+    if model_spec(model).chain:
         for t in range(t_max):
             rows = mask[:, t]
             route[rows, t] = np.broadcast_to(values[f"route_{t}"], (n,))[rows]

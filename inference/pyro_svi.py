@@ -2,7 +2,7 @@
 
 The same objective as :func:`latentsel.inference.svi.fit_svi`: ``TraceEnum_ELBO`` with the
 selections summed out exactly, an ``AutoDelta`` or ``AutoNormal`` guide on the global sites
-(``GLOBAL_SITES[model]``), the delta guide on priors raised by one so that its optimum is EM's
+(``model_spec(model).sites``), the delta guide on priors raised by one so that its optimum is EM's
 (see that module's docstring), Adam with the step size decayed from ``lr`` to ``lr_final``
 and gradients clipped at 10. Runs in float64; the guide's parameters live in a scoped Pyro
 parameter store, so a fit neither reads nor leaves global state behind.
@@ -20,8 +20,9 @@ from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_value
 from latentsel.inference.em import prior_mean_params
 from latentsel.inference.svi import SVIResult, check_options
 from latentsel.models.data import HLSMData
-from latentsel.models.params import Priors, params_class
-from latentsel.models.pyro_models import GLOBAL_SITES, PYRO_MODELS
+from latentsel.models.params import Priors
+from latentsel.models.pyro_models import PYRO_MODELS
+from latentsel.models.registry import model_spec, params_class
 
 __all__ = ["fit_pyro_svi"]
 
@@ -36,7 +37,7 @@ def fit_pyro_svi(model: str, data: HLSMData, *, guide: str = "delta", priors: Pr
     fit_priors = check_options(guide, map_in, steps, priors)
     if model not in PYRO_MODELS:
         raise ValueError(f"unknown model {model!r}; expected one of {sorted(PYRO_MODELS)}")
-    names = GLOBAL_SITES[model]
+    names = model_spec(model).sites
     init = init if init is not None else prior_mean_params(model, data.n_routes, data.n_skills, priors)
     init_values = {name: torch.as_tensor(np.asarray(v), dtype=torch.float64) for name, v in zip(names, init)}
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from latentsel.inference.blocks import block_sample, emission_coefs
 from latentsel.inference.chain_blocks import chain_block_posterior, layouts, tile
 from latentsel.inference.corpus import block_chunks, corpus_posterior
 from latentsel.models.data import HLSMData
+from latentsel.models.registry import model_spec
 
 __all__ = ["Selections", "sample_selections"]
 
@@ -73,7 +73,7 @@ def sample_selections(model: str, params, data: HLSMData, n_samples: int, seed: 
     k_n = data.n_skills
     with jax.enable_x64(True):
         params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-        if model == "grammar":
+        if model_spec(model).chain:
             z = _sample_chain(params, data, rng, n_samples)
         else:
             post = corpus_posterior(model, params, data)

@@ -2,7 +2,7 @@
 
 The model is the enumerated NumPyro program (``NUMPYRO_MODELS[model]``) and the loss
 ``TraceEnum_ELBO``: the discrete selections are summed out exactly, and the guide covers the
-global sites only (``GLOBAL_SITES[model]``).
+global sites only (``model_spec(model).sites``).
 
 Guides:
 
@@ -35,8 +35,9 @@ from numpyro.infer.autoguide import AutoDelta, AutoNormal
 from latentsel.inference.collapsed import finite_factors, global_prior, params_from_sites
 from latentsel.inference.em import prior_mean_params
 from latentsel.models.data import HLSMData
-from latentsel.models.numpyro_models import GLOBAL_SITES, NUMPYRO_MODELS
+from latentsel.models.numpyro_models import NUMPYRO_MODELS
 from latentsel.models.params import Priors
+from latentsel.models.registry import model_spec
 
 __all__ = ["SVIResult", "fit_svi", "softmax_priors", "check_options", "GUIDES"]
 
@@ -93,7 +94,7 @@ def fit_svi(model: str, data: HLSMData, *, guide: str = "delta", priors: Priors 
     ``progress(step, loss)`` is called every ``progress_every`` steps.
     """
     fit_priors = check_options(guide, map_in, steps, priors)
-    names = GLOBAL_SITES[model]
+    names = model_spec(model).sites
     init = init if init is not None else prior_mean_params(model, data.n_routes, data.n_skills, priors)
     r_n, k_n = data.n_routes, data.n_skills
     with jax.enable_x64(True):

@@ -7,9 +7,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # the inference entry points pull in JAX; load them on first use so the CLI starts fast
     if name == "log_evidence":
-        from latentsel.api import log_evidence
+        # the inference entry points pull in JAX: loaded on first use, so the CLI starts fast
+        from latentsel.analysis.posterior import log_evidence
 
         return log_evidence
     raise AttributeError(f"module 'latentsel' has no attribute {name!r}")

@@ -25,6 +25,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from latentsel.models.registry import model_spec
+
 __all__ = ["HLSMData", "HiddenBlocks", "TreeTables", "tree_tables", "log_p_on", "log_p_off", "log_emission", "emission_table", "emission", "previous_intended",
            "execution_rows"]
 
@@ -295,13 +297,14 @@ def execution_rows(model: str, route_p, skill_p, data: HLSMData):
     ``route_p`` / ``skill_p`` are ``route_exec`` / ``skill_exec`` (modular) or
     ``route_exec_ctx`` / ``skill_exec_ctx`` (entangled).
     """
+    spec = model_spec(model)
+    if spec.chain:
+        raise ValueError(f"execution rows are for models that use the program, not the chain {model!r}")
     cr, ck = jnp.asarray(data.route_intended), jnp.asarray(data.skill_intended)
-    if model == "modular":
-        return jnp.asarray(route_p)[cr], jnp.asarray(skill_p)[ck]
-    if model == "entangled":
+    if spec.context:
         prev_r, prev_k = previous_intended(data)
         return jnp.asarray(route_p)[prev_r, cr], jnp.asarray(skill_p)[prev_k, ck]
-    raise ValueError(f"execution rows are for the modular and entangled models, not {model!r}")
+    return jnp.asarray(route_p)[cr], jnp.asarray(skill_p)[ck]
 
 
 def log_emission(data: HLSMData, noise, off_module):

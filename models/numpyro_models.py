@@ -30,25 +30,20 @@ from numpyro.ops.indexing import Vindex
 
 from latentsel.models.data import HLSMData, execution_rows, log_p_off, log_p_on, tree_tables
 from latentsel.models.params import Priors
+from latentsel.models.registry import model_spec
 
-__all__ = ["modular_model", "entangled_model", "grammar_model", "NUMPYRO_MODELS", "GLOBAL_SITES"]
-
+__all__ = ["modular_model", "entangled_model", "grammar_model", "NUMPYRO_MODELS"]
 
 
 def _enum():
     # a fresh dict per site: NumPyro writes each site's enumeration dims into it
     return {"enumerate": "parallel"}
 
-GLOBAL_SITES = {
-    "modular": ("route_exec", "skill_exec", "noise", "off_module"),
-    "entangled": ("route_exec_ctx", "skill_exec_ctx", "noise", "off_module"),
-    "grammar": ("route_trans", "skill_trans", "noise", "off_module"),
-}
-
 
 def _globals(model: str, data: HLSMData, priors: Priors):
-    conc_r, conc_k = priors.concentration(model, data.n_routes, data.n_skills)
-    names = GLOBAL_SITES[model]
+    spec = model_spec(model)
+    conc_r, conc_k = spec.concentration(priors, data.n_routes, data.n_skills)
+    names = spec.sites
     route = numpyro.sample(names[0], dist.Dirichlet(jnp.asarray(conc_r)).to_event(conc_r.ndim - 1))
     skill = numpyro.sample(names[1], dist.Dirichlet(jnp.asarray(conc_k)).to_event(conc_k.ndim - 1))
     noise = numpyro.sample("noise", dist.Beta(*priors.noise))

@@ -1,7 +1,7 @@
 """The HLSM as Pyro programs, for pipelines that live in PyTorch (DESIGN §4, §5).
 
 The same programs as :mod:`latentsel.models.numpyro_models`, site for site: the global sites
-``GLOBAL_SITES[model]`` with the DESIGN priors; per step, inside the ``traces`` (dim -2) and
+``model_spec(model).sites`` with the DESIGN priors; per step, inside the ``traces`` (dim -2) and
 ``steps`` (dim -1) plates, the executed routing ``route``, skill ``skill`` and off-module flag
 ``off`` (all marked for parallel enumeration) and the emission factor ``obs``; blocks of
 hidden steps in plates ``blocks{J}`` with sites ``route_hidden{J}_{l}`` and, in the nested
@@ -24,10 +24,10 @@ import torch
 from pyro.ops.indexing import Vindex
 
 from latentsel.models.data import HLSMData, tree_tables
-from latentsel.models.numpyro_models import GLOBAL_SITES
 from latentsel.models.params import Priors
+from latentsel.models.registry import model_spec
 
-__all__ = ["modular_model", "entangled_model", "grammar_model", "PYRO_MODELS", "GLOBAL_SITES", "torch_arrays"]
+__all__ = ["modular_model", "entangled_model", "grammar_model", "PYRO_MODELS", "torch_arrays"]
 
 
 def _enum():
@@ -59,8 +59,9 @@ def torch_arrays(data: HLSMData) -> dict:
 
 
 def _globals(model: str, data: HLSMData, priors: Priors, dtype):
-    conc_r, conc_k = priors.concentration(model, data.n_routes, data.n_skills)
-    names = GLOBAL_SITES[model]
+    spec = model_spec(model)
+    conc_r, conc_k = spec.concentration(priors, data.n_routes, data.n_skills)
+    names = spec.sites
     conc_r, conc_k = torch.as_tensor(conc_r, dtype=dtype), torch.as_tensor(conc_k, dtype=dtype)
     route = pyro.sample(names[0], dist.Dirichlet(conc_r).to_event(conc_r.dim() - 1))
     skill = pyro.sample(names[1], dist.Dirichlet(conc_k).to_event(conc_k.dim() - 1))
@@ -82,7 +83,7 @@ def _log_off(length, n_chars: int, max_len: int, dtype):
 
 def _execution_rows(model: str, route_p, skill_p, arrays, n_routes: int, n_skills: int):
     cr, ck = arrays["route_intended"], arrays["skill_intended"]
-    if model == "modular":
+    if not model_spec(model).context:
         return route_p[cr], skill_p[ck]
     prev_r = torch.cat([torch.full_like(cr[:, :1], n_routes), cr[:, :-1]], dim=1)
     prev_k = torch.cat([torch.full_like(ck[:, :1], n_skills), ck[:, :-1]], dim=1)

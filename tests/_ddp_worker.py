@@ -1,4 +1,4 @@
-"""Worker of tests/test_policy_train.py::test_ddp_gradients_equal_single_process.
+"""Worker of tests/policy/test_train.py::test_ddp_gradients_equal_single_process.
 
 Run under ``torchrun --nproc_per_node=N`` (or alone, as the single-process reference): computes
 the SFT gradient of one training step and a GRPO gradient on a fixed global batch, sharded
@@ -13,7 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from latentsel.policy import distributed
-from latentsel.policy.data import collate, PromptStream, sft_pairs
+from latentsel.policy.data import PromptStream, collate, sft_pairs
 from latentsel.policy.losses import grpo_loss
 from latentsel.policy.model import GPT, GPTConfig
 from latentsel.policy.tokenizer import Tokenizer

@@ -25,3 +25,16 @@ def test_console_script_is_installed():
     exe = Path(sys.executable).parent / "latentsel"
     out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("latentsel ")
+
+
+def test_every_subpackage_is_listed_for_installation():
+    """A wheel holds only the packages setup.cfg names: each folder with an ``__init__.py``."""
+    import configparser
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = configparser.ConfigParser()
+    cfg.read(root / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    folders = {".".join(("latentsel", *p.parent.relative_to(root / "latentsel").parts))
+               for p in (root / "latentsel").rglob("__init__.py")}
+    assert folders | {"latentsel.models", "latentsel.inference"} == listed

@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 from matplotlib.figure import Figure
 
 from latentsel.plots._common import _LABEL, _TICK, _WIDTH
-from latentsel.policy.evaluate import COMPETENT  # no torch at import
+from latentsel.policy import COMPETENT
 
 __all__ = ["training_curves"]
 

@@ -2,3 +2,8 @@
 
 Needs torch and numpy only (never JAX), so it runs on a bare GPU image.
 """
+
+__all__ = ["COMPETENT"]
+
+# a policy is competent when its teacher-forced per-step accuracy on eval-seen reaches this (DESIGN §7)
+COMPETENT = 0.9

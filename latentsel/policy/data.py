@@ -1,6 +1,6 @@
 """Prompt pools and token batches for training.
 
-Training prompts are golden traces of a regime of :mod:`latentsel.regimes`, or ``toy``
+Training prompts are golden traces of a regime of :mod:`latentsel.traces.regimes`, or ``toy``
 (uniformly random modules, depth 1 or 2). A :class:`PromptStream` draws fresh prompts at every
 step (``pool=0``, the default: no prompt is seen twice, so the policy cannot memorize its data)
 or from a fixed, seeded pool; either way a step's prompts depend only on ``(seed, step)``.
@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 from latentsel.policy.tokenizer import Tokenizer
-from latentsel.regimes import REGIMES, bigram_split, generate
 from latentsel.traces import Trace, golden_trace
+from latentsel.traces.regimes import PROMPT_REGIMES, bigram_split, generate
 from latentsel.world import World
 
 __all__ = ["Batch", "POOL_REGIMES", "PromptStream", "prompt_pool", "toy_prompts", "collate", "sft_pairs"]
 
-POOL_REGIMES = ("toy", *REGIMES)
+POOL_REGIMES = ("toy", *PROMPT_REGIMES)
 TOY_DEPTHS = (1, 2)
 
 
@@ -50,7 +50,7 @@ def prompt_pool(regime: str, n: int, seed: int, world: World, split_seed: int = 
     """``n`` golden traces of ``regime`` (one of :data:`POOL_REGIMES`)."""
     if regime == "toy":
         return toy_prompts(n, seed, world)
-    if regime not in REGIMES:
+    if regime not in PROMPT_REGIMES:
         raise ValueError(f"unknown regime {regime!r}; choose from {', '.join(POOL_REGIMES)}")
     return generate(regime, n, seed, world=world, split=bigram_split(world.n_skills, split_seed))
 
@@ -66,7 +66,7 @@ class PromptStream:
         self.regime, self.seed, self.world = regime, seed, world
         self.split = bigram_split(world.n_skills, split_seed)
         self.pool = prompt_pool(regime, pool, seed, world, split_seed) if pool else None
-        self.depth = max(TOY_DEPTHS) if regime == "toy" else REGIMES[regime].depth
+        self.depth = max(TOY_DEPTHS) if regime == "toy" else PROMPT_REGIMES[regime].depth
 
     def batch(self, step: int, n: int) -> list[Trace]:
         rng = np.random.default_rng([self.seed, step, 0x5F7])

@@ -96,6 +96,7 @@ def pack(work: str | Path, out: str | Path, *, max_files: int = MAX_FILES, part_
 
 
 def main(argv=None) -> int:
+    # torch loads after the arguments are read, so that --help and usage errors are immediate
     from latentsel.policy.protocol import SIZES
 
     p = argparse.ArgumentParser(prog="device-protocol", description=__doc__.splitlines()[0])
@@ -108,9 +109,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     t0 = time.monotonic()
 
-    import torch
+    import torch  # see above
 
-    from latentsel.policy.protocol import run_protocol
+    from latentsel.policy.protocol import run_protocol  # see above
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Sequence
 
 from latentsel._io import atomic_open
-from latentsel.regimes import REGIMES, bigram_split, generate
+from latentsel.policy import COMPETENT
 from latentsel.traces import Trace, write_traces
+from latentsel.traces.regimes import PROMPT_REGIMES, bigram_split, generate
 from latentsel.world import World, default_world
 
 __all__ = ["SPLITS", "COMPETENT", "wilson", "score", "evaluate", "markdown_table", "check_policy_name"]
 
 SPLITS = ("eval-seen", "eval-unseen", "eval-ood")
-COMPETENT = 0.9
 """Teacher-forced per-step accuracy on eval-seen at which a policy counts as competent (DESIGN §7)."""
 _Z95 = 1.959963984540054
 
@@ -92,6 +92,7 @@ def evaluate(policies: dict[str, str | os.PathLike], out: str | os.PathLike, *, 
     Writes ``out/eval.json`` and ``out/eval.md`` (and, with ``save_traces``, the completions as
     ``out/traces/{policy}.{split}.jsonl.gz``); returns the JSON record.
     """
+    # torch loads when policies are scored, not when the tables are read or printed
     from latentsel.policy.checkpoint import load_policy
     from latentsel.policy.distributed import pick_device
     from latentsel.policy.probe import teacher_forced
@@ -101,8 +102,8 @@ def evaluate(policies: dict[str, str | os.PathLike], out: str | os.PathLike, *, 
     for name in policies:
         check_policy_name(name)
     for s in splits:
-        if s not in REGIMES:
-            raise ValueError(f"unknown split {s!r}; choose from {', '.join(REGIMES)}")
+        if s not in PROMPT_REGIMES:
+            raise ValueError(f"unknown split {s!r}; choose from {', '.join(PROMPT_REGIMES)}")
     split = bigram_split(world.n_skills, split_seed)
     prompts = {s: generate(s, n, seed, world=world, split=split) for s in splits}
     dev = pick_device(device)

@@ -19,8 +19,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from latentsel.policy import COMPETENT
 from latentsel.policy.data import collate, sft_pairs
-from latentsel.policy.evaluate import COMPETENT
 from latentsel.policy.sampling import autocast
 from latentsel.policy.tokenizer import Tokenizer
 from latentsel.traces import Trace

@@ -32,8 +32,8 @@ from latentsel.policy.checkpoint import export_policy, load_checkpoint, load_pol
 from latentsel.policy.evaluate import SPLITS, evaluate, score
 from latentsel.policy.sampling import sample_traces
 from latentsel.policy.train import TrainConfig, train
-from latentsel.regimes import bigram_split, generate
 from latentsel.traces import write_traces
+from latentsel.traces.regimes import bigram_split, generate
 from latentsel.world import default_world
 
 __all__ = ["Size", "SIZES", "POLICIES", "run_protocol"]

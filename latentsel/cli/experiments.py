@@ -1,0 +1,151 @@
+"""Commands of the experiments: ``demo``, ``identify``, ``analyze`` and ``report``.
+
+JAX and the experiment code load inside the commands (``latentsel --help`` stays fast); the
+choices come from the JAX-free tables of :mod:`latentsel.experiments.designs`.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from latentsel.cli._argtypes import at_least, nonneg_int
+from latentsel.experiments.designs import IDENTIFY_MODELS, IDENTIFY_REGIMES, SWEEP_BACKENDS
+from latentsel.traces import read_traces
+from latentsel.world import default_world
+
+__all__ = ["add_demo", "add_commands"]
+
+def _names(choices):
+    def parse(value: str) -> list[str]:
+        names = [v.strip() for v in value.split(",") if v.strip()]
+        bad = [n for n in names if n not in choices]
+        if bad or not names:
+            what = f"unknown {bad[0]!r}" if bad else "an empty list"
+            raise argparse.ArgumentTypeError(f"{what}: choose from {', '.join(choices)}, comma-separated")
+        return names
+
+    return parse
+
+
+def cmd_demo(args) -> int:
+    from latentsel.experiments.demo import run_demo
+
+    run_demo(out=args.out, n=args.n, seed=args.seed, sizes=args.sizes, seeds=args.seeds, nuts_max=args.nuts_max,
+             nuts_draws=args.nuts_draws, sbc_reps=args.sbc, corpora=args.corpora, policy_traces=args.policy_traces,
+             nuts_traces=args.nuts_traces, jobs=args.jobs)
+    return 0
+
+
+def cmd_identify(args) -> int:
+    from latentsel.experiments.identify_outputs import summary_rows, write_identify
+    from latentsel.experiments.sweeps import sbc, sweep
+
+    t0 = time.perf_counter()
+    records = sweep(args.regimes, args.sizes, args.seeds, models=args.models, nuts_max=args.nuts_max,
+                    nuts_draws=args.nuts_draws, n_jobs=args.jobs, backend=args.backend)
+    calib = sbc(args.sbc, n_traces=args.sbc_traces, n_jobs=args.jobs, backend=args.backend) if args.sbc else None
+    config = {k: getattr(args, k) for k in ("regimes", "sizes", "seeds", "models", "nuts_max", "nuts_draws", "sbc",
+                                            "sbc_traces", "backend", "jobs")}
+    path = write_identify(args.out, records, config, default_world(), sbc=calib, exemplar_n=args.exemplar_n)
+    print(f"{'regime':<11} {'model':<10} {'N':>6} {'MAP acc':>8} {'class acc':>9} {'truth mass':>10} "
+          f"{'param err':>9} {'KL reached':>10}")
+    for regime, model, n, _, acc, cls, _, mass, err, kl, _ in summary_rows(records):
+        print(f"{regime:<11} {model:<10} {n:>6} {acc:>8.3f} {cls:>9.3f} {mass:>10.3f} {err:>9.3f} {kl:>10.2f}")
+    print(f"wrote {path} and figures under {args.out} in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from latentsel.experiments.policy_fits import find_corpora, fit_policy_corpora, nuts_diagnostics
+
+    world = default_world()
+    corpora = find_corpora(args.corpora, args.policies)
+    result = fit_policy_corpora(corpora, args.out, world, draws=args.draws, max_traces=args.max_traces,
+                                seed=args.seed)
+    for row in result["loo"]:
+        print(f"{row[0]:<16} {row[1]:<7} preferred: {row[5]:<10} elpd_diff {row[6]:9.1f} (dse {row[7]:.1f}), "
+              f"{row[8]} traces with k > 0.7")
+    if args.nuts_traces:
+        key = next((k for k in sorted(corpora) if k[1] == "seen"), sorted(corpora)[0])
+        traces = read_traces(corpora[key], world=world)
+        res = nuts_diagnostics(traces, world, f"{args.out}/diagnostics", label=f"{key[0]} ({key[1]})",
+                               n_traces=args.nuts_traces, warmup=args.nuts_draws, samples=args.nuts_draws,
+                               seed=args.seed)
+        print(f"NUTS on {res['n_traces']} traces of {key[0]}.{key[1]}: max R-hat {res['max_r_hat']:.3f}, "
+              f"min bulk ESS {res['min_ess_bulk']:.0f}, {res['divergences']} divergences")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from latentsel.plots.report import write_report
+
+    path = write_report(args.run_dir, out=args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the embedded end-to-end run (minutes on a laptop CPU)")
+    p.add_argument("--out", default="latentsel-demo", help="output folder (default: %(default)s)")
+    p.add_argument("--n", type=nonneg_int, default=2000, help="golden traces per data regime (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sizes", type=at_least(1), nargs="+", default=[100, 300, 1000], metavar="N",
+                   help="trace counts of the identify sweep (default: %(default)s)")
+    p.add_argument("--seeds", type=nonneg_int, nargs="+", default=[0, 1], metavar="SEED",
+                   help="seeds of the identify sweep (default: %(default)s)")
+    p.add_argument("--nuts-max", type=nonneg_int, default=100,
+                   help="NUTS cross-check of identify where N is at most this (default: %(default)s)")
+    p.add_argument("--nuts-draws", type=at_least(4), default=100,
+                   help="NUTS warm-up and kept draws per chain (default: %(default)s)")
+    p.add_argument("--sbc", type=nonneg_int, default=100, help="SBC replications (default: %(default)s)")
+    p.add_argument("--corpora", default=None,
+                   help="folder of policy corpora (default: the shipped CPU-run corpora of the checkout)")
+    p.add_argument("--policy-traces", type=at_least(1), default=400,
+                   help="traces of each policy corpus to fit (default: %(default)s)")
+    p.add_argument("--nuts-traces", type=nonneg_int, default=150,
+                   help="policy traces for the NUTS diagnostics; 0 skips them (default: %(default)s)")
+    p.add_argument("--jobs", type=at_least(1), default=2, help="worker processes (default: %(default)s)")
+    p.set_defaults(func=cmd_demo, jax_devices=lambda args: 2)  # the NUTS checks run 2 chains
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("identify", help="identifiability experiments on simulated regimes")
+    p.add_argument("--regimes", type=_names(list(IDENTIFY_REGIMES)), default=list(IDENTIFY_REGIMES),
+                   help="comma-separated regimes (default: sft,rl,atomic,compressed; compressed = sft with step 2 "
+                        "of 3 hidden)")
+    p.add_argument("--sizes", type=at_least(1), nargs="+", default=[100, 300, 1000], metavar="N",
+                   help="numbers of traces (default: %(default)s)")
+    p.add_argument("--seeds", type=nonneg_int, nargs="+", default=[0, 1], metavar="SEED")
+    p.add_argument("--models", type=_names(list(IDENTIFY_MODELS)), default=list(IDENTIFY_MODELS), help="comma-separated models")
+    p.add_argument("--nuts-max", type=nonneg_int, default=100,
+                   help="run the NUTS cross-check where N is at most this (default: %(default)s; 0: never)")
+    p.add_argument("--nuts-draws", type=at_least(4), default=100, help="NUTS warm-up and kept draws per chain")
+    p.add_argument("--sbc", type=nonneg_int, default=100, help="SBC replications (default: %(default)s; 0: none)")
+    p.add_argument("--sbc-traces", type=at_least(1), default=100, help="traces per SBC replication")
+    p.add_argument("--exemplar-n", type=at_least(1), default=None,
+                   help="traces of the data sets drawn in the class and heatmap figures (default: the largest N)")
+    p.add_argument("--jobs", type=at_least(1), default=2, help="parallel worker processes (default: %(default)s)")
+    p.add_argument("--backend", choices=SWEEP_BACKENDS, default="loky",
+                   help="joblib backend; ray or dask to run the sweep on a cluster (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output folder (identify.json, sbc.json, figures/)")
+    p.set_defaults(func=cmd_identify, jax_devices=lambda args: 1)
+
+    p = sub.add_parser("analyze", help="fit policy corpora: PSIS-LOO model comparison, error attribution, NUTS "
+                                       "diagnostics")
+    p.add_argument("corpora", help="folder of POLICY.eval-SPLIT.jsonl.gz corpora (as `latentsel protocol` writes)")
+    p.add_argument("--policies", type=lambda v: [x for x in v.split(",") if x], default=None,
+                   help="comma-separated policies to fit (default: all found)")
+    p.add_argument("--max-traces", type=at_least(1), default=None, help="first traces of each corpus to fit")
+    p.add_argument("--draws", type=at_least(4), default=50, help="conjugate draws per chain for PSIS-LOO")
+    p.add_argument("--nuts-traces", type=nonneg_int, default=200,
+                   help="traces of one seen-split corpus for the NUTS diagnostics (0: skip)")
+    p.add_argument("--nuts-draws", type=at_least(4), default=100, help="NUTS warm-up and kept draws per chain")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_analyze, jax_devices=lambda args: 1)
+
+    p = sub.add_parser("report", help="write report.html from a run folder's sections")
+    p.add_argument("run_dir", help="a folder written by demo, identify or analyze")
+    p.add_argument("-o", "--output", default=None, help="HTML file to write (default: RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)

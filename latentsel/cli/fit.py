@@ -1,0 +1,120 @@
+"""The ``fit`` command: a trace file fitted by one method, ``fit.json`` and ``posterior.jsonl``.
+
+JAX and the fitting code load inside the command (``latentsel --help`` stays fast); the
+choices come from the JAX-free registries.
+"""
+from __future__ import annotations
+
+from latentsel.analysis.options import BACKENDS, METHODS, AmortizedOptions, EMOptions, NUTSOptions, SVIOptions
+from latentsel.cli._argtypes import at_least, nonneg_int, positive_float
+from latentsel.cli.traces import read_corpus
+from latentsel.models.registry import MODELS
+from latentsel.world import default_world
+
+__all__ = ["add_commands", "fit_options_from_args"]
+
+
+def fit_options_from_args(args):
+    """The options NamedTuple of ``args.method`` from the command's flags; ``ValueError`` for a
+    method the backend does not run."""
+    backend, method = args.backend, args.method
+    if backend == "pyro" and method not in ("svi", "amortized"):
+        raise ValueError(f"method {method} runs on the numpyro backend; the pyro backend fits by svi or amortized")
+    if method == "amortized" and backend != "pyro":
+        raise ValueError("method amortized runs on the pyro backend (--backend pyro)")
+    em = EMOptions(max_iter=args.max_iter, tol=args.tol)
+    if method == "em":
+        return em.check()
+    if method == "svi":
+        lr = SVIOptions().lr if args.lr is None else args.lr
+        return SVIOptions(guide=args.guide, steps=args.steps, lr=lr, seed=args.seed, backend=backend).check()
+    if method == "nuts":
+        return NUTSOptions(warmup=args.warmup, samples=args.samples, chains=args.chains, seed=args.seed).check()
+    lr = AmortizedOptions().lr if args.lr is None else args.lr
+    return AmortizedOptions(em=em, em_traces=args.amortized_em_traces, estimator=args.estimator, steps=args.steps,
+                            batch=args.batch, lr=lr, seed=args.seed).check()
+
+
+def jax_devices(args) -> int:
+    """CPU devices the command wants when JAX starts: one per NUTS chain."""
+    return args.chains if args.method == "nuts" else 1
+
+
+def cmd_fit(args) -> int:
+    from latentsel.analysis.fitting import fit_traces, write_fit
+
+    options = fit_options_from_args(args)
+
+    world = default_world()
+    traces = read_corpus(args, world)
+    fit = fit_traces(traces, world, args.model, options)
+    write_fit(args.out, traces, fit, world)
+    rec = fit.record()
+    print(f"{args.model}/{args.method}: {rec['n_traces']} traces, log evidence at the estimate "
+          f"{rec['log_evidence']:.6f}; {_fit_detail(rec)}")
+    if args.method == "nuts":
+        _print_nuts_summary(rec["nuts"])
+    written = ["fit.json", "posterior.jsonl"] + (["samples.npz"] if args.method == "nuts" else [])
+    print(f"wrote {', '.join(f'{args.out}/{name}' for name in written)}")
+    return 0
+
+
+def _fit_detail(rec: dict) -> str:
+    if rec["method"] == "em":
+        return (f"{rec['iterations']} iterations ({rec['e_steps']} E-steps)"
+                f"{'' if rec['converged'] else ' (not converged)'}")
+    if rec["method"] == "svi":
+        return f"{rec['guide']} guide, {rec['steps']} steps, final loss {rec['losses'][-1]:.6g}"
+    if rec["method"] == "amortized":
+        ev = rec["evaluation"]
+        held = (f"; on {ev['held_out_traces']} held-out traces KL(exact ‖ q) {ev['kl_exact_q']:.4g} nats/step, "
+                f"MAP agreement {ev['map_agreement']:.3f}" if ev["held_out_traces"] else "")
+        return (f"θ by EM on {rec['em']['traces']} traces, network trained {rec['steps']} steps of {rec['batch']} "
+                f"traces on {rec['device']}{held}")
+    s = rec["nuts"]
+    return (f"{s['chains']} chains x {s['draws']} draws ({rec['chain_method']}), "
+            f"{s['divergences']} divergences, mean acceptance {s['accept_prob']:.3f}")
+
+
+def _print_nuts_summary(s: dict) -> None:
+    print(f"{'site':<16} {'max R-hat':>10} {'min ESS':>9} {'median ESS':>11}")
+    for name, d in s["sites"].items():
+        print(f"{name:<16} {d['r_hat_max']:>10.3f} {d['ess_min']:>9.1f} {d['ess_median']:>11.1f}")
+    worst = max(d["r_hat_max"] for d in s["sites"].values())
+    if worst > 1.01 or s["divergences"]:
+        print(f"warning: max R-hat {worst:.3f}, {s['divergences']} divergences: run longer chains (--warmup, --samples) "
+              "before trusting the draws")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("fit", help="fit the latent model to a trace file")
+    p.add_argument("traces", help="trace file (.jsonl or .jsonl.gz)")
+    p.add_argument("--model", default="modular", choices=list(MODELS))
+    p.add_argument("--method", default="em", choices=list(METHODS),
+                   help="em: MAP by EM; svi: TraceEnum_ELBO with an AutoDelta or AutoNormal guide; "
+                        "nuts: posterior draws; amortized: θ by EM on a subset, then an inference network "
+                        "for every step (--backend pyro) (default: %(default)s)")
+    p.add_argument("--backend", default="numpyro", choices=list(BACKENDS),
+                   help="numpyro: em, svi, nuts; pyro: svi, amortized (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output folder for fit.json and posterior.jsonl (nuts: samples.npz)")
+    p.add_argument("--max-iter", type=nonneg_int, default=500, help="EM E-steps at most (default: %(default)s)")
+    p.add_argument("--tol", type=float, default=1e-8, help="relative tolerance on the EM objective")
+    p.add_argument("--guide", default="delta", choices=["delta", "normal"], help="SVI guide (default: %(default)s)")
+    p.add_argument("--steps", type=at_least(1), default=2000,
+                   help="SVI / amortized training steps (default: %(default)s)")
+    p.add_argument("--batch", type=at_least(1), default=256,
+                   help="amortized: traces per minibatch (default: %(default)s)")
+    p.add_argument("--estimator", default="enum", choices=["enum", "tracegraph"],
+                   help="amortized: the ELBO gradient; enum: TraceEnum_ELBO over the guide's sites (exact under q), "
+                        "tracegraph: TraceGraph_ELBO score-function gradients with baselines, far slower to "
+                        "converge over the 240 modules of the default world (default: %(default)s)")
+    p.add_argument("--amortized-em-traces", type=at_least(1), default=10_000,
+                   help="amortized: traces of the EM fit of θ, drawn at random (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="Adam step size: SVI's initial one (default 0.05), the amortized network's (default 0.02)")
+    p.add_argument("--warmup", type=nonneg_int, default=500, help="NUTS warm-up draws per chain (default: %(default)s)")
+    p.add_argument("--samples", type=at_least(4), default=500, help="NUTS draws per chain (default: %(default)s)")
+    p.add_argument("--chains", type=at_least(1), default=2, help="NUTS chains (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of SVI and NUTS (default: %(default)s)")
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and count them")
+    p.set_defaults(func=cmd_fit, jax_devices=jax_devices)

@@ -1,0 +1,149 @@
+"""Sweeps of the identifiability experiments, simulation-based calibration, and their files.
+
+:func:`sweep` runs :func:`latentsel.experiments.identify.run_task` over every (regime, N, seed) in parallel
+with joblib (processes by default). On a cluster, switch the joblib backend: ``backend="ray"``
+(``pip install "ray[default]"``; connects with ``ray.init()``, so set ``RAY_ADDRESS`` to join a
+running cluster) or ``backend="dask"`` (``pip install "dask[distributed]"``; connects a
+``distributed.Client()`` to ``DASK_SCHEDULER_ADDRESS`` when set, otherwise starts a local one).
+Each task is independent and seeded, so the records do not depend on the backend.
+
+:func:`sbc` is simulation-based calibration of the conjugate posterior at the EM estimate:
+θ ~ prior, N traces of the ``sft`` regime from θ, fit, and the rank of θ among L posterior
+draws, for a few parameters. A calibrated posterior gives uniform ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Sequence
+
+import numpy as np
+from joblib import Parallel, delayed, parallel_config
+from tqdm.auto import tqdm
+
+from latentsel._jax import start_jax
+from latentsel.experiments.designs import IDENTIFY_MODELS, IDENTIFY_REGIMES, SWEEP_BACKENDS
+from latentsel.experiments.identify import regime_traces, run_task
+from latentsel.inference.conjugate import conjugate_posterior
+from latentsel.inference.em import fit_em
+from latentsel.models.params import ModularParams, Priors
+from latentsel.models.registry import model_spec
+from latentsel.traces.emission import build_data
+from latentsel.world import World, default_world
+
+__all__ = ["sweep", "sbc", "SBC_PARAMETERS"]
+
+SBC_PARAMETERS = ("route_exec[prev,prev]", "skill_exec[reverse,reverse]", "noise", "off_module")
+
+
+@contextlib.contextmanager
+def _backend(name: str, n_jobs: int):
+    if name not in SWEEP_BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from {', '.join(SWEEP_BACKENDS)}")
+    if name == "ray":
+        try:
+            import ray
+            from ray.util.joblib import register_ray
+        except ImportError:
+            raise ValueError('backend "ray" needs Ray: pip install "ray[default]"') from None
+        register_ray()
+        ray.init(ignore_reinit_error=True)
+    if name == "dask":
+        try:
+            from distributed import Client
+        except ImportError:
+            raise ValueError('backend "dask" needs Dask: pip install "dask[distributed]"') from None
+        client = Client(os.environ.get("DASK_SCHEDULER_ADDRESS"))
+        with client, parallel_config(backend="dask"):
+            yield
+        return
+    with parallel_config(backend=name, n_jobs=1 if name == "sequential" else n_jobs):
+        yield
+
+
+def _indexed(fn, i, args):
+    return i, fn(*args)
+
+
+def _run(fn, tasks, *, n_jobs: int, backend: str, progress: bool, desc: str) -> list:
+    """``[fn(*t) for t in tasks]``, computed in parallel, in the order of ``tasks``."""
+    bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not progress)
+    # Ray's joblib backend cannot stream results; the others report each task as it ends
+    stream = "list" if backend == "ray" else "generator_unordered"
+    out = {}
+    with _backend(backend, n_jobs):
+        for i, result in Parallel(n_jobs=n_jobs, return_as=stream)(delayed(_indexed)(fn, i, t)
+                                                                    for i, t in enumerate(tasks)):
+            out[i] = result
+            bar.update(1)
+    bar.close()
+    return [out[i] for i in range(len(tasks))]
+
+
+def _task(regime, n, seed, models, nuts_max, nuts_draws):
+    start_jax()  # a worker process is an entry point: float64, as in the parent
+    return run_task(regime, n, seed, models=models, nuts_max=nuts_max, nuts_draws=nuts_draws)
+
+
+def sweep(regimes: Sequence[str], sizes: Sequence[int], seeds: Sequence[int], *, models: Sequence[str] = IDENTIFY_MODELS,
+          nuts_max: int = 0, nuts_draws: int = 150, n_jobs: int = 2, backend: str = "loky",
+          progress: bool = True) -> list[dict]:
+    """Records of every (regime, model, N, seed), sorted by regime, model, N and seed."""
+    for r in regimes:
+        if r not in IDENTIFY_REGIMES:
+            raise ValueError(f"unknown regime {r!r}; choose from {', '.join(IDENTIFY_REGIMES)}")
+    for m in models:
+        if m not in IDENTIFY_MODELS:
+            raise ValueError(f"unknown model {m!r}; identify fits {', '.join(IDENTIFY_MODELS)}")
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"sizes must be positive trace counts, got {list(sizes)}")
+    if not seeds:
+        raise ValueError("seeds: give at least one seed")
+    # the big tasks first, so that the pool is not left waiting on one at the end
+    tasks = sorted(((r, int(n), int(s), tuple(models), nuts_max, nuts_draws)
+                    for r in regimes for n in sizes for s in seeds), key=lambda t: -t[1])
+    results = _run(_task, tasks, n_jobs=n_jobs, backend=backend, progress=progress, desc="identify")
+    order = {r: i for i, r in enumerate(regimes)}
+    records = [rec for res in results for rec in res]
+    return sorted(records, key=lambda r: (order[r["regime"]], IDENTIFY_MODELS.index(r["model"]), r["n_traces"], r["seed"]))
+
+
+def _prior_draw(world: World, rng: np.random.Generator, priors: Priors) -> ModularParams:
+    conc_r, conc_k = model_spec("modular").concentration(priors, world.n_routes, world.n_skills)
+    return ModularParams(np.stack([rng.dirichlet(a) for a in conc_r]), np.stack([rng.dirichlet(a) for a in conc_k]),
+                         float(rng.beta(*priors.noise)), float(rng.beta(*priors.off_module)))
+
+
+def _sbc_rep(rep: int, n_traces: int, n_draws: int, seed: int) -> np.ndarray:
+    start_jax()  # a worker process is an entry point: float64, as in the parent
+
+    world = default_world()
+    rng = np.random.default_rng([seed, rep, 0x5BC])
+    theta = _prior_draw(world, rng, Priors())
+    traces, _ = regime_traces("sft", n_traces, seed * 100_003 + rep, world, truth=theta)
+    data = build_data(traces, world)
+    em = fit_em("modular", data, max_iter=300)
+    draws = conjugate_posterior("modular", em.params, data).sample((n_draws,), seed=int(rng.integers(2**31)))
+    r, k = world.route_index("prev"), world.skill_index("reverse")
+    pairs = [(draws.route_exec[:, r, r], theta.route_exec[r, r]), (draws.skill_exec[:, k, k], theta.skill_exec[k, k]),
+             (draws.noise, theta.noise), (draws.off_module, theta.off_module)]
+    return np.array([int((d < t).sum()) for d, t in pairs])
+
+
+def sbc(n_reps: int, *, n_traces: int = 100, n_draws: int = 99, seed: int = 0, n_jobs: int = 2, backend: str = "loky",
+        progress: bool = True) -> dict:
+    """Simulation-based calibration: ``{"parameters", "ranks": int[n_params][n_reps], "n_draws",
+    "n_traces", "n_reps", "chi2_p"}``; ranks lie in 0..n_draws, and ``chi2_p`` is the p-value of a
+    chi-square test of uniform ranks (10 bins) per parameter."""
+    from scipy.stats import chisquare
+
+    if n_reps < 1 or n_draws < 1 or n_traces < 1:
+        raise ValueError(f"sbc needs n_reps, n_draws and n_traces >= 1, got {n_reps}, {n_draws}, {n_traces}")
+    tasks = [(rep, n_traces, n_draws, seed) for rep in range(n_reps)]
+    ranks = np.stack(_run(_sbc_rep, tasks, n_jobs=n_jobs, backend=backend, progress=progress, desc="SBC"), axis=1)
+    # integer bin edges over the n_draws + 1 possible ranks, the expected counts by bin width
+    edges = np.unique(np.linspace(0, n_draws + 1, min(10, n_draws + 1) + 1).round().astype(int))
+    expected = np.diff(edges) / (n_draws + 1) * n_reps
+    p = [float(chisquare(np.histogram(r, edges)[0], expected).pvalue) for r in ranks]
+    return {"parameters": list(SBC_PARAMETERS), "ranks": ranks.tolist(), "n_draws": n_draws, "n_traces": n_traces,
+            "n_reps": n_reps, "chi2_p": p}

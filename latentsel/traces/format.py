@@ -1,0 +1,294 @@
+"""Trace files (DESIGN §3): JSON Lines, one trace per line, UTF-8, optionally gzipped.
+
+``read_traces`` validates every record against a world and reports the first bad one as
+``file:line: reason`` (a :class:`TraceFormatError`), or, with ``skip_invalid=True``, skips
+the bad ones and hands their errors back. ``write_traces`` writes atomically.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from latentsel._io import atomic_open
+from latentsel.world import World, default_world
+
+__all__ = ["Trace", "Truth", "TraceFormatError", "read_traces", "iter_traces", "write_traces", "parse_trace", "golden_trace"]
+
+_KNOWN_KEYS = ("id", "input", "program", "steps", "answer", "source", "truth")
+
+
+class TraceFormatError(ValueError):
+    """A trace file or record is invalid; ``str()`` is ``path:line: reason``."""
+
+    def __init__(self, reason: str, path: str | None = None, line: int | None = None):
+        self.reason, self.path, self.line = reason, path, line
+        where = ":".join(str(p) for p in (path, line) if p is not None)
+        super().__init__(f"{where}: {reason}" if where else reason)
+
+
+@dataclass(frozen=True)
+class Truth:
+    """The executed selections of a simulated trace, one entry per step."""
+
+    routes: tuple[str, ...]
+    skills: tuple[str, ...]
+    off: tuple[bool, ...]
+
+    def to_dict(self) -> dict:
+        return {"routes": list(self.routes), "skills": list(self.skills), "off": list(self.off)}
+
+
+@dataclass
+class Trace:
+    """One reasoning trace.
+
+    Attributes:
+        id: identifier, unique within a file.
+        input: the input string ``h_0``.
+        program: the intended program ``[(route, skill), ...]``, or ``None`` when the prompt
+            does not state it.
+        steps: observed intermediate results, one per step; ``None`` = not observed.
+        answer: the final answer, if given separately (else the last step).
+        source: free-form provenance.
+        truth: the executed selections, for simulated data.
+        extra: any further keys of the record, kept for the round trip.
+    """
+
+    id: str
+    input: str
+    program: list[tuple[str, str]] | None
+    steps: list[str | None]
+    answer: str | None = None
+    source: dict = field(default_factory=dict)
+    truth: Truth | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def depth(self) -> int:
+        return len(self.steps)
+
+    @property
+    def final(self) -> str | None:
+        """The answer: ``answer`` if given, else the last step."""
+        return self.answer if self.answer is not None else self.steps[-1]
+
+    def to_dict(self) -> dict:
+        out = {
+            "id": self.id,
+            "input": self.input,
+            "program": None if self.program is None else [[r, k] for r, k in self.program],
+            "steps": list(self.steps),
+        }
+        if self.answer is not None:
+            out["answer"] = self.answer
+        out["source"] = dict(self.source)
+        if self.truth is not None:
+            out["truth"] = self.truth.to_dict()
+        out.update(self.extra)
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------
+@lru_cache(maxsize=16)
+def _string_pattern(alphabet: str, max_len: int) -> re.Pattern:
+    return re.compile(f"[{re.escape(alphabet)}]{{0,{max_len}}}")
+
+
+def _check_string(value, what: str, world: World) -> str:
+    if not isinstance(value, str):
+        raise TraceFormatError(f"{what} must be a string, got {_typename(value)}")
+    if not _string_pattern(world.alphabet, world.max_len).fullmatch(value):
+        if len(value) > world.max_len:
+            raise TraceFormatError(f"{what} has length {len(value)} > max_len={world.max_len}")
+        bad = "".join(sorted(set(value) - set(world.alphabet)))
+        raise TraceFormatError(f"{what} {value!r} has characters outside the alphabet: {bad!r}")
+    return value
+
+
+def _typename(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_names(values, what: str, names: dict, n: int) -> tuple[str, ...]:
+    if not isinstance(values, list) or len(values) != n:
+        raise TraceFormatError(f"{what} must be a list of {n} names")
+    for i, v in enumerate(values):
+        if not isinstance(v, str) or v not in names:
+            raise TraceFormatError(f"{what}[{i}]: unknown name {v!r}")
+    return tuple(values)
+
+
+def parse_trace(obj, world: World | None = None) -> Trace:
+    """Validate a decoded JSON record and build a :class:`Trace` (no file position)."""
+    world = world or _DEFAULT_WORLD()
+    if not isinstance(obj, dict):
+        raise TraceFormatError(f"a record must be a JSON object, got {_typename(obj)}")
+    for key in ("id", "input", "steps"):
+        if key not in obj:
+            raise TraceFormatError(f"missing key {key!r}")
+    tid = obj["id"]
+    if not isinstance(tid, str) or not tid:
+        raise TraceFormatError(f"id must be a non-empty string, got {tid!r}")
+    x = _check_string(obj["input"], "input", world)
+
+    steps = obj["steps"]
+    if not isinstance(steps, list) or not steps:
+        raise TraceFormatError("steps must be a non-empty list")
+    steps = [None if s is None else _check_string(s, f"steps[{i}]", world) for i, s in enumerate(steps)]
+
+    program = obj.get("program")
+    if program is not None:
+        if not isinstance(program, list):
+            raise TraceFormatError(f"program must be a list of [routing, skill] pairs or null, got {_typename(program)}")
+        if len(program) != len(steps):
+            raise TraceFormatError(f"steps has length {len(steps)} but program has length {len(program)}")
+        pairs = []
+        for i, pair in enumerate(program):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+                raise TraceFormatError(f"program[{i}] must be a [routing, skill] pair of names, got {pair!r}")
+            route, skill = pair
+            if route not in world._route_index:
+                raise TraceFormatError(f"program[{i}]: unknown routing {route!r}")
+            if skill not in world._skill_index:
+                raise TraceFormatError(f"program[{i}]: unknown skill {skill!r}")
+            pairs.append((route, skill))
+        program = pairs
+
+    answer = obj.get("answer")
+    if answer is not None:
+        _check_string(answer, "answer", world)
+
+    source = obj.get("source", {})
+    if source is None:
+        source = {}
+    if not isinstance(source, dict):
+        raise TraceFormatError(f"source must be an object, got {_typename(source)}")
+
+    truth = obj.get("truth")
+    if truth is not None:
+        if not isinstance(truth, dict):
+            raise TraceFormatError(f"truth must be an object, got {_typename(truth)}")
+        for key in ("routes", "skills", "off"):
+            if key not in truth:
+                raise TraceFormatError(f"truth is missing {key!r}")
+        n = len(steps)
+        routes = _check_names(truth["routes"], "truth.routes", world._route_index, n)
+        skills = _check_names(truth["skills"], "truth.skills", world._skill_index, n)
+        off = truth["off"]
+        if not isinstance(off, list) or len(off) != n or not all(isinstance(u, bool) for u in off):
+            raise TraceFormatError(f"truth.off must be a list of {n} booleans")
+        truth = Truth(routes, skills, tuple(off))
+
+    extra = {k: v for k, v in obj.items() if k not in _KNOWN_KEYS}
+    return Trace(tid, x, program, steps, answer, source, truth, extra)
+
+
+@lru_cache(maxsize=1)
+def _DEFAULT_WORLD() -> World:
+    return default_world()
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _open_lines(path: Path) -> Iterator[bytes]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        yield from f
+
+
+def iter_traces(
+    path: str | os.PathLike, *, world: World | None = None, skip_invalid: bool = False, errors: list | None = None
+) -> Iterator[Trace]:
+    """Yield the traces of a JSONL file (``.gz`` read as gzip), validated against ``world``.
+
+    Raises :class:`TraceFormatError` naming file and line at the first invalid record,
+    unless ``skip_invalid``: then bad records are skipped and their errors appended to
+    ``errors`` (when given). Blank lines are not records and are ignored.
+    """
+    path = Path(path)
+    world = world or _DEFAULT_WORLD()
+    seen: dict[str, int] = {}
+    line_no = 0
+    try:
+        for line_no, raw in enumerate(_open_lines(path), start=1):
+            try:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise TraceFormatError(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                if not text.strip():
+                    continue
+                try:
+                    obj = json.loads(text, parse_constant=_reject_constant)
+                except RecursionError:
+                    raise TraceFormatError("invalid JSON: nested too deeply") from None
+                except ValueError as e:
+                    raise TraceFormatError(f"invalid JSON: {e}") from None
+                trace = parse_trace(obj, world)
+                if trace.id in seen:
+                    raise TraceFormatError(f"duplicate id {trace.id!r} (first on line {seen[trace.id]})")
+                seen[trace.id] = line_no
+            except TraceFormatError as e:
+                err = TraceFormatError(e.reason, str(path), line_no)
+                if not skip_invalid:
+                    raise err from None
+                if errors is not None:
+                    errors.append(err)
+                continue
+            yield trace
+    except FileNotFoundError:
+        raise TraceFormatError("no such file", str(path)) from None
+    except IsADirectoryError:
+        raise TraceFormatError("is a directory, not a trace file", str(path)) from None
+    except (OSError, EOFError, zlib.error) as e:
+        # gzip.BadGzipFile is an OSError; a truncated stream raises EOFError
+        raise TraceFormatError(f"cannot read: {e}", str(path), line_no + 1) from None
+
+
+def read_traces(
+    path: str | os.PathLike, *, world: World | None = None, skip_invalid: bool = False, errors: list | None = None
+) -> list[Trace]:
+    """All traces of a JSONL file; see :func:`iter_traces`."""
+    return list(iter_traces(path, world=world, skip_invalid=skip_invalid, errors=errors))
+
+
+def write_traces(path: str | os.PathLike, traces: Iterable[Trace], *, world: World | None = None) -> int:
+    """Write traces as JSONL (gzip for a ``.gz`` path), atomically; returns the count.
+
+    Every trace is validated first (against ``world``), so a file this writes always reads back.
+    """
+    world = world or _DEFAULT_WORLD()
+    n = 0
+    ids: set[str] = set()
+    with atomic_open(path, "w") as f:
+        for n, trace in enumerate(traces, start=1):
+            record = trace.to_dict()
+            try:
+                parse_trace(record, world)
+                if trace.id in ids:
+                    raise TraceFormatError(f"duplicate id {trace.id!r}")
+            except TraceFormatError as e:
+                raise TraceFormatError(f"trace {n} (id {trace.id!r}) is invalid: {e.reason}", str(path)) from None
+            ids.add(trace.id)
+            f.write(json.dumps(record, separators=(", ", ": ")))
+            f.write("\n")
+    return n
+
+
+def golden_trace(tid: str, x: str, program: Sequence[tuple[str, str]], world: World, source: dict) -> Trace:
+    """A faithful trace: the world's own execution of ``program`` on ``x``."""
+    program = [(world.routes[world.route_index(r)].name, world.skills[world.skill_index(k)].name) for r, k in program]
+    steps = world.run(program, x)
+    truth = Truth(tuple(r for r, _ in program), tuple(k for _, k in program), (False,) * len(program))
+    return Trace(tid, x, program, list(steps), None, dict(source), truth)

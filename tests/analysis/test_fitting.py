@@ -1,0 +1,54 @@
+"""Fits as values: options NamedTuples that check themselves, and a Fit whose numbers are the
+exact posterior's at its estimate."""
+import math
+
+import numpy as np
+import pytest
+
+from latentsel.analysis.fitting import Fit, fit_traces
+from latentsel.analysis.options import METHODS, AmortizedOptions, EMOptions, NUTSOptions, SVIOptions, fit_options
+from latentsel.analysis.posterior import posterior_from_data
+from latentsel.models.registry import default_params
+from latentsel.traces.emission import build_data
+from latentsel.traces.regimes import generate
+from latentsel.traces.simulate import simulate
+
+
+def test_every_method_has_checked_options():
+    assert {name: cls.method for name, cls in METHODS.items()} == {name: name for name in METHODS}
+    for cls in METHODS.values():
+        assert fit_options(cls.method) == cls()
+        assert cls().check() == cls()
+
+
+@pytest.mark.parametrize("options, message", [
+    (EMOptions(tol=math.nan), "^tol "), (EMOptions(tol=-1.0), "^tol "), (EMOptions(max_iter=-1), "^max_iter "),
+    (SVIOptions(guide="laplace"), "^guide: unknown 'laplace'"), (SVIOptions(backend="jax"), "^backend: "),
+    (SVIOptions(lr=0.0), "^lr "), (NUTSOptions(samples=2), "^samples "), (NUTSOptions(chains=0), "^chains "),
+    (AmortizedOptions(estimator="reinforce"), "^estimator: "), (AmortizedOptions(em=EMOptions(tol=math.nan)), "^tol "),
+])
+def test_bad_options_name_their_field(options, message):
+    with pytest.raises(ValueError, match=message):
+        fit_options(options)
+
+
+def test_a_method_is_named_or_given_as_options():
+    with pytest.raises(ValueError, match="unknown method 'gibbs'; choose from em, svi, nuts, amortized"):
+        fit_options("gibbs")
+    with pytest.raises(TypeError, match="options must be"):
+        fit_options({"max_iter": 3})
+
+
+def test_em_fit_is_a_value_that_matches_the_exact_posterior(world):
+    prompts = generate("eval-seen", 60, seed=1, world=world)
+    truth = default_params("modular", world.n_routes, world.n_skills, fidelity=0.8)
+    traces = simulate(prompts, truth, "modular", world, seed=2)
+    fit = fit_traces(traces, world, "modular", EMOptions(max_iter=40), progress=False)
+    assert isinstance(fit, Fit) and fit.method == "em" and fit.options.max_iter == 40 and fit.n_traces == 60
+    exact = posterior_from_data(build_data(traces, world), fit.params, "modular")
+    assert fit.log_evidence == pytest.approx(float(exact.log_evidence.sum()), rel=1e-12)
+    np.testing.assert_allclose(fit.posterior.route_probs, exact.route_probs, rtol=1e-12, atol=1e-300)
+    record = fit.record()
+    assert {"model", "method", "backend", "params", "log_evidence", "n_traces", "iterations"} <= set(record)
+    assert record["params"]["route_exec"] == np.asarray(fit.params.route_exec).tolist()
+    assert fit.summary["iterations"] == len(fit.result.objective) - 1 <= 40

@@ -1,0 +1,116 @@
+"""The identify, analyze and report commands, and error attribution on policy corpora."""
+import json
+
+import numpy as np
+import pytest
+
+from latentsel.cli import main
+from latentsel.experiments.designs import IDENTIFY_MODELS, IDENTIFY_REGIMES, SWEEP_BACKENDS
+from latentsel.experiments.policy_fits import attribution, find_corpora
+from latentsel.models.registry import default_params
+from latentsel.traces import write_traces
+from latentsel.traces.regimes import generate
+from latentsel.traces.simulate import simulate
+
+IDENTIFY_FIELDS = {"regime", "model", "n_traces", "seed", "map_accuracy", "class_accuracy", "truth_mass", "param_error",
+                   "kl_reached", "kl_unreached"}
+
+
+def test_command_choices_are_the_design_tables(tmp_path, capsys):
+    """The identify command offers exactly the JAX-free tables' entries."""
+    for flag, table in (("--regimes", IDENTIFY_REGIMES), ("--models", IDENTIFY_MODELS),
+                        ("--backend", SWEEP_BACKENDS)):
+        with pytest.raises(SystemExit):
+            main(["identify", flag, "bogus", "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert all(name in err for name in table) and flag in err
+
+
+def test_identify_then_report(tmp_path, capsys):
+    out = tmp_path / "run" / "identify"
+    assert main(["identify", "--regimes", "sft,compressed", "--sizes", "40", "--seeds", "0", "1", "--nuts-max", "0",
+                 "--sbc", "3", "--sbc-traces", "20", "--jobs", "1", "--backend", "sequential", "--out",
+                 str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "compressed" in printed and "identify.json" in printed
+    doc = json.loads((out / "identify.json").read_text())
+    assert len(doc["records"]) == 2 * 2 * 2
+    for rec in doc["records"]:
+        assert IDENTIFY_FIELDS <= set(rec)
+    assert len(json.loads((out / "sbc.json").read_text())["ranks"][0]) == 3
+    section = json.loads((out / "section.json").read_text())
+    for fig in section["figures"]:
+        assert (out / fig["file"]).stat().st_size > 5000
+    assert main(["report", str(tmp_path / "run")]) == 0
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert html.count("<img") == len(section["figures"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["identify", "--regimes", "sft,nope", "--out", "x"], "unknown 'nope'"),
+    (["identify", "--sizes", "0", "--out", "x"], "expected an integer >= 1"),
+    (["identify", "--backend", "spark", "--out", "x"], "invalid choice"),
+])
+def test_identify_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def _corpora(folder, world):
+    params = default_params("modular", world.n_routes, world.n_skills, fidelity=0.7, noise=0.05, off_module=0.05)
+    for policy, seed in (("alpha", 0), ("beta", 1)):
+        for split in ("seen", "ood"):
+            prompts = generate(f"eval-{split}", 40, seed, world=world)
+            write_traces(folder / f"{policy}.eval-{split}.jsonl.gz", simulate(prompts, params, "modular", world, seed))
+    (folder / "notes.txt").write_text("not a corpus")
+
+
+def test_analyze_writes_comparison_attribution_and_diagnostics(tmp_path, world, capsys):
+    corpora = tmp_path / "corpora"
+    corpora.mkdir()
+    _corpora(corpora, world)
+    found = find_corpora(corpora)
+    assert sorted(found) == [("alpha", "ood"), ("alpha", "seen"), ("beta", "ood"), ("beta", "seen")]
+    assert sorted(find_corpora(corpora, ["beta"])) == [("beta", "ood"), ("beta", "seen")]
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(corpora), "--draws", "10", "--nuts-traces", "20", "--nuts-draws", "8", "--out",
+                 str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("preferred:") == 4 and "NUTS on 20 traces of alpha.seen" in printed
+    rows = json.loads((out / "attribution.json").read_text())["rows"]
+    assert [(r["split"], r["policy"]) for r in rows] == [("seen", "alpha"), ("seen", "beta"), ("ood", "alpha"),
+                                                         ("ood", "beta")]
+    for r in rows:
+        assert 0 <= r["route_error"] <= 1 and 0 <= r["skill_error"] <= 1 and 0 <= r["off_module"] <= 1
+    loo = json.loads((out / "alpha.seen" / "loo.json").read_text())["compare"]
+    assert {r["model"] for r in loo} == {"modular", "entangled"}
+    for name in ("fit.json", "posterior.jsonl"):
+        assert (out / "alpha.seen" / "entangled" / name).exists()
+    assert (out / "diagnostics" / "idata.nc").exists()
+    assert len(json.loads((out / "diagnostics" / "section.json").read_text())["figures"]) == 4
+    assert main(["report", str(out)]) == 0
+
+
+def test_find_corpora_errors(tmp_path):
+    with pytest.raises(ValueError, match="no such folder"):
+        find_corpora(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no corpora named"):
+        find_corpora(tmp_path)
+
+
+def test_attribution_sums_over_observed_steps(world):
+    from latentsel.analysis.posterior import posterior_from_data
+    from latentsel.traces.emission import build_data
+
+    traces = generate("eval-ood", 6, 0, world=world)
+    traces[0].steps[3] = None  # a completion that stopped early
+    params = default_params("modular", world.n_routes, world.n_skills, fidelity=0.6, noise=0.1, off_module=0.1)
+    data = build_data(traces, world)
+    post = posterior_from_data(data, params, "modular")
+    att = attribution(traces, data, post)
+    assert att["steps"].tolist() == [3, 4, 4, 4, 4, 4]
+    route_probs = np.asarray(post.route_probs)
+    want = sum(1 - route_probs[0, t, world.route_index(traces[0].program[t][0])] for t in range(3))
+    assert att["route_error"][0] == pytest.approx(want, rel=1e-12)
+    assert att["off_module"][1] == pytest.approx(float(np.asarray(post.p_off)[1].sum()), rel=1e-12)

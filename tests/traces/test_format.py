@@ -1,0 +1,171 @@
+import gzip
+import json
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from latentsel.traces import Trace, TraceFormatError, Truth, read_traces, write_traces
+from latentsel.traces.regimes import generate
+
+GOOD = {
+    "id": "sft-000017", "input": "abcde",
+    "program": [["prev", "reverse"], ["cat_prev_input", "shift1"], ["longest", "evens"]],
+    "steps": ["edcba", None, "fdbce"],
+    "answer": "fdbce",
+    "source": {"kind": "policy", "policy": "sft", "checkpoint": "ckpt.pt", "seed": 0},
+    "truth": {"routes": ["prev", "cat_prev_input", "longest"],
+              "skills": ["reverse", "shift1", "evens"], "off": [False, False, False]},
+}
+
+
+def _write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_design_example_reads(tmp_path):
+    path = _write_lines(tmp_path / "t.jsonl", [json.dumps(GOOD)])
+    (trace,) = read_traces(path)
+    assert trace.program[1] == ("cat_prev_input", "shift1")
+    assert trace.steps == ["edcba", None, "fdbce"]
+    assert trace.truth == Truth(("prev", "cat_prev_input", "longest"), ("reverse", "shift1", "evens"), (False,) * 3)
+    assert trace.final == "fdbce" and trace.depth == 3
+    assert trace.to_dict() == GOOD
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_round_trip(tmp_path, world, suffix):
+    traces = generate("sft", 50, seed=3) + generate("eval-ood", 20, seed=3)
+    traces.append(Trace("free", "abc", None, ["cba", None], answer="x", source={"note": "ünïcode"}, extra={"k": [1]}))
+    path = tmp_path / f"t{suffix}"
+    assert write_traces(path, traces) == len(traces)
+    back = read_traces(path)
+    assert [t.to_dict() for t in back] == [t.to_dict() for t in traces]
+    if suffix.endswith(".gz"):
+        with gzip.open(path, "rt") as f:
+            assert json.loads(f.readline())["id"] == traces[0].id
+
+
+def _bad(**changes):
+    rec = json.loads(json.dumps(GOOD))
+    for key, value in changes.items():
+        if value is KeyError:
+            del rec[key]
+        else:
+            rec[key] = value
+    return json.dumps(rec)
+
+
+@pytest.mark.parametrize("line, reason", [
+    ("{not json", "invalid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"id": "a", "input": "abc", "steps": [NaN]}', "NaN is not valid JSON"),
+    (_bad(id=KeyError), "missing key 'id'"),
+    (_bad(id=""), "id must be a non-empty string"),
+    (_bad(input="abC"), "input 'abC' has characters outside the alphabet: 'C'"),
+    (_bad(input="a" * 17), "input has length 17 > max_len=16"),
+    (_bad(steps=[]), "steps must be a non-empty list"),
+    (_bad(steps=["abc", "def"]), "steps has length 2 but program has length 3"),
+    (_bad(steps=["edcba", 3, "x"]), "steps[1] must be a string, got int"),
+    (_bad(steps=["edcba", None, "fdbcé"]), "steps[2] 'fdbcé' has characters outside the alphabet"),
+    (_bad(program=[["prev", "reverse"], ["cat_prev_input", "shift9"], ["longest", "evens"]]),
+     "program[1]: unknown skill 'shift9'"),
+    (_bad(program=[["nowhere", "reverse"], ["prev", "shift1"], ["longest", "evens"]]),
+     "program[0]: unknown routing 'nowhere'"),
+    (_bad(program=[["prev"], ["prev", "shift1"], ["longest", "evens"]]), "program[0] must be a [routing, skill] pair"),
+    (_bad(program="prev"), "program must be a list"),
+    (_bad(source=[1]), "source must be an object"),
+    (_bad(truth={"routes": ["prev"], "skills": [], "off": []}), "truth.routes must be a list of 3 names"),
+    (_bad(truth={"routes": ["prev"] * 3, "skills": ["reverse", "reverse", "x"], "off": [False] * 3}),
+     "truth.skills[2]: unknown name 'x'"),
+    (_bad(truth={"routes": ["prev"] * 3, "skills": ["reverse"] * 3, "off": [0, 0, 0]}),
+     "truth.off must be a list of 3 booleans"),
+])
+def test_bad_record_names_file_line_and_reason(tmp_path, line, reason):
+    path = _write_lines(tmp_path / "bad.jsonl", [json.dumps(GOOD), "", line])
+    with pytest.raises(TraceFormatError) as info:
+        read_traces(path)
+    assert str(info.value).startswith(f"{path}:3: ")
+    assert reason in str(info.value)
+    assert info.value.line == 3
+
+
+def test_duplicate_id(tmp_path):
+    path = _write_lines(tmp_path / "dup.jsonl", [json.dumps(GOOD)] * 2)
+    with pytest.raises(TraceFormatError, match=r"dup.jsonl:2: duplicate id 'sft-000017' \(first on line 1\)"):
+        read_traces(path)
+
+
+def test_invalid_utf8(tmp_path):
+    path = tmp_path / "bin.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(TraceFormatError, match=r"bin.jsonl:2: not valid UTF-8"):
+        read_traces(path)
+
+
+def test_skip_invalid_counts(tmp_path):
+    good = [json.dumps(dict(GOOD, id=f"t{i}")) for i in range(5)]
+    path = _write_lines(tmp_path / "mixed.jsonl", [good[0], "oops", good[1], _bad(input="A"), good[2]])
+    errors = []
+    traces = read_traces(path, skip_invalid=True, errors=errors)
+    assert [t.id for t in traces] == ["t0", "t1", "t2"]
+    assert [e.line for e in errors] == [2, 4]
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(TraceFormatError, match="no such file"):
+        read_traces(tmp_path / "nope.jsonl")
+    bad_gz = tmp_path / "t.jsonl.gz"
+    bad_gz.write_bytes(b"not gzip at all")
+    with pytest.raises(TraceFormatError, match="t.jsonl.gz:1: cannot read"):
+        read_traces(bad_gz)
+    with pytest.raises(TraceFormatError, match="is a directory"):
+        read_traces(tmp_path)
+
+
+def test_empty_file_has_no_traces(tmp_path):
+    assert read_traces(_write_lines(tmp_path / "e.jsonl", [])) == []
+
+
+def test_write_is_atomic(tmp_path):
+    path = tmp_path / "out.jsonl"
+    write_traces(path, generate("sft", 5, seed=0))
+    before = path.read_bytes()
+    bad = generate("sft", 5, seed=1)
+    bad[3].steps[0] = "NOT IN SIGMA"
+    with pytest.raises(TraceFormatError, match=r"trace 4 \(id 'sft-000003'\) is invalid"):
+        write_traces(path, bad)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["out.jsonl"]
+
+
+@settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=400) | st.text(max_size=300).map(lambda s: s.encode("utf-8", "surrogatepass")))
+def test_fuzz_reader_raises_only_its_own_error(tmp_path, data):
+    path = tmp_path / "fuzz.jsonl"
+    path.write_bytes(data)
+    try:
+        read_traces(path)
+    except TraceFormatError:
+        pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["id", "input", "program", "steps", "answer", "source", "truth", "x"]),
+                       json_values, max_size=8))
+def test_fuzz_records_raise_only_its_own_error(tmp_path, record):
+    path = tmp_path / "fuzz.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    try:
+        read_traces(path)
+    except TraceFormatError:
+        pass
