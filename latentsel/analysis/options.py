@@ -1,17 +1,17 @@
 """The fitting methods and their options, one NamedTuple per method (JAX-free: the command
 line reads its choices from here).
 
-Each options class names its ``method`` and ``backend`` and checks its own values
-(:meth:`check`); :data:`METHODS` maps a method's name to its class.
+Each options class names its ``method``, its ``backend`` and the ``backends`` it can run on,
+and checks its own values (:meth:`check`); :data:`METHODS` maps a method's name to its class.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["EMOptions", "SVIOptions", "NUTSOptions", "AmortizedOptions", "METHODS", "BACKENDS", "FitOptions",
+__all__ = ["EMOptions", "SVIOptions", "NUTSOptions", "AmortizedOptions", "METHODS", "FIT_BACKENDS", "FitOptions",
            "fit_options"]
 
-BACKENDS = ("numpyro", "pyro")
+FIT_BACKENDS = ("numpyro", "pyro")
 
 
 def _positive(name: str, value, minimum=1) -> None:
@@ -33,6 +33,7 @@ class EMOptions(NamedTuple):
 
     method = "em"
     backend = "numpyro"
+    backends = ("numpyro",)
 
     def check(self) -> "EMOptions":
         _positive("max_iter", self.max_iter, 0)
@@ -53,10 +54,11 @@ class SVIOptions(NamedTuple):
     backend: str = "numpyro"
 
     method = "svi"
+    backends = FIT_BACKENDS
 
     def check(self) -> "SVIOptions":
         _choice("guide", self.guide, ("delta", "normal"))
-        _choice("backend", self.backend, BACKENDS)
+        _choice("backend", self.backend, FIT_BACKENDS)
         _positive("steps", self.steps)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
@@ -73,6 +75,7 @@ class NUTSOptions(NamedTuple):
 
     method = "nuts"
     backend = "numpyro"
+    backends = ("numpyro",)
 
     def check(self) -> "NUTSOptions":
         _positive("warmup", self.warmup, 0)
@@ -100,6 +103,7 @@ class AmortizedOptions(NamedTuple):
 
     method = "amortized"
     backend = "pyro"
+    backends = ("pyro",)
 
     def check(self) -> "AmortizedOptions":
         self.em.check()

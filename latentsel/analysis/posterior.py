@@ -31,7 +31,7 @@ def posterior(traces: Sequence[Trace], params, model: str = "modular", world: Wo
     return posterior_from_data(build_data(traces, world, model=model), params, model)
 
 
-BACKENDS = ("closed", "numpyro", "pyro")
+EVIDENCE_BACKENDS = ("closed", "numpyro", "pyro")
 
 
 def log_evidence(traces: Sequence[Trace], params, model: str = "modular", world: World | None = None, *,
@@ -42,8 +42,8 @@ def log_evidence(traces: Sequence[Trace], params, model: str = "modular", world:
     ``"pyro"`` (the enumerated generative program of that library, contracted with the
     ``traces`` plate kept). All three give the same numbers to 1e-6 relative.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend not in EVIDENCE_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(EVIDENCE_BACKENDS)}")
     world = world or default_world()
     params_class(model)
     data = build_data(traces, world, model=model)

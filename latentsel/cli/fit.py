@@ -5,7 +5,7 @@ choices come from the JAX-free registries.
 """
 from __future__ import annotations
 
-from latentsel.analysis.options import BACKENDS, METHODS, AmortizedOptions, EMOptions, NUTSOptions, SVIOptions
+from latentsel.analysis.options import FIT_BACKENDS, METHODS, AmortizedOptions, EMOptions, NUTSOptions, SVIOptions
 from latentsel.cli._argtypes import at_least, nonneg_int, positive_float
 from latentsel.cli.traces import read_corpus
 from latentsel.models.registry import MODELS
@@ -13,15 +13,20 @@ from latentsel.world import default_world
 
 __all__ = ["add_commands", "fit_options_from_args"]
 
+DEFAULT_BACKEND = "numpyro"
+
 
 def fit_options_from_args(args):
     """The options NamedTuple of ``args.method`` from the command's flags; ``ValueError`` for a
     method the backend does not run."""
     backend, method = args.backend, args.method
-    if backend == "pyro" and method not in ("svi", "amortized"):
-        raise ValueError(f"method {method} runs on the numpyro backend; the pyro backend fits by svi or amortized")
-    if method == "amortized" and backend != "pyro":
-        raise ValueError("method amortized runs on the pyro backend (--backend pyro)")
+    runs_on = METHODS[method].backends
+    if backend not in runs_on:
+        if backend == DEFAULT_BACKEND:  # the flag was probably not given: say which one to give
+            raise ValueError(f"method {method} runs on the {runs_on[0]} backend (--backend {runs_on[0]})")
+        fitters = " or ".join(name for name, cls in METHODS.items() if backend in cls.backends)
+        raise ValueError(f"method {method} runs on the {' or '.join(runs_on)} backend; the {backend} backend fits "
+                         f"by {fitters}")
     em = EMOptions(max_iter=args.max_iter, tol=args.tol)
     if method == "em":
         return em.check()
@@ -94,7 +99,7 @@ def add_commands(sub) -> None:
                    help="em: MAP by EM; svi: TraceEnum_ELBO with an AutoDelta or AutoNormal guide; "
                         "nuts: posterior draws; amortized: θ by EM on a subset, then an inference network "
                         "for every step (--backend pyro) (default: %(default)s)")
-    p.add_argument("--backend", default="numpyro", choices=list(BACKENDS),
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(FIT_BACKENDS),
                    help="numpyro: em, svi, nuts; pyro: svi, amortized (default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder for fit.json and posterior.jsonl (nuts: samples.npz)")
     p.add_argument("--max-iter", type=nonneg_int, default=500, help="EM E-steps at most (default: %(default)s)")

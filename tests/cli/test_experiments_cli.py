@@ -66,6 +66,7 @@ def _corpora(folder, world):
     (folder / "notes.txt").write_text("not a corpus")
 
 
+@pytest.mark.slow  # 60 s end to end; the demo test (slow) runs analyze too
 def test_analyze_writes_comparison_attribution_and_diagnostics(tmp_path, world, capsys):
     corpora = tmp_path / "corpora"
     corpora.mkdir()

@@ -211,6 +211,7 @@ def test_sweep_and_sbc_small():
     assert set(IDENTIFY_REGIMES) == {"sft", "rl", "atomic", "compressed"}
 
 
+@pytest.mark.slow  # 40 s of NUTS; the NUTS-vs-conjugate agreement on pinned data is in tests/inference/test_mcmc.py
 def test_conjugate_posterior_agrees_with_nuts(world):
     """Statistical: NUTS (2 chains x 100 draws) against the conjugate q on the reached rows of 60
     sft traces. The NUTS means carry Monte Carlo error of about sd/sqrt(ESS) ~ 0.01 per entry, so
