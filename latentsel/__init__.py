@@ -6,19 +6,28 @@ from latentsel.world import Route, Skill, World, default_world
 __version__ = "0.1.0"
 
 
-def __getattr__(name):
-    if name == "log_evidence":
-        # the inference entry points pull in JAX: loaded on first use, so the CLI starts fast
-        from latentsel.analysis.posterior import log_evidence
+# the inference entry points pull in JAX: loaded on first use, so that the CLI and the
+# policies start without it
+_LAZY = {"log_evidence": "latentsel.analysis.posterior", "fit": "latentsel.analysis.fitting",
+         "Fit": "latentsel.analysis.results", "load_fit": "latentsel.analysis.results"}
 
-        return log_evidence
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib  # see above
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'latentsel' has no attribute {name!r}")
+
 
 __all__ = [
     "EntangledParams",
     "GrammarParams",
     "ModularParams",
     "log_evidence",
+    "fit",
+    "Fit",
+    "load_fit",
     "Route",
     "Skill",
     "Trace",

@@ -51,6 +51,15 @@ class ModelSpec(NamedTuple):
         return self.params._fields
 
     @property
+    def row_dims(self) -> tuple[str, ...]:
+        """What each axis of the routing (or skill) array indexes, e.g. ``("intended", "executed")``:
+        ``context`` is the previous step's intended module (or start), ``previous`` the previous
+        step's executed module (or start)."""
+        if self.chain:
+            return ("previous", "executed")
+        return ("context", "intended", "executed") if self.context else ("intended", "executed")
+
+    @property
     def uses_program(self) -> bool:
         """Whether the model conditions on the intended modules (the trace's program)."""
         return not self.chain

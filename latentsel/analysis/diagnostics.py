@@ -58,12 +58,6 @@ __all__ = ["trace_statistics", "posterior_predictive", "to_inference_data", "fro
 ERROR_TYPES = ("correct", "other_module", "unexplained")
 EXPLAINED_TYPES = ("explained", "unexplained")
 BAD_KHAT = 0.7
-_DIMS = {
-    "modular": (("intended_route", "executed_route"), ("intended_skill", "executed_skill")),
-    "entangled": (("context_route", "intended_route", "executed_route"),
-                  ("context_skill", "intended_skill", "executed_skill")),
-    "grammar": (("previous_route", "executed_route"), ("previous_skill", "executed_skill")),
-}
 _STAT_DIMS = {"step_correct": ["depth"], "step_explained": ["depth"], "error_type": ["step_type"]}
 _PARETO_WARNING = "Estimated shape parameter of Pareto distribution"
 
@@ -220,7 +214,8 @@ def to_inference_data(model: str, data: HLSMData, draws, world: World, *, trace_
               "previous_route": routes + ["start"], "executed_skill": skills, "intended_skill": skills,
               "context_skill": skills + ["start"], "previous_skill": skills + ["start"], "trace_id": trace_ids,
               **_stat_coords(observed_data, data.match.shape[1])}
-    dims = {"trace": ["trace_id"], **_STAT_DIMS, **{name: list(d) for name, d in zip(cls._fields, _DIMS[model])}}
+    dims = {"trace": ["trace_id"], **_STAT_DIMS, **{name: [f"{d}_{kind}" for d in MODELS[model].row_dims]
+                                                       for name, kind in zip(cls._fields, ("route", "skill"))}}
     groups = {"posterior": {name: np.asarray(v) for name, v in zip(cls._fields, draws)},
               "observed_data": observed_data}
     if sample_stats:

@@ -1,102 +1,73 @@
-"""Fitting a trace file and writing the results (DESIGN §8): ``fit.json`` and ``posterior.jsonl``.
+"""Fitting a corpus: :func:`fit` (traces or a trace file, a method's name and its options) and
+:func:`fit_traces` (an options NamedTuple), both returning a :class:`~latentsel.analysis.results.Fit`.
 
 Methods: ``em`` (the MAP in softmax coordinates), ``svi`` (AutoDelta: the same point by
 stochastic optimization; AutoNormal: a variational posterior, its mean as the estimate) and
-``nuts`` (posterior draws; the estimate is the posterior mean, the draws go to ``samples.npz``)
-on the NumPyro backend; ``svi`` and ``amortized`` on the Pyro backend. ``posterior.jsonl``
-holds the exact posterior of every step at the point estimate, except for ``amortized``: θ by
-EM on a random subset of traces, then an inference network trained on the rest of the corpus
-gives every step's posterior (its accuracy against the exact posterior, measured on held-out
-traces, goes to ``fit.json`` as ``evaluation``).
+``nuts`` (posterior draws; the estimate is the posterior mean) on the NumPyro backend; ``svi``
+and ``amortized`` on the Pyro backend. A fit's posterior is the exact posterior of every step at
+the point estimate, except for ``amortized``: θ by EM on a random subset of traces, then an
+inference network trained on the rest of the corpus gives every step's posterior (its accuracy
+against the exact posterior, measured on held-out traces, is in the summary as ``evaluation``).
 """
 from __future__ import annotations
 
-import json
+import os
 from contextlib import contextmanager
-from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from latentsel._io import atomic_open
-from latentsel.analysis.options import AmortizedOptions, EMOptions, FitOptions, NUTSOptions, SVIOptions, fit_options
+from latentsel.analysis.options import (
+    METHODS,
+    AmortizedOptions,
+    EMOptions,
+    FitOptions,
+    NUTSOptions,
+    SVIOptions,
+    fit_options,
+)
 from latentsel.analysis.posterior import posterior_from_data
+from latentsel.analysis.results import Fit, StepPosterior, params_to_json
 from latentsel.inference.collapsed import params_from_sites
+from latentsel.inference.conjugate import conjugate_posterior
 from latentsel.inference.em import fit_em
-from latentsel.inference.exact import ExactPosterior
 from latentsel.inference.mcmc import fit_nuts
 from latentsel.inference.mcmc import summary as summary_of
 from latentsel.models.data import HLSMData
-from latentsel.models.registry import params_class, validate_params
-from latentsel.traces import Trace
+from latentsel.models.registry import model_spec
+from latentsel.traces import Trace, read_traces
 from latentsel.traces.emission import build_data
-from latentsel.world import World
+from latentsel.world import World, default_world
 
-__all__ = ["Fit", "fit_traces", "write_fit", "read_params", "params_to_json"]
+__all__ = ["fit", "fit_traces"]
 
 # the held-out traces of an amortized fit: a tenth of the corpus, at most this many
 EVALUATION_TRACES = 2000
 
 
-def params_to_json(params) -> dict:
-    return {name: (np.asarray(v).tolist() if np.ndim(v) else float(v)) for name, v in zip(params._fields, params)}
+def fit(traces: Sequence[Trace] | str | os.PathLike, model: str = "modular", method: str = "em", *,
+        world: World | None = None, progress: bool = True, **options) -> Fit:
+    """Fit the HLSM to ``traces`` (a list of :class:`~latentsel.traces.Trace` or a trace file):
+    ``model`` one of :data:`~latentsel.models.registry.MODELS`, ``method`` one of
+    :data:`~latentsel.analysis.options.METHODS` (``em``, ``svi``, ``nuts``, ``amortized``),
+    ``options`` the method's (e.g. ``max_iter=200`` for em, ``chains=4`` for nuts). ``world``:
+    the world the traces live in (default: the default world).
 
-
-def read_params(path: str | Path, model: str, world: World):
-    """Parameters from a ``fit.json`` (its ``params`` object), validated for ``model``."""
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-        fields = obj["params"]
-        cls = params_class(model)
-        params = cls(*(fields[name] for name in cls._fields))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a JSON file ({e})") from None
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path}: no {model} parameters ({e})") from None
-    try:
-        return validate_params(params, model, world.n_routes, world.n_skills)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
-class Fit(NamedTuple):
-    """A corpus fitted by one method.
-
-    Attributes:
-        model: the model's name.
-        options: the method's options (:mod:`latentsel.analysis.options`); ``options.method``
-            and ``options.backend`` name the method and the backend.
-        params: the estimate θ̂ (the posterior mean for nuts, the guide's for svi with a normal guide).
-        posterior: every step's posterior, an :class:`~latentsel.inference.exact.ExactPosterior`
-            ``[n_traces, max_depth, ...]``: exact at θ̂, or the network's for ``amortized``.
-        log_evidence: Σ_n log p(D_n | θ̂), exact.
-        n_traces: the number of traces fitted.
-        summary: what the method reports, JSON-ready (iterations, losses, NUTS diagnostics, ...).
-        result: the method's own result (:class:`~latentsel.inference.em.EMResult`, an SVI,
-            MCMC or amortized result), for the draws, the guide or the network.
+    Returns a :class:`~latentsel.analysis.results.Fit`: ``fit.params`` (the model's parameter
+    NamedTuple), ``fit.posterior`` (every step's, labelled), ``fit.execution_table()``,
+    ``fit.to_inference_data(traces)``, ``fit.save(dir)``.
     """
-
-    model: str
-    options: FitOptions
-    params: tuple
-    posterior: ExactPosterior
-    log_evidence: float
-    n_traces: int
-    summary: dict
-    result: object
-
-    @property
-    def method(self) -> str:
-        return self.options.method
-
-    def record(self) -> dict:
-        """The ``fit.json`` object (DESIGN §8)."""
-        return {"model": self.model, "method": self.method, "backend": self.options.backend,
-                "params": params_to_json(self.params), "log_evidence": self.log_evidence, "n_traces": self.n_traces,
-                **self.summary}
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    cls = METHODS[method]
+    unknown = sorted(set(options) - set(cls._fields))
+    if unknown:
+        raise TypeError(f"method {method} takes no option {unknown[0]!r}; its options: {', '.join(cls._fields)}")
+    world = default_world() if world is None else world
+    if isinstance(traces, (str, os.PathLike)):
+        traces = read_traces(traces, world=world)
+    return fit_traces(traces, world, model, cls(**options), progress=progress)
 
 
 def fit_traces(traces: Sequence[Trace], world: World, model: str = "modular", options: str | FitOptions = "em", *,
@@ -105,13 +76,18 @@ def fit_traces(traces: Sequence[Trace], world: World, model: str = "modular", op
     options NamedTuple such as ``NUTSOptions(chains=4)``). ``data``: the corpus's
     :func:`~latentsel.traces.emission.build_data`, when the caller has it already."""
     options = fit_options(options)
-    params_class(model)
+    model_spec(model)
+    traces = list(traces)
     data = build_data(traces, world, model=model) if data is None else data
     fitter = {"em": _fit_em, "svi": _fit_svi, "nuts": _fit_nuts, "amortized": _fit_amortized}[options.method]
     params, summary, result, posterior = fitter(model, data, options, progress)
     exact = posterior_from_data(data, params, model, joint=False)
-    return Fit(model, options, params, exact if posterior is None else posterior, float(exact.log_evidence.sum()),
-               len(traces), summary, result)
+    draws = params_from_sites(model, result.samples) if options.method == "nuts" else None
+    conjugate = None if draws is not None else conjugate_posterior(model, params, data)
+    steps = StepPosterior.of(exact if posterior is None else posterior, [tr.id for tr in traces],
+                             [tr.depth for tr in traces], world)
+    return Fit(model, options, params, steps, float(exact.log_evidence.sum()), len(traces), summary, world, draws,
+               conjugate, result)
 
 
 @contextmanager
@@ -126,11 +102,13 @@ def _bar(total: int, desc: str, unit: str, progress: bool, label: str):
     try:
         yield tick
     finally:
+        bar.total = bar.n  # a run that stopped early (EM converged) ends at what it ran
         bar.close()
 
 
 def _fit_em(model, data, options: EMOptions, progress):
-    with _bar(options.max_iter, f"EM ({model})", "it", progress, "objective") as tick:
+    with _bar(options.max_iter, f"EM ({model}, at most {options.max_iter} iterations)", "it", progress,
+              "objective") as tick:
         result = fit_em(model, data, max_iter=options.max_iter, tol=options.tol, progress=tick)
     summary = {"iterations": len(result.objective) - 1, "e_steps": result.e_steps,
                "converged": bool(result.converged), "objective": [float(j) for j in result.objective]}
@@ -200,31 +178,3 @@ def _fit_nuts(model, data, options: NUTSOptions, progress):
                "potential": result.potential, "nuts": summary_of(result), "posterior_std": params_to_json(stds),
                "samples_file": "samples.npz"}
     return result.params, summary, result, None
-
-
-def write_fit(out: str | Path, traces: Sequence[Trace], fit: Fit, world: World) -> None:
-    """Write ``out/fit.json``, ``out/posterior.jsonl`` and, for nuts, ``out/samples.npz`` (each
-    atomically). ``samples.npz``: every global site as ``[chains, draws, ...]`` plus the
-    sampler's ``diverging``, ``accept_prob``, ``num_steps``, ``potential_energy`` ``[chains, draws]``
-    and ``step_size`` ``[chains]``."""
-    out = Path(out)
-    post = fit.posterior
-    with atomic_open(out / "posterior.jsonl") as f:
-        for i, tr in enumerate(traces):
-            steps = []
-            for t in range(tr.depth):
-                steps.append({
-                    "map_route": world.routes[int(post.map_route[i, t])].name,
-                    "map_skill": world.skills[int(post.map_skill[i, t])].name,
-                    "p_off": float(post.p_off[i, t]),
-                    "route_probs": [float(p) for p in post.route_probs[i, t]],
-                    "skill_probs": [float(p) for p in post.skill_probs[i, t]],
-                })
-            f.write(json.dumps({"id": tr.id, "steps": steps}) + "\n")
-    if fit.method == "nuts":
-        mcmc = fit.result
-        with atomic_open(out / "samples.npz", "wb") as f:
-            np.savez(f, **mcmc.samples, diverging=mcmc.diverging, accept_prob=mcmc.accept_prob,
-                     num_steps=mcmc.num_steps, potential_energy=mcmc.potential_energy, step_size=mcmc.step_size)
-    with atomic_open(out / "fit.json") as f:
-        json.dump(fit.record(), f, indent=1)

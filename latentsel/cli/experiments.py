@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from latentsel.cli._argtypes import at_least, nonneg_int
+from latentsel.cli._argtypes import add_world, at_least, nonneg_int, world_of
 from latentsel.experiments.designs import IDENTIFY_MODELS, IDENTIFY_REGIMES, SWEEP_BACKENDS
 from latentsel.traces import read_traces
 from latentsel.world import default_world
@@ -58,7 +58,7 @@ def cmd_identify(args) -> int:
 def cmd_analyze(args) -> int:
     from latentsel.experiments.policy_fits import find_corpora, fit_policy_corpora, nuts_diagnostics
 
-    world = default_world()
+    world = world_of(args)
     corpora = find_corpora(args.corpora, args.policies)
     result = fit_policy_corpora(corpora, args.out, world, draws=args.draws, max_traces=args.max_traces,
                                 seed=args.seed)
@@ -143,6 +143,7 @@ def add_commands(sub) -> None:
     p.add_argument("--nuts-draws", type=at_least(4), default=100, help="NUTS warm-up and kept draws per chain")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder")
+    add_world(p)
     p.set_defaults(func=cmd_analyze, jax_devices=lambda args: 1)
 
     p = sub.add_parser("report", help="write report.html from a run folder's sections")

@@ -5,11 +5,12 @@ choices come from the JAX-free registries.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from latentsel.analysis.options import FIT_BACKENDS, METHODS, AmortizedOptions, EMOptions, NUTSOptions, SVIOptions
-from latentsel.cli._argtypes import at_least, nonneg_int, positive_float
+from latentsel.cli._argtypes import add_world, at_least, nonneg_int, positive_float, world_of
 from latentsel.cli.traces import read_corpus
 from latentsel.models.registry import MODELS
-from latentsel.world import default_world
 
 __all__ = ["add_commands", "fit_options_from_args"]
 
@@ -46,21 +47,21 @@ def jax_devices(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    from latentsel.analysis.fitting import fit_traces, write_fit
+    from latentsel.analysis.fitting import fit_traces
 
     options = fit_options_from_args(args)
 
-    world = default_world()
+    world = world_of(args)
     traces = read_corpus(args, world)
     fit = fit_traces(traces, world, args.model, options)
-    write_fit(args.out, traces, fit, world)
+    fit.save(args.out)
     rec = fit.record()
     print(f"{args.model}/{args.method}: {rec['n_traces']} traces, log evidence at the estimate "
           f"{rec['log_evidence']:.6f}; {_fit_detail(rec)}")
     if args.method == "nuts":
         _print_nuts_summary(rec["nuts"])
     written = ["fit.json", "posterior.jsonl"] + (["samples.npz"] if args.method == "nuts" else [])
-    print(f"wrote {', '.join(f'{args.out}/{name}' for name in written)}")
+    print(f"wrote {', '.join(str(Path(args.out) / name) for name in written)}")
     return 0
 
 
@@ -122,4 +123,5 @@ def add_commands(sub) -> None:
     p.add_argument("--chains", type=at_least(1), default=2, help="NUTS chains (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of SVI and NUTS (default: %(default)s)")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and count them")
+    add_world(p)
     p.set_defaults(func=cmd_fit, jax_devices=jax_devices)

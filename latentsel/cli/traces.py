@@ -6,34 +6,39 @@ from __future__ import annotations
 
 import sys
 
-from latentsel.cli._argtypes import nonneg_int
+from latentsel.cli._argtypes import add_world, nonneg_int, world_of
 from latentsel.models.registry import MODELS, default_params
 from latentsel.traces import read_traces, write_traces
 from latentsel.traces.regimes import PROMPT_REGIMES, bigram_split, generate
 from latentsel.traces.simulate import simulate
-from latentsel.world import default_world
 
 __all__ = ["add_commands", "read_corpus"]
 
 
 def cmd_world(args) -> int:
-    world = default_world()
-    history = ["abcd", "xyz", "pqrstu"]
+    world = world_of(args)
+
+    def text(start: int, n: int) -> str:  # example strings in the world's own alphabet
+        return "".join(world.alphabet[(start + i) % world.n_chars] for i in range(n))[: world.max_len]
+
+    x, history = text(0, 5), [text(0, 4), text(23, 3), text(15, 6)]
     print(f"alphabet: {world.alphabet} (A = {world.n_chars}), max_len = {world.max_len}, "
           f"modules = {world.n_routes} routings x {world.n_skills} skills = {world.n_modules}")
     print()
-    print(f"{'#':>2}  {'skill':<12} abcde ->")
+    w_skill = max(12, *(len(name) + 1 for name in world.skill_names))
+    w_route = max(22, *(len(name) + 1 for name in world.route_names))
+    print(f"{'#':>2}  {'skill':<{w_skill}} {x} ->")
     for k, skill in enumerate(world.skills):
-        print(f"{k:>2}  {skill.name:<12} {world.skill(k, 'abcde')}")
+        print(f"{k:>2}  {skill.name:<{w_skill}} {world.skill(k, x)}")
     print()
-    print(f"{'#':>2}  {'routing':<22} H = {history} ->")
+    print(f"{'#':>2}  {'routing':<{w_route}} H = {history} ->")
     for r, route in enumerate(world.routes):
-        print(f"{r:>2}  {route.name:<22} {world.route(r, history)}")
+        print(f"{r:>2}  {route.name:<{w_route}} {world.route(r, history)}")
     return 0
 
 
 def cmd_generate(args) -> int:
-    world = default_world()
+    world = world_of(args)
     traces = generate(args.regime, args.n, args.seed, world=world, split=bigram_split(world.n_skills, args.split_seed))
     n = write_traces(args.output, traces, world=world)
     print(f"wrote {n} {args.regime} traces to {args.output}")
@@ -42,7 +47,7 @@ def cmd_generate(args) -> int:
 
 def cmd_validate(args) -> int:
     errors: list = []
-    traces = read_traces(args.traces, skip_invalid=args.skip_invalid, errors=errors)
+    traces = read_traces(args.traces, world=world_of(args), skip_invalid=args.skip_invalid, errors=errors)
     for err in errors[: args.show]:
         print(f"skipped {err}", file=sys.stderr)
     depths = sorted({t.depth for t in traces})
@@ -62,11 +67,11 @@ def read_corpus(args, world):
 
 
 def cmd_simulate(args) -> int:
-    world = default_world()
+    world = world_of(args)
     prompts = read_corpus(args, world)
     if args.params:
-        # fit.json is read by the fitting module, which loads JAX: only when --params is given
-        from latentsel.analysis.fitting import read_params
+        # the fit.json reader loads JAX: only when --params is given
+        from latentsel.analysis.results import read_params
 
         params = read_params(args.params, args.model, world)
     else:
@@ -80,6 +85,7 @@ def cmd_simulate(args) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("world", help="print the module table of the default world")
+    add_world(p)
     p.set_defaults(func=cmd_world)
 
     p = sub.add_parser("generate", help="write seeded golden traces of a data regime")
@@ -88,12 +94,14 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default: %(default)s)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the skill-bigram split (default: %(default)s)")
     p.add_argument("-o", "--output", required=True, help="trace file to write (.jsonl, or .jsonl.gz)")
+    add_world(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("validate", help="check a trace file and summarize it")
     p.add_argument("traces", help="trace file (.jsonl or .jsonl.gz)")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and count them")
     p.add_argument("--show", type=nonneg_int, default=5, help="skipped records to print (default: %(default)s)")
+    add_world(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("simulate", help="simulate traces from the latent model for the prompts of a trace file")
@@ -108,4 +116,5 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and count them")
     p.add_argument("-o", "--output", required=True, help="trace file to write")
+    add_world(p)
     p.set_defaults(func=cmd_simulate)

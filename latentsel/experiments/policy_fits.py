@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from latentsel import plots
 from latentsel._io import atomic_open
 from latentsel.analysis import diagnostics
-from latentsel.analysis.fitting import fit_traces, write_fit
+from latentsel.analysis.fitting import fit_traces
 from latentsel.inference.collapsed import params_from_sites
 from latentsel.inference.mcmc import fit_nuts
 from latentsel.models.registry import MODELS
@@ -83,7 +83,7 @@ def _fit_corpus(traces, world, out: Path, draws: int, seed: int) -> tuple[dict, 
     data = build_data(traces, world)  # the same statistics serve both models
     for model in FITTED_MODELS:
         fit = fit_traces(traces, world, model, "em", progress=False, data=data)
-        write_fit(out / model, traces, fit, world)
+        fit.save(out / model)
         idatas[model] = diagnostics.from_conjugate(model, data, fit.params, world, trace_ids=ids, chains=2,
                                                    draws=draws, seed=seed)
         fits[model] = (fit, data)

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, Sequence
 
 from latentsel._io import atomic_open
 from latentsel.world import World, default_world
+from latentsel.world.types import unknown_name
 
 __all__ = ["Trace", "Truth", "TraceFormatError", "read_traces", "iter_traces", "write_traces", "parse_trace", "golden_trace"]
 
@@ -127,6 +128,10 @@ def _check_names(values, what: str, names: dict, n: int) -> tuple[str, ...]:
     return tuple(values)
 
 
+# the hint of an unknown module name: the usual cause is traces of a user's world read as the default's
+_OTHER_WORLD = "; traces of another world? pass it (world= in Python, --world MODULE:ATTR on the command line)"
+
+
 def parse_trace(obj, world: World | None = None) -> Trace:
     """Validate a decoded JSON record and build a :class:`Trace` (no file position)."""
     world = world or _DEFAULT_WORLD()
@@ -157,9 +162,11 @@ def parse_trace(obj, world: World | None = None) -> Trace:
                 raise TraceFormatError(f"program[{i}] must be a [routing, skill] pair of names, got {pair!r}")
             route, skill = pair
             if route not in world._route_index:
-                raise TraceFormatError(f"program[{i}]: unknown routing {route!r}")
+                raise TraceFormatError(f"program[{i}]: {unknown_name('routing', route, world.route_names)}"
+                                       f"{_OTHER_WORLD}")
             if skill not in world._skill_index:
-                raise TraceFormatError(f"program[{i}]: unknown skill {skill!r}")
+                raise TraceFormatError(f"program[{i}]: {unknown_name('skill', skill, world.skill_names)}"
+                                       f"{_OTHER_WORLD}")
             pairs.append((route, skill))
         program = pairs
 

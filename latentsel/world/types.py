@@ -10,6 +10,7 @@ Every routing result and every skill output is truncated to ``max_len`` characte
 """
 from __future__ import annotations
 
+import difflib
 import string
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -215,12 +216,22 @@ def _readable(routes: tuple, t: int) -> frozenset[int]:
     return frozenset().union(*(r.entries(t) for r in routes))
 
 
+def unknown_name(kind: str, name, choices) -> str:
+    """``unknown skill 'revers' (did you mean 'reverse'?)``: a near miss named, else the choices
+    when they are few."""
+    text = f"unknown {kind} {str(name)[:80]!r}"
+    close = difflib.get_close_matches(str(name), list(choices), n=1) if isinstance(name, str) else []
+    if close:
+        return f"{text} (did you mean {close[0]!r}?)"
+    return f"{text} (this world has {len(choices)}: {', '.join(list(choices)[:12])}{', ...' if len(choices) > 12 else ''})"
+
+
 def _lookup(key, index: dict, n: int, kind: str) -> int:
     if isinstance(key, str):
         try:
             return index[key]
         except KeyError:
-            raise KeyError(f"unknown {kind} {key!r}") from None
+            raise KeyError(unknown_name(kind, key, index)) from None
     if isinstance(key, bool) or not hasattr(key, "__index__"):
         raise TypeError(f"{kind} must be a name or an index, got {key!r}")
     i = key.__index__()

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from latentsel.analysis.fitting import Fit, fit_traces
+from latentsel.analysis.fitting import fit_traces
+from latentsel.analysis.results import Fit
 from latentsel.analysis.options import METHODS, AmortizedOptions, EMOptions, NUTSOptions, SVIOptions, fit_options
 from latentsel.analysis.posterior import posterior_from_data
 from latentsel.models.registry import default_params
