@@ -10,13 +10,14 @@ numpy only: the command line reads its choices from :data:`MODELS` without loadi
 """
 from __future__ import annotations
 
+import difflib
 from typing import NamedTuple
 
 import numpy as np
 
 from latentsel.models.params import EntangledParams, GrammarParams, ModularParams, Priors
 
-__all__ = ["ModelSpec", "MODELS", "model_spec", "params_class", "validate_params", "default_params"]
+__all__ = ["ModelSpec", "MODELS", "UnknownModelError", "model_spec", "params_class", "validate_params", "default_params"]
 
 
 def _diagonal_rows(n: int, diag: float, off: float, context: bool) -> np.ndarray:
@@ -92,12 +93,22 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+class UnknownModelError(KeyError, ValueError):
+    """A model name the registry does not hold: a ``ValueError`` (a bad argument) that is also
+    the ``KeyError`` of a failed lookup, its message not quoted."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def model_spec(model: str) -> ModelSpec:
-    """The spec of ``model``; ``KeyError`` naming the choices if there is none."""
+    """The spec of ``model``; :class:`UnknownModelError` naming the choices if there is none."""
     try:
         return MODELS[model]
     except (KeyError, TypeError):
-        raise KeyError(f"unknown model {model!r}; choose from {', '.join(MODELS)}") from None
+        close = difflib.get_close_matches(model, list(MODELS), n=1) if isinstance(model, str) else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownModelError(f"unknown model {model!r}{hint}; choose from {', '.join(MODELS)}") from None
 
 
 def params_class(model: str) -> type:

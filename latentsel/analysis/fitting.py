@@ -19,12 +19,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from latentsel.analysis.options import (
-    METHODS,
     AmortizedOptions,
     EMOptions,
     FitOptions,
     NUTSOptions,
     SVIOptions,
+    did_you_mean,
     fit_options,
 )
 from latentsel.analysis.posterior import posterior_from_data
@@ -58,12 +58,11 @@ def fit(traces: Sequence[Trace] | str | os.PathLike, model: str = "modular", met
     NamedTuple), ``fit.posterior`` (every step's, labelled), ``fit.execution_table()``,
     ``fit.to_inference_data(traces)``, ``fit.save(dir)``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    cls = METHODS[method]
+    cls = type(fit_options(method))
     unknown = sorted(set(options) - set(cls._fields))
     if unknown:
-        raise TypeError(f"method {method} takes no option {unknown[0]!r}; its options: {', '.join(cls._fields)}")
+        raise TypeError(f"method {method} takes no option {unknown[0]!r}{did_you_mean(unknown[0], cls._fields)}; "
+                        f"its options: {', '.join(cls._fields)}")
     world = default_world() if world is None else world
     if isinstance(traces, (str, os.PathLike)):
         traces = read_traces(traces, world=world)

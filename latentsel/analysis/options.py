@@ -6,12 +6,19 @@ and checks its own values (:meth:`check`); :data:`METHODS` maps a method's name 
 """
 from __future__ import annotations
 
+import difflib
 from typing import NamedTuple
 
 __all__ = ["EMOptions", "SVIOptions", "NUTSOptions", "AmortizedOptions", "METHODS", "FIT_BACKENDS", "FitOptions",
            "fit_options"]
 
 FIT_BACKENDS = ("numpyro", "pyro")
+
+
+def did_you_mean(name, choices) -> str:
+    """`` (did you mean 'nuts'?)`` for a near miss among ``choices``, else ``""``."""
+    close = difflib.get_close_matches(name, list(choices), n=1) if isinstance(name, str) else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _positive(name: str, value, minimum=1) -> None:
@@ -124,7 +131,7 @@ def fit_options(method: str | FitOptions) -> FitOptions:
     """``method``'s default options when given a name; the options themselves, checked, otherwise."""
     if isinstance(method, str):
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+            raise ValueError(f"unknown method {method!r}{did_you_mean(method, METHODS)}; choose from {', '.join(METHODS)}")
         return METHODS[method]()
     if not isinstance(method, tuple(METHODS.values())):
         raise TypeError(f"options must be a method name or one of {', '.join(c.__name__ for c in METHODS.values())}, "

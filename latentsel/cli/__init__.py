@@ -10,6 +10,8 @@ loads neither JAX nor torch: the commands that need them import them when they r
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
 import traceback
 
@@ -24,6 +26,10 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, exit status 2."""
 
     def error(self, message):
+        bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if bad:
+            close = difflib.get_close_matches(bad.group(1), re.findall(r"'([^']*)'", bad.group(2)), n=1)
+            message += f"; did you mean {close[0]!r}?" if close else ""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 

@@ -89,7 +89,7 @@ def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the embedded end-to-end run (minutes on a laptop CPU)")
     p.add_argument("--out", default="latentsel-demo", help="output folder (default: %(default)s)")
     p.add_argument("--n", type=nonneg_int, default=2000, help="golden traces per data regime (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the regimes' prompts")
     p.add_argument("--sizes", type=at_least(1), nargs="+", default=[100, 300, 1000], metavar="N",
                    help="trace counts of the identify sweep (default: %(default)s)")
     p.add_argument("--seeds", type=nonneg_int, nargs="+", default=[0, 1], metavar="SEED",
@@ -116,7 +116,8 @@ def add_commands(sub) -> None:
                         "of 3 hidden)")
     p.add_argument("--sizes", type=at_least(1), nargs="+", default=[100, 300, 1000], metavar="N",
                    help="numbers of traces (default: %(default)s)")
-    p.add_argument("--seeds", type=nonneg_int, nargs="+", default=[0, 1], metavar="SEED")
+    p.add_argument("--seeds", type=nonneg_int, nargs="+", default=[0, 1], metavar="SEED",
+                   help="seeds of every (regime, N): each draws its own prompts and traces")
     p.add_argument("--models", type=_names(list(IDENTIFY_MODELS)), default=list(IDENTIFY_MODELS), help="comma-separated models")
     p.add_argument("--nuts-max", type=nonneg_int, default=100,
                    help="run the NUTS cross-check where N is at most this (default: %(default)s; 0: never)")
@@ -141,7 +142,7 @@ def add_commands(sub) -> None:
     p.add_argument("--nuts-traces", type=nonneg_int, default=200,
                    help="traces of one seen-split corpus for the NUTS diagnostics (0: skip)")
     p.add_argument("--nuts-draws", type=at_least(4), default=100, help="NUTS warm-up and kept draws per chain")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the conjugate draws and of NUTS")
     p.add_argument("--out", required=True, help="output folder")
     add_world(p)
     p.set_defaults(func=cmd_analyze, jax_devices=lambda args: 1)

@@ -95,7 +95,8 @@ def _print_nuts_summary(s: dict) -> None:
 def add_commands(sub) -> None:
     p = sub.add_parser("fit", help="fit the latent model to a trace file")
     p.add_argument("traces", help="trace file (.jsonl or .jsonl.gz)")
-    p.add_argument("--model", default="modular", choices=list(MODELS))
+    p.add_argument("--model", default="modular", choices=list(MODELS),
+                   help="; ".join(f"{name}: {spec.summary}" for name, spec in MODELS.items()))
     p.add_argument("--method", default="em", choices=list(METHODS),
                    help="em: MAP by EM; svi: TraceEnum_ELBO with an AutoDelta or AutoNormal guide; "
                         "nuts: posterior draws; amortized: θ by EM on a subset, then an inference network "

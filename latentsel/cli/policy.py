@@ -158,15 +158,15 @@ def _train_args(p, defaults: dict):
     p.add_argument("--lr", type=_nonneg_float, help="peak learning rate (default: %(default)s)")
     p.add_argument("--min-lr", type=_nonneg_float, help="final learning rate (default: %(default)s)")
     p.add_argument("--warmup", type=_count, help="warm-up steps (default: %(default)s)")
-    p.add_argument("--weight-decay", type=_nonneg_float, default=0.1)
-    p.add_argument("--grad-clip", type=_nonneg_float, default=1.0)
+    p.add_argument("--weight-decay", type=_nonneg_float, default=0.1, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=_nonneg_float, default=1.0, help="gradient-norm clip (0: none)")
     p.add_argument("--pool", type=at_least(0), default=0,
                    help="a fixed pool of this many training prompts; 0 draws fresh prompts every step "
                         "(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization, the prompts and the sampling")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the skill-bigram split (default: %(default)s)")
-    p.add_argument("--checkpoint-every", type=_count, default=100)
-    p.add_argument("--log-every", type=_count, default=10)
+    p.add_argument("--checkpoint-every", type=_count, default=100, help="steps between checkpoints")
+    p.add_argument("--log-every", type=_count, default=10, help="steps between metrics.jsonl lines")
     p.add_argument("--eval-every", type=int, default=100,
                    help="steps between teacher-forced accuracy probes on held-out eval-seen prompts "
                         "(logged in metrics.jsonl; 0: only at the end) (default: %(default)s)")
@@ -193,7 +193,7 @@ def add_commands(sub) -> None:
     _train_args(q, dict(_RL_DEFAULTS, mode="rl"))
     q.add_argument("--init", required=True, help="the SFT checkpoint to start from (and the KL reference)")
     q.add_argument("--group-size", type=_count, default=8, help="samples per prompt (default: %(default)s)")
-    q.add_argument("--temperature", type=_nonneg_float, default=1.0)
+    q.add_argument("--temperature", type=_nonneg_float, default=1.0, help="sampling temperature of the rollouts")
     q.add_argument("--kl-coef", type=_nonneg_float, default=0.05,
                    help="weight of the KL penalty (k3) to the --init policy (default: %(default)s)")
     q.add_argument("--min-groups", type=_count,
@@ -207,8 +207,8 @@ def add_commands(sub) -> None:
     p.add_argument("--policy", help="policy name in the traces' source (default: the checkpoint's)")
     p.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy (default: %(default)s)")
     p.add_argument("--samples", type=_count, default=1, help="completions per prompt (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_count, default=256)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--batch-size", type=_count, default=256, help="prompts completed at once")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid prompt records and count them")
     _common(p)
     p.set_defaults(func=cmd_sample)
@@ -219,10 +219,11 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, help="folder for eval.json and eval.md")
     p.add_argument("--n", type=_count, default=1000, help="prompts per split (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1, help="prompt and sampling seed (default: %(default)s)")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--splits", nargs="+", choices=list(PROMPT_REGIMES), default=["eval-seen", "eval-unseen", "eval-ood"])
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the skill-bigram split")
+    p.add_argument("--splits", nargs="+", choices=list(PROMPT_REGIMES), default=["eval-seen", "eval-unseen", "eval-ood"],
+                   help="evaluation splits")
     p.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy (default: %(default)s)")
-    p.add_argument("--batch-size", type=_count, default=256)
+    p.add_argument("--batch-size", type=_count, default=256, help="prompts completed at once")
     p.add_argument("--save-traces", action="store_true", help="also write the completions as trace files")
     p.add_argument("--title", help="title of the markdown table")
     _common(p)
@@ -232,7 +233,7 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (resumes the training stages it holds)")
     p.add_argument("--size", choices=["tiny", "cpu", "gpu"], default="cpu",
                    help="run size: tiny (a smoke run), cpu, gpu (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole protocol")
     p.add_argument("--eval-n", type=_count, help="evaluation prompts per split (default: the size's)")
     p.add_argument("--corpus-n", type=_count, help="corpus traces per policy and split (default: the size's)")
     p.add_argument("--budget", type=_nonneg_float,

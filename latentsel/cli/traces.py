@@ -89,7 +89,8 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_world)
 
     p = sub.add_parser("generate", help="write seeded golden traces of a data regime")
-    p.add_argument("--regime", required=True, choices=list(PROMPT_REGIMES))
+    p.add_argument("--regime", required=True, choices=list(PROMPT_REGIMES),
+                   help="prompt regime: which programs, depths and skill bigrams (DESIGN §7)")
     p.add_argument("--n", type=nonneg_int, required=True, help="number of prompts")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default: %(default)s)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the skill-bigram split (default: %(default)s)")
@@ -106,14 +107,15 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("simulate", help="simulate traces from the latent model for the prompts of a trace file")
     p.add_argument("traces", help="prompts: a trace file whose inputs and programs are used")
-    p.add_argument("--model", default="modular", choices=list(MODELS))
+    p.add_argument("--model", default="modular", choices=list(MODELS),
+                   help="; ".join(f"{name}: {spec.summary}" for name, spec in MODELS.items()))
     p.add_argument("--params", help="a fit.json to take the parameters from (default: near-faithful)")
     p.add_argument("--fidelity", type=float, default=0.9, help="mass on the intended module (default: %(default)s)")
-    p.add_argument("--noise", type=float, default=0.02)
-    p.add_argument("--off-module", type=float, default=0.02)
+    p.add_argument("--noise", type=float, default=0.02, help="probability that an on-module character is miscopied")
+    p.add_argument("--off-module", type=float, default=0.02, help="probability that a step is off-module")
     p.add_argument("--hide", type=nonneg_int, nargs="*", default=[], metavar="STEP",
                    help="1-based steps to leave unobserved (compressed traces)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated selections and noise")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and count them")
     p.add_argument("-o", "--output", required=True, help="trace file to write")
     add_world(p)
