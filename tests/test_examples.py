@@ -8,6 +8,9 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TINY_ARGS = {
     "aliasing.py": ["--regime", "eval-ood", "--n", "20"],
+    "compare_policies.py": ["--max-traces", "30", "--no-progress"],
+    "fit_end_to_end.py": ["--n", "60", "--nuts-draws", "6", "--no-progress"],
+    "own_world.py": ["--n", "100", "--no-progress"],
     "train_toy_policy.py": ["--steps", "3", "--n-eval", "8", "--no-progress"],
 }
 
@@ -17,7 +20,8 @@ def test_every_example_has_tiny_args():
 
 
 @pytest.mark.parametrize("name", sorted(TINY_ARGS))
-def test_example_runs(name, monkeypatch, capsys):
+def test_example_runs(name, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)  # what an example writes stays in the test's folder
     monkeypatch.setattr(sys, "argv", [name, *TINY_ARGS[name]])
     runpy.run_path(str(EXAMPLES / name), run_name="__main__")
     assert capsys.readouterr().out

@@ -17,8 +17,8 @@ from latentsel.plots._common import _LABEL, _TICK, _WIDTH, _figure, _labels, _le
 from latentsel.traces.graph import module_digraph
 from latentsel.world import World
 
-__all__ = ["execution_heatmap", "selection_heatmap", "draw_module_digraph", "module_graph",
-           "draw_distinguishability_graph"]
+__all__ = ["execution_heatmap", "selection_heatmap", "fit_execution_heatmap", "fit_selection_heatmap",
+           "draw_module_digraph", "module_graph", "draw_distinguishability_graph"]
 
 _PROB_CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="white")
 _SD_CMAP = matplotlib.colormaps["magma"].with_extremes(bad="white")
@@ -94,6 +94,38 @@ def _module_columns(pairs, name: str, n_steps: int, route_names, skill_names):
     if unknown:
         raise ValueError(f"{name} names unknown modules: {unknown}")
     return [route_names.index(r) for r, _ in pairs], [skill_names.index(k) for _, k in pairs]
+
+
+def fit_execution_heatmap(fit, kind: str = "skill", *, truth=None, title: str | None = None) -> Figure:
+    """:func:`execution_heatmap` of a fit's routing (``kind="route"``) or skill rows: the
+    estimate and its sd from :meth:`~latentsel.analysis.results.Fit.execution_table`, labelled
+    with the fit's world. ``truth``: an optional [rows, cols] matrix. For the models whose
+    rows are intended modules (modular); the others have one matrix per context."""
+    if kind not in ("route", "skill"):
+        raise ValueError(f"kind must be 'route' or 'skill', got {kind!r}")
+    table = fit.execution_table()
+    rows = table[table.kind == kind]
+    if "intended" not in rows or "context" in rows:
+        raise ValueError(f"fit: a {fit.model} fit has no single intended -> executed matrix; plot one of its contexts "
+                         "from fit.execution_table() with execution_heatmap")
+    names = list(fit.world.skill_names if kind == "skill" else fit.world.route_names)
+    mean, sd = (rows.pivot(index="intended", columns="executed", values=v).loc[names, names].to_numpy()
+                for v in ("prob", "sd"))
+    return execution_heatmap(mean, sd, names, names, truth=truth,
+                             title=title or f"{fit.model} fit by {fit.method}: executed {kind}s per intended {kind}")
+
+
+def fit_selection_heatmap(fit, trace_id: str, *, title: str | None = None) -> Figure:
+    """:func:`selection_heatmap` of one trace of a fit, by its id."""
+    post = fit.posterior
+    try:
+        i = post.trace_ids.index(trace_id)
+    except ValueError:
+        raise ValueError(f"trace_id {trace_id!r} is not among the fit's {len(post.trace_ids)} traces") from None
+    d = int(post.depth[i])
+    return selection_heatmap(post.route_probs[i, :d], post.skill_probs[i, :d], post.p_off[i, :d],
+                             list(post.route_names), list(post.skill_names),
+                             title=title or f"trace {trace_id}: posterior of the executed selections")
 
 
 def selection_heatmap(route_probs, skill_probs, p_off, route_names, skill_names, *, step_labels=None,
