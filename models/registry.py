@@ -165,10 +165,15 @@ def validate_params(params, model: str, n_routes: int, n_skills: int, *, atol: f
     return cls(*arrays, *scalars)
 
 
-def default_params(model: str, n_routes: int, n_skills: int, *, fidelity: float = 0.9,
+def default_params(model: str, n_routes, n_skills: int | None = None, *, fidelity: float = 0.9,
                    noise: float = 0.02, off_module: float = 0.02):
     """Near-faithful parameters: execution rows put ``fidelity`` on the intended entry and
-    spread the rest uniformly; transition rows (a chain) are uniform."""
+    spread the rest uniformly; transition rows (a chain) are uniform. Sized by ``n_routes,
+    n_skills`` or by a world: ``default_params("modular", world)``."""
+    if n_skills is None:
+        if not hasattr(n_routes, "n_routes"):
+            raise TypeError("default_params takes (model, n_routes, n_skills) or (model, world)")
+        n_routes, n_skills = n_routes.n_routes, n_routes.n_skills
     spec = model_spec(model)
     if spec.chain:
         route, skill = (np.full(shape, 1 / shape[-1]) for shape in spec.row_shapes(n_routes, n_skills))

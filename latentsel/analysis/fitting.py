@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from latentsel.analysis.options import (
+    EVALUATION_TRACES,
     AmortizedOptions,
     EMOptions,
     FitOptions,
@@ -42,8 +43,6 @@ from latentsel.world import World, default_world
 
 __all__ = ["fit", "fit_traces"]
 
-# the held-out traces of an amortized fit: a tenth of the corpus, at most this many
-EVALUATION_TRACES = 2000
 
 
 def fit(traces: Sequence[Trace] | str | os.PathLike, model: str = "modular", method: str = "em", *,
@@ -83,7 +82,7 @@ def fit_traces(traces: Sequence[Trace], world: World, model: str = "modular", op
     exact = posterior_from_data(data, params, model, joint=False)
     draws = params_from_sites(model, result.samples) if options.method == "nuts" else None
     conjugate = None if draws is not None else conjugate_posterior(model, params, data)
-    steps = StepPosterior.of(exact if posterior is None else posterior, [tr.id for tr in traces],
+    steps = StepPosterior.of(exact if posterior is None else posterior, exact.log_evidence, [tr.id for tr in traces],
                              [tr.depth for tr in traces], world)
     return Fit(model, options, params, steps, float(exact.log_evidence.sum()), len(traces), summary, world, draws,
                conjugate, result)

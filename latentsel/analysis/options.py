@@ -9,10 +9,12 @@ from __future__ import annotations
 import difflib
 from typing import NamedTuple
 
-__all__ = ["EMOptions", "SVIOptions", "NUTSOptions", "AmortizedOptions", "METHODS", "FIT_BACKENDS", "FitOptions",
-           "fit_options"]
+__all__ = ["EMOptions", "SVIOptions", "NUTSOptions", "AmortizedOptions", "METHODS", "FIT_BACKENDS", "EVALUATION_TRACES",
+           "FitOptions", "fit_options", "did_you_mean"]
 
 FIT_BACKENDS = ("numpyro", "pyro")
+# the held-out traces of an amortized fit: a tenth of the corpus, at most this many
+EVALUATION_TRACES = 2000
 
 
 def did_you_mean(name, choices) -> str:

@@ -84,10 +84,11 @@ class StepPosterior(NamedTuple):
     skill_names: tuple
 
     @classmethod
-    def of(cls, post, trace_ids: Sequence[str], depth: Sequence[int], world: World) -> "StepPosterior":
-        """Label the arrays of an exact (or amortized) posterior."""
-        return cls(*(np.asarray(getattr(post, name)) for name in cls._fields[:6]), np.asarray(depth, dtype=np.int64),
-                   tuple(str(i) for i in trace_ids), tuple(world.route_names), tuple(world.skill_names))
+    def of(cls, post, log_evidence, trace_ids: Sequence[str], depth: Sequence[int], world: World) -> "StepPosterior":
+        """Label the marginals of an exact (or amortized) posterior; ``log_evidence``: [N], exact."""
+        return cls(np.asarray(log_evidence), *(np.asarray(getattr(post, name)) for name in cls._fields[1:6]),
+                   np.asarray(depth, dtype=np.int64), tuple(str(i) for i in trace_ids), tuple(world.route_names),
+                   tuple(world.skill_names))
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per step: ``trace_id``, ``step`` (1-based), ``map_route``, ``map_skill``, their

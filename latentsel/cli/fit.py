@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from latentsel.analysis.options import FIT_BACKENDS, METHODS, AmortizedOptions, EMOptions, NUTSOptions, SVIOptions
+from latentsel.analysis.options import (EVALUATION_TRACES, FIT_BACKENDS, METHODS, AmortizedOptions, EMOptions,
+                                        NUTSOptions, SVIOptions)
 from latentsel.cli._argtypes import add_world, at_least, nonneg_int, positive_float, world_of
 from latentsel.cli.traces import read_corpus
 from latentsel.models.registry import MODELS
@@ -53,6 +54,7 @@ def cmd_fit(args) -> int:
 
     world = world_of(args)
     traces = read_corpus(args, world)
+    print(f"fitting {len(traces)} traces, {args.model} model: {_plan(options, len(traces))}", flush=True)
     fit = fit_traces(traces, world, args.model, options)
     fit.save(args.out)
     rec = fit.record()
@@ -63,6 +65,20 @@ def cmd_fit(args) -> int:
     written = ["fit.json", "posterior.jsonl"] + (["samples.npz"] if args.method == "nuts" else [])
     print(f"wrote {', '.join(str(Path(args.out) / name) for name in written)}")
     return 0
+
+
+def _plan(options, n: int) -> str:
+    """What the fit will run, said before it runs."""
+    if options.method == "em":
+        return f"EM, at most {options.max_iter} iterations"
+    if options.method == "svi":
+        return f"{options.steps} SVI steps ({options.guide} guide, {options.backend})"
+    if options.method == "nuts":
+        return f"NUTS, {options.chains} chains x ({options.warmup} warm-up + {options.samples}) draws"
+    em_n = min(n, options.em_traces)
+    held = min(EVALUATION_TRACES, n // 10)
+    return (f"θ by EM on {em_n} of the {n} traces (--amortized-em-traces), then {options.steps} steps of "
+            f"{options.batch} traces of the network; {held} held-out traces measure it against the exact posterior")
 
 
 def _fit_detail(rec: dict) -> str:

@@ -159,6 +159,17 @@ def test_fit_nuts_writes_draws_and_diagnostics(simulated, tmp_path, capsys):
         np.testing.assert_allclose(draws["skill_exec"].mean(axis=(0, 1)), fit["params"]["skill_exec"], rtol=1e-9)
     out_text = capsys.readouterr().out
     assert "max R-hat" in out_text and "samples.npz" in out_text
+    # the files load back as the Fit they came from: draws, estimate and their table
+    import latentsel as ls
+
+    loaded = ls.load_fit(out)
+    assert loaded.method == "nuts" and loaded.options.samples == 8 and loaded.conjugate is None
+    with np.load(out / "samples.npz") as draws:
+        np.testing.assert_array_equal(loaded.draws.skill_exec, draws["skill_exec"])
+    np.testing.assert_array_equal(loaded.params.skill_exec, np.asarray(fit["params"]["skill_exec"]))
+    table = loaded.execution_table()
+    row = table[(table.kind == "skill") & (table.intended == "reverse") & (table.executed == "reverse")].iloc[0]
+    assert row.lower <= np.quantile(loaded.draws.skill_exec[..., 0, 0], 0.5) <= row.upper
 
 
 @pytest.mark.parametrize("option, message", [
