@@ -22,8 +22,23 @@ from latentsel.cli import experiments, fit, policy, traces
 __all__ = ["main", "build_parser"]
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in its help, unless the help says it already or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        none = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if "%(default)" in text or none or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line, exit status 2."""
+    """Usage errors as one line, exit status 2; defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)

@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
 
-from latentsel.world import World, default_world
+from latentsel.world import World
+from latentsel.world.loading import load_world
 
 __all__ = ["nonneg_int", "at_least", "positive_float", "nonneg_float", "world_spec", "add_world", "world_of"]
 
@@ -52,39 +49,14 @@ def nonneg_float(value: str) -> float:
     return _float(value, lambda x: x >= 0, "non-negative")
 
 
-def world_spec(value: str) -> World:
-    """``MODULE:ATTR`` or ``FILE.py:ATTR``: a :class:`~latentsel.world.World`, or a function
-    that returns one, defined in an importable module or a Python file (which is run)."""
-    where, sep, attr = value.rpartition(":")
-    if not sep or not where or not attr.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected MODULE:ATTR or FILE.py:ATTR, got {value[:200]!r}")
+def world_spec(value: str) -> str:
+    """``MODULE:ATTR`` or ``FILE.py:ATTR`` naming a world: checked by loading it; the name is
+    kept, so that worker processes can load the same world."""
     try:
-        if where.endswith(".py"):
-            path = Path(where)
-            if not path.is_file():
-                raise argparse.ArgumentTypeError(f"{where}: no such file")
-            spec = importlib.util.spec_from_file_location(f"_latentsel_world_{path.stem}", path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module  # dataclasses and pickling look their module up here
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-    except argparse.ArgumentTypeError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure of the user's module is a usage error naming it
-        raise argparse.ArgumentTypeError(f"cannot load {where}: {type(e).__name__}: {str(e)[:200]}") from None
-    if not hasattr(module, attr):
-        raise argparse.ArgumentTypeError(f"{where} has no attribute {attr!r}")
-    world = getattr(module, attr)
-    if callable(world) and not isinstance(world, World):
-        try:
-            world = world()
-        except Exception as e:  # noqa: BLE001 - as above
-            raise argparse.ArgumentTypeError(f"{value}(): {type(e).__name__}: {str(e)[:200]}") from None
-    if not isinstance(world, World):
-        raise argparse.ArgumentTypeError(f"{value}: expected a World (or a function returning one), "
-                                         f"got {type(world).__name__}")
-    return world
+        load_world(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def add_world(p) -> None:
@@ -95,4 +67,4 @@ def add_world(p) -> None:
 
 
 def world_of(args) -> World:
-    return default_world() if getattr(args, "world", None) is None else args.world
+    return load_world(getattr(args, "world", None))

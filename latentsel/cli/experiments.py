@@ -11,7 +11,6 @@ import time
 from latentsel.cli._argtypes import add_world, at_least, nonneg_int, world_of
 from latentsel.experiments.designs import IDENTIFY_MODELS, IDENTIFY_REGIMES, SWEEP_BACKENDS
 from latentsel.traces import read_traces
-from latentsel.world import default_world
 
 __all__ = ["add_demo", "add_commands"]
 
@@ -42,11 +41,12 @@ def cmd_identify(args) -> int:
 
     t0 = time.perf_counter()
     records = sweep(args.regimes, args.sizes, args.seeds, models=args.models, nuts_max=args.nuts_max,
-                    nuts_draws=args.nuts_draws, n_jobs=args.jobs, backend=args.backend)
-    calib = sbc(args.sbc, n_traces=args.sbc_traces, n_jobs=args.jobs, backend=args.backend) if args.sbc else None
+                    nuts_draws=args.nuts_draws, n_jobs=args.jobs, backend=args.backend, world=args.world)
+    calib = (sbc(args.sbc, n_traces=args.sbc_traces, n_jobs=args.jobs, backend=args.backend, world=args.world)
+             if args.sbc else None)
     config = {k: getattr(args, k) for k in ("regimes", "sizes", "seeds", "models", "nuts_max", "nuts_draws", "sbc",
-                                            "sbc_traces", "backend", "jobs")}
-    path = write_identify(args.out, records, config, default_world(), sbc=calib, exemplar_n=args.exemplar_n)
+                                            "sbc_traces", "backend", "jobs", "world")}
+    path = write_identify(args.out, records, config, world_of(args), sbc=calib, exemplar_n=args.exemplar_n)
     print(f"{'regime':<11} {'model':<10} {'N':>6} {'MAP acc':>8} {'class acc':>9} {'truth mass':>10} "
           f"{'param err':>9} {'KL reached':>10}")
     for regime, model, n, _, acc, cls, _, mass, err, kl, _ in summary_rows(records):
@@ -130,6 +130,7 @@ def add_commands(sub) -> None:
     p.add_argument("--backend", choices=SWEEP_BACKENDS, default="loky",
                    help="joblib backend; ray or dask to run the sweep on a cluster (default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder (identify.json, sbc.json, figures/)")
+    add_world(p)
     p.set_defaults(func=cmd_identify, jax_devices=lambda args: 1)
 
     p = sub.add_parser("analyze", help="fit policy corpora: PSIS-LOO model comparison, error attribution, NUTS "

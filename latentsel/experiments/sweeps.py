@@ -29,11 +29,16 @@ from latentsel.inference.em import fit_em
 from latentsel.models.params import ModularParams, Priors
 from latentsel.models.registry import model_spec
 from latentsel.traces.emission import build_data
-from latentsel.world import World, default_world
+from latentsel.world import World
+from latentsel.world.loading import load_world
 
-__all__ = ["sweep", "sbc", "SBC_PARAMETERS"]
+__all__ = ["sweep", "sbc", "sbc_parameters"]
 
-SBC_PARAMETERS = ("route_exec[prev,prev]", "skill_exec[reverse,reverse]", "noise", "off_module")
+
+def sbc_parameters(world: World) -> tuple[str, ...]:
+    """The scalars SBC checks: the first routing's and the first skill's fidelity, noise and off_module."""
+    r, k = world.route_names[0], world.skill_names[0]
+    return (f"route_exec[{r},{r}]", f"skill_exec[{k},{k}]", "noise", "off_module")
 
 
 @contextlib.contextmanager
@@ -80,15 +85,17 @@ def _run(fn, tasks, *, n_jobs: int, backend: str, progress: bool, desc: str) -> 
     return [out[i] for i in range(len(tasks))]
 
 
-def _task(regime, n, seed, models, nuts_max, nuts_draws):
+def _task(regime, n, seed, models, nuts_max, nuts_draws, world):
     start_jax()  # a worker process is an entry point: float64, as in the parent
-    return run_task(regime, n, seed, models=models, nuts_max=nuts_max, nuts_draws=nuts_draws)
+    return run_task(regime, n, seed, models=models, nuts_max=nuts_max, nuts_draws=nuts_draws, world=load_world(world))
 
 
 def sweep(regimes: Sequence[str], sizes: Sequence[int], seeds: Sequence[int], *, models: Sequence[str] = IDENTIFY_MODELS,
           nuts_max: int = 0, nuts_draws: int = 150, n_jobs: int = 2, backend: str = "loky",
-          progress: bool = True) -> list[dict]:
-    """Records of every (regime, model, N, seed), sorted by regime, model, N and seed."""
+          progress: bool = True, world: str | None = None) -> list[dict]:
+    """Records of every (regime, model, N, seed), sorted by regime, model, N and seed. ``world``:
+    the world's name for :func:`~latentsel.world.loading.load_world` (default: the default
+    world), which each worker process loads."""
     for r in regimes:
         if r not in IDENTIFY_REGIMES:
             raise ValueError(f"unknown regime {r!r}; choose from {', '.join(IDENTIFY_REGIMES)}")
@@ -100,7 +107,8 @@ def sweep(regimes: Sequence[str], sizes: Sequence[int], seeds: Sequence[int], *,
     if not seeds:
         raise ValueError("seeds: give at least one seed")
     # the big tasks first, so that the pool is not left waiting on one at the end
-    tasks = sorted(((r, int(n), int(s), tuple(models), nuts_max, nuts_draws)
+    load_world(world)  # a bad name fails here, not in every worker
+    tasks = sorted(((r, int(n), int(s), tuple(models), nuts_max, nuts_draws, world)
                     for r in regimes for n in sizes for s in seeds), key=lambda t: -t[1])
     results = _run(_task, tasks, n_jobs=n_jobs, backend=backend, progress=progress, desc="identify")
     order = {r: i for i, r in enumerate(regimes)}
@@ -114,24 +122,23 @@ def _prior_draw(world: World, rng: np.random.Generator, priors: Priors) -> Modul
                          float(rng.beta(*priors.noise)), float(rng.beta(*priors.off_module)))
 
 
-def _sbc_rep(rep: int, n_traces: int, n_draws: int, seed: int) -> np.ndarray:
+def _sbc_rep(rep: int, n_traces: int, n_draws: int, seed: int, world: str | None) -> np.ndarray:
     start_jax()  # a worker process is an entry point: float64, as in the parent
-
-    world = default_world()
+    world = load_world(world)
     rng = np.random.default_rng([seed, rep, 0x5BC])
     theta = _prior_draw(world, rng, Priors())
     traces, _ = regime_traces("sft", n_traces, seed * 100_003 + rep, world, truth=theta)
     data = build_data(traces, world)
     em = fit_em("modular", data, max_iter=300)
     draws = conjugate_posterior("modular", em.params, data).sample((n_draws,), seed=int(rng.integers(2**31)))
-    r, k = world.route_index("prev"), world.skill_index("reverse")
+    r, k = 0, 0  # sbc_parameters(world)
     pairs = [(draws.route_exec[:, r, r], theta.route_exec[r, r]), (draws.skill_exec[:, k, k], theta.skill_exec[k, k]),
              (draws.noise, theta.noise), (draws.off_module, theta.off_module)]
     return np.array([int((d < t).sum()) for d, t in pairs])
 
 
 def sbc(n_reps: int, *, n_traces: int = 100, n_draws: int = 99, seed: int = 0, n_jobs: int = 2, backend: str = "loky",
-        progress: bool = True) -> dict:
+        progress: bool = True, world: str | None = None) -> dict:
     """Simulation-based calibration: ``{"parameters", "ranks": int[n_params][n_reps], "n_draws",
     "n_traces", "n_reps", "chi2_p"}``; ranks lie in 0..n_draws, and ``chi2_p`` is the p-value of a
     chi-square test of uniform ranks (10 bins) per parameter."""
@@ -139,11 +146,11 @@ def sbc(n_reps: int, *, n_traces: int = 100, n_draws: int = 99, seed: int = 0, n
 
     if n_reps < 1 or n_draws < 1 or n_traces < 1:
         raise ValueError(f"sbc needs n_reps, n_draws and n_traces >= 1, got {n_reps}, {n_draws}, {n_traces}")
-    tasks = [(rep, n_traces, n_draws, seed) for rep in range(n_reps)]
+    tasks = [(rep, n_traces, n_draws, seed, world) for rep in range(n_reps)]
     ranks = np.stack(_run(_sbc_rep, tasks, n_jobs=n_jobs, backend=backend, progress=progress, desc="SBC"), axis=1)
     # integer bin edges over the n_draws + 1 possible ranks, the expected counts by bin width
     edges = np.unique(np.linspace(0, n_draws + 1, min(10, n_draws + 1) + 1).round().astype(int))
     expected = np.diff(edges) / (n_draws + 1) * n_reps
     p = [float(chisquare(np.histogram(r, edges)[0], expected).pvalue) for r in ranks]
-    return {"parameters": list(SBC_PARAMETERS), "ranks": ranks.tolist(), "n_draws": n_draws, "n_traces": n_traces,
+    return {"parameters": list(sbc_parameters(load_world(world))), "ranks": ranks.tolist(), "n_draws": n_draws, "n_traces": n_traces,
             "n_reps": n_reps, "chi2_p": p}

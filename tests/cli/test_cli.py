@@ -185,3 +185,22 @@ def test_fit_bad_options_are_one_line(tmp_path, capsys, option, message):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_every_option_has_help_and_shows_its_default():
+    """--help is the reference: no option without a sentence, and the defaults printed."""
+    import argparse
+
+    from latentsel.cli import build_parser
+
+    missing, parsers = [], [("latentsel", build_parser())]
+    while parsers:
+        name, parser = parsers.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += [(f"{name} {sub}", p) for sub, p in action.choices.items()]
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)) and not action.help:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert missing == []
+    text = " ".join(build_parser()._subparsers._group_actions[0].choices["simulate"].format_help().split())
+    assert "(default: 0.02)" in text and "(default: 0)" in text

@@ -60,15 +60,25 @@ def test_a_user_world_runs_through_the_command_line(tmp_path, world_file, capsys
     assert fit["world"]["skills"][1] == "remove_vowels" and fit["world"]["routes"][2] == "cat"
     assert abs(fit["params"]["skill_exec"][1][0] - 0.3) < 0.05
     # the labelled table answers "what runs instead of remove_vowels?"
-    from latentsel.cli._argtypes import world_spec
+    from latentsel.world.loading import load_world
 
-    loaded = ls.load_fit(out, world=world_spec(world_file))
+    loaded = ls.load_fit(out, world=load_world(world_file))
     table = loaded.execution_table()
     instead = table[(table.kind == "skill") & (table.intended == "remove_vowels") & (table.executed != "remove_vowels")]
     top = instead.sort_values("prob", ascending=False).iloc[0]
     assert top.executed == "reverse" and top.lower < 0.3 < top.upper
     with pytest.raises(ValueError, match="other routing or skill names"):
         ls.load_fit(out)
+    # identify simulates from the world's own modules (each task loads it by name) and reports
+    ident = tmp_path / "identify"
+    assert main(["identify", "--regimes", "sft", "--sizes", "30", "--seeds", "0", "--nuts-max", "0", "--sbc", "2",
+                 "--sbc-traces", "20", "--jobs", "1", "--backend", "sequential", "--world", world_file,
+                 "--out", str(ident)]) == 0
+    doc = json.loads((ident / "identify.json").read_text())
+    assert len(doc["records"]) == 2 and doc["config"]["world"] == world_file
+    assert json.loads((ident / "sbc.json").read_text())["parameters"][:2] == ["route_exec[prev,prev]",
+                                                                             "skill_exec[reverse,reverse]"]
+    assert main(["report", str(ident)]) == 0 and (ident / "report.html").exists()
 
 
 @pytest.mark.parametrize("value, message", [
