@@ -19,7 +19,11 @@ def test_every_example_has_tiny_args():
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(TINY_ARGS)
 
 
-@pytest.mark.parametrize("name", sorted(TINY_ARGS))
+# NUTS compiles for about 40 s even at tiny sizes
+SLOW = {"fit_end_to_end.py"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(TINY_ARGS)])
 def test_example_runs(name, monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(tmp_path)  # what an example writes stays in the test's folder
     monkeypatch.setattr(sys, "argv", [name, *TINY_ARGS[name]])

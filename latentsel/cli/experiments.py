@@ -40,6 +40,10 @@ def cmd_identify(args) -> int:
     from latentsel.experiments.sweeps import sbc, sweep
 
     t0 = time.perf_counter()
+    n_tasks = len(args.regimes) * len(args.sizes) * len(args.seeds)
+    print(f"identify: {n_tasks} tasks (regimes x sizes x seeds, {len(args.models)} models each, the largest "
+          f"N = {max(args.sizes)}), {args.sbc} SBC replications of {args.sbc_traces} traces, on {args.jobs} "
+          f"{args.backend} worker(s)", flush=True)
     records = sweep(args.regimes, args.sizes, args.seeds, models=args.models, nuts_max=args.nuts_max,
                     nuts_draws=args.nuts_draws, n_jobs=args.jobs, backend=args.backend, world=args.world)
     calib = (sbc(args.sbc, n_traces=args.sbc_traces, n_jobs=args.jobs, backend=args.backend, world=args.world)
@@ -56,10 +60,14 @@ def cmd_identify(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from latentsel.experiments.policy_fits import find_corpora, fit_policy_corpora, nuts_diagnostics
+    from latentsel.experiments.policy_fits import FITTED_MODELS, find_corpora, fit_policy_corpora, nuts_diagnostics
 
     world = world_of(args)
     corpora = find_corpora(args.corpora, args.policies)
+    print(f"analyze: {len(corpora)} corpora x {len(FITTED_MODELS)} models by EM"
+          + (f", up to {args.max_traces} traces each" if args.max_traces else "")
+          + (f"; NUTS on {args.nuts_traces} traces, 2 chains x ({args.nuts_draws} + {args.nuts_draws}) draws"
+             if args.nuts_traces else ""), flush=True)
     result = fit_policy_corpora(corpora, args.out, world, draws=args.draws, max_traces=args.max_traces,
                                 seed=args.seed)
     for row in result["loo"]:
