@@ -98,8 +98,8 @@ def _module_columns(pairs, name: str, n_steps: int, route_names, skill_names):
 
 def fit_execution_heatmap(fit, kind: str = "skill", *, truth=None, title: str | None = None) -> Figure:
     """:func:`execution_heatmap` of a fit's routing (``kind="route"``) or skill rows: the
-    estimate and its sd from :meth:`~latentsel.analysis.results.Fit.execution_table`, labelled
-    with the fit's world. ``truth``: an optional [rows, cols] matrix. For the models whose
+    posterior mean and sd (NUTS draws, or the conjugate posterior at θ̂), labelled with the
+    fit's world. ``truth``: an optional [rows, cols] matrix. For the models whose
     rows are intended modules (modular); the others have one matrix per context."""
     if kind not in ("route", "skill"):
         raise ValueError(f"kind must be 'route' or 'skill', got {kind!r}")
@@ -111,6 +111,9 @@ def fit_execution_heatmap(fit, kind: str = "skill", *, truth=None, title: str | 
     names = list(fit.world.skill_names if kind == "skill" else fit.world.route_names)
     mean, sd = (rows.pivot(index="intended", columns="executed", values=v).loc[names, names].to_numpy()
                 for v in ("prob", "sd"))
+    if fit.draws is None and fit.conjugate is not None:
+        # the panel is the posterior mean: q's, not the EM mode the table's prob holds
+        mean = np.asarray(fit.conjugate.mean()[0 if kind == "route" else 1])
     return execution_heatmap(mean, sd, names, names, truth=truth,
                              title=title or f"{fit.model} fit by {fit.method}: executed {kind}s per intended {kind}")
 
