@@ -178,6 +178,7 @@ def default_params(model: str, n_routes, n_skills: int | None = None, *, fidelit
     if spec.chain:
         route, skill = (np.full(shape, 1 / shape[-1]) for shape in spec.row_shapes(n_routes, n_skills))
     else:
-        route, skill = (_diagonal_rows(n, fidelity, (1 - fidelity) / (n - 1), spec.context)
+        # a single module executes as itself: its row is [1], whatever the fidelity
+        route, skill = (_diagonal_rows(n, fidelity if n > 1 else 1.0, (1 - fidelity) / max(n - 1, 1), spec.context)
                         for n in (n_routes, n_skills))
     return spec.params(route, skill, noise, off_module)

@@ -76,6 +76,9 @@ def fit_traces(traces: Sequence[Trace], world: World, model: str = "modular", op
     options = fit_options(options)
     model_spec(model)
     traces = list(traces)
+    empty = [tr.id for tr in traces if tr.depth == 0]
+    if empty:  # a trace file cannot hold one; a Trace built in Python can
+        raise ValueError(f"traces: {len(empty)} have no steps (the first: {empty[0]!r}); there is nothing to fit in them")
     data = build_data(traces, world, model=model) if data is None else data
     fitter = {"em": _fit_em, "svi": _fit_svi, "nuts": _fit_nuts, "amortized": _fit_amortized}[options.method]
     params, summary, result, posterior = fitter(model, data, options, progress)

@@ -85,10 +85,15 @@ class StepPosterior(NamedTuple):
 
     @classmethod
     def of(cls, post, log_evidence, trace_ids: Sequence[str], depth: Sequence[int], world: World) -> "StepPosterior":
-        """Label the marginals of an exact (or amortized) posterior; ``log_evidence``: [N], exact."""
-        return cls(np.asarray(log_evidence), *(np.asarray(getattr(post, name)) for name in cls._fields[1:6]),
-                   np.asarray(depth, dtype=np.int64), tuple(str(i) for i in trace_ids), tuple(world.route_names),
-                   tuple(world.skill_names))
+        """Label the marginals of an exact (or amortized) posterior; ``log_evidence``: [N], exact.
+        Entries past a trace's depth are set to 0 (-1 for the MAP), whatever the source put there."""
+        depth = np.asarray(depth, dtype=np.int64)
+        arrays = [np.array(getattr(post, name)) for name in cls._fields[1:6]]
+        past = np.arange(arrays[0].shape[1])[None, :] >= depth[:, None]  # [N, T]
+        for a, fill in zip(arrays, (0.0, 0.0, 0.0, -1, -1)):
+            a[past] = fill
+        return cls(np.asarray(log_evidence), *arrays, depth, tuple(str(i) for i in trace_ids),
+                   tuple(world.route_names), tuple(world.skill_names))
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per step: ``trace_id``, ``step`` (1-based), ``map_route``, ``map_skill``, their
@@ -150,9 +155,7 @@ class Fit(NamedTuple):
                "world": {"alphabet": world.alphabet, "max_len": world.max_len, "routes": world.route_names,
                          "skills": world.skill_names}}
         if self.conjugate is not None:
-            q = self.conjugate
-            rec["conjugate"] = {"route": q.route.tolist(), "skill": q.skill.tolist(), "noise": q.noise.tolist(),
-                                "off_module": q.off_module.tolist()}
+            rec["conjugate"] = _conjugate_json(self.conjugate)
         return {**rec, **self.summary}
 
     def execution_table(self, level: float = 0.9) -> pd.DataFrame:
@@ -225,7 +228,9 @@ class Fit(NamedTuple):
                           "skill_probs": [float(p) for p in post.skill_probs[i, t]]}
                          for t in range(int(post.depth[i]))]
                 f.write(json.dumps({"id": tid, "log_evidence": float(post.log_evidence[i]), "steps": steps}) + "\n")
-        if self.draws is not None:
+        if self.draws is None:
+            (out / "samples.npz").unlink(missing_ok=True)  # a previous fit's draws are not this fit's
+        else:
             extra = {}
             if self.result is not None and hasattr(self.result, "diverging"):
                 r = self.result
@@ -236,6 +241,21 @@ class Fit(NamedTuple):
         with atomic_open(out / "fit.json") as f:
             json.dump(self.record(), f, indent=1)
         return out
+
+
+_Q_FIELDS = ("route", "skill", "noise", "off_module")
+
+
+def _conjugate_json(q: ConjugatePosterior) -> dict:
+    out = {k: np.asarray(getattr(q, k)).tolist() for k in _Q_FIELDS}
+    if q.prior is not None:
+        out["prior"] = _conjugate_json(q.prior)
+    return out
+
+
+def _conjugate_from_json(model: str, c: dict) -> ConjugatePosterior:
+    prior = _conjugate_from_json(model, c["prior"]) if "prior" in c else None
+    return ConjugatePosterior(model, *(np.asarray(c[k], dtype=np.float64) for k in _Q_FIELDS), prior)
 
 
 def _options_json(options) -> dict:
@@ -274,13 +294,14 @@ def load_fit(path: str | os.PathLike, world: World | None = None) -> Fit:
         opts["em"] = EMOptions(**opts["em"])
     options = METHODS[method](**opts)
     draws = conjugate = None
-    if (path / "samples.npz").exists():
-        with np.load(path / "samples.npz") as z:
-            draws = params.__class__(*(z[name] for name in params._fields))
+    if method == "nuts":
+        try:
+            with np.load(path / "samples.npz") as z:
+                draws = params.__class__(*(z[name] for name in params._fields))
+        except (FileNotFoundError, KeyError) as e:
+            raise ValueError(f"{path / 'samples.npz'}: the draws of this nuts fit are missing ({e})") from None
     if "conjugate" in rec:
-        c = rec["conjugate"]
-        conjugate = ConjugatePosterior(model, *(np.asarray(c[k], dtype=np.float64)
-                                                for k in ("route", "skill", "noise", "off_module")))
+        conjugate = _conjugate_from_json(model, rec["conjugate"])
     posterior = _read_posterior(path / "posterior.jsonl", world)
     summary = {k: v for k, v in rec.items() if k not in _RECORD_KEYS}
     return Fit(model, options, params, posterior, rec["log_evidence"], rec["n_traces"], summary, world, draws,

@@ -23,21 +23,20 @@ def load_world(spec: str | None) -> World:
     where, sep, attr = str(spec).rpartition(":")
     if not sep or not where or not attr.isidentifier():
         raise ValueError(f"expected MODULE:ATTR or FILE.py:ATTR, got {str(spec)[:200]!r}")
+    if where.endswith(".py") and not Path(where).is_file():
+        raise ValueError(f"{where}: no such file")
     try:
         if where.endswith(".py"):
             path = Path(where)
-            if not path.is_file():
-                raise ValueError(f"{where}: no such file")
             spec_ = importlib.util.spec_from_file_location(f"_latentsel_world_{path.stem}", path)
             module = importlib.util.module_from_spec(spec_)
             sys.modules[spec_.name] = module  # dataclasses look their module up here
             spec_.loader.exec_module(module)
         else:
             module = importlib.import_module(where)
-    except ValueError:
-        raise
     except Exception as e:  # noqa: BLE001 - any failure of the user's module is named, on one line
-        raise ValueError(f"cannot load {where}: {type(e).__name__}: {str(e)[:200]}") from None
+        message = " ".join(str(e).split())[:200]
+        raise ValueError(f"cannot load {where}: {type(e).__name__}: {message}") from None
     if not hasattr(module, attr):
         raise ValueError(f"{where} has no attribute {attr!r}")
     world = getattr(module, attr)
@@ -45,7 +44,7 @@ def load_world(spec: str | None) -> World:
         try:
             world = world()
         except Exception as e:  # noqa: BLE001 - as above
-            raise ValueError(f"{spec}(): {type(e).__name__}: {str(e)[:200]}") from None
+            raise ValueError(f"{spec}(): {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
     if not isinstance(world, World):
         raise ValueError(f"{spec}: expected a World (or a function returning one), got {type(world).__name__}")
     return world

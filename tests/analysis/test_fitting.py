@@ -53,3 +53,33 @@ def test_em_fit_is_a_value_that_matches_the_exact_posterior(world):
     assert {"model", "method", "backend", "params", "log_evidence", "n_traces", "iterations"} <= set(record)
     assert record["params"]["route_exec"] == np.asarray(fit.params.route_exec).tolist()
     assert fit.summary["iterations"] == len(fit.result.objective) - 1 <= 40
+
+
+def test_a_fit_saved_over_another_is_loaded_as_itself(world, tmp_path):
+    """A folder that held a nuts fit (its draws in samples.npz) and then an em fit loads as the em
+    fit: no stale draws, and the conjugate posterior comes back with its prior (so that its KL to
+    the prior works)."""
+    import latentsel as ls
+    from latentsel.analysis.results import load_fit
+
+    traces = simulate(generate("eval-seen", 30, seed=1, world=world),
+                      default_params("modular", world, fidelity=0.8), "modular", world, seed=2)
+    em = ls.fit(traces, "modular", "em", max_iter=20, progress=False)
+    np.savez(tmp_path / "samples.npz", route_exec=np.zeros((2, 8, 10, 10)))  # what a nuts fit left there
+    em.save(tmp_path)
+    loaded = load_fit(tmp_path)
+    assert loaded.method == "em" and loaded.draws is None and not (tmp_path / "samples.npz").exists()
+    for a, b in zip(loaded.conjugate.kl_rows(), em.conjugate.kl_rows()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_steps_past_a_trace_are_zero_whatever_the_source(world):
+    from latentsel.analysis.results import StepPosterior
+    from latentsel.inference.exact import ExactPosterior
+
+    n, t, r, k = 2, 3, world.n_routes, world.n_skills
+    post = ExactPosterior(np.zeros(n), np.full((n, t, r), 0.1), np.full((n, t, k), 0.2), np.ones((n, t)),
+                          np.zeros((n, t), int), np.zeros((n, t), int), None)
+    steps = StepPosterior.of(post, np.zeros(n), ["a", "b"], [3, 1], world)
+    assert (steps.route_probs[1, 1:] == 0).all() and (steps.p_off[1, 1:] == 0).all()
+    assert (steps.map_route[1, 1:] == -1).all() and (steps.route_probs[0] == 0.1).all()

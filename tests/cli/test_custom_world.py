@@ -89,3 +89,12 @@ def test_bad_world_specs_are_usage_errors(value, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(["world", "--world", value])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_failing_world_module_is_named_on_one_line(tmp_path):
+    from latentsel.world.loading import load_world
+
+    bad = tmp_path / "badw.py"
+    bad.write_text('raise ValueError("bad\\nthing")\n')
+    with pytest.raises(ValueError, match=r"^cannot load .*badw\.py: ValueError: bad thing$"):
+        load_world(f"{bad}:W")

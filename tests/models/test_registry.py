@@ -46,3 +46,9 @@ def test_an_unknown_model_is_named():
         model_spec("hmm")
     with pytest.raises(KeyError, match="unknown model"):
         default_params("hmm", R, K)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_default_params_of_a_world_with_one_routing(model):
+    params = default_params(model, 1, 3, fidelity=0.9)
+    validate_params(params, model, 1, 3)
