@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import re
 import zlib
@@ -208,6 +209,14 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # 1e999 parses as inf, which no JSON writer can write back: refused here, as Infinity is
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of the float64 range")
+    return value
+
+
 def _open_lines(path: Path) -> Iterator[bytes]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
@@ -237,7 +246,7 @@ def iter_traces(
                 if not text.strip():
                     continue
                 try:
-                    obj = json.loads(text, parse_constant=_reject_constant)
+                    obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
                 except RecursionError:
                     raise TraceFormatError("invalid JSON: nested too deeply") from None
                 except ValueError as e:
@@ -288,7 +297,12 @@ def write_traces(path: str | os.PathLike, traces: Iterable[Trace], *, world: Wor
             except TraceFormatError as e:
                 raise TraceFormatError(f"trace {n} (id {trace.id!r}) is invalid: {e.reason}", str(path)) from None
             ids.add(trace.id)
-            f.write(json.dumps(record, separators=(", ", ": ")))
+            try:
+                line = json.dumps(record, separators=(", ", ": "), allow_nan=False)
+            except ValueError:
+                raise TraceFormatError(f"trace {n} (id {trace.id!r}) is invalid: it holds NaN or an infinite number, "
+                                       "which JSON cannot hold", str(path)) from None
+            f.write(line)
             f.write("\n")
     return n
 

@@ -169,3 +169,17 @@ def test_fuzz_records_raise_only_its_own_error(tmp_path, record):
         read_traces(path)
     except TraceFormatError:
         pass
+
+
+def test_numbers_json_cannot_hold_are_refused_both_ways(tmp_path):
+    """1e999 reads as inf and inf writes as Infinity, which no reader accepts: a record with
+    either is refused, naming the file, and nothing is written."""
+    record = {"id": "a", "input": "abc", "steps": ["cba"], "program": [["prev", "reverse"]]}
+    path = tmp_path / "big.jsonl"
+    path.write_text(json.dumps(record)[:-1] + ', "source": {"x": 1e999}}\n')
+    with pytest.raises(TraceFormatError, match=r"big\.jsonl:1: invalid JSON: the number 1e999 is out of the float64"):
+        read_traces(path)
+    trace = Trace(id="a", input="abc", steps=("cba",), program=(("prev", "reverse"),), source={"x": float("inf")})
+    with pytest.raises(TraceFormatError, match=r"out\.jsonl: trace 1 \(id 'a'\) is invalid: it holds NaN"):
+        write_traces(tmp_path / "out.jsonl", [trace])
+    assert not (tmp_path / "out.jsonl").exists()
