@@ -19,7 +19,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from latentsel.analysis.options import (
-    EVALUATION_TRACES,
     AmortizedOptions,
     EMOptions,
     FitOptions,
@@ -157,7 +156,7 @@ def _fit_amortized(model, data, options: AmortizedOptions, progress):
     em_rows = np.sort(rng.choice(n, size=min(n, options.em_traces), replace=False))
     params, em_summary, _, _ = _fit_em(model, data.take(em_rows), options.em, progress)
     order = rng.permutation(n)
-    n_held = min(EVALUATION_TRACES, n // 10)
+    n_held = options.held_out(n)
     held, train = np.sort(order[:n_held]), np.sort(order[n_held:])
     device = default_device() if options.device is None else options.device
     with _bar(options.steps, f"amortized ({model}, {options.estimator}, {device})", "step", progress, "loss") as tick:

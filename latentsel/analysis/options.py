@@ -114,6 +114,12 @@ class AmortizedOptions(NamedTuple):
     backend = "pyro"
     backends = ("pyro",)
 
+    @staticmethod
+    def held_out(n_traces: int) -> int:
+        """The traces held out to measure the network against the exact posterior: a tenth of
+        the corpus, at most :data:`EVALUATION_TRACES`."""
+        return min(EVALUATION_TRACES, n_traces // 10)
+
     def check(self) -> "AmortizedOptions":
         self.em.check()
         _choice("estimator", self.estimator, ("enum", "tracegraph"))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from latentsel.analysis.options import (EVALUATION_TRACES, FIT_BACKENDS, METHODS, AmortizedOptions, EMOptions,
+from latentsel.analysis.options import (FIT_BACKENDS, METHODS, AmortizedOptions, EMOptions,
                                         NUTSOptions, SVIOptions)
 from latentsel.cli._argtypes import add_world, at_least, nonneg_int, positive_float, world_of
 from latentsel.cli.traces import read_corpus
@@ -76,7 +76,7 @@ def _plan(options, n: int) -> str:
     if options.method == "nuts":
         return f"NUTS, {options.chains} chains x ({options.warmup} warm-up + {options.samples}) draws"
     em_n = min(n, options.em_traces)
-    held = min(EVALUATION_TRACES, n // 10)
+    held = options.held_out(n)
     return (f"θ by EM on {em_n} of the {n} traces (--amortized-em-traces), then {options.steps} steps of "
             f"{options.batch} traces of the network; {held} held-out traces measure it against the exact posterior")
 
