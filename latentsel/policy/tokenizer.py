@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
+from latentsel.traces.failures import NO_END, overlong_reason, ran_on_reason, stopped_reason, unreadable_reason
 from latentsel.world import World
 
 __all__ = ["Tokenizer", "Parsed", "SPECIALS"]
@@ -126,7 +127,7 @@ class Tokenizer:
         if self.eos in ids:
             ids = ids[: ids.index(self.eos)]
         else:
-            reasons.append("no end token")
+            reasons.append(NO_END)
         pieces: list[list[int]] = [[]]
         for tok in ids:
             if tok == self.sep:
@@ -136,16 +137,16 @@ class Tokenizer:
         steps: list[str | None] = []
         for t, piece in enumerate(pieces[:depth]):
             if not all(self.is_char(tok) for tok in piece):
-                reasons.append(f"step {t + 1} holds a non-character token")
+                reasons.append(unreadable_reason(t + 1))
                 steps.append(None)
             elif len(piece) > self.max_len:
-                reasons.append(f"step {t + 1} is longer than max_len={self.max_len}")
+                reasons.append(overlong_reason(t + 1, self.max_len))
                 steps.append(None)
             else:
                 steps.append("".join(self._names[tok] for tok in piece))
         if len(pieces) < depth:
-            reasons.append(f"{len(pieces)} of {depth} steps")
+            reasons.append(stopped_reason(len(pieces), depth))
             steps.extend([None] * (depth - len(pieces)))
         elif len(pieces) > depth:
-            reasons.append(f"{len(pieces)} steps for a program of {depth}")
+            reasons.append(ran_on_reason(len(pieces), depth))
         return Parsed(steps, "; ".join(reasons) or None)
