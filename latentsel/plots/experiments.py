@@ -13,9 +13,11 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import NullLocator
 from scipy.stats import binom
 
-from latentsel.plots._common import _LABEL, _TICK, _figure, _labels, _legend, _panels
+from latentsel.analysis.attribution import CATEGORIES, LABELS
+from latentsel.plots._common import _LABEL, _TICK, _WIDTH, _figure, _labels, _legend, _panels
 
-__all__ = ["identifiability_curves", "contraction_curves", "sbc_histograms", "attribution_bars"]
+__all__ = ["identifiability_curves", "contraction_curves", "sbc_histograms", "attribution_bars", "attribution_by_step",
+           "execution_by_step"]
 
 
 # -- curves and histograms -------------------------------------------------------------
@@ -186,35 +188,54 @@ def sbc_histograms(ranks, n_draws: int, *, names: Sequence[str], bins: int | Non
 
 
 # -- error attribution -----------------------------------------------------------------
-_ERRORS = (("route_error", "routing error", "tab:blue"), ("skill_error", "skill error", "tab:orange"),
-           ("off_module", "off-module step", "0.55"))
+# one colour per attribution category (latentsel.analysis.attribution.CATEGORIES), fitted first
+_COLOURS = {"intended": "#4c9a2a", "inherited": "#a8d08d", "routing": "tab:blue", "skill": "tab:orange",
+            "routing_skill": "tab:purple", "off_module": "0.6", "stopped": "tab:red", "unreadable": "#8c564b",
+            "after_failure": "#e7a1b0"}
 _SPLIT_ORDER = ("seen", "unseen", "ood")
 
 
-def attribution_bars(rows: Sequence[Mapping], *, title: str = "") -> Figure:
-    """Error attribution per split and policy: expected errors per step, stacked by type.
-
-    ``rows`` are dicts ``{"policy", "split", "route_error", "skill_error", "off_module"}`` with
-    the expected number of each error per step, in [0, 1]. One group per split (seen, unseen,
-    ood first), one bar per policy. Returns a one-axes figure.
-    """
+def _category_table(rows: Sequence[Mapping], keys: Sequence[str]) -> dict[tuple, np.ndarray]:
     rows = list(rows) if rows is not None else []
     if not rows:
         raise ValueError("rows must be a non-empty list of dicts")
-    table: dict[tuple[str, str], np.ndarray] = {}
+    table: dict[tuple, np.ndarray] = {}
+    need = tuple(keys) + CATEGORIES
     for i, r in enumerate(rows):
-        keys = ("policy", "split") + tuple(e for e, _, _ in _ERRORS)
-        if not isinstance(r, Mapping) or not set(keys) <= set(r):
-            raise ValueError(f"rows[{i}] must be a dict with keys {list(keys)}")
-        values = np.array([r[e] for e, _, _ in _ERRORS], dtype=float)
-        if not np.all((values >= 0) & (values <= 1)):
-            raise ValueError(f"rows[{i}] error rates must lie in [0, 1], got {values.tolist()}")
-        if (r["split"], r["policy"]) in table:
-            raise ValueError(f"rows has two entries for policy {r['policy']!r} on split {r['split']!r}")
-        table[(str(r["split"]), str(r["policy"]))] = values
+        if not isinstance(r, Mapping) or not set(need) <= set(r):
+            raise ValueError(f"rows[{i}] must be a dict with keys {list(need)}")
+        values = np.array([r[c] for c in CATEGORIES], dtype=float)
+        if not np.all((values >= 0) & (values <= 1 + 1e-9)):
+            raise ValueError(f"rows[{i}] shares must lie in [0, 1], got {values.tolist()}")
+        key = tuple(str(r[k]) for k in keys)
+        if key in table:
+            raise ValueError(f"rows has two entries for {dict(zip(keys, key))}")
+        table[key] = values
+    return table
+
+
+def _stacked(ax, xs, stack: np.ndarray) -> None:
+    bottom = np.zeros(len(xs))
+    for j, c in enumerate(CATEGORIES):
+        ax.bar(xs, stack[:, j], 0.8, bottom=bottom, color=_COLOURS[c], label=LABELS[c], linewidth=0)
+        bottom += stack[:, j]
+
+
+def _category_legend(fig: Figure) -> None:
+    _legend(fig, [Patch(color=_COLOURS[c], label=LABELS[c]) for c in CATEGORIES], fontsize=_TICK + 1)
+
+
+def attribution_bars(rows: Sequence[Mapping], *, title: str = "") -> Figure:
+    """Where every program step went, per split and policy: one bar per corpus, stacked by
+    category (:data:`latentsel.analysis.attribution.CATEGORIES`: the fitted model's shares,
+    then the failures it cannot see).
+
+    ``rows`` are dicts ``{"policy", "split", <category>: share of program steps}``, the shares
+    in [0, 1]. One group per split (seen, unseen, ood first), one bar per policy.
+    """
+    table = {(s, p): v for (p, s), v in _category_table(rows, ("policy", "split")).items()}
     splits = _ordered({s for s, _ in table}, _SPLIT_ORDER)
     policies = list(dict.fromkeys(p for _, p in table))
-
     keys, xs, centres = [], [], []
     for g, split in enumerate(splits):
         here = [p for p in policies if (split, p) in table]
@@ -223,21 +244,106 @@ def attribution_bars(rows: Sequence[Mapping], *, title: str = "") -> Figure:
         xs += [start + j for j in range(len(here))]
         centres.append(start + (len(here) - 1) / 2)
     stack = np.array([table[k] for k in keys])
-
-    fig = _figure(4.6, title or "error attribution per step")
+    fig = _figure(4.6, title or "where every program step went")
     ax = fig.add_subplot()
-    bottom = np.zeros(len(keys))
-    for j, (_, label, colour) in enumerate(_ERRORS):
-        bars = ax.bar(xs, stack[:, j], 0.8, bottom=bottom, color=colour, label=label)
-        bottom += stack[:, j]
-    ax.bar_label(bars, [f"{v:.2f}" for v in bottom], fontsize=_TICK, padding=2)
+    _stacked(ax, xs, stack)
+    ok = stack[:, 0]
+    for x, v in zip(xs, ok):
+        ax.text(x, v / 2, f"{v:.2f}", ha="center", va="center", fontsize=_TICK, color="white")
     ax.set_xticks(xs, [p for _, p in keys], rotation=30, ha="right", fontsize=_TICK + 1)
     groups = ax.secondary_xaxis("top")
     groups.set_xticks(centres, splits, fontsize=_LABEL + 1, fontweight="bold")
     groups.tick_params(length=0)
     for g in range(1, len(splits)):
         ax.axvline(g * (len(policies) + 1) - 1, color="0.8", linewidth=0.8)
-    ax.set_ylabel("expected errors per step", fontsize=_LABEL)
-    ax.set_ylim(0, max(1.0, bottom.max() * 1.12))
-    ax.legend(loc="upper left", fontsize=_LABEL, frameon=False)
+    ax.set_ylabel("share of program steps", fontsize=_LABEL)
+    ax.set_ylim(0, 1.0)
+    _category_legend(fig)
+    return fig
+
+
+def attribution_by_step(rows: Sequence[Mapping], *, title: str = "") -> Figure:
+    """The same shares by step position: one panel per split, a group of bars per policy, one
+    bar per step. ``rows``: dicts ``{"policy", "split", "step" (1-based), <category>: share}``."""
+    table = _category_table(rows, ("split", "policy", "step"))
+    splits = _ordered({s for s, _, _ in table}, _SPLIT_ORDER)
+    policies = list(dict.fromkeys(p for _, p, _ in table))
+    fig = _figure(3.6, title or "where the t-th program step went")
+    axes = _panels(fig, len(splits), len(splits))
+    for ax, split in zip(axes, splits):
+        xs, stack, ticks, centres = [], [], [], []
+        x = 0
+        for policy in policies:
+            steps = sorted((int(t) for s, p, t in table if s == split and p == policy))
+            if not steps:
+                continue
+            centres.append(x + (len(steps) - 1) / 2)
+            ticks.append(policy)
+            for t in steps:
+                xs.append(x)
+                stack.append(table[(split, policy, str(t))])
+                x += 1
+            x += 1
+        _stacked(ax, xs, np.array(stack))
+        ax.set_xticks(xs, [str(i) for i in _step_labels(table, split, policies)], fontsize=_TICK)
+        sec = ax.secondary_xaxis("bottom")
+        sec.spines["bottom"].set_position(("outward", 14))
+        sec.set_xticks(centres, ticks, fontsize=_TICK)
+        sec.tick_params(length=0)
+        ax.set_title(split, fontsize=_LABEL + 1)
+        ax.set_ylim(0, 1)
+        ax.tick_params(labelsize=_TICK)
+    axes[0].set_ylabel("share of the t-th steps", fontsize=_LABEL)
+    _category_legend(fig)
+    return fig
+
+
+def _step_labels(table, split: str, policies: Sequence[str]) -> list[int]:
+    out = []
+    for policy in policies:
+        out += sorted(int(t) for s, p, t in table if s == split and p == policy)
+    return out
+
+
+def execution_by_step(counts: Mapping[str, np.ndarray], names: Sequence[str], *, what: str = "skill",
+                      title: str = "") -> Figure:
+    """Intended against executed (label level), one heatmap per split and step position.
+
+    ``counts``: split -> [T, n, n] expected on-module executions (row = intended, column =
+    executed); each row is shown normalized (an intended module never seen at that step is blank).
+    """
+    if not counts:
+        raise ValueError("counts must map at least one split to a [T, n, n] array")
+    splits = _ordered(set(counts), _SPLIT_ORDER)
+    n = len(names)
+    arrays = {}
+    for s in splits:
+        a = np.asarray(counts[s], dtype=float)
+        if a.ndim != 3 or a.shape[1:] != (n, n) or np.any(a < 0):
+            raise ValueError(f"counts[{s!r}] must be a non-negative [T, {n}, {n}] array, got shape {a.shape}")
+        arrays[s] = a
+    t_max = max(a.shape[0] for a in arrays.values())
+    fig = Figure(figsize=(_WIDTH, 0.4 + 2.7 * len(splits)), layout="constrained")
+    fig.suptitle(title or f"executed {what} given the intended one, by step (rows normalized)")
+    grid = fig.subplots(len(splits), t_max, squeeze=False)
+    image = None
+    for i, s in enumerate(splits):
+        a = arrays[s]
+        for t in range(t_max):
+            ax = grid[i, t]
+            if t >= a.shape[0]:
+                ax.set_axis_off()
+                continue
+            tot = a[t].sum(axis=1, keepdims=True)
+            rows = np.where(tot > 0, a[t] / np.where(tot > 0, tot, 1), np.nan)
+            image = ax.imshow(rows, vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+            ax.set_title(f"{s}, step {t + 1}", fontsize=_LABEL)
+            step = 1 if n <= 12 else 3
+            ax.set_xticks(range(0, n, step), names[::step], rotation=90, fontsize=_TICK - 1)
+            ax.set_yticks(range(0, n, step), names[::step], fontsize=_TICK - 1)
+            if t == 0:
+                ax.set_ylabel(f"intended {what}", fontsize=_TICK)
+            ax.set_xlabel(f"executed {what}", fontsize=_TICK)
+    if image is not None:
+        fig.colorbar(image, ax=grid, shrink=0.6, label="p(executed | intended)")
     return fig

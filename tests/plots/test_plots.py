@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from latentsel import plots
+from latentsel.analysis.attribution import CATEGORIES
 from latentsel.traces.graph import module_digraph
 from latentsel.world import Route, World
 
@@ -221,25 +222,46 @@ def test_sbc_histograms_reject_bad_input(change, argument):
         plots.sbc_histograms(**{**args, **change})
 
 
+def _shares(rng):
+    return dict(zip(CATEGORIES, rng.dirichlet(np.ones(len(CATEGORIES)))))
+
+
 def _attribution_rows(rng):
-    return [{"policy": policy, "split": split, "route_error": rng.uniform(0, 0.2),
-             "skill_error": rng.uniform(0, 0.3), "off_module": rng.uniform(0, 0.1)}
+    return [{"policy": policy, "split": split, **_shares(rng)}
             for split in ("ood", "seen", "unseen") for policy in ("sft", "sft+rl-atomic", "sft+rl-compound")]
 
 
 def test_attribution_bars(rng, tmp_path):
-    fig = plots.attribution_bars(_attribution_rows(rng)[:-1], title="errors")
+    fig = plots.attribution_bars(_attribution_rows(rng)[:-1], title="steps")
     ax = fig.axes[0]
-    assert len(ax.patches) == 8 * 3
+    assert len(ax.patches) == 8 * len(CATEGORIES)
     assert [t.get_text() for t in ax.child_axes[0].get_xticklabels()] == ["seen", "unseen", "ood"]
     _render(fig, tmp_path, 1)
 
 
 def test_attribution_bars_reject_bad_input(rng):
     rows = _attribution_rows(rng)
-    for bad in ([], rows + rows[:1], [{**rows[0], "skill_error": 1.5}], [{"policy": "sft"}]):
+    for bad in ([], rows + rows[:1], [{**rows[0], "skill": 1.5}], [{"policy": "sft"}]):
         with pytest.raises(ValueError, match="^rows"):
             plots.attribution_bars(bad)
+
+
+def test_attribution_by_step_and_execution_by_step(rng, tmp_path):
+    rows = [{"policy": p, "split": s, "step": t, **_shares(rng)} for s in ("seen", "ood")
+            for p in ("sft", "rl") for t in range(1, 4 if s == "seen" else 5)]
+    fig = plots.attribution_by_step(rows)
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["seen", "ood"]
+    assert len(fig.axes[0].patches) == 6 * len(CATEGORIES)
+    _render(fig, tmp_path, 2)
+    names = ["a", "b", "c"]
+    counts = {"seen": rng.uniform(size=(3, 3, 3)), "ood": rng.uniform(size=(4, 3, 3))}
+    counts["seen"][1, 2] = 0  # an intended module never met at step 2: a blank row
+    fig = plots.execution_by_step(counts, names)
+    titled = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titled[:4] == ["seen, step 1", "seen, step 2", "seen, step 3", "ood, step 1"]
+    _render(fig, tmp_path, 2 * 4 + 1)  # the unused cell stays, blank; one colour bar
+    with pytest.raises(ValueError, match="counts"):
+        plots.execution_by_step({"seen": np.ones((2, 2, 2))}, names)
 
 
 def test_training_curves_draw_probes_and_rl_runs(tmp_path):
