@@ -53,7 +53,8 @@ from latentsel.world import World
 
 __all__ = ["trace_statistics", "posterior_predictive", "to_inference_data", "from_nuts", "from_conjugate",
            "summary", "loo", "compare", "compare_records", "save", "load", "default_selection", "plot_trace",
-           "plot_rank", "plot_ppc", "plot_loo", "plot_khat", "ERROR_TYPES", "EXPLAINED_TYPES", "BAD_KHAT"]
+           "plot_rank", "plot_ppc", "plot_loo", "plot_khat", "khat_threshold", "ERROR_TYPES", "EXPLAINED_TYPES",
+           "BAD_KHAT"]
 
 ERROR_TYPES = ("correct", "other_module", "unexplained")
 EXPLAINED_TYPES = ("explained", "unexplained")
@@ -434,9 +435,33 @@ def plot_loo(compare_df: pd.DataFrame, path=None):
     return _finish(ax.figure, path)
 
 
-def plot_khat(idata: az.InferenceData, path=None):
-    """``az.plot_khat``: the Pareto k of every trace's PSIS-LOO weights; returns the Figure."""
+def khat_threshold(n_draws: int) -> float:
+    """The sample-size-dependent Pareto k threshold of PSIS with S = ``n_draws`` posterior draws,
+    min(1 - 1/log10(S), 0.7) (Vehtari et al. 2024, JMLR 25(72)): above it the importance-sampling
+    estimate is unreliable. It is what ArviZ's ``loo`` reports as ``good_k``; from S = 2155 on it is
+    :data:`BAD_KHAT`, and below S = 10 it is not positive (no trace's estimate is reliable)."""
+    if isinstance(n_draws, bool) or not isinstance(n_draws, (int, np.integer)) or n_draws < 2:
+        raise ValueError(f"n_draws must be an integer of at least 2, got {n_draws!r}")
+    return min(1 - 1 / math.log10(n_draws), BAD_KHAT)
+
+
+def plot_khat(idata: az.InferenceData, path=None, *, threshold: float | None = None):
+    """``az.plot_khat``: the Pareto k of every trace's PSIS-LOO weights, with one dashed line at
+    ``threshold`` (default :data:`BAD_KHAT`, the threshold of :func:`loo`'s ``n_bad_k``) whose
+    legend gives it and the number of traces above it; returns the Figure. Pass
+    ``threshold=khat_threshold(S)`` for the sample-size-dependent threshold, and quote the same
+    value in the caption. ArviZ's own lines (at 0, its ``good_k`` and 1) are not drawn: its
+    ``good_k`` is :func:`khat_threshold`, not the threshold the counts use."""
+    threshold = BAD_KHAT if threshold is None else float(threshold)
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
     elpd = loo(idata)
+    k = np.asarray(elpd["pareto_k"])
+    elpd["good_k"] = threshold  # ArviZ shades the points above good_k darker
     with _quiet_arviz():
-        ax = az.plot_khat(elpd, show_hlines=True)
-    return _finish(np.ravel(ax)[0].figure, path)
+        ax = np.ravel(az.plot_khat(elpd, show_hlines=False))[0]
+    ax.axhline(threshold, color="C3", linestyle="--", linewidth=1,
+               label=f"threshold k = {threshold:.2f} ({int((k > threshold).sum())} of {k.size} traces above)")
+    ax.set_xlabel("trace")
+    ax.legend(loc="upper right")
+    return _finish(ax.figure, path)

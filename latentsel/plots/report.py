@@ -11,9 +11,12 @@ more *sections*. A section is a folder with a ``section.json`` manifest::
 
 Only ``title`` is required. ``order`` (a number, default 100) sorts the sections, ties broken
 by the folder's path relative to the run folder. Figure files are PNG, SVG or JPEG (told
-apart by extension), relative to the section's folder and inside it. Table cells are strings,
-numbers, booleans or null; a non-finite float is stored as the ``NaN``/``Infinity`` that
-Python's ``json`` reads back.
+apart by extension), relative to the section's folder and inside it: regular files reached
+without a symbolic link below the section folder, whose first bytes match their type (an SVG
+file opens an ``<svg>`` element after at most an XML declaration, comments and a DOCTYPE).
+Every figure is checked when its section is written, when the report reads the section, and
+on the very bytes the report embeds. Table cells are strings, numbers, booleans or null; a
+non-finite float is stored as the ``NaN``/``Infinity`` that Python's ``json`` reads back.
 
 ``write_report`` gathers every section under a run folder into one ``report.html`` that is
 self-contained: figures are embedded as base64 data URIs and the style sheet is inline, so the
@@ -27,6 +30,8 @@ import html
 import json
 import math
 import os
+import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +49,21 @@ _IMAGE_TYPES = {
     ".jpeg": ("image/jpeg", b"\xff\xd8\xff"),
     ".svg": ("image/svg+xml", None),
 }
+# an SVG file's prolog: optional BOM, XML declaration (first, as XML wants it), comments and a
+# DOCTYPE without an internal subset (whose entities a renderer would expand), then <svg>
+_SVG_START = re.compile(rb"""\A(?:\xef\xbb\xbf)?
+    (?:<\?xml\s.*?\?>)?
+    (?:\s*<!--.*?-->|\s*<!DOCTYPE\s+svg\b[^\[>]*>)*
+    \s*<svg[\s/>]""", re.DOTALL | re.VERBOSE)
+_SVG_PROLOG_BYTES = 4096
+# Tables fit the body: caption and cell text may break anywhere (which, unlike break-word, lets
+# the automatic table layout narrow the table below its longest word), numbers never (a number
+# split across lines is misread). A table too wide even so scrolls inside its own box rather
+# than widening the page, its caption held to the box's width (100cqi) and to its left edge.
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; line-height: 1.5;
-       max-width: 62rem; margin: 2rem auto; padding: 0 1rem; color: #1b1b1b; }
+       max-width: 62rem; margin: 2rem auto; padding: 0 1rem; color: #1b1b1b;
+       overflow-wrap: break-word; }
 h1 { margin-bottom: 0.2rem; }
 h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2rem; margin-top: 2.5rem; }
 .meta, .source { color: #666; font-size: 0.9rem; }
@@ -54,10 +71,14 @@ nav ol { padding-left: 1.5rem; }
 figure { margin: 1.5rem 0; }
 figure img { max-width: 100%; height: auto; display: block; }
 figcaption, caption { color: #444; font-size: 0.9rem; margin: 0.4rem 0; text-align: left; }
-table { border-collapse: collapse; margin: 1.5rem 0; font-size: 0.9rem; }
-th, td { border-bottom: 1px solid #e3e3e3; padding: 0.25rem 0.7rem; text-align: left; }
+.table-scroll { max-width: 100%; overflow-x: auto; margin: 1.5rem 0; container-type: inline-size; }
+caption { position: sticky; left: 0; max-width: 100cqi; }
+table { border-collapse: collapse; font-size: 0.85rem; line-height: 1.35; }
+caption, td { overflow-wrap: anywhere; }
+th, td { border-bottom: 1px solid #e3e3e3; padding: 0.2rem 0.45rem; text-align: left; vertical-align: top; }
 th { border-bottom: 2px solid #bbb; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap;
+         overflow-wrap: normal; }
 """
 
 
@@ -163,14 +184,58 @@ def _check_figure(figure, i: int, folder: Path) -> None:
         raise ValueError(f"figure file {name} must be a path inside the section folder")
     if Path(name).suffix.lower() not in _IMAGE_TYPES:
         raise ValueError(f"figure file {name}: unsupported type, use one of {sorted(_IMAGE_TYPES)}")
-    if not (folder / name).is_file():
+    _figure_bytes(folder, name)
+
+
+def _figure_bytes(folder: Path, name: str) -> bytes:
+    """The bytes of figure ``name`` (a relative path whose suffix is in ``_IMAGE_TYPES``), read
+    once and checked; ValueError(reason) unless ``folder / name`` is a regular file inside
+    ``folder``, with no symbolic link from ``folder`` down to it, that holds its type's data."""
+    parts = Path(name).parts
+    for j in range(1, len(parts) + 1):
+        if folder.joinpath(*parts[:j]).is_symlink():
+            link = "it" if j == len(parts) else f"its folder {Path(*parts[:j])}"
+            raise ValueError(f"figure file {name}: {link} is a symbolic link; a figure must be a regular "
+                             "file inside the section folder")
+    path = folder / name
+    if not path.exists():
         raise ValueError(f"figure file {name} does not exist in {folder}")
-    mime, magic = _IMAGE_TYPES[Path(name).suffix.lower()]
-    if magic is not None:
-        with open(folder / name, "rb") as f:
-            if f.read(len(magic)) != magic:
-                raise ValueError(f"figure file {name} does not hold {mime} data "
-                                 "(its first bytes do not match)")
+    if not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder)):
+        raise ValueError(f"figure file {name} lies outside the section folder {folder}")
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        raise ValueError(f"figure file {name} is not a regular file")
+    data = _read_below(folder, parts, name)
+    mime, magic = _IMAGE_TYPES[path.suffix.lower()]
+    ok = _SVG_START.match(data[:_SVG_PROLOG_BYTES]) if magic is None else data.startswith(magic)
+    if not ok:
+        what = "it does not open an <svg> element" if magic is None else "its first bytes do not match"
+        raise ValueError(f"figure file {name} does not hold {mime} data ({what})")
+    return data
+
+
+def _read_below(folder: Path, parts: tuple, name: str) -> bytes:
+    """The bytes of the regular file ``folder/parts...``, opened one component at a time
+    relative to its parent without following a link, so that a file or folder swapped for a
+    link (or a FIFO) after :func:`_figure_bytes` looked at it is refused, not followed (or
+    waited on)."""
+    no_follow = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        parent = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts[:-1]:
+                child = os.open(part, no_follow | os.O_DIRECTORY, dir_fd=parent)
+                os.close(parent)
+                parent = child
+            fd = os.open(parts[-1], no_follow | os.O_NONBLOCK, dir_fd=parent)
+        finally:
+            os.close(parent)
+    except OSError as err:
+        raise ValueError(f"figure file {name} cannot be opened as a regular file inside the section "
+                         f"folder ({err.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"figure file {name} is not a regular file")
+        return f.read()
 
 
 def _check_table(table, i: int) -> None:
@@ -239,16 +304,19 @@ def _render_section(n: int, manifest: dict, folder: Path, rel: str) -> str:
     parts = [f'<section id="section-{n}">\n<h2>{esc(manifest["title"])}</h2>\n',
              f'<p class="source">{esc(rel)}/{SECTION_FILE}</p>\n']
     parts += [f"<p>{esc(p)}</p>\n" for p in manifest.get("text", [])]
-    parts += [_render_figure(f, folder) for f in manifest.get("figures", [])]
+    try:
+        parts += [_render_figure(f, folder) for f in manifest.get("figures", [])]
+    except ValueError as err:
+        raise ValueError(f"{folder / SECTION_FILE}: {err}") from None
     parts += [_render_table(t) for t in manifest.get("tables", [])]
     parts.append("</section>\n")
     return "".join(parts)
 
 
 def _render_figure(figure: dict, folder: Path) -> str:
-    path = folder / figure["file"]
-    mime, _ = _IMAGE_TYPES[path.suffix.lower()]
-    data = path.read_bytes()
+    # checked again on the bytes embedded: the file may have changed since the section was read
+    data = _figure_bytes(folder, figure["file"])
+    mime, _ = _IMAGE_TYPES[Path(figure["file"]).suffix.lower()]
     caption = figure.get("caption", "")
     alt = html.escape(caption or figure["file"])
     uri = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
@@ -263,7 +331,8 @@ def _render_table(table: dict) -> str:
     rows = "".join("<tr>" + "".join(_render_cell(c) for c in row) + "</tr>\n"
                    for row in table.get("rows", []))
     cap = f"<caption>{esc(caption)}</caption>\n" if caption else ""
-    return f"<table>\n{cap}<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}</tbody>\n</table>\n"
+    return (f'<div class="table-scroll">\n<table>\n{cap}<thead><tr>{head}</tr></thead>\n'
+            f"<tbody>\n{rows}</tbody>\n</table>\n</div>\n")
 
 
 def _render_cell(cell) -> str:

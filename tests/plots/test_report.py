@@ -4,7 +4,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import stat
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import pytest
 from matplotlib.figure import Figure
 
 import latentsel
+from latentsel.plots import report
 from latentsel.plots.report import write_report, write_section
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -42,6 +46,12 @@ def _run(tmp_path: Path) -> Path:
                                     ["atomic", 2000, 123456.0, True]]}])
     write_section(run / "demo", "Demo", order=10, figures=[{"file": "heat.png", "caption": "Selections"}])
     return run
+
+
+# an SVG drawn by hand: BOM, XML declaration, comment, then the root element
+SVG = ('\ufeff<?xml version="1.0" encoding="UTF-8"?>\n<!-- drawn by hand -->\n'
+       '<svg xmlns="http://www.w3.org/2000/svg" width="120" height="40" viewBox="0 0 120 40">'
+       '<rect width="120" height="40" fill="#4a90d9"/></svg>\n').encode()
 
 
 def _no_temp_files(folder: Path) -> bool:
@@ -147,6 +157,173 @@ def test_write_section_rejects_bad_cells_and_titles(tmp_path):
         write_section(tmp_path, "T", order=float("nan"))
 
 
+@contextmanager
+def _no_hang(seconds: int = 5):
+    """Fail, rather than wait for ever, if the block blocks (opening a FIFO does)."""
+    def alarm(signum, frame):
+        raise TimeoutError(f"blocked for {seconds} s")
+    before = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
+def _section_error(folder: Path, **kw) -> str:
+    """The message of the ValueError that ``write_section(folder, "T", **kw)`` raises."""
+    with _no_hang(), pytest.raises(ValueError) as info:
+        write_section(folder, "T", **kw)
+    message = str(info.value)
+    assert message.startswith(f"{folder / 'section.json'}: ") and "\n" not in message
+    assert not (folder / "section.json").exists()
+    return message
+
+
+def test_write_section_refuses_a_symlinked_figure(tmp_path):
+    section = tmp_path / "run" / "s"
+    section.mkdir(parents=True)
+    (section / "x.svg").symlink_to("/etc/passwd")
+    _figure(section / "real.png")
+    (section / "alias.png").symlink_to("real.png")  # a link inside the folder is refused too
+    (section / "dangling.png").symlink_to(tmp_path / "gone.png")
+    for name in ("x.svg", "alias.png", "dangling.png"):
+        message = _section_error(section, figures=[{"file": name}])
+        assert f"figure file {name}: it is a symbolic link" in message
+
+
+def test_write_section_refuses_a_figure_under_a_symlinked_folder(tmp_path):
+    outside = tmp_path / "outside"
+    _figure(outside / "f.png")
+    section = tmp_path / "run" / "s"
+    (section / "figures").mkdir(parents=True)
+    (section / "figures" / "deeper").symlink_to(outside, target_is_directory=True)
+    (section / "linked").symlink_to(outside, target_is_directory=True)
+    message = _section_error(section, figures=[{"file": "linked/f.png"}])
+    assert "figure file linked/f.png: its folder linked is a symbolic link" in message
+    message = _section_error(section, figures=[{"file": "figures/deeper/f.png"}])
+    assert "figure file figures/deeper/f.png: its folder figures/deeper is a symbolic link" in message
+
+
+def test_write_section_refuses_a_fifo_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "f.png")
+    message = _section_error(tmp_path, figures=[{"file": "f.png"}])
+    assert "figure file f.png is not a regular file" in message
+
+
+def test_write_section_refuses_a_device(tmp_path):
+    try:
+        os.mknod(tmp_path / "f.png", stat.S_IFCHR | 0o600, os.makedev(1, 3))  # /dev/null's numbers
+    except (PermissionError, OSError) as err:
+        pytest.skip(f"cannot create a device node here: {err}")
+    message = _section_error(tmp_path, figures=[{"file": "f.png"}])
+    assert "figure file f.png is not a regular file" in message
+
+
+@pytest.mark.parametrize("content", [
+    b"root:x:0:0:root:/root:/bin/bash\n",
+    b"\x89PNG\r\n\x1a\n",
+    b"<html><body><svg></svg></body></html>",
+    b'<?xml version="1.0"?>\n<html xmlns="http://www.w3.org/1999/xhtml"/>',
+    b"<svgfake/>",
+    b'<!DOCTYPE svg [<!ENTITY a "aaaa">]>\n<svg xmlns="http://www.w3.org/2000/svg">&a;</svg>',
+    b"<!-- unterminated comment <svg>",
+    b"\n" * 5000 + b"<svg/>",  # the element must open within the first 4 KB
+    b' <?xml version="1.0"?><svg/>',  # nothing may precede the XML declaration
+    b"",
+], ids=["text", "png", "html", "xhtml", "svgfake", "entities", "comment", "late", "declaration-late", "empty"])
+def test_write_section_refuses_an_svg_that_is_not_svg(tmp_path, content):
+    (tmp_path / "f.svg").write_bytes(content)
+    message = _section_error(tmp_path, figures=[{"file": "f.svg"}])
+    assert "figure file f.svg does not hold image/svg+xml data (it does not open an <svg> element)" in message
+
+
+@pytest.mark.parametrize("content", [
+    SVG,
+    b'<svg xmlns="http://www.w3.org/2000/svg"/>',
+    b'<?xml version="1.0"?><!--a--><!-- b -->\n<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN"\n'
+    b'  "http://www.w3.org/Graphics/SVG/1.1/DTD/svg11.dtd">\n<svg\nwidth="1"/>',
+    b'\n  <!-- no declaration: blank lines may come first -->\n<svg>',
+], ids=["declaration", "bare", "doctype", "blank"])
+def test_write_section_accepts_an_svg_after_its_prolog(tmp_path, content):
+    (tmp_path / "f.svg").write_bytes(content)
+    write_section(tmp_path, "T", figures=[{"file": "f.svg", "caption": "c"}])
+    page = write_report(tmp_path).read_text()
+    uri = re.search(r'src="data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)"', page)
+    assert base64.b64decode(uri.group(1)) == content
+
+
+def _swap_for_link(path: Path, target: Path) -> None:
+    path.unlink()
+    path.symlink_to(target)
+
+
+def test_write_report_refuses_a_figure_swapped_for_a_link_after_write_section(tmp_path):
+    run = _run(tmp_path)
+    figure = run / "identify" / "figures" / "curves.png"
+    _swap_for_link(figure, _figure(tmp_path / "outside.png"))
+    with pytest.raises(ValueError) as info:
+        write_report(run)
+    message = str(info.value)
+    assert message.startswith(f"{run / 'identify' / 'section.json'}: figure file figures/curves.png: ")
+    assert "symbolic link" in message and "\n" not in message
+    assert not (run / "report.html").exists() and _no_temp_files(run)
+
+
+def test_write_report_refuses_a_folder_swapped_for_a_link_after_write_section(tmp_path):
+    run = _run(tmp_path)
+    outside = tmp_path / "outside"
+    shutil.move(run / "identify" / "figures", outside)
+    (run / "identify" / "figures").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"identify/section\.json: figure file figures/curves\.png: its folder "
+                                         r"figures is a symbolic link"):
+        write_report(run)
+
+
+@pytest.mark.parametrize("swap", ["link", "fifo", "not png"])
+def test_the_bytes_embedded_are_checked_after_the_section_is_read(tmp_path, monkeypatch, swap):
+    """A figure that changes between reading its section and embedding it is checked again."""
+    run = _run(tmp_path)
+    figure = run / "demo" / "heat.png"
+    read_section = report._read_section
+
+    def read_then_swap(path):
+        manifest = read_section(path)
+        if path.parent.name == "demo":
+            figure.unlink()
+            if swap == "link":
+                figure.symlink_to(_figure(tmp_path / "outside.png"))
+            elif swap == "fifo":
+                os.mkfifo(figure)
+            else:
+                figure.write_bytes(b"GIF89a")
+        return manifest
+
+    monkeypatch.setattr(report, "_read_section", read_then_swap)
+    with _no_hang(), pytest.raises(ValueError) as info:
+        write_report(run)
+    message = str(info.value)
+    assert message.startswith(f"{run / 'demo' / 'section.json'}: figure file heat.png") and "\n" not in message
+    assert not (run / "report.html").exists()
+
+
+def test_opening_refuses_a_link_that_appears_after_the_check(tmp_path):
+    """The read itself follows no link, should one appear between the checks and the open."""
+    _figure(tmp_path / "figures" / "f.png")
+    _figure(tmp_path / "outside" / "f.png")
+    shutil.rmtree(tmp_path / "figures")
+    (tmp_path / "figures").symlink_to(tmp_path / "outside", target_is_directory=True)
+    with pytest.raises(ValueError, match="figure file figures/f.png cannot be opened as a regular file"):
+        report._read_below(tmp_path, ("figures", "f.png"), "figures/f.png")
+    (tmp_path / "g.png").symlink_to(tmp_path / "outside" / "f.png")
+    with pytest.raises(ValueError, match="figure file g.png cannot be opened as a regular file"):
+        report._read_below(tmp_path, ("g.png",), "g.png")
+    os.mkfifo(tmp_path / "h.png")
+    with _no_hang(), pytest.raises(ValueError, match="figure file h.png is not a regular file"):
+        report._read_below(tmp_path, ("h.png",), "h.png")
+
+
 @pytest.mark.parametrize("text, reason", [
     ('{"title": "T",', "invalid JSON"),
     ('{"order": 3}', "'title' must be a non-empty string"),
@@ -241,3 +418,101 @@ def test_report_renders_in_chromium(tmp_path, browser):
     assert browser.execute_script(
         "return getComputedStyle(document.querySelector('td.num')).textAlign;") == "right"
     assert browser.execute_script("return performance.getEntriesByType('resource').length;") == 0
+
+
+# the page's layout as the tests below read it: how wide the document is against the window,
+# where the body's content box, each table and each caption ([left, right]) end, by how much
+# each table box scrolls,
+# whether any number wraps onto a second line, and whether every image loaded
+LAYOUT = """
+const px = (el, prop) => parseFloat(getComputedStyle(el)[prop]);
+const body = document.body.getBoundingClientRect();
+const lines = el => { const r = document.createRange(); r.selectNodeContents(el); return r.getClientRects().length; };
+return {
+  scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth,
+  bodyLeft: body.left + px(document.body, 'paddingLeft'), bodyRight: body.right - px(document.body, 'paddingRight'),
+  tables: Array.from(document.querySelectorAll('table'), t => t.getBoundingClientRect().right),
+  captions: Array.from(document.querySelectorAll('caption, figcaption'), c => [c.getBoundingClientRect().left,
+                                                                            c.getBoundingClientRect().right]),
+  overflow: Array.from(document.querySelectorAll('.table-scroll'), d => d.scrollWidth - d.clientWidth),
+  wrappedNumbers: Array.from(document.querySelectorAll('td.num')).filter(td => lines(td) > 1).length,
+  images: Array.from(document.images, i => i.complete && i.naturalWidth > 0),
+  imageRight: Math.max(...Array.from(document.images, i => i.getBoundingClientRect().right)),
+};
+"""
+
+
+# the numeric columns of a wide table, as a fit summary would have them: ints up to 8 digits,
+# floats from 1e-15 to 1e+05 (printed in up to 10 characters), NaN, infinity and missing cells
+STATISTICS = {
+    "N": lambda i: 10 ** (i + 2),
+    "accuracy": lambda i: 0.8312 - 0.07 * i,
+    "elpd_loo": lambda i: -12345.678 * (i + 1),
+    "se": lambda i: 12.3456 / (i + 1),
+    "p_loo": lambda i: 3.5 * i,
+    "weight": lambda i: 10.0 ** (-3 * i),
+    "r_hat": lambda i: 1.0 + 0.01 * i,
+    "ess_bulk": lambda i: 1234.5 * (i + 1),
+    "divergences": lambda i: 3 * i,
+    "bias": lambda i: [float("nan"), None, float("inf"), -0.000123456, 0.0, 1.5][i],
+}
+
+
+def _wide_run(tmp_path: Path, n_cols: int = 12) -> Path:
+    """A run folder whose table has ``n_cols`` columns (a trace id, its steps as one unbroken
+    200-character token, then the :data:`STATISTICS` in turn) over 6 rows, and PNG, SVG and
+    JPEG figures, one of them 2000 pixels wide."""
+    run = tmp_path / "wide"
+    token = "".join(f"r{i % 10}s{i * 7 % 10}" for i in range(50))
+    stats = [list(STATISTICS)[j % len(STATISTICS)] for j in range(n_cols - 2)]
+    columns = ["trace", "steps"] + [f"{name} {j}" for j, name in enumerate(stats)]
+    rows = [[f"trace-{i}-" + "x" * 40, token] + [STATISTICS[name](i) for name in stats] for i in range(6)]
+    figures = run / "figures"
+    for name, size in [("wide.png", (20.0, 2.0)), ("plot.svg", (6.0, 3.0)), ("plot.jpeg", (4.0, 3.0))]:
+        fig = Figure(figsize=size, dpi=100)
+        fig.add_subplot().plot(range(10))
+        figures.mkdir(parents=True, exist_ok=True)
+        fig.savefig(figures / name)
+    (figures / "hand.svg").write_bytes(SVG)
+    write_section(run, "A wide table", text=["A long token in the text: " + token],
+                  figures=[{"file": f"figures/{name}", "caption": f"{name}: {token}"}
+                           for name in ("wide.png", "plot.svg", "hand.svg", "plot.jpeg")],
+                  tables=[{"caption": f"{n_cols} columns, the steps in one token: {token}", "columns": columns,
+                           "rows": rows}])
+    return run
+
+
+def test_a_wide_report_fits_the_window_in_chromium(tmp_path, browser):
+    """At 1280x900 a 12-column table of long tokens and numbers fits the body without scrolling,
+    no number wraps, nothing widens the page, and every figure loads within the body."""
+    browser.set_window_size(1280, 900)
+    browser.get(write_report(_wide_run(tmp_path)).as_uri())
+    layout = browser.execute_script(LAYOUT)
+    assert layout["innerWidth"] >= 1200, layout
+    assert layout["scrollWidth"] <= layout["innerWidth"], layout
+    assert layout["tables"] and all(right <= layout["bodyRight"] + 0.5 for right in layout["tables"]), layout
+    assert layout["overflow"] == [0], layout
+    assert layout["wrappedNumbers"] == 0, layout
+    assert _captions_within_body(layout), layout
+    assert layout["images"] == [True] * 4, layout
+    assert layout["imageRight"] <= layout["bodyRight"] + 0.5, layout
+
+
+def test_a_table_too_wide_to_fit_scrolls_in_its_own_box(tmp_path, browser):
+    """40 columns of numbers cannot fit: the table scrolls inside its box, the page does not,
+    and its caption stays in view, wrapped to the box, wherever the box is scrolled."""
+    browser.set_window_size(1280, 900)
+    browser.get(write_report(_wide_run(tmp_path, n_cols=40)).as_uri())
+    layout = browser.execute_script(LAYOUT)
+    assert layout["scrollWidth"] <= layout["innerWidth"], layout
+    assert layout["overflow"][0] > 0 and layout["wrappedNumbers"] == 0, layout
+    assert _captions_within_body(layout), layout
+    browser.execute_script("document.querySelector('.table-scroll').scrollLeft = 1e6;")
+    layout = browser.execute_script(LAYOUT)
+    assert layout["tables"][0] <= layout["bodyRight"] + 0.5, layout  # scrolled to its right end
+    assert _captions_within_body(layout), layout
+
+
+def _captions_within_body(layout: dict) -> bool:
+    return all(left >= layout["bodyLeft"] - 0.5 and right <= layout["bodyRight"] + 0.5
+               for left, right in layout["captions"])
