@@ -60,7 +60,10 @@ def cmd_identify(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from latentsel.experiments.policy_fits import FITTED_MODELS, find_corpora, fit_policy_corpora, nuts_diagnostics
+    import sys
+
+    from latentsel.experiments.policy_fits import (FITTED_MODELS, find_corpora, fit_policy_corpora, nuts_diagnostics,
+                                                   summary_lines)
 
     world = world_of(args)
     corpora = find_corpora(args.corpora, args.policies)
@@ -69,10 +72,11 @@ def cmd_analyze(args) -> int:
           + (f"; NUTS on {args.nuts_traces} traces, 2 chains x ({args.nuts_draws} + {args.nuts_draws}) draws"
              if args.nuts_traces else ""), flush=True)
     result = fit_policy_corpora(corpora, args.out, world, draws=args.draws, max_traces=args.max_traces,
-                                seed=args.seed)
-    for row in result["loo"]:
-        print(f"{row[0]:<16} {row[1]:<7} preferred: {row[5]:<10} elpd_diff {row[6]:9.1f} (dse {row[7]:.1f}), "
-              f"{row[8]} traces with k > 0.7")
+                                seed=args.seed, folds=args.folds, split_seed=args.split_seed,
+                                entangle=not args.no_entanglement)
+    for line in result["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)
+    print("\n".join(summary_lines(result)))
     if args.nuts_traces:
         key = next((k for k in sorted(corpora) if k[1] == "seen"), sorted(corpora)[0])
         traces = read_traces(corpora[key], world=world)
@@ -81,6 +85,8 @@ def cmd_analyze(args) -> int:
                                seed=args.seed)
         print(f"NUTS on {res['n_traces']} traces of {key[0]}.{key[1]}: max R-hat {res['max_r_hat']:.3f}, "
               f"min bulk ESS {res['min_ess_bulk']:.0f}, {res['divergences']} divergences")
+        for flag in res["flags"]:
+            print(f"  {flag}")
     print(f"wrote {args.out}")
     return 0
 
@@ -141,8 +147,8 @@ def add_commands(sub) -> None:
     add_world(p)
     p.set_defaults(func=cmd_identify, jax_devices=lambda args: 1)
 
-    p = sub.add_parser("analyze", help="fit policy corpora: PSIS-LOO model comparison, error attribution, NUTS "
-                                       "diagnostics")
+    p = sub.add_parser("analyze", help="fit policy corpora: where every step went, the emission, a modularity test, "
+                                       "policy differences, PSIS-LOO and NUTS diagnostics")
     p.add_argument("corpora", help="folder of POLICY.eval-SPLIT.jsonl.gz corpora (as `latentsel protocol` writes)")
     p.add_argument("--policies", type=lambda v: [x for x in v.split(",") if x], default=None,
                    help="comma-separated policies to fit (default: all found)")
@@ -151,7 +157,13 @@ def add_commands(sub) -> None:
     p.add_argument("--nuts-traces", type=nonneg_int, default=200,
                    help="traces of one seen-split corpus for the NUTS diagnostics (0: skip)")
     p.add_argument("--nuts-draws", type=at_least(4), default=100, help="NUTS warm-up and kept draws per chain")
-    p.add_argument("--seed", type=int, default=0, help="seed of the conjugate draws and of NUTS")
+    p.add_argument("--seed", type=int, default=0, help="seed of the conjugate draws, the folds and NUTS")
+    p.add_argument("--folds", type=at_least(2), default=5,
+                   help="folds of the held-out choice of the emission (default: %(default)s)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the skill-bigram split the policies were trained with (default: %(default)s)")
+    p.add_argument("--no-entanglement", action="store_true",
+                   help="skip the entanglement rho of the hierarchical model (the slowest part of the modularity test)")
     p.add_argument("--out", required=True, help="output folder")
     add_world(p)
     p.set_defaults(func=cmd_analyze, jax_devices=lambda args: 1)

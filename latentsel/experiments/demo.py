@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from latentsel.experiments.identify_outputs import summary_rows, write_identify
-from latentsel.experiments.policy_fits import find_corpora, fit_policy_corpora, nuts_diagnostics
+from latentsel.experiments.policy_fits import find_corpora, fit_policy_corpora, nuts_diagnostics, summary_lines
 from latentsel.experiments.sweeps import sbc, sweep
 from latentsel.plots.report import write_report, write_section
 from latentsel.traces import read_traces, write_traces
@@ -74,12 +74,9 @@ def run_demo(out: str | Path = "latentsel-demo", n: int = 2000, seed: int = 0, *
     policies = fit_policy_corpora(found, out / "policies", world, max_traces=policy_traces, seed=seed,
                                   progress=progress)
     print(f"policy corpora ({folder}): {len(found)} fitted in {time.perf_counter() - t0:.0f} s")
-    for row in policies["attribution"]:
-        print(f"  {row['policy']:<16} {row['split']:<7} routing error {row['route_error']:.3f}  skill error "
-              f"{row['skill_error']:.3f}  off-module {row['off_module']:.3f}  per observed step")
-    for row in policies["loo"]:
-        print(f"  {row[0]:<16} {row[1]:<7} PSIS-LOO prefers {row[5]} (elpd_diff {row[6]:.1f}, dse {row[7]:.1f}; "
-              f"{row[8]} traces with k > 0.7)")
+    print("\n".join("  " + line for line in summary_lines(policies)))
+    for line in policies["warnings"]:
+        print(f"  warning: {line}")
     if nuts_traces:
         key = next((k for k in sorted(found) if k[1] == "seen"), sorted(found)[0])
         res = nuts_diagnostics(read_traces(found[key], world=world), world, out / "diagnostics",
@@ -87,6 +84,8 @@ def run_demo(out: str | Path = "latentsel-demo", n: int = 2000, seed: int = 0, *
                                samples=nuts_draws, seed=seed, progress=False)
         print(f"NUTS diagnostics on {res['n_traces']} traces of {key[0]}.{key[1]}: max R-hat {res['max_r_hat']:.3f}, "
               f"min bulk ESS {res['min_ess_bulk']:.0f}, {res['divergences']} divergences")
+        for flag in res["flags"]:
+            print(f"  {flag}")
     report = write_report(out, title="latentsel demo")
     print(f"wrote {report} ({time.perf_counter() - t_start:.0f} s in all)")
     return {"regimes": rows, "identify": records, "policies": policies, "report": report}

@@ -1,24 +1,34 @@
-"""Fitting the traces of trained policies: model comparison and error attribution (DESIGN §1, §6).
+"""Fitting the traces of trained policies (DESIGN §1, §6): where every step went, which emission
+the traces call for, whether execution is modular, and how the policies differ.
 
-For every corpus ``{policy}.{split}.jsonl[.gz]`` (as ``latentsel protocol`` writes them; split
-``eval-seen``, ``eval-unseen`` or ``eval-ood``): fit the modular and the entangled model by EM,
-compare them by PSIS-LOO on the per-trace marginal log-likelihood under draws of the conjugate
-posterior (:mod:`latentsel.analysis.diagnostics`), and attribute the errors of every observed step under
-the modular fit:
+For every corpus ``{policy}.eval-{split}.jsonl[.gz]`` (as ``latentsel protocol`` writes them):
 
-* ``route_error`` = p(r_t ≠ c_t^r | D), ``skill_error`` = p(k_t ≠ c_t^k | D),
-* ``off_module`` = p(u_t = 1 | D),
+1. **Failures first.** Every step of a malformed completion is classified
+   (:mod:`latentsel.traces.failures`); a model is fitted to the read prefix of each completion
+   only, never to a failed step taken for a hidden one.
+2. **Emission.** One noise for every skill against a noise per executed skill, chosen by
+   5-fold held-out predictive log-likelihood per trace (the richer one only when it wins by
+   ≥ 2 standard errors).
+3. **Attribution** (:mod:`latentsel.analysis.attribution`) under the modular fit with the chosen
+   emission: every program step split into as intended (up to the modules it cannot be told
+   from), inherited, routing / skill / both errors, off-module, stopped, unreadable, after an
+   unreadable step.
+4. **Model comparison** by PSIS-LOO (conjugate draws), stated only where its Pareto k allow.
 
-each an expected count per observed step (they can overlap: an off-module step's executed
-module is drawn from its row all the same). Unobserved steps (a completion that stopped early or
-could not be parsed) carry no evidence and are left out.
+Per policy, the **modularity test**: both models fitted to the eval-seen traces (seen bigrams)
+predict the eval-unseen traces (held-out bigrams); and the entanglement ρ of the hierarchical
+model (:mod:`latentsel.analysis.entanglement`), the correlation of executions within a bigram
+context beyond the module's row, with its profile-likelihood interval on both splits pooled.
+Across policies, **SFT against RL**: the share of steps executed as intended, by the kind of
+skill bigram the step closes (seen, RL, held out), with a Bayesian-bootstrap interval of each
+difference.
 """
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -26,22 +36,32 @@ from tqdm.auto import tqdm
 from latentsel import plots
 from latentsel._io import atomic_open
 from latentsel.analysis import diagnostics
+from latentsel.analysis.attribution import CATEGORIES, FITTED, LABELS, Attribution, attribute
 from latentsel.analysis.fitting import fit_traces
+from latentsel.analysis.entanglement import entanglement
+from latentsel.analysis.stepwise import StepParams, compare_heldout, fit_steps, heldout_loglik, step_joint
+from latentsel.analysis.verdicts import compare_verdict, loo_verdict, mcmc_flags, ppc_flags
 from latentsel.inference.collapsed import params_from_sites
 from latentsel.inference.mcmc import fit_nuts
 from latentsel.models.registry import MODELS
 from latentsel.plots.report import write_section
 from latentsel.traces import Trace, read_traces
 from latentsel.traces.emission import build_data
+from latentsel.traces.failures import completion_status, fitted_prefix, is_malformed
+from latentsel.traces.regimes import bigram_split
 from latentsel.world import World
 
-__all__ = ["find_corpora", "attribution", "fit_policy_corpora", "nuts_diagnostics", "FITTED_MODELS"]
+__all__ = ["find_corpora", "Corpus", "prepare_corpus", "choose_emission", "fit_policy_corpora", "modularity_test",
+           "policy_differences", "summary_lines", "nuts_diagnostics", "FITTED_MODELS", "SPLITS"]
 
 # the models compared on every corpus: those that read the program (a chain does not)
 FITTED_MODELS = tuple(name for name, spec in MODELS.items() if spec.uses_program)
 
 _CORPUS = re.compile(r"^(?P<policy>.+)\.eval-(?P<split>seen|unseen|ood)\.jsonl(\.gz)?$")
 SPLITS = ("seen", "unseen", "ood")
+_AS_INTENDED = ("intended", "inherited")  # the intended module ran (on a right or a wrong input)
+_CONTEXTS = ("start", "seen", "rl", "held_out")
+_CONTEXT_LABELS = {"start": "first step", "seen": "SFT-seen bigram", "rl": "RL bigram", "held_out": "held-out bigram"}
 
 
 def find_corpora(folder: str | Path, policies: Sequence[str] | None = None) -> dict[tuple[str, str], Path]:
@@ -63,101 +83,441 @@ def find_corpora(folder: str | Path, policies: Sequence[str] | None = None) -> d
     return found
 
 
-def attribution(traces: Sequence[Trace], data, post) -> dict[str, np.ndarray]:
-    """Expected errors of every trace, summed over its observed steps: ``{"route_error",
-    "skill_error", "off_module", "steps"}``, each ``[N]``."""
-    observed = np.zeros(data.step_mask.shape, bool)
-    for i, tr in enumerate(traces):
-        observed[i, : tr.depth] = [y is not None for y in tr.steps]
-    n, t = np.indices(observed.shape)
-    route = 1.0 - np.asarray(post.route_probs)[n, t, data.route_intended]
-    skill = 1.0 - np.asarray(post.skill_probs)[n, t, data.skill_intended]
-    off = np.asarray(post.p_off)
-    return {"route_error": (route * observed).sum(1), "skill_error": (skill * observed).sum(1),
-            "off_module": (off * observed).sum(1), "steps": observed.sum(1)}
+class Corpus(NamedTuple):
+    """A policy corpus read for fitting.
+
+    ``traces``: every trace as read; ``statuses``: their completion statuses; ``fitted``: the
+    index of the trace behind every row of ``data``; ``prefixes``: those traces cut to their read
+    prefix; ``data``: the prefixes' statistics (``None`` when no step of the corpus was read).
+    """
+
+    policy: str
+    split: str
+    path: Path
+    traces: list
+    statuses: list
+    fitted: list
+    prefixes: list
+    data: object
+
+    @property
+    def name(self) -> str:
+        return f"{self.policy}.{self.split}"
+
+    @property
+    def n_malformed(self) -> int:
+        return sum(is_malformed(tr) for tr in self.traces)
 
 
-def _fit_corpus(traces, world, out: Path, draws: int, seed: int) -> tuple[dict, dict, object]:
-    fits, idatas = {}, {}
-    ids = [tr.id for tr in traces]
-    data = build_data(traces, world)  # the same statistics serve both models
+def prepare_corpus(policy: str, split: str, path: Path, world: World, max_traces: int | None = None) -> Corpus:
+    """Read a corpus, classify its failures and build the statistics of its read prefixes."""
+    traces = read_traces(path, world=world)
+    if max_traces is not None:
+        traces = traces[:max_traces]
+    if not traces:
+        raise ValueError(f"{path}: no traces")
+    if any(tr.program is None for tr in traces):
+        raise ValueError(f"{path}: traces without a program; policy corpora state the program of every prompt")
+    statuses = [completion_status(tr) for tr in traces]
+    fitted, prefixes = [], []
+    for i, (tr, st) in enumerate(zip(traces, statuses)):
+        prefix = fitted_prefix(tr, st)
+        if prefix is not None:
+            fitted.append(i)
+            prefixes.append(prefix)
+    data = build_data(prefixes, world) if prefixes else None
+    return Corpus(policy, split, Path(path), traces, statuses, fitted, prefixes, data)
+
+
+def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
+    order = np.random.default_rng([seed, n]).permutation(n)
+    return [np.sort(f) for f in np.array_split(order, min(k, n))]
+
+
+def choose_emission(data, *, folds: int = 5, seed: int = 0) -> dict:
+    """One noise against a noise per executed skill, by ``folds``-fold held-out predictive
+    log-likelihood of each trace (modular rows). The per-skill emission is chosen only when it
+    predicts better by at least 2 standard errors of the paired per-trace difference."""
+    n = data.n_traces
+    ll = {"shared": np.zeros(n), "per_skill": np.zeros(n)}
+    for test in _folds(n, folds, seed):
+        train = np.setdiff1d(np.arange(n), test)
+        for noise in ll:
+            fit = fit_steps(data.take(train), rows="modular", noise=noise)
+            ll[noise][test] = heldout_loglik(data.take(test), fit.params)
+    cmp = compare_heldout(ll["per_skill"], ll["shared"])
+    verdict = compare_verdict(cmp["diff_mean"], cmp["diff_se"], "per-skill noise", "one noise",
+                              what="held-out log-likelihood per trace")
+    chosen = "per_skill" if verdict["preferred"] == "per-skill noise" else "shared"
+    return {"chosen": chosen, "folds": min(folds, n), "loglik_shared": float(ll["shared"].mean()),
+            "loglik_per_skill": float(ll["per_skill"].mean()), "diff": cmp["diff_mean"], "se": cmp["diff_se"],
+            "verdict": verdict.text}
+
+
+def _noise_text(p: StepParams, world: World) -> str:
+    noise = np.asarray(p.noise)
+    if np.ptp(noise) == 0:
+        return f"{noise[0]:.3f}"
+    lo, hi = int(noise.argmin()), int(noise.argmax())
+    return (f"{noise.min():.3f} ({world.skill_names[lo]}) to {noise.max():.3f} ({world.skill_names[hi]}), "
+            f"median {np.median(noise):.3f}")
+
+
+class CorpusFit(NamedTuple):
+    corpus: Corpus
+    emission: dict
+    params: StepParams
+    attribution: Attribution
+    loo: dict
+
+
+def _fit_corpus(c: Corpus, world: World, where: Path, *, draws: int, seed: int, folds: int) -> CorpusFit:
+    """Emission choice, attribution and PSIS-LOO of one corpus; writes ``where/``."""
+    if c.data is None:  # nothing read: the attribution is the failures alone
+        att = attribute(c.traces, world, c.statuses, [], _empty_data(c, world), np.zeros((0, 1, world.n_routes,
+                        world.n_skills)), np.zeros((0, 1)))
+        return CorpusFit(c, {"chosen": None, "verdict": "no step was read"}, None, att,
+                         {"verdict": {"preferred": None, "text": "no step was read"}, "compare": []})
+    emission = choose_emission(c.data, folds=folds, seed=seed)
+    fit = fit_steps(c.data, rows="modular", noise=emission["chosen"])
+    joint = step_joint(c.data, fit.params)
+    att = attribute(c.traces, world, c.statuses, c.fitted, c.data, joint.on, joint.off)
+    idatas, ids = {}, [tr.id for tr in c.prefixes]
     for model in FITTED_MODELS:
-        fit = fit_traces(traces, world, model, "em", progress=False, data=data)
-        fit.save(out / model)
-        idatas[model] = diagnostics.from_conjugate(model, data, fit.params, world, trace_ids=ids, chains=2,
+        pfit = fit_traces(c.prefixes, world, model, "em", progress=False, data=c.data)
+        pfit.save(where / model)
+        idatas[model] = diagnostics.from_conjugate(model, c.data, pfit.params, world, trace_ids=ids, chains=2,
                                                    draws=draws, seed=seed)
-        fits[model] = (fit, data)
-    return fits, idatas, diagnostics.compare(idatas)
+    records = diagnostics.compare_records(diagnostics.compare(idatas))
+    verdict = loo_verdict(records, threshold=diagnostics.BAD_KHAT)
+    loo = {"corpus": str(c.path), "traces_fitted": len(c.prefixes), "compare": records, "verdict": dict(verdict)}
+    diagnostics.save(idatas["modular"], where / "idata.nc")
+    with atomic_open(where / "loo.json") as f:
+        json.dump(loo, f, indent=1)
+    with atomic_open(where / "attribution.jsonl") as f:
+        for i, tr in enumerate(c.traces):
+            f.write(json.dumps({"id": tr.id, "status": list(c.statuses[i].steps), "ran_on": c.statuses[i].ran_on,
+                                "mass": np.round(att.mass[i, : tr.depth], 6).tolist()}) + "\n")
+    return CorpusFit(c, emission, fit.params, att, loo)
+
+
+def _empty_data(c: Corpus, world: World):
+    """The statistics of a corpus none of whose steps was read: one unused trace's worth."""
+    return build_data([Trace("-", c.traces[0].input, c.traces[0].program[:1], [c.traces[0].input], None, {},
+                             None, {})], world).take(slice(0, 0))
+
+
+def modularity_test(seen: Corpus, unseen: Corpus, world: World, noise: str = "shared", *,
+                    entangle: bool = True) -> dict:
+    """Fit the modular and the entangled rows to ``seen``'s read prefixes, predict ``unseen``'s
+    (per-trace predictive log-likelihood, paired difference with its standard error); and the
+    entanglement ρ of the hierarchical model (:mod:`latentsel.analysis.entanglement`) on both
+    pooled, with its 95% profile-likelihood interval."""
+    out = {"train": seen.name, "test": unseen.name, "noise": noise, "n_train": len(seen.prefixes),
+           "n_test": len(unseen.prefixes)}
+    fits = {rows: fit_steps(seen.data, rows=rows, noise=noise) for rows in ("modular", "entangled")}
+    ll = {rows: heldout_loglik(unseen.data, f.params) for rows, f in fits.items()}
+    cmp = compare_heldout(ll["modular"], ll["entangled"])
+    v = compare_verdict(cmp["diff_mean"], cmp["diff_se"], "modular", "entangled",
+                        what="held-out log-likelihood per trace")
+    out.update(loglik_modular=float(ll["modular"].mean()), loglik_entangled=float(ll["entangled"].mean()),
+               diff=cmp["diff_mean"], se=cmp["diff_se"], preferred=v["preferred"], verdict=v.text)
+    if entangle:
+        pooled = build_data(seen.prefixes + unseen.prefixes, world)
+        ent = entanglement(pooled, fit_steps(pooled, rows="modular", noise=noise).params)
+        out.update(rho=ent["rho"], rho_lower=ent["rho_lower"], rho_upper=ent["rho_upper"],
+                   rho_gain=ent["loglik_best"] - ent["loglik_modular"])
+    return out
+
+
+def _contexts(c: Corpus, world: World, split_seed: int) -> np.ndarray:
+    """int[N, T]: the kind of skill bigram each program step closes (index into ``_CONTEXTS``)."""
+    labels = bigram_split(world.n_skills, split_seed).labels  # 0 seen, 1 RL, 2 held out
+    out = np.full((len(c.traces), max(tr.depth for tr in c.traces)), -1)
+    for i, tr in enumerate(c.traces):
+        ks = [world.skill_index(k) for _, k in tr.program]
+        out[i, 0] = 0
+        for t in range(1, len(ks)):
+            out[i, t] = 1 + int(labels[ks[t - 1], ks[t]])
+    return out
+
+
+def policy_differences(fits: dict, world: World, *, base: str, split_seed: int = 0, draws: int = 4000,
+                       seed: int = 0) -> list[dict]:
+    """The share of program steps executed as intended (the intended module ran, on a right or
+    a wrong input), per policy and kind of skill bigram closed by the step, pooled over splits;
+    and every other policy's difference from ``base`` with a 95% interval from a Bayesian
+    bootstrap over traces (Dirichlet(1) weights; the attribution itself at each fit's θ̂)."""
+    rng = np.random.default_rng(seed)
+    cols = [CATEGORIES.index(c) for c in _AS_INTENDED]
+    per: dict = {}
+    for (policy, _), cf in fits.items():
+        ctx = _contexts(cf.corpus, world, split_seed)
+        ok = cf.attribution.mass[..., cols].sum(-1)
+        step = cf.attribution.mass.sum(-1) > 0
+        for k, name in enumerate(_CONTEXTS):
+            sel = (ctx == k) & step
+            a, n = (ok * sel).sum(1), sel.sum(1).astype(float)
+            keep = n > 0
+            per.setdefault((policy, name), []).append((a[keep], n[keep]))
+    draws_of = {}
+    for key, parts in per.items():
+        a = np.concatenate([p[0] for p in parts])
+        n = np.concatenate([p[1] for p in parts])
+        if not n.size:
+            continue
+        w = rng.dirichlet(np.ones(n.size), size=draws)
+        draws_of[key] = (float(a.sum() / n.sum()), (w @ a) / (w @ n), int(n.sum()))
+    rows = []
+    for policy in sorted({p for p, _ in draws_of}):
+        for name in _CONTEXTS:
+            if (policy, name) not in draws_of:
+                continue
+            share, d, n = draws_of[(policy, name)]
+            row = {"policy": policy, "context": name, "steps": n, "as_intended": share,
+                   "lower": float(np.quantile(d, 0.025)), "upper": float(np.quantile(d, 0.975))}
+            if policy != base and (base, name) in draws_of:
+                b_share, b_d, _ = draws_of[(base, name)]
+                diff = d - b_d
+                lo, hi = np.quantile(diff, [0.025, 0.975])
+                row.update(base=base, diff=share - b_share, diff_lower=float(lo), diff_upper=float(hi),
+                           verdict=("no difference: the 95% interval holds 0" if lo <= 0 <= hi else
+                                    f"{policy} {'above' if lo > 0 else 'below'} {base}"))
+            rows.append(row)
+    return rows
+
+
+def _examples(cf: CorpusFit, world: World, n: int = 2) -> list[list]:
+    """``n`` traces of a corpus with their per-step attribution: the read trace that is most in
+    error, and a malformed one if there is one."""
+    att, c = cf.attribution, cf.corpus
+    err = 1 - att.mass[..., [CATEGORIES.index(k) for k in _AS_INTENDED]].sum(-1).sum(1) / np.maximum(att.depth, 1)
+    picks = []
+    ok = [i for i, st in enumerate(c.statuses) if st.reason is None]
+    if ok:
+        picks.append(max(ok, key=lambda i: (err[i], -i)))
+    bad = [i for i, st in enumerate(c.statuses) if st.reason is not None]
+    if bad:
+        picks.append(bad[0])
+    rows = []
+    for i in picks[:n]:
+        tr = c.traces[i]
+        golden = world.run(tr.program, tr.input)
+        cells = []
+        for t in range(tr.depth):
+            m = att.mass[i, t]
+            j = int(m.argmax())
+            y = "∅" if tr.steps[t] is None else tr.steps[t]
+            cells.append(f"{t + 1}: {y} (golden {golden[t]}) → {LABELS[CATEGORIES[j]]} {m[j]:.2f}")
+        rows.append([c.name, tr.id, tr.input, " ".join(f"{r}/{k}" for r, k in tr.program), " | ".join(cells),
+                     c.statuses[i].reason or ""])
+    return rows
 
 
 def fit_policy_corpora(corpora: dict[tuple[str, str], Path], out: str | Path, world: World, *, draws: int = 50,
-                       max_traces: int | None = None, seed: int = 0, progress: bool = True) -> dict:
-    """Fit every corpus; write ``out/POLICY.SPLIT/{modular,entangled}/fit.json``, ``loo.json``,
-    ``attribution.jsonl``, the modular ``idata.nc``, figures and a report section. ``draws``:
-    conjugate draws per chain (2 chains) for PSIS-LOO. Returns ``{"loo": rows, "attribution": rows}``."""
+                       max_traces: int | None = None, seed: int = 0, folds: int = 5, split_seed: int = 0,
+                       entangle: bool = True, progress: bool = True) -> dict:
+    """Fit every corpus and write ``out/``: per corpus ``POLICY.SPLIT/{modular,entangled}/fit.json``,
+    ``loo.json``, ``attribution.jsonl``, ``idata.nc``; ``attribution.json``, ``modularity.json``,
+    ``differences.json``, figures and a report section. ``draws``: conjugate draws per chain (2
+    chains) for PSIS-LOO. Returns ``{"attribution", "by_step", "emission", "loo", "modularity",
+    "differences", "warnings"}``."""
     out = Path(out)
-    loo_rows, attr_rows, figures = [], [], []
-    for (policy, split), path in tqdm(sorted(corpora.items()), desc="policy corpora", unit="corpus",
-                                      disable=not progress):
-        traces = read_traces(path, world=world)
-        if max_traces is not None:
-            traces = traces[:max_traces]
-        where = out / f"{policy}.{split}"
-        fits, idatas, cmp = _fit_corpus(traces, world, where, draws, seed)
-        records = diagnostics.compare_records(cmp)
-        with atomic_open(where / "loo.json") as f:
-            json.dump({"corpus": str(path), "compare": records}, f, indent=1)
-        diagnostics.save(idatas["modular"], where / "idata.nc")
-        by = {r["model"]: r for r in records}
-        loo_rows.append([policy, split, len(traces), by["modular"]["elpd_loo"], by["entangled"]["elpd_loo"],
-                         records[0]["model"], records[1]["elpd_diff"], records[1]["dse"],
-                         by["modular"]["n_bad_k"] + by["entangled"]["n_bad_k"]])
-        fit, data = fits["modular"]
-        att = attribution(traces, data, fit.posterior)
-        with atomic_open(where / "attribution.jsonl") as f:
-            for i, tr in enumerate(traces):
-                f.write(json.dumps({"id": tr.id, **{k: float(v[i]) for k, v in att.items()}}) + "\n")
-        n_steps = max(int(att["steps"].sum()), 1)
-        row = {"policy": policy, "split": split, "traces": len(traces), "steps": int(att["steps"].sum()),
-               **{k: float(att[k].sum() / n_steps) for k in ("route_error", "skill_error", "off_module")},
-               "noise": fit.params.noise, "off_module_rate": fit.params.off_module}
-        attr_rows.append(row)
-    attr_rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["policy"]))
+    fits: dict[tuple[str, str], CorpusFit] = {}
+    warnings: list[str] = []
+    for (policy, split), path in tqdm(sorted(corpora.items(), key=lambda kv: (kv[0][0], SPLITS.index(kv[0][1]))),
+                                      desc="policy corpora", unit="corpus", disable=not progress):
+        c = prepare_corpus(policy, split, path, world, max_traces)
+        if c.n_malformed:
+            share = c.n_malformed / len(c.traces)
+            warnings.append(f"{c.name}: {c.n_malformed} of {len(c.traces)} completions malformed ({share:.1%}); "
+                            f"their failed steps are counted as failures, not fitted"
+                            + ("; NO step was read" if c.data is None else ""))
+        fits[(policy, split)] = _fit_corpus(c, world, out / c.name, draws=draws, seed=seed, folds=folds)
+    attr_rows, step_rows, emission_rows, loo_rows = [], [], [], []
+    for (policy, split), cf in fits.items():
+        rates = cf.attribution.rates()
+        attr_rows.append({"policy": policy, "split": split, "traces": len(cf.corpus.traces),
+                          "steps": cf.attribution.n_steps, "malformed": cf.corpus.n_malformed, **rates,
+                          "noise": None if cf.params is None else _noise_text(cf.params, world),
+                          "emission": cf.emission["chosen"],
+                          "off_module_rate": None if cf.params is None else float(cf.params.off)})
+        for t, shares in enumerate(cf.attribution.by_step()):
+            step_rows.append({"policy": policy, "split": split, "step": t + 1,
+                              **{c: float(v) for c, v in zip(CATEGORIES, shares)}})
+        emission_rows.append({"policy": policy, "split": split, **cf.emission})
+        by = {r["model"]: r for r in cf.loo["compare"]}
+        loo_rows.append({"policy": policy, "split": split, "traces_fitted": len(cf.corpus.prefixes),
+                         **{f"elpd_{m}": by[m]["elpd_loo"] for m in by}, **{f"p_loo_{m}": by[m]["p_loo"] for m in by},
+                         **{f"bad_k_{m}": by[m]["n_bad_k"] for m in by},
+                         "elpd_diff": cf.loo["compare"][1]["elpd_diff"] if by else None,
+                         "dse": cf.loo["compare"][1]["dse"] if by else None,
+                         "preferred": cf.loo["verdict"]["preferred"], "verdict": cf.loo["verdict"]["text"]})
+    modularity = []
+    for policy in sorted({p for p, _ in fits}):
+        seen, unseen = fits.get((policy, "seen")), fits.get((policy, "unseen"))
+        if seen is None or unseen is None or seen.corpus.data is None or unseen.corpus.data is None:
+            continue
+        res = modularity_test(seen.corpus, unseen.corpus, world, noise=seen.emission["chosen"],
+                              entangle=entangle)
+        modularity.append({"policy": policy, **res})
+    policies = sorted({p for p, _ in fits})
+    base = "sft" if "sft" in policies else policies[0]
+    differences = policy_differences(fits, world, base=base, split_seed=split_seed, seed=seed) if fits else []
+    result = {"attribution": attr_rows, "by_step": step_rows, "emission": emission_rows, "loo": loo_rows,
+              "modularity": modularity, "differences": differences, "warnings": warnings}
+    _write_outputs(out, fits, world, result)
+    return result
+
+
+def _write_outputs(out: Path, fits: dict, world: World, result: dict) -> None:
     with atomic_open(out / "attribution.json") as f:
-        json.dump({"rows": attr_rows}, f, indent=1)
-    plots.save_figure(plots.attribution_bars(attr_rows, title="error attribution per observed step (modular fit)"),
-                      out / "figures" / "attribution.png")
-    figures.append({"file": "figures/attribution.png",
-                    "caption": "Expected routing errors, skill errors and off-module steps per observed step, under "
-                               "the modular model fitted by EM to each policy's evaluation traces."})
+        json.dump({"categories": {c: LABELS[c] for c in CATEGORIES}, "rows": result["attribution"],
+                   "by_step": result["by_step"], "emission": result["emission"], "warnings": result["warnings"]},
+                  f, indent=1)
+    with atomic_open(out / "modularity.json") as f:
+        json.dump({"modularity": result["modularity"], "loo": result["loo"]}, f, indent=1)
+    with atomic_open(out / "differences.json") as f:
+        json.dump({"rows": result["differences"]}, f, indent=1)
+    figures = []
+
+    def figure(fig, name, caption):
+        plots.save_figure(fig, out / "figures" / name)
+        figures.append({"file": f"figures/{name}", "caption": caption})
+
+    figure(plots.attribution_bars(result["attribution"], LABELS), "attribution.png",
+           "Where every program step went, per policy and split: the modular fit's shares (as intended up to the "
+           "modules a step cannot tell apart, inherited, routing, skill or both errors, off-module), then the "
+           "failures no fit sees (stopped early, unreadable steps and the steps after them). The white number is "
+           "the share executed as intended.")
+    figure(plots.attribution_by_step(result["by_step"], LABELS), "attribution_by_step.png",
+           "The same shares by step position within the program.")
+    for policy in sorted({p for p, _ in fits}):
+        mine = {s: cf.attribution for (p, s), cf in fits.items() if p == policy and cf.params is not None}
+        if not mine:
+            continue
+        figure(plots.execution_by_step({s: a.skill_counts for s, a in mine.items()}, world.skill_names,
+                                       what="skill", title=f"{policy}: executed skill given the intended one"),
+               f"skills_{_slug(policy)}.png",
+               f"{policy}: p(executed skill | intended skill) per split and step, from the modular fit's on-module "
+               "posterior (label level: skills a step cannot tell apart share its mass).")
+        figure(plots.execution_by_step({s: a.route_counts for s, a in mine.items()}, world.route_names,
+                                       what="routing", title=f"{policy}: executed routing given the intended one"),
+               f"routes_{_slug(policy)}.png",
+               f"{policy}: p(executed routing | intended routing) per split and step (label level: at step 1 "
+               "prev, input, skip, longest and shortest all read the input, so their split there is the prior's).")
+    pct = lambda v: None if v is None else round(100 * v, 1)  # noqa: E731
     tables = [
-        {"caption": "Error attribution per observed step (modular fit)",
-         "columns": ["policy", "split", "traces", "observed steps", "routing error", "skill error", "off-module",
-                     "noise", "off_module"],
-         "rows": [[r["policy"], r["split"], r["traces"], r["steps"], r["route_error"], r["skill_error"],
-                   r["off_module"], r["noise"], r["off_module_rate"]] for r in attr_rows]},
-        {"caption": "Modular against entangled by PSIS-LOO (per-trace marginal likelihood, conjugate draws); "
-                    "elpd_diff and dse are the second model's distance from the first",
-         "columns": ["policy", "split", "traces", "elpd_loo modular", "elpd_loo entangled", "preferred",
-                     "elpd_diff", "dse", "traces with k > 0.7"],
-         "rows": loo_rows},
+        {"caption": "Where every program step went (% of program steps; ran on: % of traces). Noise: the fitted "
+                    "emission noise beside every attribution (one value, or the range of the per-skill values)",
+         "columns": ["policy", "split", "traces", "malformed", *[LABELS[c] for c in CATEGORIES], "ran on",
+                     "noise", "off-module rate"],
+         "rows": [[r["policy"], r["split"], r["traces"], r["malformed"], *[pct(r[c]) for c in CATEGORIES],
+                   pct(r["ran_on"]), r["noise"], r["off_module_rate"]] for r in result["attribution"]]},
+        {"caption": "Emission: one noise against a noise per executed skill, by 5-fold held-out log-likelihood per "
+                    "trace (modular rows); the richer emission is chosen only when it wins by 2 standard errors",
+         "columns": ["policy", "split", "one noise", "per-skill noise", "difference", "se", "chosen"],
+         "rows": [[r["policy"], r["split"], r.get("loglik_shared"), r.get("loglik_per_skill"), r.get("diff"),
+                   r.get("se"), r["chosen"]] for r in result["emission"]]},
+        {"caption": "Modularity: both models fitted to the eval-seen traces (SFT-seen bigrams) predict the eval-unseen "
+                    "traces (held-out bigrams); log-likelihood per held-out trace. ρ: the entanglement of the "
+                    "hierarchical model fitted to both splits (0 = modular), with its approximate 95% "
+                    "profile-likelihood interval",
+         "columns": ["policy", "train", "test", "modular", "entangled", "difference", "se", "verdict", "ρ",
+                     "ρ interval"],
+         "rows": [[r["policy"], r["n_train"], r["n_test"], r["loglik_modular"], r["loglik_entangled"], r["diff"],
+                   r["se"], r["verdict"], r.get("rho"),
+                   None if "rho" not in r else f"[{r['rho_lower']:.4f}, {r['rho_upper']:.4f}]"]
+                  for r in result["modularity"]]},
+        {"caption": f"PSIS-LOO of the two models on each corpus (conjugate draws): a preference is stated only when no "
+                    f"trace of either model has Pareto k > {diagnostics.BAD_KHAT} and |Δelpd| ≥ 2·dse",
+         "columns": ["policy", "split", "traces", "elpd modular", "elpd entangled", "p_loo entangled",
+                     "k > 0.7 modular", "k > 0.7 entangled", "verdict"],
+         "rows": [[r["policy"], r["split"], r["traces_fitted"], r.get("elpd_modular"), r.get("elpd_entangled"),
+                   r.get("p_loo_entangled"), r.get("bad_k_modular"), r.get("bad_k_entangled"), r["verdict"]]
+                  for r in result["loo"]]},
+        {"caption": "Steps executed as intended (the intended module ran), by the skill bigram the step closes, "
+                    "pooled over splits; the difference from the base policy with a 95% Bayesian-bootstrap interval "
+                    "over traces",
+         "columns": ["policy", "context", "steps", "as intended", "95% interval", "difference", "95% interval",
+                     "verdict"],
+         "rows": [[r["policy"], _CONTEXT_LABELS[r["context"]], r["steps"], r["as_intended"],
+                   f"[{r['lower']:.3f}, {r['upper']:.3f}]", r.get("diff"),
+                   None if "diff" not in r else f"[{r['diff_lower']:.3f}, {r['diff_upper']:.3f}]",
+                   r.get("verdict", "(base)")] for r in result["differences"]]},
+        {"caption": "The largest intended → executed confusions (expected on-module steps, modules not equivalent "
+                    "to the intended one at that step)",
+         "columns": ["corpus", "intended", "executed", "expected steps", "share of the corpus's steps"],
+         "rows": [[cf.corpus.name, a, b, v, v / max(cf.attribution.n_steps, 1)]
+                  for cf in fits.values() for a, b, v in cf.attribution.top_confusions(world, 3)]},
+        {"caption": "Example traces with their attribution (per step: the output, the golden output, the most likely "
+                    "category and its posterior mass; ∅ = not read)",
+         "columns": ["corpus", "id", "input", "program", "steps", "malformed"],
+         "rows": [row for cf in fits.values() for row in _examples(cf, world)]},
     ]
-    text = ["Evaluation traces of the trained policies, fitted with the modular and the entangled model. "
-            "PSIS-LOO compares how well each model predicts a held-out trace; a large number of traces with "
-            "Pareto k > 0.7 means the comparison for that corpus is unreliable."]
-    write_section(out, "Policy traces: model comparison and error attribution", order=30, text=text,
+    text = ["Evaluation traces of the trained policies. Every program step is accounted for: the fitted modular "
+            "model splits the steps it can read into the categories of the first table (a routing that computes "
+            "the same output as the intended one at that step is not an error: no data could say which ran), and "
+            "the failures it cannot read are counted from the completions themselves."]
+    text += [f"Warning: {w}" for w in result["warnings"]]
+    text += [f"Modularity, {r['policy']}: {r['verdict']}" + (f"; ρ = {r['rho']:.4f} [{r['rho_lower']:.4f}, "
+                                                              f"{r['rho_upper']:.4f}]" if "rho" in r else "")
+             for r in result["modularity"]]
+    write_section(out, "Policy traces: where every step went, and is execution modular?", order=30, text=text,
                   figures=figures, tables=tables)
-    return {"loo": loo_rows, "attribution": attr_rows}
+
+
+def _ppc_statistics(idata) -> tuple[dict, dict]:
+    """The statistics :func:`latentsel.analysis.diagnostics.plot_ppc` draws, as ``(observed,
+    replicated)``: step correctness at every depth and the frequency of every error type."""
+    pp, obs = idata.posterior_predictive, idata.observed_data
+    name = "step_correct" if "step_correct" in pp else "step_explained"
+    observed, replicated = {}, {}
+    rep = pp[name].values.reshape(-1, pp[name].shape[-1])
+    for j, t in enumerate(pp[name]["depth"].values):
+        key = f"{name.replace('_', ' ')} at depth {int(t)}"
+        observed[key], replicated[key] = float(obs[name].values[j]), rep[:, j]
+    types = [str(t) for t in pp["error_type"]["step_type"].values]
+    rep = pp["error_type"].values.reshape(-1, len(types))
+    for j, t in enumerate(types):
+        observed[f"share of {t} steps"], replicated[f"share of {t} steps"] = float(obs["error_type"].values[j]), rep[:, j]
+    return observed, replicated
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The per-corpus attribution, the emission choice, the LOO verdicts, the modularity test and
+    the policy differences of :func:`fit_policy_corpora`, as lines of text."""
+    lines = [f"{'corpus':<24} {'steps':>6} " + " ".join(f"{c[:9]:>9}" for c in CATEGORIES) + f" {'ran_on':>7}  noise"]
+    for r in result["attribution"]:
+        lines.append(f"{r['policy'] + '.' + r['split']:<24} {r['steps']:>6} "
+                     + " ".join(f"{r[c]:>9.3f}" for c in CATEGORIES) + f" {r['ran_on']:>7.3f}  {r['noise']} "
+                     f"({r['emission']})")
+    lines += [f"emission {r['policy']}.{r['split']}: {r['verdict']} -> {r['chosen']}" for r in result["emission"]]
+    lines += [f"PSIS-LOO {r['policy']}.{r['split']}: {r['verdict']}" for r in result["loo"]]
+    for r in result["modularity"]:
+        rho = (f"; entanglement rho = {r['rho']:.4f} [{r['rho_lower']:.4f}, {r['rho_upper']:.4f}]" if "rho" in r
+               else "")
+        lines.append(f"modularity {r['policy']} ({r['train']} -> {r['test']}): modular {r['loglik_modular']:.2f}, "
+                     f"entangled {r['loglik_entangled']:.2f} per held-out trace; {r['verdict']}{rho}")
+    lines += [f"as intended, {_CONTEXT_LABELS[r['context']]}: {r['policy']} - {r['base']} = {r['diff']:+.3f} "
+              f"[{r['diff_lower']:+.3f}, {r['diff_upper']:+.3f}]: {r['verdict']}"
+              for r in result["differences"] if "diff" in r]
+    return lines
 
 
 def nuts_diagnostics(traces: Sequence[Trace], world: World, out: str | Path, *, label: str, n_traces: int = 300,
                      warmup: int = 150, samples: int = 150, replicates: int = 20, seed: int = 0,
                      progress: bool = True) -> dict:
-    """NUTS on the first ``n_traces`` traces under the modular model (2 chains), with the full
-    ArviZ diagnostics: ``out/idata.nc`` (posterior, sample_stats, marginal log_likelihood,
-    posterior_predictive, observed_data), R-hat/ESS summary, trace, rank, PPC and Pareto-k plots."""
+    """NUTS on the read prefixes of the first ``n_traces`` traces under the modular model (2
+    chains), with the full ArviZ diagnostics: ``out/idata.nc`` (posterior, sample_stats, marginal
+    log_likelihood, posterior_predictive, observed_data), R-hat/ESS summary, trace, rank, PPC and
+    Pareto-k plots. Failed diagnostics are flagged (``flags``), never left for the reader to find."""
     out = Path(out)
-    traces = list(traces)[:n_traces]
+    traces = [p for p in (fitted_prefix(tr) for tr in list(traces)[:n_traces]) if p is not None]
     data = build_data(traces, world)
     res = fit_nuts("modular", data, num_warmup=warmup, num_samples=samples, num_chains=2, seed=seed,
                    progress_bar=progress)
@@ -180,21 +540,33 @@ def nuts_diagnostics(traces: Sequence[Trace], world: World, out: str | Path, *, 
              "Posterior predictive check: step correctness by depth and the frequencies of error types in "
              "corpora replicated at posterior draws, against the observed corpus."),
             ("khat.png", lambda p: diagnostics.plot_khat(idata, path=p),
-             "Pareto k of PSIS-LOO per trace (k > 0.7: that trace's leave-one-out estimate is unreliable).")):
+             f"Pareto k of PSIS-LOO per trace (k > {diagnostics.BAD_KHAT}: that trace's leave-one-out estimate is "
+             "unreliable).")):
         fn(out / "figures" / name)
         figs.append({"file": f"figures/{name}", "caption": caption})
     rows = [[str(idx)] + [float(v) for v in table.loc[idx, ["mean", "sd", "ess_bulk", "ess_tail", "r_hat"]]]
             for idx in table.index]
+    flags = mcmc_flags(worst["r_hat"].to_numpy(), worst["ess_bulk"].to_numpy())
+    checks = ppc_flags(*_ppc_statistics(idata))
+    flags += [f"PPC FAILED: observed {c['statistic']} {c['observed']:.3f} outside the replicates' 95% interval "
+              f"[{c['lower']:.3f}, {c['upper']:.3f}] (p = {c['p']:.3f})" for c in checks if c["failed"]
+              and c["lower"] is not None]
     result = {"max_r_hat": float(worst["r_hat"].max()), "min_ess_bulk": float(worst["ess_bulk"].min()),
-              "divergences": int(res.diverging.sum()), "n_traces": len(traces), "draws": 2 * samples}
-    text = [f"NUTS over the global parameters of the modular model, the selections summed out, on the first "
-            f"{len(traces)} traces of {label}: 2 chains of {warmup} warm-up and {samples} kept draws. Over all "
-            f"{len(worst)} parameter entries the worst R-hat is {result['max_r_hat']:.3f} and the smallest bulk ESS "
-            f"{result['min_ess_bulk']:.0f}; {result['divergences']} divergent transitions."]
+              "divergences": int(res.diverging.sum()), "n_traces": len(traces), "draws": 2 * samples,
+              "flags": flags, "ppc": checks}
+    text = [f"NUTS over the global parameters of the modular model, the selections summed out, on the read prefixes "
+            f"of the first {len(traces)} traces of {label}: 2 chains of {warmup} warm-up and {samples} kept draws. "
+            f"Over all {len(worst)} parameter entries the worst R-hat is {result['max_r_hat']:.3f} and the smallest "
+            f"bulk ESS {result['min_ess_bulk']:.0f}; {result['divergences']} divergent transitions."]
+    text += flags or ["Every entry has R-hat ≤ 1.01 and bulk ESS ≥ 400, and every predictive check passes."]
     write_section(out, f"Posterior diagnostics (NUTS, {label})", order=40, text=text, figures=figs,
                   tables=[{"caption": "Summary of the plotted entries", "columns": ["entry", "mean", "sd",
                                                                                   "ess_bulk", "ess_tail", "r_hat"],
-                           "rows": rows}])
+                           "rows": rows},
+                          {"caption": "Posterior predictive checks (central 95% of the replicates)",
+                           "columns": ["statistic", "observed", "2.5%", "97.5%", "p", "failed"],
+                           "rows": [[c["statistic"], c["observed"], c["lower"], c["upper"], c["p"], c["failed"]]
+                                    for c in checks]}])
     with atomic_open(out / "nuts.json") as f:
         json.dump(result, f, indent=1)
     return result

@@ -55,7 +55,7 @@ def _panels(fig: Figure, n: int, ncols: int) -> list:
     return list(axes[:n])
 
 
-def _legend(fig: Figure, handles: list, fontsize: float = _LABEL) -> None:
+def _legend(fig: Figure, handles: list, fontsize: float = _LABEL, ncols: int = 8) -> None:
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8), fontsize=fontsize)
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), ncols), fontsize=fontsize)
 

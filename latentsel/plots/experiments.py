@@ -13,7 +13,6 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import NullLocator
 from scipy.stats import binom
 
-from latentsel.analysis.attribution import CATEGORIES, LABELS
 from latentsel.plots._common import _LABEL, _TICK, _WIDTH, _figure, _labels, _legend, _panels
 
 __all__ = ["identifiability_curves", "contraction_curves", "sbc_histograms", "attribution_bars", "attribution_by_step",
@@ -188,23 +187,26 @@ def sbc_histograms(ranks, n_draws: int, *, names: Sequence[str], bins: int | Non
 
 
 # -- error attribution -----------------------------------------------------------------
-# one colour per attribution category (latentsel.analysis.attribution.CATEGORIES), fitted first
+# colours of the attribution categories of latentsel.analysis.attribution; other keys take the cycle's
 _COLOURS = {"intended": "#4c9a2a", "inherited": "#a8d08d", "routing": "tab:blue", "skill": "tab:orange",
             "routing_skill": "tab:purple", "off_module": "0.6", "stopped": "tab:red", "unreadable": "#8c564b",
             "after_failure": "#e7a1b0"}
 _SPLIT_ORDER = ("seen", "unseen", "ood")
 
 
-def _category_table(rows: Sequence[Mapping], keys: Sequence[str]) -> dict[tuple, np.ndarray]:
+def _category_table(rows: Sequence[Mapping], keys: Sequence[str], categories: Mapping[str, str]
+                    ) -> dict[tuple, np.ndarray]:
     rows = list(rows) if rows is not None else []
     if not rows:
         raise ValueError("rows must be a non-empty list of dicts")
+    if not categories:
+        raise ValueError("categories must map at least one key to its label")
     table: dict[tuple, np.ndarray] = {}
-    need = tuple(keys) + CATEGORIES
+    need = tuple(keys) + tuple(categories)
     for i, r in enumerate(rows):
         if not isinstance(r, Mapping) or not set(need) <= set(r):
             raise ValueError(f"rows[{i}] must be a dict with keys {list(need)}")
-        values = np.array([r[c] for c in CATEGORIES], dtype=float)
+        values = np.array([r[c] for c in categories], dtype=float)
         if not np.all((values >= 0) & (values <= 1 + 1e-9)):
             raise ValueError(f"rows[{i}] shares must lie in [0, 1], got {values.tolist()}")
         key = tuple(str(r[k]) for k in keys)
@@ -214,26 +216,31 @@ def _category_table(rows: Sequence[Mapping], keys: Sequence[str]) -> dict[tuple,
     return table
 
 
-def _stacked(ax, xs, stack: np.ndarray) -> None:
+def _colour(categories: Mapping[str, str], c: str):
+    return _COLOURS.get(c, f"C{list(categories).index(c) % 10}")
+
+
+def _stacked(ax, xs, stack: np.ndarray, categories: Mapping[str, str]) -> None:
     bottom = np.zeros(len(xs))
-    for j, c in enumerate(CATEGORIES):
-        ax.bar(xs, stack[:, j], 0.8, bottom=bottom, color=_COLOURS[c], label=LABELS[c], linewidth=0)
+    for j, (c, label) in enumerate(categories.items()):
+        ax.bar(xs, stack[:, j], 0.8, bottom=bottom, color=_colour(categories, c), label=label, linewidth=0)
         bottom += stack[:, j]
 
 
-def _category_legend(fig: Figure) -> None:
-    _legend(fig, [Patch(color=_COLOURS[c], label=LABELS[c]) for c in CATEGORIES], fontsize=_TICK + 1)
+def _category_legend(fig: Figure, categories: Mapping[str, str]) -> None:
+    _legend(fig, [Patch(color=_colour(categories, c), label=label) for c, label in categories.items()],
+            fontsize=_TICK + 1, ncols=5)
 
 
-def attribution_bars(rows: Sequence[Mapping], *, title: str = "") -> Figure:
+def attribution_bars(rows: Sequence[Mapping], categories: Mapping[str, str], *, title: str = "") -> Figure:
     """Where every program step went, per split and policy: one bar per corpus, stacked by
-    category (:data:`latentsel.analysis.attribution.CATEGORIES`: the fitted model's shares,
-    then the failures it cannot see).
+    category (``categories``: key -> label, in stacking order, such as
+    :data:`latentsel.analysis.attribution.LABELS`; the first is labelled on each bar).
 
     ``rows`` are dicts ``{"policy", "split", <category>: share of program steps}``, the shares
     in [0, 1]. One group per split (seen, unseen, ood first), one bar per policy.
     """
-    table = {(s, p): v for (p, s), v in _category_table(rows, ("policy", "split")).items()}
+    table = {(s, p): v for (p, s), v in _category_table(rows, ("policy", "split"), categories).items()}
     splits = _ordered({s for s, _ in table}, _SPLIT_ORDER)
     policies = list(dict.fromkeys(p for _, p in table))
     keys, xs, centres = [], [], []
@@ -246,7 +253,7 @@ def attribution_bars(rows: Sequence[Mapping], *, title: str = "") -> Figure:
     stack = np.array([table[k] for k in keys])
     fig = _figure(4.6, title or "where every program step went")
     ax = fig.add_subplot()
-    _stacked(ax, xs, stack)
+    _stacked(ax, xs, stack, categories)
     ok = stack[:, 0]
     for x, v in zip(xs, ok):
         ax.text(x, v / 2, f"{v:.2f}", ha="center", va="center", fontsize=_TICK, color="white")
@@ -258,14 +265,14 @@ def attribution_bars(rows: Sequence[Mapping], *, title: str = "") -> Figure:
         ax.axvline(g * (len(policies) + 1) - 1, color="0.8", linewidth=0.8)
     ax.set_ylabel("share of program steps", fontsize=_LABEL)
     ax.set_ylim(0, 1.0)
-    _category_legend(fig)
+    _category_legend(fig, categories)
     return fig
 
 
-def attribution_by_step(rows: Sequence[Mapping], *, title: str = "") -> Figure:
+def attribution_by_step(rows: Sequence[Mapping], categories: Mapping[str, str], *, title: str = "") -> Figure:
     """The same shares by step position: one panel per split, a group of bars per policy, one
     bar per step. ``rows``: dicts ``{"policy", "split", "step" (1-based), <category>: share}``."""
-    table = _category_table(rows, ("split", "policy", "step"))
+    table = _category_table(rows, ("split", "policy", "step"), categories)
     splits = _ordered({s for s, _, _ in table}, _SPLIT_ORDER)
     policies = list(dict.fromkeys(p for _, p, _ in table))
     fig = _figure(3.6, title or "where the t-th program step went")
@@ -284,7 +291,7 @@ def attribution_by_step(rows: Sequence[Mapping], *, title: str = "") -> Figure:
                 stack.append(table[(split, policy, str(t))])
                 x += 1
             x += 1
-        _stacked(ax, xs, np.array(stack))
+        _stacked(ax, xs, np.array(stack), categories)
         ax.set_xticks(xs, [str(i) for i in _step_labels(table, split, policies)], fontsize=_TICK)
         sec = ax.secondary_xaxis("bottom")
         sec.spines["bottom"].set_position(("outward", 14))
@@ -294,7 +301,7 @@ def attribution_by_step(rows: Sequence[Mapping], *, title: str = "") -> Figure:
         ax.set_ylim(0, 1)
         ax.tick_params(labelsize=_TICK)
     axes[0].set_ylabel("share of the t-th steps", fontsize=_LABEL)
-    _category_legend(fig)
+    _category_legend(fig, categories)
     return fig
 
 

@@ -1,12 +1,12 @@
 """The identify, analyze and report commands, and error attribution on policy corpora."""
 import json
 
-import numpy as np
 import pytest
 
+from latentsel.analysis.attribution import CATEGORIES
 from latentsel.cli import main
 from latentsel.experiments.designs import IDENTIFY_MODELS, IDENTIFY_REGIMES, SWEEP_BACKENDS
-from latentsel.experiments.policy_fits import attribution, find_corpora
+from latentsel.experiments.policy_fits import find_corpora
 from latentsel.models.registry import default_params
 from latentsel.traces import write_traces
 from latentsel.traces.regimes import generate
@@ -60,32 +60,41 @@ def test_identify_usage_errors(argv, message, capsys):
 def _corpora(folder, world):
     params = default_params("modular", world.n_routes, world.n_skills, fidelity=0.7, noise=0.05, off_module=0.05)
     for policy, seed in (("alpha", 0), ("beta", 1)):
-        for split in ("seen", "ood"):
+        for split in ("seen", "unseen", "ood"):
             prompts = generate(f"eval-{split}", 40, seed, world=world)
-            write_traces(folder / f"{policy}.eval-{split}.jsonl.gz", simulate(prompts, params, "modular", world, seed))
+            traces = simulate(prompts, params, "modular", world, seed)
+            for tr in traces[:5]:  # completions that stopped after their first step
+                tr.steps[1:] = [None] * (tr.depth - 1)
+                tr.extra["malformed"] = f"1 of {tr.depth} steps"
+            write_traces(folder / f"{policy}.eval-{split}.jsonl.gz", traces)
     (folder / "notes.txt").write_text("not a corpus")
 
 
-@pytest.mark.slow  # 60 s end to end; the demo test (slow) runs analyze too
-def test_analyze_writes_comparison_attribution_and_diagnostics(tmp_path, world, capsys):
+@pytest.mark.slow  # 90 s end to end; the demo test (slow) runs analyze too
+def test_analyze_writes_attribution_modularity_and_diagnostics(tmp_path, world, capsys):
     corpora = tmp_path / "corpora"
     corpora.mkdir()
     _corpora(corpora, world)
     found = find_corpora(corpora)
-    assert sorted(found) == [("alpha", "ood"), ("alpha", "seen"), ("beta", "ood"), ("beta", "seen")]
-    assert sorted(find_corpora(corpora, ["beta"])) == [("beta", "ood"), ("beta", "seen")]
+    assert sorted(found) == [(p, s) for p in ("alpha", "beta") for s in ("ood", "seen", "unseen")]
+    assert sorted(find_corpora(corpora, ["beta"])) == [("beta", s) for s in ("ood", "seen", "unseen")]
     out = tmp_path / "analysis"
-    assert main(["analyze", str(corpora), "--draws", "10", "--nuts-traces", "20", "--nuts-draws", "8", "--out",
-                 str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert printed.count("preferred:") == 4 and "NUTS on 20 traces of alpha.seen" in printed
+    assert main(["analyze", str(corpora), "--draws", "10", "--nuts-traces", "20", "--nuts-draws", "8", "--folds",
+                 "2", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert printed.count("PSIS-LOO") == 6 and printed.count("modularity ") == 2 and "NUTS on 20 traces" in printed
+    assert "NOT CONVERGED" in printed or "TOO FEW DRAWS" in printed  # 8 draws a chain cannot pass
+    assert captured.err.count("5 of 40 completions malformed") == 6
     rows = json.loads((out / "attribution.json").read_text())["rows"]
-    assert [(r["split"], r["policy"]) for r in rows] == [("seen", "alpha"), ("seen", "beta"), ("ood", "alpha"),
-                                                         ("ood", "beta")]
-    for r in rows:
-        assert 0 <= r["route_error"] <= 1 and 0 <= r["skill_error"] <= 1 and 0 <= r["off_module"] <= 1
-    loo = json.loads((out / "alpha.seen" / "loo.json").read_text())["compare"]
-    assert {r["model"] for r in loo} == {"modular", "entangled"}
+    assert [(r["policy"], r["split"]) for r in rows] == [(p, s) for p in ("alpha", "beta")
+                                                         for s in ("seen", "unseen", "ood")]
+    for r in rows:  # every program step accounted for; the stopped ones counted, not fitted
+        assert sum(r[c] for c in CATEGORIES) == pytest.approx(1.0)
+        assert r["stopped"] == pytest.approx(5 * (r["steps"] // 40 - 1) / r["steps"])
+    loo = json.loads((out / "alpha.seen" / "loo.json").read_text())
+    assert {r["model"] for r in loo["compare"]} == {"modular", "entangled"} and "text" in loo["verdict"]
+    assert len(json.loads((out / "modularity.json").read_text())["modularity"]) == 2
     for name in ("fit.json", "posterior.jsonl"):
         assert (out / "alpha.seen" / "entangled" / name).exists()
     assert (out / "diagnostics" / "idata.nc").exists()
@@ -98,20 +107,3 @@ def test_find_corpora_errors(tmp_path):
         find_corpora(tmp_path / "missing")
     with pytest.raises(ValueError, match="no corpora named"):
         find_corpora(tmp_path)
-
-
-def test_attribution_sums_over_observed_steps(world):
-    from latentsel.analysis.posterior import posterior_from_data
-    from latentsel.traces.emission import build_data
-
-    traces = generate("eval-ood", 6, 0, world=world)
-    traces[0].steps[3] = None  # a completion that stopped early
-    params = default_params("modular", world.n_routes, world.n_skills, fidelity=0.6, noise=0.1, off_module=0.1)
-    data = build_data(traces, world)
-    post = posterior_from_data(data, params, "modular")
-    att = attribution(traces, data, post)
-    assert att["steps"].tolist() == [3, 4, 4, 4, 4, 4]
-    route_probs = np.asarray(post.route_probs)
-    want = sum(1 - route_probs[0, t, world.route_index(traces[0].program[t][0])] for t in range(3))
-    assert att["route_error"][0] == pytest.approx(want, rel=1e-12)
-    assert att["off_module"][1] == pytest.approx(float(np.asarray(post.p_off)[1].sum()), rel=1e-12)

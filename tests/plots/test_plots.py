@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from latentsel import plots
-from latentsel.analysis.attribution import CATEGORIES
+from latentsel.analysis.attribution import CATEGORIES, LABELS
 from latentsel.traces.graph import module_digraph
 from latentsel.world import Route, World
 
@@ -232,7 +232,7 @@ def _attribution_rows(rng):
 
 
 def test_attribution_bars(rng, tmp_path):
-    fig = plots.attribution_bars(_attribution_rows(rng)[:-1], title="steps")
+    fig = plots.attribution_bars(_attribution_rows(rng)[:-1], LABELS, title="steps")
     ax = fig.axes[0]
     assert len(ax.patches) == 8 * len(CATEGORIES)
     assert [t.get_text() for t in ax.child_axes[0].get_xticklabels()] == ["seen", "unseen", "ood"]
@@ -243,13 +243,13 @@ def test_attribution_bars_reject_bad_input(rng):
     rows = _attribution_rows(rng)
     for bad in ([], rows + rows[:1], [{**rows[0], "skill": 1.5}], [{"policy": "sft"}]):
         with pytest.raises(ValueError, match="^rows"):
-            plots.attribution_bars(bad)
+            plots.attribution_bars(bad, LABELS)
 
 
 def test_attribution_by_step_and_execution_by_step(rng, tmp_path):
     rows = [{"policy": p, "split": s, "step": t, **_shares(rng)} for s in ("seen", "ood")
             for p in ("sft", "rl") for t in range(1, 4 if s == "seen" else 5)]
-    fig = plots.attribution_by_step(rows)
+    fig = plots.attribution_by_step(rows, LABELS)
     assert [ax.get_title() for ax in fig.axes[:2]] == ["seen", "ood"]
     assert len(fig.axes[0].patches) == 6 * len(CATEGORIES)
     _render(fig, tmp_path, 2)
