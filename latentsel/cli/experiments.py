@@ -62,18 +62,19 @@ def cmd_identify(args) -> int:
 def cmd_analyze(args) -> int:
     import sys
 
-    from latentsel.experiments.policy_fits import (FITTED_MODELS, find_corpora, fit_policy_corpora, nuts_diagnostics,
-                                                   summary_lines)
+    from latentsel.experiments.policy_fits import (FITTED_MODELS, find_checkpoints, find_corpora, fit_policy_corpora,
+                                                   nuts_diagnostics, summary_lines)
 
     world = world_of(args)
     corpora = find_corpora(args.corpora, args.policies)
+    checkpoints = find_checkpoints(args.checkpoints, sorted({p for p, _ in corpora})) if args.checkpoints else None
     print(f"analyze: {len(corpora)} corpora x {len(FITTED_MODELS)} models by EM"
           + (f", up to {args.max_traces} traces each" if args.max_traces else "")
           + (f"; NUTS on {args.nuts_traces} traces, 2 chains x ({args.nuts_draws} + {args.nuts_draws}) draws"
              if args.nuts_traces else ""), flush=True)
     result = fit_policy_corpora(corpora, args.out, world, draws=args.draws, max_traces=args.max_traces,
                                 seed=args.seed, folds=args.folds, split_seed=args.split_seed,
-                                entangle=not args.no_entanglement)
+                                entangle=not args.no_entanglement, checkpoints=checkpoints)
     for line in result["warnings"]:
         print(f"warning: {line}", file=sys.stderr)
     print("\n".join(summary_lines(result)))
@@ -162,6 +163,9 @@ def add_commands(sub) -> None:
                    help="folds of the held-out choice of the emission (default: %(default)s)")
     p.add_argument("--split-seed", type=int, default=0,
                    help="seed of the skill-bigram split the policies were trained with (default: %(default)s)")
+    p.add_argument("--checkpoints", default=None, metavar="DIR",
+                   help="folder of POLICY.pt[.gz] checkpoints: check the fit's per-skill fidelity against each "
+                        "policy's teacher-forced accuracy (data/policy-cpu/policies for the shipped corpora)")
     p.add_argument("--no-entanglement", action="store_true",
                    help="skip the entanglement rho of the hierarchical model (the slowest part of the modularity test)")
     p.add_argument("--out", required=True, help="output folder")

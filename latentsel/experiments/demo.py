@@ -19,7 +19,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from latentsel.experiments.identify_outputs import summary_rows, write_identify
-from latentsel.experiments.policy_fits import find_corpora, fit_policy_corpora, nuts_diagnostics, summary_lines
+from latentsel.experiments.policy_fits import (find_checkpoints, find_corpora, fit_policy_corpora, nuts_diagnostics,
+                                               summary_lines)
 from latentsel.experiments.sweeps import sbc, sweep
 from latentsel.plots.report import write_report, write_section
 from latentsel.traces import read_traces, write_traces
@@ -27,7 +28,9 @@ from latentsel.traces.consistency import consistent_modules
 from latentsel.traces.regimes import PROMPT_REGIMES, bigram_split, generate
 from latentsel.world import default_world
 
-SHIPPED_CORPORA = Path(__file__).resolve().parent.parent / "data" / "policy-cpu" / "corpora"
+# the checkout's shipped CPU run: <checkout>/data/policy-cpu (this file is latentsel/experiments/demo.py)
+SHIPPED_RUN = Path(__file__).resolve().parents[2] / "data" / "policy-cpu"
+SHIPPED_CORPORA = SHIPPED_RUN / "corpora"
 DEMO_POLICIES = ("sft", "sft+rl-compound")
 
 
@@ -71,8 +74,11 @@ def run_demo(out: str | Path = "latentsel-demo", n: int = 2000, seed: int = 0, *
     if corpora is None and not folder.is_dir():
         folder = _train_tiny_policies(out / "policy-run", seed, progress)
     found = find_corpora(folder, DEMO_POLICIES if corpora is None and folder == SHIPPED_CORPORA else None)
+    shipped = folder == SHIPPED_CORPORA
+    checkpoints = (find_checkpoints(SHIPPED_RUN / "policies", sorted({p for p, _ in found}))
+                   if shipped and (SHIPPED_RUN / "policies").is_dir() else None)
     policies = fit_policy_corpora(found, out / "policies", world, max_traces=policy_traces, seed=seed,
-                                  progress=progress)
+                                  checkpoints=checkpoints, progress=progress)
     print(f"policy corpora ({folder}): {len(found)} fitted in {time.perf_counter() - t0:.0f} s")
     print("\n".join("  " + line for line in summary_lines(policies)))
     for line in policies["warnings"]:

@@ -45,14 +45,14 @@ from latentsel.inference.collapsed import params_from_sites
 from latentsel.inference.mcmc import fit_nuts
 from latentsel.models.registry import MODELS
 from latentsel.plots.report import write_section
-from latentsel.traces import Trace, read_traces
+from latentsel.traces import Trace, golden_trace, read_traces
 from latentsel.traces.emission import build_data
 from latentsel.traces.failures import completion_status, fitted_prefix, is_malformed
 from latentsel.traces.regimes import bigram_split
 from latentsel.world import World
 
 __all__ = ["find_corpora", "Corpus", "prepare_corpus", "choose_emission", "fit_policy_corpora", "modularity_test",
-           "policy_differences", "summary_lines", "nuts_diagnostics", "FITTED_MODELS", "SPLITS"]
+           "policy_differences", "find_checkpoints", "fidelity_check", "summary_lines", "nuts_diagnostics", "FITTED_MODELS", "SPLITS"]
 
 # the models compared on every corpus: those that read the program (a chain does not)
 FITTED_MODELS = tuple(name for name, spec in MODELS.items() if spec.uses_program)
@@ -287,6 +287,63 @@ def policy_differences(fits: dict, world: World, *, base: str, split_seed: int =
     return rows
 
 
+def find_checkpoints(folder: str | Path, policies: Sequence[str]) -> dict[str, Path]:
+    """``{policy: checkpoint}`` for the policies with a ``POLICY.pt`` or ``POLICY.pt.gz`` in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder of policy checkpoints")
+    found = {}
+    for policy in policies:
+        for name in (f"{policy}.pt", f"{policy}.pt.gz"):
+            if (folder / name).is_file():
+                found[policy] = folder / name
+    return found
+
+
+def fidelity_check(fits: dict, checkpoints: dict[str, Path], world: World, *, split: str = "seen") -> list[dict]:
+    """The HLSM's per-skill fidelity against the policy's own teacher-forced accuracy.
+
+    For every policy with a checkpoint: its teacher-forced accuracy per intended skill on the
+    golden traces of its ``split`` corpus's prompts (the exact step given golden earlier steps),
+    beside the fit's share of those steps executed as intended (the intended module ran, on the
+    policy's own earlier steps) and that skill's fitted noise. The two measure different things
+    (exact output vs module choice under noise), so agreement is a check of the fit's reading of
+    the traces, not an identity: the rows give both and their correlation across skills.
+    """
+    from latentsel.policy.checkpoint import load_policy  # torch loads only when checkpoints are given
+    from latentsel.policy.probe import teacher_forced
+
+    rows = []
+    cols = [CATEGORIES.index(c) for c in _AS_INTENDED]
+    for policy, path in sorted(checkpoints.items()):
+        cf = fits.get((policy, split))
+        if cf is None or cf.params is None:
+            continue
+        model, tok, _ = load_policy(path, "cpu", world=world)
+        golden = [golden_trace(tr.id, tr.input, tr.program, world, {}) for tr in cf.corpus.traces]
+        tf = teacher_forced(model, tok, golden)["by_skill"]
+        ok = cf.attribution.mass[..., cols].sum(-1)
+        step = cf.attribution.mass.sum(-1) > 0
+        skill = np.full(ok.shape, -1)
+        for i, tr in enumerate(cf.corpus.traces):
+            skill[i, : tr.depth] = [world.skill_index(k) for _, k in tr.program]
+        for k, name in enumerate(world.skill_names):
+            sel = (skill == k) & step
+            if not sel.any() or name not in tf:
+                continue
+            rows.append({"policy": policy, "skill": name, "steps": int(sel.sum()),
+                         "teacher_forced": tf[name]["acc"], "as_intended": float(ok[sel].mean()),
+                         "noise": float(cf.params.noise[k])})
+    for policy in {r["policy"] for r in rows}:
+        mine = [r for r in rows if r["policy"] == policy]
+        a = np.array([r["teacher_forced"] for r in mine])
+        b = np.array([r["as_intended"] for r in mine])
+        corr = float(np.corrcoef(a, b)[0, 1]) if len(mine) > 2 and a.std() > 0 and b.std() > 0 else None
+        for r in mine:
+            r["correlation"] = corr
+    return rows
+
+
 def _examples(cf: CorpusFit, world: World, n: int = 2) -> list[list]:
     """``n`` traces of a corpus with their per-step attribution: the read trace that is most in
     error, and a malformed one if there is one."""
@@ -316,7 +373,8 @@ def _examples(cf: CorpusFit, world: World, n: int = 2) -> list[list]:
 
 def fit_policy_corpora(corpora: dict[tuple[str, str], Path], out: str | Path, world: World, *, draws: int = 50,
                        max_traces: int | None = None, seed: int = 0, folds: int = 5, split_seed: int = 0,
-                       entangle: bool = True, progress: bool = True) -> dict:
+                       entangle: bool = True, checkpoints: dict[str, Path] | None = None,
+                       progress: bool = True) -> dict:
     """Fit every corpus and write ``out/``: per corpus ``POLICY.SPLIT/{modular,entangled}/fit.json``,
     ``loo.json``, ``attribution.jsonl``, ``idata.nc``; ``attribution.json``, ``modularity.json``,
     ``differences.json``, figures and a report section. ``draws``: conjugate draws per chain (2
@@ -364,8 +422,9 @@ def fit_policy_corpora(corpora: dict[tuple[str, str], Path], out: str | Path, wo
     policies = sorted({p for p, _ in fits})
     base = "sft" if "sft" in policies else policies[0]
     differences = policy_differences(fits, world, base=base, split_seed=split_seed, seed=seed) if fits else []
+    fidelity = fidelity_check(fits, checkpoints, world) if checkpoints else []
     result = {"attribution": attr_rows, "by_step": step_rows, "emission": emission_rows, "loo": loo_rows,
-              "modularity": modularity, "differences": differences, "warnings": warnings}
+              "modularity": modularity, "differences": differences, "fidelity": fidelity, "warnings": warnings}
     _write_outputs(out, fits, world, result)
     return result
 
@@ -378,7 +437,7 @@ def _write_outputs(out: Path, fits: dict, world: World, result: dict) -> None:
     with atomic_open(out / "modularity.json") as f:
         json.dump({"modularity": result["modularity"], "loo": result["loo"]}, f, indent=1)
     with atomic_open(out / "differences.json") as f:
-        json.dump({"rows": result["differences"]}, f, indent=1)
+        json.dump({"rows": result["differences"], "fidelity": result["fidelity"]}, f, indent=1)
     figures = []
 
     def figure(fig, name, caption):
@@ -445,6 +504,11 @@ def _write_outputs(out: Path, fits: dict, world: World, result: dict) -> None:
                    f"[{r['lower']:.3f}, {r['upper']:.3f}]", r.get("diff"),
                    None if "diff" not in r else f"[{r['diff_lower']:.3f}, {r['diff_upper']:.3f}]",
                    r.get("verdict", "(base)")] for r in result["differences"]]},
+        {"caption": "The fit's per-skill fidelity against the policy's own teacher-forced accuracy on the golden "
+                    "traces of its eval-seen prompts (where a checkpoint was given); correlation across skills",
+         "columns": ["policy", "skill", "steps", "teacher-forced", "as intended (fit)", "noise (fit)", "correlation"],
+         "rows": [[r["policy"], r["skill"], r["steps"], r["teacher_forced"], r["as_intended"], r["noise"],
+                   r["correlation"]] for r in result["fidelity"]]},
         {"caption": "The largest intended → executed confusions (expected on-module steps, modules not equivalent "
                     "to the intended one at that step)",
          "columns": ["corpus", "intended", "executed", "expected steps", "share of the corpus's steps"],
@@ -506,6 +570,15 @@ def summary_lines(result: dict) -> list[str]:
     lines += [f"as intended, {_CONTEXT_LABELS[r['context']]}: {r['policy']} - {r['base']} = {r['diff']:+.3f} "
               f"[{r['diff_lower']:+.3f}, {r['diff_upper']:+.3f}]: {r['verdict']}"
               for r in result["differences"] if "diff" in r]
+    by_policy: dict = {}
+    for r in result.get("fidelity", []):
+        by_policy.setdefault(r["policy"], []).append(r)
+    for policy, rows in sorted(by_policy.items()):
+        tf = sum(r["teacher_forced"] * r["steps"] for r in rows) / sum(r["steps"] for r in rows)
+        fit = sum(r["as_intended"] * r["steps"] for r in rows) / sum(r["steps"] for r in rows)
+        corr = rows[0]["correlation"]
+        lines.append(f"fidelity {policy} (eval-seen): teacher-forced {tf:.3f} per step, fit's as-intended {fit:.3f}; "
+                     f"correlation across skills " + ("n/a" if corr is None else f"{corr:.2f}"))
     return lines
 
 

@@ -94,3 +94,26 @@ def test_the_modularity_test_comes_out_either_way(tmp_path, truth):
     assert res["preferred"] == truth, res["verdict"]
     if truth == "modular":
         assert res["rho_lower"] == 0.0
+
+
+def test_the_demo_finds_the_shipped_corpora_and_policies():
+    from latentsel.experiments.demo import SHIPPED_CORPORA, SHIPPED_RUN
+    from latentsel.experiments.policy_fits import find_checkpoints, find_corpora
+
+    found = find_corpora(SHIPPED_CORPORA)
+    policies = sorted({p for p, _ in found})
+    assert len(found) == 9 and sorted(find_checkpoints(SHIPPED_RUN / "policies", policies)) == policies
+
+
+@pytest.mark.slow  # loads a shipped policy and runs it teacher-forced (about 40 s)
+def test_fidelity_is_checked_against_the_policy(tmp_path):
+    from latentsel.experiments.demo import SHIPPED_CORPORA, SHIPPED_RUN
+    from latentsel.experiments.policy_fits import find_checkpoints, fit_policy_corpora
+
+    corpora = {("sft", "seen"): SHIPPED_CORPORA / "sft.eval-seen.jsonl.gz"}
+    res = fit_policy_corpora(corpora, tmp_path, WORLD, draws=5, max_traces=60, folds=2, progress=False,
+                             checkpoints=find_checkpoints(SHIPPED_RUN / "policies", ["sft"]))
+    rows = res["fidelity"]
+    assert rows and {r["policy"] for r in rows} == {"sft"}
+    assert all(0 <= r["teacher_forced"] <= 1 and 0 <= r["as_intended"] <= 1 for r in rows)
+    assert sum(r["steps"] for r in rows) == 180  # every step of the 60 depth-3 traces, once
