@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Verdict", "compare_verdict", "loo_verdict", "mcmc_flags", "ppc_flags", "MAX_RHAT", "MIN_ESS", "SE_FACTOR"]
+__all__ = ["Verdict", "compare_verdict", "loo_verdict", "mcmc_flags", "ppc_flags", "sbc_failed", "sbc_flags", "MAX_RHAT", "MIN_ESS", "SE_FACTOR"]
 
 MAX_RHAT = 1.01
 MIN_ESS = 400.0
@@ -104,3 +104,19 @@ def ppc_flags(observed: Mapping[str, float], replicated: Mapping[str, np.ndarray
         out.append(dict(statistic=name, observed=float(obs), lower=float(lo), upper=float(hi), p=p,
                         failed=bool(obs < lo or obs > hi)))
     return out
+
+
+def sbc_failed(p_values: Sequence[float], *, alpha: float = 0.01) -> list[bool]:
+    """Does each parameter's SBC rank histogram fail the uniformity test at family-wise level
+    ``alpha`` (Bonferroni over the parameters tested; a NaN p-value fails)?"""
+    p = np.asarray(p_values, dtype=float)
+    cut = alpha / max(len(p), 1)
+    return [not v >= cut for v in p]
+
+
+def sbc_flags(parameters: Sequence[str], p_values: Sequence[float], *, alpha: float = 0.01) -> list[str]:
+    """The failures of :func:`sbc_failed`, as lines; empty when every histogram passes."""
+    cut = alpha / max(len(p_values), 1)
+    return [f"SBC FAILED: {name} ranks are not uniform (p = {v:.2g} < {cut:.2g}, Bonferroni over "
+            f"{len(p_values)})" for name, v, bad in zip(parameters, p_values, sbc_failed(p_values, alpha=alpha))
+            if bad]

@@ -51,6 +51,11 @@ def cmd_identify(args) -> int:
     config = {k: getattr(args, k) for k in ("regimes", "sizes", "seeds", "models", "nuts_max", "nuts_draws", "sbc",
                                             "sbc_traces", "backend", "jobs", "world")}
     path = write_identify(args.out, records, config, world_of(args), sbc=calib, exemplar_n=args.exemplar_n)
+    if calib is not None:
+        from latentsel.analysis.verdicts import sbc_flags
+
+        for line in sbc_flags(calib["parameters"], calib["chi2_p"]):
+            print(line)
     print(f"{'regime':<11} {'model':<10} {'N':>6} {'MAP acc':>8} {'class acc':>9} {'truth mass':>10} "
           f"{'param err':>9} {'KL reached':>10}")
     for regime, model, n, _, acc, cls, _, mass, err, kl, _ in summary_rows(records):

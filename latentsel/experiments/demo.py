@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from latentsel.analysis.verdicts import sbc_flags
 from latentsel.experiments.identify_outputs import summary_rows, write_identify
 from latentsel.experiments.policy_fits import (find_checkpoints, find_corpora, fit_policy_corpora, nuts_diagnostics,
                                                summary_lines)
@@ -63,6 +64,8 @@ def run_demo(out: str | Path = "latentsel-demo", n: int = 2000, seed: int = 0, *
                                                "nuts_draws": nuts_draws, "sbc": sbc_reps}, world, sbc=calib,
                    exemplar_n=min(max(sizes), 300))
     print(f"identify: {len(records)} fits in {time.perf_counter() - t0:.0f} s")
+    for line in sbc_flags(calib["parameters"], calib["chi2_p"]) if calib is not None else []:
+        print(f"  {line}")
     print(f"{'regime':<11} {'model':<10} {'N':>6} {'MAP acc':>8} {'class acc':>9} {'truth mass':>10} "
           f"{'param err':>9} {'KL reached':>10} {'KL unreached':>12}")
     for regime, model, size, _, acc, cls, _, mass, err, kl, klu in summary_rows(records):

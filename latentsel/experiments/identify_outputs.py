@@ -17,6 +17,7 @@ from latentsel import plots
 from latentsel._io import atomic_open
 from latentsel.analysis.equivalence import distinguishability_graph, module_classes
 from latentsel.analysis.posterior import posterior_from_data
+from latentsel.analysis.verdicts import sbc_failed
 from latentsel.experiments.identify import reached_rows, regime_traces
 from latentsel.inference.conjugate import conjugate_posterior
 from latentsel.inference.em import fit_em
@@ -134,8 +135,10 @@ def write_identify(out: str | Path, records: Sequence[dict], config: dict, world
                           f"SBC rank histograms ({sbc['n_reps']} replications of {sbc['n_traces']} sft traces, "
                           f"{sbc['n_draws']} posterior draws each); the band is where 99% of bins of a calibrated "
                           "posterior fall."))
-        tables.append({"caption": "SBC: chi-square test of uniform ranks", "columns": ["parameter", "p-value"],
-                       "rows": [[p, v] for p, v in zip(sbc["parameters"], sbc["chi2_p"])]})
+        tables.append({"caption": "SBC: chi-square test of uniform ranks (failed: p below 0.01 over the number of "
+                                  "parameters)", "columns": ["parameter", "p-value", "failed"],
+                       "rows": [[p, v, bad] for p, v, bad in zip(sbc["parameters"], sbc["chi2_p"],
+                                                                  sbc_failed(sbc["chi2_p"]))]})
     regimes = list(dict.fromkeys(r["regime"] for r in records))
     n = exemplar_n or max(r["n_traces"] for r in records)
     figs += _exemplar_figures(out, regimes, n, int(records[0]["seed"]), world)

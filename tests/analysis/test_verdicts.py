@@ -38,3 +38,12 @@ def test_ppc_flags():
     out = {r["statistic"]: r for r in ppc_flags({"depth1": 0.40, "depth2": 0.41}, rep)}
     assert out["depth1"]["failed"] and out["depth1"]["p"] == 0.0
     assert not out["depth2"]["failed"] and out["depth2"]["p"] > 0.5
+
+
+def test_sbc_flags_are_bonferroni_corrected():
+    from latentsel.analysis.verdicts import sbc_failed, sbc_flags
+
+    assert sbc_failed([0.001, 0.004, 0.02, float("nan")]) == [True, False, False, True]  # cut 0.01 / 4
+    lines = sbc_flags(["a", "b"], [0.004, 0.3])
+    assert len(lines) == 1 and lines[0].startswith("SBC FAILED: a ")
+    assert sbc_flags(["a", "b"], [0.006, 0.3]) == []  # 0.006 > 0.01 / 2
