@@ -154,13 +154,12 @@ def choose_emission(data, *, folds: int = 5, seed: int = 0) -> dict:
             "verdict": verdict.text}
 
 
-def _noise_text(p: StepParams, world: World) -> str:
+def _noise_text(p: StepParams) -> str:
+    """The fitted noise: its value, or the range and median of the per-skill values."""
     noise = np.asarray(p.noise)
     if np.ptp(noise) == 0:
         return f"{noise[0]:.3f}"
-    lo, hi = int(noise.argmin()), int(noise.argmax())
-    return (f"{noise.min():.3f} ({world.skill_names[lo]}) to {noise.max():.3f} ({world.skill_names[hi]}), "
-            f"median {np.median(noise):.3f}")
+    return f"{noise.min():.2f}–{noise.max():.2f} (median {np.median(noise):.2f})"
 
 
 class CorpusFit(NamedTuple):
@@ -397,7 +396,7 @@ def fit_policy_corpora(corpora: dict[tuple[str, str], Path], out: str | Path, wo
         rates = cf.attribution.rates()
         attr_rows.append({"policy": policy, "split": split, "traces": len(cf.corpus.traces),
                           "steps": cf.attribution.n_steps, "malformed": cf.corpus.n_malformed, **rates,
-                          "noise": None if cf.params is None else _noise_text(cf.params, world),
+                          "noise": None if cf.params is None else _noise_text(cf.params),
                           "emission": cf.emission["chosen"],
                           "off_module_rate": None if cf.params is None else float(cf.params.off)})
         for t, shares in enumerate(cf.attribution.by_step()):
@@ -467,12 +466,18 @@ def _write_outputs(out: Path, fits: dict, world: World, result: dict) -> None:
                "prev, input, skip, longest and shortest all read the input, so their split there is the prior's).")
     pct = lambda v: None if v is None else round(100 * v, 1)  # noqa: E731
     tables = [
-        {"caption": "Where every program step went (% of program steps; ran on: % of traces). Noise: the fitted "
-                    "emission noise beside every attribution (one value, or the range of the per-skill values)",
-         "columns": ["policy", "split", "traces", "malformed", *[LABELS[c] for c in CATEGORIES], "ran on",
-                     "noise", "off-module rate"],
-         "rows": [[r["policy"], r["split"], r["traces"], r["malformed"], *[pct(r[c]) for c in CATEGORIES],
-                   pct(r["ran_on"]), r["noise"], r["off_module_rate"]] for r in result["attribution"]]},
+        {"caption": "Where every program step went, under the modular fit (% of program steps; the failures it "
+                    "cannot see are in the next table). Noise: the fitted emission noise (one value, or the range of "
+                    "the per-skill values)",
+         "columns": ["policy", "split", "steps", *[LABELS[c] for c in FITTED], "noise"],
+         "rows": [[r["policy"], r["split"], r["steps"], *[pct(r[c]) for c in FITTED], r["noise"]]
+                  for r in result["attribution"]]},
+        {"caption": "The failures no fit sees (% of program steps; ran on: % of traces) and the off-module rate",
+         "columns": ["policy", "split", "traces", "malformed", *[LABELS[c] for c in CATEGORIES if c not in FITTED],
+                     "ran on", "off-module rate"],
+         "rows": [[r["policy"], r["split"], r["traces"], r["malformed"],
+                   *[pct(r[c]) for c in CATEGORIES if c not in FITTED], pct(r["ran_on"]), r["off_module_rate"]]
+                  for r in result["attribution"]]},
         {"caption": "Emission: one noise against a noise per executed skill, by 5-fold held-out log-likelihood per "
                     "trace (modular rows); the richer emission is chosen only when it wins by 2 standard errors",
          "columns": ["policy", "split", "one noise", "per-skill noise", "difference", "se", "chosen"],

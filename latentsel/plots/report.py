@@ -56,6 +56,7 @@ _SVG_START = re.compile(rb"""\A(?:\xef\xbb\xbf)?
     (?:\s*<!--.*?-->|\s*<!DOCTYPE\s+svg\b[^\[>]*>)*
     \s*<svg[\s/>]""", re.DOTALL | re.VERBOSE)
 _SVG_PROLOG_BYTES = 4096
+_LONG_CELL = 24  # characters: a longer string cell may break anywhere
 # Tables fit the body: caption and cell text may break anywhere (which, unlike break-word, lets
 # the automatic table layout narrow the table below its longest word), numbers never (a number
 # split across lines is misread). A table too wide even so scrolls inside its own box rather
@@ -74,7 +75,8 @@ figcaption, caption { color: #444; font-size: 0.9rem; margin: 0.4rem 0; text-ali
 .table-scroll { max-width: 100%; overflow-x: auto; margin: 1.5rem 0; container-type: inline-size; }
 caption { position: sticky; left: 0; max-width: 100cqi; }
 table { border-collapse: collapse; font-size: 0.85rem; line-height: 1.35; }
-caption, td { overflow-wrap: anywhere; }
+caption, td.long { overflow-wrap: anywhere; }
+td.long { min-width: 6rem; }
 th, td { border-bottom: 1px solid #e3e3e3; padding: 0.2rem 0.45rem; text-align: left; vertical-align: top; }
 th { border-bottom: 2px solid #bbb; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap;
@@ -339,6 +341,8 @@ def _render_cell(cell) -> str:
     if cell is None:
         return "<td>&mdash;</td>"
     if isinstance(cell, bool) or isinstance(cell, str):
-        return f"<td>{html.escape(str(cell))}</td>"
+        # a long string may break anywhere; a short one (a name, a label) only between words
+        cls = ' class="long"' if isinstance(cell, str) and len(cell) > _LONG_CELL else ""
+        return f"<td{cls}>{html.escape(str(cell))}</td>"
     text = str(cell) if isinstance(cell, int) else f"{cell:.4g}"
     return f'<td class="num">{text}</td>'

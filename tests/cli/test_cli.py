@@ -71,7 +71,9 @@ def test_demo_runs(tmp_path, capsys):
     assert main(["demo", "--n", "30", "--sizes", "30", "--seeds", "0", "--nuts-max", "0", "--sbc", "2",
                  "--policy-traces", "30", "--nuts-traces", "0", "--jobs", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "eval-ood" not in printed and "PSIS-LOO prefers" in printed and "report.html" in printed
+    assert "eval-ood" not in printed and "report.html" in printed
+    # the shipped corpora and policies: attribution, LOO verdicts, the modularity test, fidelity
+    assert "PSIS-LOO sft.seen:" in printed and "modularity sft (" in printed and "fidelity sft " in printed
     assert len(read_traces(out / "regimes" / "sft.jsonl.gz")) == 30
     records = json.loads((out / "identify" / "identify.json").read_text())["records"]
     assert {(r["regime"], r["model"]) for r in records} == {(g, m) for g in ("sft", "rl", "atomic", "compressed")
