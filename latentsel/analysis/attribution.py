@@ -4,9 +4,12 @@ Every step of every program ends in exactly one of these categories (expected co
 fitted posterior, so a step's row sums to 1):
 
 ============== =========================================================================
-intended       on-module, executing a module the step cannot tell from the intended one
-inherited      the same, but the step's input was already wrong: the intended module
-               applied to the observed earlier steps misses the golden result
+intended       on-module, executing a module the step cannot tell from the intended one,
+               and the step is exactly that module's output
+near_miss      the same module, but the step has character errors (the emission's noise)
+inherited      the same module and an exact output, but the step's input was already
+               wrong: the intended module applied to the observed earlier steps misses
+               the golden result
 routing        on-module, executing a module of another class that differs from the
                intended one by its routing only (some member of its class has the
                intended skill)
@@ -37,15 +40,18 @@ from latentsel.traces import Trace
 from latentsel.traces.failures import CompletionStatus, StepStatus
 from latentsel.world import World
 
-__all__ = ["CATEGORIES", "LABELS", "FITTED", "Attribution", "attribute"]
+__all__ = ["CATEGORIES", "LABELS", "FITTED", "INTENDED_MODULE", "Attribution", "attribute"]
 
-CATEGORIES = ("intended", "inherited", "routing", "skill", "routing_skill", "off_module", "stopped", "unreadable",
-              "after_failure")
-LABELS = {"intended": "as intended", "inherited": "inherited error", "routing": "routing error",
+CATEGORIES = ("intended", "near_miss", "inherited", "routing", "skill", "routing_skill", "off_module", "stopped",
+              "unreadable", "after_failure")
+LABELS = {"intended": "as intended", "near_miss": "near miss", "inherited": "inherited error",
+          "routing": "routing error",
           "skill": "skill error", "routing_skill": "routing and skill error", "off_module": "off-module",
           "stopped": "stopped early", "unreadable": "unreadable step", "after_failure": "after an unreadable step"}
 # the categories the fitted model explains (the others come from the completion itself)
-FITTED = CATEGORIES[:6]
+FITTED = CATEGORIES[:7]
+# the intended module ran (exactly, with character errors, or on a wrong input)
+INTENDED_MODULE = CATEGORIES[:3]
 _STATUS_CATEGORY = {StepStatus.STOPPED: "stopped", StepStatus.UNREADABLE: "unreadable",
                     StepStatus.AFTER: "after_failure"}
 
@@ -149,7 +155,9 @@ def attribute(traces: Sequence[Trace], world: World, statuses: Sequence[Completi
     for lo in range(0, rows.size, chunk):
         j, t = rows[lo:lo + chunk], steps[lo:lo + chunk]
         c_r, c_k = data.route_intended[j, t], data.skill_intended[j, t]
-        same, route_only, skill_only = _step_classes(np.asarray(data.match[j, t]), c_r, c_k)
+        match = np.asarray(data.match[j, t])
+        same, route_only, skill_only = _step_classes(match, c_r, c_k)
+        exact = match[np.arange(len(j)), c_r, c_k] == data.length[j, t]
         w = on[j, t]
         i = fitted[j]
         inherited = np.array([_inherited(traces[a], b, world) for a, b in zip(i, t)], dtype=bool)
@@ -158,8 +166,9 @@ def attribute(traces: Sequence[Trace], world: World, statuses: Sequence[Completi
         routing = (other * route_only).sum((1, 2))
         skill = (other * (~route_only & skill_only)).sum((1, 2))
         both = (other * (~route_only & ~skill_only)).sum((1, 2))
-        mass[i, t, col["intended"]] = np.where(inherited, 0.0, mine)
-        mass[i, t, col["inherited"]] = np.where(inherited, mine, 0.0)
+        mass[i, t, col["intended"]] = np.where(exact & ~inherited, mine, 0.0)
+        mass[i, t, col["near_miss"]] = np.where(~exact, mine, 0.0)
+        mass[i, t, col["inherited"]] = np.where(exact & inherited, mine, 0.0)
         mass[i, t, col["routing"]] = routing
         mass[i, t, col["skill"]] = skill
         mass[i, t, col["routing_skill"]] = both

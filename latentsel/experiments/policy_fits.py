@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from latentsel import plots
 from latentsel._io import atomic_open
 from latentsel.analysis import diagnostics
-from latentsel.analysis.attribution import CATEGORIES, FITTED, LABELS, Attribution, attribute
+from latentsel.analysis.attribution import CATEGORIES, FITTED, INTENDED_MODULE, LABELS, Attribution, attribute
 from latentsel.analysis.fitting import fit_traces
 from latentsel.analysis.entanglement import entanglement
 from latentsel.analysis.stepwise import StepParams, compare_heldout, fit_steps, heldout_loglik, step_joint
@@ -59,7 +59,7 @@ FITTED_MODELS = tuple(name for name, spec in MODELS.items() if spec.uses_program
 
 _CORPUS = re.compile(r"^(?P<policy>.+)\.eval-(?P<split>seen|unseen|ood)\.jsonl(\.gz)?$")
 SPLITS = ("seen", "unseen", "ood")
-_AS_INTENDED = ("intended", "inherited")  # the intended module ran (on a right or a wrong input)
+_EXACT = ("intended", "inherited")  # the intended module's exact output (on a right or a wrong input)
 _CONTEXTS = ("start", "seen", "rl", "held_out")
 _CONTEXT_LABELS = {"start": "first step", "seen": "SFT-seen bigram", "rl": "RL bigram", "held_out": "held-out bigram"}
 
@@ -248,7 +248,7 @@ def policy_differences(fits: dict, world: World, *, base: str, split_seed: int =
     and every other policy's difference from ``base`` with a 95% interval from a Bayesian
     bootstrap over traces (Dirichlet(1) weights; the attribution itself at each fit's θ̂)."""
     rng = np.random.default_rng(seed)
-    cols = [CATEGORIES.index(c) for c in _AS_INTENDED]
+    cols = [CATEGORIES.index(c) for c in INTENDED_MODULE]
     per: dict = {}
     for (policy, _), cf in fits.items():
         ctx = _contexts(cf.corpus, world, split_seed)
@@ -304,16 +304,19 @@ def fidelity_check(fits: dict, checkpoints: dict[str, Path], world: World, *, sp
 
     For every policy with a checkpoint: its teacher-forced accuracy per intended skill on the
     golden traces of its ``split`` corpus's prompts (the exact step given golden earlier steps),
-    beside the fit's share of those steps executed as intended (the intended module ran, on the
-    policy's own earlier steps) and that skill's fitted noise. The two measure different things
-    (exact output vs module choice under noise), so agreement is a check of the fit's reading of
-    the traces, not an identity: the rows give both and their correlation across skills.
+    beside the fit's share of those steps that are the intended module's exact output (on the
+    policy's own earlier steps: ``exact``), the share where the intended module ran at all
+    (``as_intended``, near misses included) and that skill's fitted noise. Teacher forcing and
+    the policy's own history differ, so agreement is a check of the fit's reading of the traces,
+    not an identity: the rows give both and the correlation of ``exact`` with the teacher-forced
+    accuracy across skills.
     """
     from latentsel.policy.checkpoint import load_policy  # torch loads only when checkpoints are given
-    from latentsel.policy.probe import teacher_forced
+    from latentsel.policy.probe import teacher_forced  # torch, as above
 
     rows = []
-    cols = [CATEGORIES.index(c) for c in _AS_INTENDED]
+    exact_cols = [CATEGORIES.index(c) for c in _EXACT]
+    module_cols = [CATEGORIES.index(c) for c in INTENDED_MODULE]
     for policy, path in sorted(checkpoints.items()):
         cf = fits.get((policy, split))
         if cf is None or cf.params is None:
@@ -321,9 +324,10 @@ def fidelity_check(fits: dict, checkpoints: dict[str, Path], world: World, *, sp
         model, tok, _ = load_policy(path, "cpu", world=world)
         golden = [golden_trace(tr.id, tr.input, tr.program, world, {}) for tr in cf.corpus.traces]
         tf = teacher_forced(model, tok, golden)["by_skill"]
-        ok = cf.attribution.mass[..., cols].sum(-1)
+        exact = cf.attribution.mass[..., exact_cols].sum(-1)
+        module = cf.attribution.mass[..., module_cols].sum(-1)
         step = cf.attribution.mass.sum(-1) > 0
-        skill = np.full(ok.shape, -1)
+        skill = np.full(exact.shape, -1)
         for i, tr in enumerate(cf.corpus.traces):
             skill[i, : tr.depth] = [world.skill_index(k) for _, k in tr.program]
         for k, name in enumerate(world.skill_names):
@@ -331,12 +335,12 @@ def fidelity_check(fits: dict, checkpoints: dict[str, Path], world: World, *, sp
             if not sel.any() or name not in tf:
                 continue
             rows.append({"policy": policy, "skill": name, "steps": int(sel.sum()),
-                         "teacher_forced": tf[name]["acc"], "as_intended": float(ok[sel].mean()),
-                         "noise": float(cf.params.noise[k])})
+                         "teacher_forced": tf[name]["acc"], "exact": float(exact[sel].mean()),
+                         "as_intended": float(module[sel].mean()), "noise": float(cf.params.noise[k])})
     for policy in {r["policy"] for r in rows}:
         mine = [r for r in rows if r["policy"] == policy]
         a = np.array([r["teacher_forced"] for r in mine])
-        b = np.array([r["as_intended"] for r in mine])
+        b = np.array([r["exact"] for r in mine])
         corr = float(np.corrcoef(a, b)[0, 1]) if len(mine) > 2 and a.std() > 0 and b.std() > 0 else None
         for r in mine:
             r["correlation"] = corr
@@ -347,7 +351,7 @@ def _examples(cf: CorpusFit, world: World, n: int = 2) -> list[list]:
     """``n`` traces of a corpus with their per-step attribution: the read trace that is most in
     error, and a malformed one if there is one."""
     att, c = cf.attribution, cf.corpus
-    err = 1 - att.mass[..., [CATEGORIES.index(k) for k in _AS_INTENDED]].sum(-1).sum(1) / np.maximum(att.depth, 1)
+    err = 1 - att.mass[..., [CATEGORIES.index(k) for k in INTENDED_MODULE]].sum(-1).sum(1) / np.maximum(att.depth, 1)
     picks = []
     ok = [i for i, st in enumerate(c.statuses) if st.reason is None]
     if ok:
@@ -500,7 +504,7 @@ def _write_outputs(out: Path, fits: dict, world: World, result: dict) -> None:
          "rows": [[r["policy"], r["split"], r["traces_fitted"], r.get("elpd_modular"), r.get("elpd_entangled"),
                    r.get("p_loo_entangled"), r.get("bad_k_modular"), r.get("bad_k_entangled"), r["verdict"]]
                   for r in result["loo"]]},
-        {"caption": "Steps executed as intended (the intended module ran), by the skill bigram the step closes, "
+        {"caption": "Steps where the intended module ran (exactly, with near misses or on a wrong input), by the skill bigram the step closes, "
                     "pooled over splits; the difference from the base policy with a 95% Bayesian-bootstrap interval "
                     "over traces",
          "columns": ["policy", "context", "steps", "as intended", "95% interval", "difference", "95% interval",
@@ -511,8 +515,9 @@ def _write_outputs(out: Path, fits: dict, world: World, result: dict) -> None:
                    r.get("verdict", "(base)")] for r in result["differences"]]},
         {"caption": "The fit's per-skill fidelity against the policy's own teacher-forced accuracy on the golden "
                     "traces of its eval-seen prompts (where a checkpoint was given); correlation across skills",
-         "columns": ["policy", "skill", "steps", "teacher-forced", "as intended (fit)", "noise (fit)", "correlation"],
-         "rows": [[r["policy"], r["skill"], r["steps"], r["teacher_forced"], r["as_intended"], r["noise"],
+         "columns": ["policy", "skill", "steps", "teacher-forced", "exact (fit)", "intended module (fit)",
+                     "noise (fit)", "correlation"],
+         "rows": [[r["policy"], r["skill"], r["steps"], r["teacher_forced"], r["exact"], r["as_intended"], r["noise"],
                    r["correlation"]] for r in result["fidelity"]]},
         {"caption": "The largest intended → executed confusions (expected on-module steps, modules not equivalent "
                     "to the intended one at that step)",
@@ -579,11 +584,12 @@ def summary_lines(result: dict) -> list[str]:
     for r in result.get("fidelity", []):
         by_policy.setdefault(r["policy"], []).append(r)
     for policy, rows in sorted(by_policy.items()):
-        tf = sum(r["teacher_forced"] * r["steps"] for r in rows) / sum(r["steps"] for r in rows)
-        fit = sum(r["as_intended"] * r["steps"] for r in rows) / sum(r["steps"] for r in rows)
+        n = sum(r["steps"] for r in rows)
+        tf, exact, module = (sum(r[k] * r["steps"] for r in rows) / n for k in ("teacher_forced", "exact", "as_intended"))
         corr = rows[0]["correlation"]
-        lines.append(f"fidelity {policy} (eval-seen): teacher-forced {tf:.3f} per step, fit's as-intended {fit:.3f}; "
-                     f"correlation across skills " + ("n/a" if corr is None else f"{corr:.2f}"))
+        lines.append(f"fidelity {policy} (eval-seen): teacher-forced {tf:.3f} per step; the fit's exact {exact:.3f}, "
+                     f"intended module {module:.3f}; correlation across skills (exact) "
+                     + ("n/a" if corr is None else f"{corr:.2f}"))
     return lines
 
 
