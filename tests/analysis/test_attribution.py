@@ -85,3 +85,15 @@ def test_both_errors_and_a_spread_posterior_sum_to_one():
                     on[None, :, -1])
     np.testing.assert_allclose(att.mass.sum(-1), 1.0)
     assert att.mass[0, :, COL["routing_skill"]].min() > 0  # random mass lands on two-error modules too
+
+
+def test_a_near_miss_is_the_intended_module_with_character_errors():
+    x = "abcdef"
+    prog = [("prev", "reverse")]
+    y = WORLD.apply("prev", "reverse", [x])
+    y = ("a" if y[0] != "a" else "b") + y[1:]  # one character off
+    tr = Trace("e", x, prog, [y], None, {}, None, {})
+    statuses, fitted, data = _corpus([tr])
+    on, off = _point_mass(data, {(0, 0): ("prev", "reverse")})
+    att = attribute([tr], WORLD, statuses, fitted, data, on, off)
+    assert att.mass[0, 0, COL["near_miss"]] == 1.0 and att.mass[0, 0, COL["intended"]] == 0.0
