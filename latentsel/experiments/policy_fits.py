@@ -468,6 +468,10 @@ def _write_outputs(out: Path, fits: dict, world: World, result: dict) -> None:
                f"routes_{_slug(policy)}.png",
                f"{policy}: p(executed routing | intended routing) per split and step (label level: at step 1 "
                "prev, input, skip, longest and shortest all read the input, so their split there is the prior's).")
+    if result["fidelity"]:
+        figure(plots.fidelity_scatter(result["fidelity"]), "fidelity.png",
+               "Per skill: the share of eval-seen steps the fit reads as the intended module's exact output, "
+               "against the policy's teacher-forced accuracy on the same prompts' golden traces (dashed: equal).")
     pct = lambda v: None if v is None else round(100 * v, 1)  # noqa: E731
     tables = [
         {"caption": "Where every program step went, under the modular fit (% of program steps; the failures it "
@@ -513,12 +517,11 @@ def _write_outputs(out: Path, fits: dict, world: World, result: dict) -> None:
                    f"[{r['lower']:.3f}, {r['upper']:.3f}]", r.get("diff"),
                    None if "diff" not in r else f"[{r['diff_lower']:.3f}, {r['diff_upper']:.3f}]",
                    r.get("verdict", "(base)")] for r in result["differences"]]},
-        {"caption": "The fit's per-skill fidelity against the policy's own teacher-forced accuracy on the golden "
-                    "traces of its eval-seen prompts (where a checkpoint was given); correlation across skills",
-         "columns": ["policy", "skill", "steps", "teacher-forced", "exact (fit)", "intended module (fit)",
-                     "noise (fit)", "correlation"],
-         "rows": [[r["policy"], r["skill"], r["steps"], r["teacher_forced"], r["exact"], r["as_intended"], r["noise"],
-                   r["correlation"]] for r in result["fidelity"]]},
+        {"caption": "The fit's fidelity against the policy's own teacher-forced accuracy on the golden traces of "
+                    "its eval-seen prompts (where a checkpoint was given), over all steps; the correlation across "
+                    "skills is of the exact share with the teacher-forced accuracy (per skill in the figure)",
+         "columns": ["policy", "steps", "teacher-forced", "exact (fit)", "intended module (fit)", "correlation"],
+         "rows": _fidelity_rows(result["fidelity"])},
         {"caption": "The largest intended → executed confusions (expected on-module steps, modules not equivalent "
                     "to the intended one at that step)",
          "columns": ["corpus", "intended", "executed", "expected steps", "share of the corpus's steps"],
@@ -539,6 +542,17 @@ def _write_outputs(out: Path, fits: dict, world: World, result: dict) -> None:
              for r in result["modularity"]]
     write_section(out, "Policy traces: where every step went, and is execution modular?", order=30, text=text,
                   figures=figures, tables=tables)
+
+
+def _fidelity_rows(rows: list[dict]) -> list[list]:
+    out = []
+    for policy in sorted({r["policy"] for r in rows}):
+        mine = [r for r in rows if r["policy"] == policy]
+        n = sum(r["steps"] for r in mine)
+        out.append([policy, n, *(sum(r[k] * r["steps"] for r in mine) / n for k in ("teacher_forced", "exact",
+                                                                                   "as_intended")),
+                    mine[0]["correlation"]])
+    return out
 
 
 def _ppc_statistics(idata) -> tuple[dict, dict]:
@@ -580,13 +594,7 @@ def summary_lines(result: dict) -> list[str]:
     lines += [f"as intended, {_CONTEXT_LABELS[r['context']]}: {r['policy']} - {r['base']} = {r['diff']:+.3f} "
               f"[{r['diff_lower']:+.3f}, {r['diff_upper']:+.3f}]: {r['verdict']}"
               for r in result["differences"] if "diff" in r]
-    by_policy: dict = {}
-    for r in result.get("fidelity", []):
-        by_policy.setdefault(r["policy"], []).append(r)
-    for policy, rows in sorted(by_policy.items()):
-        n = sum(r["steps"] for r in rows)
-        tf, exact, module = (sum(r[k] * r["steps"] for r in rows) / n for k in ("teacher_forced", "exact", "as_intended"))
-        corr = rows[0]["correlation"]
+    for policy, _, tf, exact, module, corr in _fidelity_rows(result.get("fidelity", [])):
         lines.append(f"fidelity {policy} (eval-seen): teacher-forced {tf:.3f} per step; the fit's exact {exact:.3f}, "
                      f"intended module {module:.3f}; correlation across skills (exact) "
                      + ("n/a" if corr is None else f"{corr:.2f}"))

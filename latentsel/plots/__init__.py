@@ -15,12 +15,12 @@ for a report about 1000 px wide; :func:`save_figure` writes one as a PNG atomica
 """
 from latentsel.plots._common import save_figure
 from latentsel.plots.experiments import (attribution_bars, attribution_by_step, contraction_curves, execution_by_step,
-                                         identifiability_curves, sbc_histograms)
+                                         fidelity_scatter, identifiability_curves, sbc_histograms)
 from latentsel.plots.modules import (draw_distinguishability_graph, draw_module_digraph, execution_heatmap,
                                      fit_execution_heatmap, fit_selection_heatmap, module_graph, selection_heatmap)
 from latentsel.plots.policy import training_curves
 
 __all__ = ["save_figure", "execution_heatmap", "selection_heatmap", "fit_execution_heatmap", "fit_selection_heatmap",
            "draw_module_digraph", "module_graph", "draw_distinguishability_graph", "identifiability_curves",
-           "contraction_curves", "sbc_histograms", "attribution_bars", "attribution_by_step", "execution_by_step",
+           "contraction_curves", "sbc_histograms", "attribution_bars", "attribution_by_step", "execution_by_step", "fidelity_scatter",
            "training_curves"]

@@ -16,7 +16,7 @@ from scipy.stats import binom
 from latentsel.plots._common import _LABEL, _TICK, _WIDTH, _figure, _labels, _legend, _panels
 
 __all__ = ["identifiability_curves", "contraction_curves", "sbc_histograms", "attribution_bars", "attribution_by_step",
-           "execution_by_step"]
+           "execution_by_step", "fidelity_scatter"]
 
 
 # -- curves and histograms -------------------------------------------------------------
@@ -353,4 +353,30 @@ def execution_by_step(counts: Mapping[str, np.ndarray], names: Sequence[str], *,
             ax.set_xlabel(f"executed {what}", fontsize=_TICK)
     if image is not None:
         fig.colorbar(image, ax=grid, shrink=0.6, label="p(executed | intended)")
+    return fig
+
+
+def fidelity_scatter(rows: Sequence[Mapping], *, title: str = "") -> Figure:
+    """A fit's per-skill fidelity against the policy's own teacher-forced accuracy: one panel
+    per policy, one labelled point per skill. ``rows``: dicts ``{"policy", "skill",
+    "teacher_forced", "exact"}`` (shares in [0, 1])."""
+    rows = list(rows) if rows is not None else []
+    need = ("policy", "skill", "teacher_forced", "exact")
+    if not rows or not all(isinstance(r, Mapping) and set(need) <= set(r) for r in rows):
+        raise ValueError(f"rows must be a non-empty list of dicts with keys {list(need)}")
+    policies = list(dict.fromkeys(str(r["policy"]) for r in rows))
+    fig = _figure(3.8, title or "the fit's exact executions against teacher-forced accuracy, per skill")
+    axes = _panels(fig, len(policies), len(policies))
+    for ax, policy in zip(axes, policies):
+        mine = [r for r in rows if str(r["policy"]) == policy]
+        x = np.array([r["teacher_forced"] for r in mine], dtype=float)
+        y = np.array([r["exact"] for r in mine], dtype=float)
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        ax.scatter(x, y, s=12, color="tab:blue")
+        for r, a, b in zip(mine, x, y):
+            ax.annotate(str(r["skill"]), (a, b), fontsize=_TICK - 1, xytext=(2, 2), textcoords="offset points")
+        ax.set(xlim=(0, 1), ylim=(0, 1), title=policy)
+        ax.set_xlabel("teacher-forced accuracy (policy)", fontsize=_LABEL)
+        ax.tick_params(labelsize=_TICK)
+    axes[0].set_ylabel("exact execution share (fit)", fontsize=_LABEL)
     return fig

@@ -264,6 +264,16 @@ def test_attribution_by_step_and_execution_by_step(rng, tmp_path):
         plots.execution_by_step({"seen": np.ones((2, 2, 2))}, names)
 
 
+def test_fidelity_scatter(rng, tmp_path):
+    rows = [{"policy": p, "skill": f"s{k}", "teacher_forced": rng.uniform(), "exact": rng.uniform()}
+            for p in ("sft", "rl") for k in range(5)]
+    fig = plots.fidelity_scatter(rows)
+    assert [ax.get_title() for ax in fig.axes] == ["sft", "rl"] and len(fig.axes[0].texts) == 5
+    _render(fig, tmp_path, 2)
+    with pytest.raises(ValueError, match="^rows"):
+        plots.fidelity_scatter([{"policy": "sft"}])
+
+
 def test_training_curves_draw_probes_and_rl_runs(tmp_path):
     from latentsel.plots import save_figure, training_curves
 
