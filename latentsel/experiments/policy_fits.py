@@ -25,6 +25,7 @@ difference.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+import latentsel
 from latentsel import plots
 from latentsel._io import atomic_open
 from latentsel.analysis import diagnostics
@@ -170,13 +172,73 @@ class CorpusFit(NamedTuple):
     loo: dict
 
 
-def _fit_corpus(c: Corpus, world: World, where: Path, *, draws: int, seed: int, folds: int) -> CorpusFit:
-    """Emission choice, attribution and PSIS-LOO of one corpus; writes ``where/``."""
+_DONE = "corpus.json"  # written last: the corpus's task is finished, with the key of its inputs
+
+
+def _task_key(c: Corpus, world: World, **options) -> str:
+    """A digest of what a corpus's fits depend on: the corpus file's bytes, the traces used, the
+    world and the options. A finished task is reused only under the same key."""
+    h = hashlib.sha256()
+    with open(c.path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    h.update(json.dumps({"n": len(c.traces), "world": [world.alphabet, world.route_names, world.skill_names,
+                                                        world.max_len], "version": latentsel.__version__,
+                         **options}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _load_task(c: Corpus, where: Path, key: str) -> CorpusFit | None:
+    """The finished fits of a corpus from an earlier run with the same key, or ``None``."""
+    try:
+        record = json.loads((where / _DONE).read_text(encoding="utf-8"))
+        if record.get("key") != key:
+            return None
+        with np.load(where / "corpus.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, KeyError):
+        return None
+    att = Attribution(arrays["mass"], arrays["depth"], arrays["ran_on"], tuple(tr.id for tr in c.traces),
+                      arrays["confusions"], arrays["route_counts"], arrays["skill_counts"])
+    params = (None if record["params"] is None else
+              StepParams(*(arrays[f"p_{f}"] if f"p_{f}" in arrays else record["params"][f]
+                           for f in StepParams._fields)))
+    if att.mass.shape[0] != len(c.traces) or np.any(att.depth != [tr.depth for tr in c.traces]):
+        return None
+    return CorpusFit(c, record["emission"], params, att, record["loo"])
+
+
+def _save_task(cf: CorpusFit, where: Path, key: str) -> None:
+    att, p = cf.attribution, cf.params
+    arrays = {"mass": att.mass, "depth": att.depth, "ran_on": att.ran_on, "confusions": att.confusions,
+              "route_counts": att.route_counts, "skill_counts": att.skill_counts}
+    scalars = None
+    if p is not None:
+        arrays.update({f"p_{f}": np.asarray(getattr(p, f)) for f in ("route_exec", "skill_exec", "route_ctx",
+                                                                     "skill_ctx", "noise")})
+        scalars = {"lam": float(p.lam), "off": float(p.off)}
+    with atomic_open(where / "corpus.npz", "wb") as f:
+        np.savez_compressed(f, **arrays)
+    with atomic_open(where / _DONE) as f:
+        json.dump({"key": key, "emission": cf.emission, "params": scalars, "loo": cf.loo}, f, indent=1)
+
+
+def _fit_corpus(c: Corpus, world: World, where: Path, *, draws: int, seed: int, folds: int,
+                resume: bool = True) -> tuple[CorpusFit, bool]:
+    """Emission choice, attribution and PSIS-LOO of one corpus; writes ``where/``. With
+    ``resume``, a corpus whose fits an earlier run finished under the same inputs and options is
+    read back instead of refitted. Returns the fits and whether they were read back."""
+    key = _task_key(c, world, draws=draws, seed=seed, folds=folds)
+    if resume and (done := _load_task(c, where, key)) is not None:
+        return done, True
+    (where / _DONE).unlink(missing_ok=True)  # this task is not finished until written again
     if c.data is None:  # nothing read: the attribution is the failures alone
         att = attribute(c.traces, world, c.statuses, [], _empty_data(c, world), np.zeros((0, 1, world.n_routes,
                         world.n_skills)), np.zeros((0, 1)))
-        return CorpusFit(c, {"chosen": None, "verdict": "no step was read"}, None, att,
-                         {"verdict": {"preferred": None, "text": "no step was read"}, "compare": []})
+        cf = CorpusFit(c, {"chosen": None, "verdict": "no step was read"}, None, att,
+                       {"verdict": {"preferred": None, "text": "no step was read"}, "compare": []})
+        _save_task(cf, where, key)
+        return cf, False
     emission = choose_emission(c.data, folds=folds, seed=seed)
     fit = fit_steps(c.data, rows="modular", noise=emission["chosen"])
     joint = step_joint(c.data, fit.params)
@@ -197,7 +259,9 @@ def _fit_corpus(c: Corpus, world: World, where: Path, *, draws: int, seed: int, 
         for i, tr in enumerate(c.traces):
             f.write(json.dumps({"id": tr.id, "status": list(c.statuses[i].steps), "ran_on": c.statuses[i].ran_on,
                                 "mass": np.round(att.mass[i, : tr.depth], 6).tolist()}) + "\n")
-    return CorpusFit(c, emission, fit.params, att, loo)
+    cf = CorpusFit(c, emission, fit.params, att, loo)
+    _save_task(cf, where, key)
+    return cf, False
 
 
 def _empty_data(c: Corpus, world: World):
@@ -376,16 +440,20 @@ def _examples(cf: CorpusFit, world: World, n: int = 2) -> list[list]:
 
 def fit_policy_corpora(corpora: dict[tuple[str, str], Path], out: str | Path, world: World, *, draws: int = 50,
                        max_traces: int | None = None, seed: int = 0, folds: int = 5, split_seed: int = 0,
-                       entangle: bool = True, checkpoints: dict[str, Path] | None = None,
+                       entangle: bool = True, checkpoints: dict[str, Path] | None = None, resume: bool = True,
                        progress: bool = True) -> dict:
     """Fit every corpus and write ``out/``: per corpus ``POLICY.SPLIT/{modular,entangled}/fit.json``,
     ``loo.json``, ``attribution.jsonl``, ``idata.nc``; ``attribution.json``, ``modularity.json``,
     ``differences.json``, figures and a report section. ``draws``: conjugate draws per chain (2
-    chains) for PSIS-LOO. Returns ``{"attribution", "by_step", "emission", "loo", "modularity",
-    "differences", "warnings"}``."""
+    chains) for PSIS-LOO. With ``resume``, a corpus whose fits an earlier run into ``out``
+    finished (its ``corpus.json``, written last) under the same corpus bytes, world and options is
+    read back, not refitted; the result is the same as an uninterrupted run's. Returns
+    ``{"attribution", "by_step", "emission", "loo", "modularity", "differences", "fidelity",
+    "warnings", "resumed"}``."""
     out = Path(out)
     fits: dict[tuple[str, str], CorpusFit] = {}
     warnings: list[str] = []
+    resumed = 0
     for (policy, split), path in tqdm(sorted(corpora.items(), key=lambda kv: (kv[0][0], SPLITS.index(kv[0][1]))),
                                       desc="policy corpora", unit="corpus", disable=not progress):
         c = prepare_corpus(policy, split, path, world, max_traces)
@@ -394,7 +462,9 @@ def fit_policy_corpora(corpora: dict[tuple[str, str], Path], out: str | Path, wo
             warnings.append(f"{c.name}: {c.n_malformed} of {len(c.traces)} completions malformed ({share:.1%}); "
                             f"their failed steps are counted as failures, not fitted"
                             + ("; NO step was read" if c.data is None else ""))
-        fits[(policy, split)] = _fit_corpus(c, world, out / c.name, draws=draws, seed=seed, folds=folds)
+        fits[(policy, split)], again = _fit_corpus(c, world, out / c.name, draws=draws, seed=seed, folds=folds,
+                                                   resume=resume)
+        resumed += again
     attr_rows, step_rows, emission_rows, loo_rows = [], [], [], []
     for (policy, split), cf in fits.items():
         rates = cf.attribution.rates()
@@ -427,7 +497,8 @@ def fit_policy_corpora(corpora: dict[tuple[str, str], Path], out: str | Path, wo
     differences = policy_differences(fits, world, base=base, split_seed=split_seed, seed=seed) if fits else []
     fidelity = fidelity_check(fits, checkpoints, world) if checkpoints else []
     result = {"attribution": attr_rows, "by_step": step_rows, "emission": emission_rows, "loo": loo_rows,
-              "modularity": modularity, "differences": differences, "fidelity": fidelity, "warnings": warnings}
+              "modularity": modularity, "differences": differences, "fidelity": fidelity, "warnings": warnings,
+              "resumed": resumed}
     _write_outputs(out, fits, world, result)
     return result
 

@@ -117,3 +117,31 @@ def test_fidelity_is_checked_against_the_policy(tmp_path):
     assert rows and {r["policy"] for r in rows} == {"sft"}
     assert all(0 <= r["teacher_forced"] <= 1 and 0 <= r["as_intended"] <= 1 for r in rows)
     assert sum(r["steps"] for r in rows) == 180  # every step of the 60 depth-3 traces, once
+
+
+@pytest.mark.slow  # four analyze runs of two corpora (about 70 s of CPU)
+def test_analyze_resumes_finished_corpora(tmp_path, monkeypatch):
+    from latentsel.experiments import policy_fits
+
+    traces = simulate(generate("eval-seen", 40, 1), default_params("modular", WORLD, fidelity=0.8), "modular",
+                      WORLD, 1)
+    corpora = {("p", "seen"): _write(tmp_path / "p.eval-seen.jsonl", traces),
+               ("p", "ood"): _write(tmp_path / "p.eval-ood.jsonl", simulate(generate("eval-ood", 30, 2),
+                                    default_params("modular", WORLD, fidelity=0.8), "modular", WORLD, 2))}
+    kw = dict(draws=4, folds=2, progress=False, entangle=False)
+    first = policy_fits.fit_policy_corpora(corpora, tmp_path / "out", WORLD, **kw)
+    calls = []
+    real = policy_fits.choose_emission
+    monkeypatch.setattr(policy_fits, "choose_emission", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = policy_fits.fit_policy_corpora(corpora, tmp_path / "out", WORLD, **kw)
+    assert again["resumed"] == 2 and not calls
+    for key in ("attribution", "by_step", "emission", "loo", "differences"):
+        assert again[key] == first[key], key
+    # a changed option refits; a run killed before its second corpus finished resumes from the first
+    third = policy_fits.fit_policy_corpora(corpora, tmp_path / "out", WORLD, **{**kw, "folds": 3})
+    assert third["resumed"] == 0
+    (tmp_path / "out" / "p.seen" / "corpus.json").unlink()
+    fourth = policy_fits.fit_policy_corpora(corpora, tmp_path / "out", WORLD, **{**kw, "folds": 3})
+    assert fourth["resumed"] == 1
+    for key in ("attribution", "by_step", "emission", "loo", "differences"):
+        assert fourth[key] == third[key], key
