@@ -9,13 +9,16 @@ every number exact.
 ``fit.json`` (schema 2) holds the DESIGN §8 keys (``model``, ``method``, ``params``,
 ``log_evidence``) and ``schema``, ``backend``, ``n_traces``, ``options``, ``world`` (its
 alphabet, ``max_len`` and the routing and skill names the arrays are indexed by),
-``conjugate`` (the Dirichlet and Beta concentrations of q(θ), when there are no draws) and what
-the method reports (iterations, losses, NUTS diagnostics, ...). ``posterior.jsonl``: one object
+``conjugate`` (the Dirichlet and Beta concentrations of q(θ), when there are no draws), ``files``
+(the size and SHA-256 of ``posterior.jsonl`` and ``samples.npz``: :func:`load_fit` refuses a
+folder whose files are not these, as a killed run leaves it) and what the method reports
+(iterations, losses, NUTS diagnostics, ...). ``posterior.jsonl``: one object
 per trace, ``{"id", "log_evidence", "steps": [{"map_route", "map_skill", "p_off", "route_probs",
 "skill_probs"}]}``.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -25,7 +28,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import beta as beta_dist
 
-from latentsel._io import atomic_open
+from latentsel._io import atomic_open, digest, locked_folder
 from latentsel.analysis.options import METHODS, EMOptions, FitOptions
 from latentsel.inference.conjugate import ConjugatePosterior
 from latentsel.models.registry import model_spec, params_class, validate_params
@@ -213,33 +216,41 @@ class Fit(NamedTuple):
                                           draws=draws, seed=seed)
 
     def save(self, out: str | os.PathLike) -> Path:
-        """Write ``out/fit.json``, ``out/posterior.jsonl`` and, with draws, ``out/samples.npz``:
-        each atomically, the posterior first and ``fit.json`` last, so that a ``fit.json`` is
-        never beside another fit's posterior. Returns ``out``."""
+        """Write ``out/posterior.jsonl``, with draws ``out/samples.npz``, and ``out/fit.json``
+        last, as a set: each atomically, under :func:`~latentsel._io.locked_folder` (a second
+        writer of ``out`` fails at once), and ``fit.json`` records the size and SHA-256 of the
+        others (``files``), so that :func:`load_fit` refuses a posterior or draws that are not
+        its own (a run killed between the files). Returns ``out``."""
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         post, world = self.posterior, self.world
-        with atomic_open(out / "posterior.jsonl") as f:
-            for i, tid in enumerate(post.trace_ids):
-                steps = [{"map_route": world.routes[int(post.map_route[i, t])].name,
-                          "map_skill": world.skills[int(post.map_skill[i, t])].name,
-                          "p_off": float(post.p_off[i, t]),
-                          "route_probs": [float(p) for p in post.route_probs[i, t]],
-                          "skill_probs": [float(p) for p in post.skill_probs[i, t]]}
-                         for t in range(int(post.depth[i]))]
-                f.write(json.dumps({"id": tid, "log_evidence": float(post.log_evidence[i]), "steps": steps}) + "\n")
-        if self.draws is None:
-            (out / "samples.npz").unlink(missing_ok=True)  # a previous fit's draws are not this fit's
-        else:
+        lines = []
+        for i, tid in enumerate(post.trace_ids):
+            steps = [{"map_route": world.routes[int(post.map_route[i, t])].name,
+                      "map_skill": world.skills[int(post.map_skill[i, t])].name,
+                      "p_off": float(post.p_off[i, t]),
+                      "route_probs": [float(p) for p in post.route_probs[i, t]],
+                      "skill_probs": [float(p) for p in post.skill_probs[i, t]]}
+                     for t in range(int(post.depth[i]))]
+            lines.append(json.dumps({"id": tid, "log_evidence": float(post.log_evidence[i]), "steps": steps}) + "\n")
+        files = {"posterior.jsonl": "".join(lines).encode("utf-8")}
+        if self.draws is not None:
             extra = {}
             if self.result is not None and hasattr(self.result, "diverging"):
                 r = self.result
                 extra = dict(diverging=r.diverging, accept_prob=r.accept_prob, num_steps=r.num_steps,
                              potential_energy=r.potential_energy, step_size=r.step_size)
-            with atomic_open(out / "samples.npz", "wb") as f:
-                np.savez(f, **dict(zip(self.draws._fields, map(np.asarray, self.draws))), **extra)
-        with atomic_open(out / "fit.json") as f:
-            json.dump(self.record(), f, indent=1)
+            buf = io.BytesIO()
+            np.savez(buf, **dict(zip(self.draws._fields, map(np.asarray, self.draws))), **extra)
+            files["samples.npz"] = buf.getvalue()
+        with locked_folder(out):
+            for name, data in files.items():
+                with atomic_open(out / name, "wb") as f:
+                    f.write(data)
+            if self.draws is None:
+                (out / "samples.npz").unlink(missing_ok=True)  # a previous fit's draws are not this fit's
+            with atomic_open(out / "fit.json") as f:
+                json.dump({**self.record(), "files": {name: digest(data) for name, data in files.items()}}, f,
+                          indent=1)
         return out
 
 
@@ -264,13 +275,15 @@ def _options_json(options) -> dict:
 
 
 _RECORD_KEYS = {"schema", "model", "method", "backend", "params", "log_evidence", "n_traces", "options", "world",
-                "conjugate"}
+                "conjugate", "files"}
 
 
 def load_fit(path: str | os.PathLike, world: World | None = None) -> Fit:
     """The :class:`Fit` that :meth:`Fit.save` (or ``latentsel fit``) wrote to ``path``, every
     number as it was. ``world``: the world it was fitted in (default: the default world); its
-    names must be the ones ``fit.json`` lists."""
+    names must be the ones ``fit.json`` lists. ``ValueError`` when ``posterior.jsonl`` or
+    ``samples.npz`` is not the one ``fit.json`` was written with (another run's, or a run killed
+    between the files)."""
     path = Path(path)
     world = default_world() if world is None else world
     fit_json = path / "fit.json"
@@ -296,22 +309,36 @@ def load_fit(path: str | os.PathLike, world: World | None = None) -> Fit:
     draws = conjugate = None
     if method == "nuts":
         try:
-            with np.load(path / "samples.npz") as z:
+            with np.load(io.BytesIO(_member(path, rec, "samples.npz"))) as z:
                 draws = params.__class__(*(z[name] for name in params._fields))
-        except (FileNotFoundError, KeyError) as e:
+        except KeyError as e:
             raise ValueError(f"{path / 'samples.npz'}: the draws of this nuts fit are missing ({e})") from None
     if "conjugate" in rec:
         conjugate = _conjugate_from_json(model, rec["conjugate"])
-    posterior = _read_posterior(path / "posterior.jsonl", world)
+    posterior = _read_posterior(_member(path, rec, "posterior.jsonl"), world)
     summary = {k: v for k, v in rec.items() if k not in _RECORD_KEYS}
     return Fit(model, options, params, posterior, rec["log_evidence"], rec["n_traces"], summary, world, draws,
                conjugate)
 
 
-def _read_posterior(path: Path, world: World) -> StepPosterior:
+def _member(path: Path, rec: dict, name: str) -> bytes:
+    """The content of ``path/name``, one of the set that ``fit.json`` (``rec``) lists: a file whose
+    size or SHA-256 is not the listed one was not written with this fit.json. A fit.json without
+    ``files`` (an earlier version's) is taken at its word."""
+    try:
+        data = (path / name).read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: {name} is missing beside fit.json: the run was killed, or the file removed"
+                         ) from None
+    if "files" in rec and rec["files"].get(name) != digest(data):
+        raise ValueError(f"{path}: {name} does not belong to fit.json: written by another run, or the run was killed")
+    return data
+
+
+def _read_posterior(data: bytes, world: World) -> StepPosterior:
     route_of = {name: i for i, name in enumerate(world.route_names)}
     skill_of = {name: i for i, name in enumerate(world.skill_names)}
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
     n, t_max = len(rows), max((len(r["steps"]) for r in rows), default=0)
     r_n, k_n = world.n_routes, world.n_skills
     route_probs, skill_probs = np.zeros((n, t_max, r_n)), np.zeros((n, t_max, k_n))

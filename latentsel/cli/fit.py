@@ -5,6 +5,7 @@ choices come from the JAX-free registries.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from latentsel.analysis.options import (FIT_BACKENDS, METHODS, AmortizedOptions, EMOptions,
@@ -47,10 +48,26 @@ def jax_devices(args) -> int:
     return args.chains if args.method == "nuts" else 1
 
 
-def cmd_fit(args) -> int:
-    from latentsel.analysis.fitting import fit_traces
+def check_out(out: str) -> None:
+    """``ValueError`` naming ``--out`` unless it is a folder or can be made one: said before the
+    fit runs, not after."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder")
+    above = path
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise ValueError(f"--out {out}: {above} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {above} is not writable")
 
+
+def cmd_fit(args) -> int:
     options = fit_options_from_args(args)
+    check_out(args.out)
+    # the fitting code loads JAX: after the checks that need none
+    from latentsel.analysis.fitting import fit_traces
 
     world = world_of(args)
     traces = read_corpus(args, world)

@@ -83,3 +83,106 @@ def test_steps_past_a_trace_are_zero_whatever_the_source(world):
     steps = StepPosterior.of(post, np.zeros(n), ["a", "b"], [3, 1], world)
     assert (steps.route_probs[1, 1:] == 0).all() and (steps.p_off[1, 1:] == 0).all()
     assert (steps.map_route[1, 1:] == -1).all() and (steps.route_probs[0] == 0.1).all()
+
+
+def _small_fit(world, seed: int) -> Fit:
+    """An em Fit built by hand, its numbers drawn from ``seed``: a value to save and load, in
+    milliseconds (no fitting)."""
+    from types import SimpleNamespace
+
+    from latentsel.analysis.results import StepPosterior
+
+    rng = np.random.default_rng(seed)
+    route, skill = rng.dirichlet(np.ones(world.n_routes), (3, 2)), rng.dirichlet(np.ones(world.n_skills), (3, 2))
+    post = SimpleNamespace(route_probs=route, skill_probs=skill, p_off=rng.uniform(size=(3, 2)),
+                           map_route=route.argmax(-1), map_skill=skill.argmax(-1))
+    posterior = StepPosterior.of(post, rng.normal(size=3), ["a", "b", "c"], [2, 1, 2], world)
+    params = default_params("modular", world, fidelity=0.5 + 0.1 * seed)
+    return Fit("modular", EMOptions(), params, posterior, float(posterior.log_evidence.sum()), 3, {}, world)
+
+
+def test_a_saved_fit_lists_its_files_and_loads_as_itself(world, tmp_path):
+    import hashlib
+    import json
+
+    from latentsel.analysis.results import load_fit
+
+    fit = _small_fit(world, 0)
+    fit.save(tmp_path)
+    files = json.loads((tmp_path / "fit.json").read_text())["files"]
+    body = (tmp_path / "posterior.jsonl").read_bytes()
+    assert files == {"posterior.jsonl": {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}}
+    loaded = load_fit(tmp_path)
+    assert loaded.summary == {} and loaded.posterior.trace_ids == fit.posterior.trace_ids
+    np.testing.assert_array_equal(loaded.posterior.route_probs, fit.posterior.route_probs)
+
+
+def test_a_save_killed_between_its_files_is_refused_not_mixed(world, tmp_path, monkeypatch):
+    """The folder held a fit; a second save was killed after replacing posterior.jsonl and
+    before fit.json: the folder is refused, not read as the old fit with the new posterior."""
+    import re
+    from pathlib import Path
+
+    from latentsel.analysis import results
+
+    results.Fit.save(_small_fit(world, 0), tmp_path)
+    before = (tmp_path / "posterior.jsonl").read_bytes()
+    real = results.atomic_open
+
+    def killed_before_fit_json(path, *args, **kwargs):
+        if Path(path).name == "fit.json":
+            raise KeyboardInterrupt  # the kill
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(results, "atomic_open", killed_before_fit_json)
+    with pytest.raises(KeyboardInterrupt):
+        _small_fit(world, 1).save(tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "posterior.jsonl").read_bytes() != before
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))}: posterior.jsonl does not belong to fit.json: "
+                                         "written by another run, or the run was killed$"):
+        results.load_fit(tmp_path)
+    (tmp_path / "posterior.jsonl").unlink()
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))}: posterior.jsonl is missing"):
+        results.load_fit(tmp_path)
+
+
+def test_a_fit_is_not_saved_into_a_folder_another_run_is_writing(world, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    hold = ("import fcntl, os, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); "
+            "f.write(str(os.getpid())); f.flush(); print('locked', flush=True); sys.stdin.read()")
+    with subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / ".latentsel.lock")],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(BlockingIOError, match=f"^{re.escape(str(tmp_path))} is being written by another "
+                                                  rf"latentsel run \(pid {holder.pid}\)$"):
+            _small_fit(world, 0).save(tmp_path)
+        holder.stdin.close()  # the holder exits, and its lock with it
+    assert not (tmp_path / "posterior.jsonl").exists() and not (tmp_path / "fit.json").exists()
+    _small_fit(world, 0).save(tmp_path)  # the lock went with its holder
+
+
+@pytest.mark.parametrize("out, problem", [("file", "a file, not a folder"), ("file/sub", "is a file, not a folder"),
+                                          ("ro/sub", "is not writable")])
+def test_fit_refuses_an_unusable_out_before_fitting(tmp_path, capsys, monkeypatch, out, problem):
+    """The check of --out comes before the fit (belongs in tests/cli/test_cli.py, with the fit command)."""
+    import json
+    import os
+
+    from latentsel.cli import main
+
+    corpus = tmp_path / "t.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "input": "abc", "program": None, "steps": ["cba"]}) + "\n")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "ro").mkdir()
+    access = os.access
+    # root writes anywhere: the read-only folder is the answer os.access gives for it
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: str(p) != str(tmp_path / "ro") and access(p, mode, **kw))
+    assert main(["fit", str(corpus), "--model", "grammar", "--out", str(tmp_path / out)]) == 1
+    captured = capsys.readouterr()
+    assert "fitting" not in captured.out
+    assert captured.err.startswith(f"latentsel fit: error: --out {tmp_path / out}: ") and problem in captured.err
+    assert captured.err.count("\n") == 1
