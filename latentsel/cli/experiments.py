@@ -36,17 +36,34 @@ def cmd_demo(args) -> int:
 
 
 def cmd_identify(args) -> int:
+    import shutil
+    from pathlib import Path
+
     from latentsel.experiments.identify_outputs import summary_rows, write_identify
-    from latentsel.experiments.sweeps import sbc, sweep
+    from latentsel.experiments.sweeps import done_tasks, sbc, sbc_tasks, sweep, sweep_tasks
 
     t0 = time.perf_counter()
     n_tasks = len(args.regimes) * len(args.sizes) * len(args.seeds)
     print(f"identify: {n_tasks} tasks (regimes x sizes x seeds, {len(args.models)} models each, the largest "
           f"N = {max(args.sizes)}), {args.sbc} SBC replications of {args.sbc_traces} traces, on {args.jobs} "
           f"{args.backend} worker(s)", flush=True)
+    # every finished fit and SBC replication is saved here; it stays after the outputs are written,
+    # so that a rerun (another figure, a larger sweep) redoes only what is new
+    tasks_dir = Path(args.out) / ".tasks"
+    if args.fresh and tasks_dir.exists():
+        shutil.rmtree(tasks_dir)
+    planned = sweep_tasks(args.regimes, args.sizes, args.seeds, models=args.models, nuts_max=args.nuts_max,
+                          nuts_draws=args.nuts_draws, world=args.world)
+    planned += sbc_tasks(args.sbc, n_traces=args.sbc_traces, world=args.world)
+    done = done_tasks(planned, tasks_dir)
+    if done:
+        print(f"identify: {done} of {len(planned)} tasks (fits and SBC replications) already done in {args.out}, "
+              f"running {len(planned) - done}", flush=True)
     records = sweep(args.regimes, args.sizes, args.seeds, models=args.models, nuts_max=args.nuts_max,
-                    nuts_draws=args.nuts_draws, n_jobs=args.jobs, backend=args.backend, world=args.world)
-    calib = (sbc(args.sbc, n_traces=args.sbc_traces, n_jobs=args.jobs, backend=args.backend, world=args.world)
+                    nuts_draws=args.nuts_draws, n_jobs=args.jobs, backend=args.backend, world=args.world,
+                    tasks_dir=tasks_dir)
+    calib = (sbc(args.sbc, n_traces=args.sbc_traces, n_jobs=args.jobs, backend=args.backend, world=args.world,
+                 tasks_dir=tasks_dir)
              if args.sbc else None)
     config = {k: getattr(args, k) for k in ("regimes", "sizes", "seeds", "models", "nuts_max", "nuts_draws", "sbc",
                                             "sbc_traces", "backend", "jobs", "world")}
@@ -79,7 +96,9 @@ def cmd_analyze(args) -> int:
              if args.nuts_traces else ""), flush=True)
     result = fit_policy_corpora(corpora, args.out, world, draws=args.draws, max_traces=args.max_traces,
                                 seed=args.seed, folds=args.folds, split_seed=args.split_seed,
-                                entangle=not args.no_entanglement, checkpoints=checkpoints)
+                                entangle=not args.no_entanglement, checkpoints=checkpoints, resume=not args.fresh)
+    if result["resumed"]:
+        print(f"analyze: {result['resumed']} of {len(corpora)} corpora already fitted in {args.out}, read back")
     for line in result["warnings"]:
         print(f"warning: {line}", file=sys.stderr)
     print("\n".join(summary_lines(result)))
@@ -149,7 +168,11 @@ def add_commands(sub) -> None:
     p.add_argument("--jobs", type=at_least(1), default=2, help="parallel worker processes (default: %(default)s)")
     p.add_argument("--backend", choices=SWEEP_BACKENDS, default="loky",
                    help="joblib backend; ray or dask to run the sweep on a cluster (default: %(default)s)")
-    p.add_argument("--out", required=True, help="output folder (identify.json, sbc.json, figures/)")
+    p.add_argument("--out", required=True,
+                   help="output folder (identify.json, sbc.json, figures/, and .tasks/: every finished fit and SBC "
+                        "replication, kept so that a rerun into the same folder runs only the missing ones)")
+    p.add_argument("--fresh", action="store_true",
+                   help="remove the finished tasks in --out/.tasks and run every task again")
     add_world(p)
     p.set_defaults(func=cmd_identify, jax_devices=lambda args: 1)
 
@@ -171,6 +194,8 @@ def add_commands(sub) -> None:
     p.add_argument("--checkpoints", default=None, metavar="DIR",
                    help="folder of POLICY.pt[.gz] checkpoints: check the fit's per-skill fidelity against each "
                         "policy's teacher-forced accuracy (data/policy-cpu/policies for the shipped corpora)")
+    p.add_argument("--fresh", action="store_true",
+                   help="refit every corpus (default: read back the corpora an earlier run into --out finished)")
     p.add_argument("--no-entanglement", action="store_true",
                    help="skip the entanglement rho of the hierarchical model (the slowest part of the modularity test)")
     p.add_argument("--out", required=True, help="output folder")

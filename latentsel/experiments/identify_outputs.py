@@ -2,7 +2,9 @@
 
 ``DIR/identify.json`` is ``{"records": [...], "config": {...}}`` (one record per regime, model,
 N and seed; :mod:`latentsel.experiments.identify` defines the measures). Figures go to ``DIR/figures/``;
-``DIR/section.json`` puts them and the summary tables in ``latentsel report``.
+``DIR/section.json`` puts them and the summary tables in ``latentsel report``. ``latentsel identify``
+also keeps every finished task of its sweep in ``DIR/.tasks/`` (:mod:`latentsel.experiments.sweeps`),
+so that a rerun into ``DIR`` resumes.
 """
 from __future__ import annotations
 

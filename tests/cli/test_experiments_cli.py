@@ -1,10 +1,14 @@
 """The identify, analyze and report commands, and error attribution on policy corpora."""
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
+from latentsel import plots
 from latentsel.analysis.attribution import CATEGORIES
 from latentsel.cli import main
+from latentsel.experiments import sweeps
 from latentsel.experiments.designs import IDENTIFY_MODELS, IDENTIFY_REGIMES, SWEEP_BACKENDS
 from latentsel.experiments.policy_fits import find_corpora
 from latentsel.models.registry import default_params
@@ -44,6 +48,86 @@ def test_identify_then_report(tmp_path, capsys):
     assert main(["report", str(tmp_path / "run")]) == 0
     html = (tmp_path / "run" / "report.html").read_text()
     assert html.count("<img") == len(section["figures"])
+
+
+# three fits and two SBC replications, of the shapes test_identify_then_report compiles
+TINY_IDENTIFY = ["identify", "--regimes", "sft", "--sizes", "40", "--seeds", "0", "1", "2", "--models", "modular",
+                 "--nuts-max", "0", "--sbc", "2", "--sbc-traces", "20", "--jobs", "1", "--backend", "sequential"]
+
+
+def _placeholder_figure(fig, path, dpi=110):
+    """Figures drawn but not rendered: rendering is most of a tiny identify run's time."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n")
+    return Path(path)
+
+
+def _identify(mp, out, *extra) -> int:
+    mp.setattr(plots, "save_figure", _placeholder_figure)
+    return main([*TINY_IDENTIFY, *extra, "--out", str(out)])
+
+
+def _records(out):
+    """identify.json without its wall-clock field, and the fit times apart."""
+    doc = json.loads((out / "identify.json").read_text())
+    return doc, [r.pop("fit_seconds") for r in doc["records"]]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("identify") / "uninterrupted"
+    with pytest.MonkeyPatch.context() as mp:
+        assert _identify(mp, out) == 0
+    return out
+
+
+def _count_fits(monkeypatch, fail_at=None):
+    """The (regime, N, seed) of every fit the sweep runs; the ``fail_at``-th raises, as a kill would stop it."""
+    calls, real = [], sweeps.run_task
+
+    def counted(regime, n, seed, **kwargs):
+        calls.append((regime, n, seed))
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return real(regime, n, seed, **kwargs)
+
+    monkeypatch.setattr(sweeps, "run_task", counted)
+    return calls
+
+
+def test_identify_reruns_only_the_missing_task(uninterrupted, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    (out / "identify.json").unlink()
+    (lost,) = (out / ".tasks").glob("identify-sft-N40-seed1-*.json")
+    lost.unlink()
+    fits = _count_fits(monkeypatch)
+    assert _identify(monkeypatch, out) == 0
+    assert fits == [("sft", 40, 1)]
+    printed = capsys.readouterr().out
+    assert f"identify: 4 of 5 tasks (fits and SBC replications) already done in {out}, running 1" in printed
+    (doc, seconds), (want, want_seconds) = _records(out), _records(uninterrupted)
+    assert doc == want
+    assert seconds[::2] == want_seconds[::2]  # seeds 0 and 2 were read back, with their fit times
+    assert (out / "sbc.json").read_text() == (uninterrupted / "sbc.json").read_text()
+    # --fresh runs every task again
+    fits.clear()
+    assert _identify(monkeypatch, out, "--fresh") == 0
+    assert len(fits) == 3 and "already done" not in capsys.readouterr().out
+    assert _records(out)[0] == want
+
+
+def test_identify_resumes_after_a_kill(uninterrupted, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    fits = _count_fits(monkeypatch, fail_at=3)
+    assert _identify(monkeypatch, out) == 130  # interrupted in the third fit
+    assert not (out / "identify.json").exists() and len(list((out / ".tasks").glob("*.json"))) == 2
+    fits = _count_fits(monkeypatch)
+    assert _identify(monkeypatch, out) == 0
+    assert fits == [("sft", 40, 2)]
+    assert "identify: 2 of 5 tasks (fits and SBC replications) already done" in capsys.readouterr().out
+    assert _records(out)[0] == _records(uninterrupted)[0]
+    assert (out / "sbc.json").read_text() == (uninterrupted / "sbc.json").read_text()
 
 
 @pytest.mark.parametrize("argv, message", [

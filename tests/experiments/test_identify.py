@@ -12,6 +12,7 @@ from latentsel.analysis.equivalence import (
     module_classes,
     step_equivalent,
 )
+from latentsel.experiments import sweeps
 from latentsel.experiments.designs import IDENTIFY_REGIMES
 from latentsel.experiments.identify import measure, reached_rows, regime_traces, run_task, truth_params
 from latentsel.experiments.sweeps import sbc, sweep
@@ -209,6 +210,40 @@ def test_sweep_and_sbc_small():
     ranks = np.array(out["ranks"])
     assert ranks.shape == (4, 3) and ranks.min() >= 0 and ranks.max() <= 9
     assert set(IDENTIFY_REGIMES) == {"sft", "rl", "atomic", "compressed"}
+
+
+def _count_calls(monkeypatch, name):
+    """Record the first three arguments of every call of ``sweeps.<name>`` (a task's coordinates)."""
+    calls, real = [], getattr(sweeps, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args[:3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweeps, name, counted)
+    return calls
+
+
+def test_sweep_and_sbc_resume_only_under_the_same_configuration(tmp_path, monkeypatch):
+    """A task folder gives back the finished tasks of the same configuration, in task order
+    whatever the completion order (two threads), and none of another configuration."""
+    fits, reps = _count_calls(monkeypatch, "run_task"), _count_calls(monkeypatch, "_sbc_rep")
+    run = {"models": ("modular",), "n_jobs": 2, "backend": "threading", "progress": False, "tasks_dir": tmp_path}
+    first = sweep(["sft"], [20], [0, 1], **run)
+    assert sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.glob("*.json")) == ["identify-sft-N20-seed0",
+                                                                                 "identify-sft-N20-seed1"]
+    assert sweep(["sft"], [20], [0, 1], **run) == first and len(fits) == 2  # read back, not run
+    sweep(["sft"], [40], [0], **run)  # other sizes: other tasks
+    sweep(["sft"], [20], [0], **{**run, "nuts_draws": 10})  # the same task under other options: not the old file
+    assert sorted(fits) == [("sft", 20, 0)] * 2 + [("sft", 20, 1), ("sft", 40, 0)]
+    assert len(list(tmp_path.glob("identify-*.json"))) == 4
+
+    calib = sbc(2, n_traces=20, n_draws=9, progress=False, **{k: run[k] for k in ("n_jobs", "backend", "tasks_dir")})
+    again = sbc(3, n_traces=20, n_draws=9, progress=False, **{k: run[k] for k in ("n_jobs", "backend", "tasks_dir")})
+    sbc(1, n_traces=20, n_draws=19, backend="sequential", progress=False, tasks_dir=tmp_path)
+    assert [r[:2] for r in again["ranks"]] == calib["ranks"]
+    assert sorted(reps) == [(0, 20, 9), (0, 20, 19), (1, 20, 9), (2, 20, 9)]
+    assert len(list(tmp_path.glob("sbc-*.json"))) == 4
 
 
 @pytest.mark.slow  # 40 s of NUTS; the NUTS-vs-conjugate agreement on pinned data is in tests/inference/test_mcmc.py
