@@ -38,6 +38,7 @@ from latentsel.models.data import HLSMData
 from latentsel.models.registry import model_spec
 from latentsel.traces import Trace, read_traces
 from latentsel.traces.emission import build_data
+from latentsel.traces.failures import read_prefixes
 from latentsel.world import World, default_world
 
 __all__ = ["fit", "fit_traces"]
@@ -71,10 +72,16 @@ def fit_traces(traces: Sequence[Trace], world: World, model: str = "modular", op
                data: HLSMData | None = None, progress: bool = True) -> Fit:
     """Fit a corpus by the method of ``options`` (a method name for its defaults, or an
     options NamedTuple such as ``NUTSOptions(chains=4)``). ``data``: the corpus's
-    :func:`~latentsel.traces.emission.build_data`, when the caller has it already."""
+    :func:`~latentsel.traces.emission.build_data`, when the caller has it already (of the same
+    traces as fitted: a malformed completion, its ``malformed`` field set, is fitted on its read
+    prefix only and left out when not even its first step was read; see
+    :func:`latentsel.traces.failures.read_prefixes`)."""
     options = fit_options(options)
     model_spec(model)
-    traces = list(traces)
+    # a malformed completion's unread steps are failures, not hidden steps: fit its read prefix
+    traces, _, left_out = read_prefixes(traces)
+    if not traces and left_out:
+        raise ValueError(f"traces: no step of any trace was read ({left_out} malformed completions); nothing to fit")
     empty = [tr.id for tr in traces if tr.depth == 0]
     if empty:  # a trace file cannot hold one; a Trace built in Python can
         raise ValueError(f"traces: {len(empty)} have no steps (the first: {empty[0]!r}); there is nothing to fit in them")

@@ -21,6 +21,10 @@ from latentsel.cli import experiments, fit, policy, traces
 
 __all__ = ["main", "build_parser"]
 
+MAX_MESSAGE = 1000
+"""Characters of an error message printed; the rest is counted, not printed (a message may echo
+a huge user-provided value)."""
+
 
 class _HelpFormatter(argparse.HelpFormatter):
     """Every option's default in its help, unless the help says it already or there is none."""
@@ -76,11 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         else:
-            message = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if isinstance(e, KeyError) and message.startswith(("'", '"')):
-                message = message[1:-1]
-            print(f"latentsel {args.command}: error: {message}", file=sys.stderr)
+            print(f"latentsel {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
+
+
+def _one_line(e: Exception) -> str:
+    """The first line of an error's message, at most :data:`MAX_MESSAGE` characters."""
+    text = str(e)
+    message = next((line for line in text.splitlines() if line.strip()), type(e).__name__)
+    if isinstance(e, KeyError) and message.startswith(("'", '"')):
+        message = message[1:-1]
+    if len(message) > MAX_MESSAGE:
+        message = f"{message[:MAX_MESSAGE]}… ({len(message) - MAX_MESSAGE} more characters)"
+    return message
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ from latentsel.analysis.options import (FIT_BACKENDS, METHODS, AmortizedOptions,
 from latentsel.cli._argtypes import add_world, at_least, nonneg_int, positive_float, world_of
 from latentsel.cli.traces import read_corpus
 from latentsel.models.registry import MODELS
+from latentsel.traces.failures import read_prefixes
 
 __all__ = ["add_commands", "fit_options_from_args"]
 
@@ -71,6 +72,10 @@ def cmd_fit(args) -> int:
 
     world = world_of(args)
     traces = read_corpus(args, world)
+    traces, cut, left_out = read_prefixes(traces)
+    if cut or left_out:
+        print(f"note: {cut + left_out} malformed completions: {cut} fitted on the steps read before their first "
+              f"failure, {left_out} with no step read left out (their failures are not hidden steps)", flush=True)
     print(f"fitting {len(traces)} traces, {args.model} model: {_plan(options, len(traces))}", flush=True)
     fit = fit_traces(traces, world, args.model, options)
     fit.save(args.out)

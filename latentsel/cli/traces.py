@@ -9,8 +9,9 @@ import sys
 from latentsel.cli._argtypes import add_world, nonneg_int, world_of
 from latentsel.models.registry import MODELS, default_params
 from latentsel.traces import read_traces, write_traces
+from latentsel.traces.format import MAX_HIDDEN_RUN
 from latentsel.traces.regimes import PROMPT_REGIMES, bigram_split, generate
-from latentsel.traces.simulate import simulate
+from latentsel.traces.simulate import hidden_steps, simulate
 
 __all__ = ["add_commands", "read_corpus"]
 
@@ -69,6 +70,7 @@ def read_corpus(args, world):
 def cmd_simulate(args) -> int:
     world = world_of(args)
     prompts = read_corpus(args, world)
+    hidden_steps(args.hide, prompts, name="--hide")  # before any work, in the command's own terms
     if args.params:
         # the fit.json reader loads JAX: only when --params is given
         from latentsel.analysis.results import read_params
@@ -114,7 +116,8 @@ def add_commands(sub) -> None:
     p.add_argument("--noise", type=float, default=0.02, help="probability that an on-module character is miscopied")
     p.add_argument("--off-module", type=float, default=0.02, help="probability that a step is off-module")
     p.add_argument("--hide", type=nonneg_int, nargs="*", default=[], metavar="STEP",
-                   help="1-based steps to leave unobserved (compressed traces)")
+                   help="1-based steps to leave unobserved (compressed traces); each within every "
+                        f"trace's depth, at most {MAX_HIDDEN_RUN} in a row before an observed step")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated selections and noise")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and count them")
     p.add_argument("-o", "--output", required=True, help="trace file to write")

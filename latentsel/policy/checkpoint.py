@@ -16,6 +16,7 @@ import gzip
 import io
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -35,6 +36,29 @@ _REQUIRED = ("format", "step", "policy", "model_config", "tokenizer", "model")
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or not a policy checkpoint; names the file."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _load_failure(e: BaseException) -> str:
+    """Why ``torch.load`` failed, as one plain line.
+
+    torch's own message is several lines with terminal escapes, and for a pickled object it
+    advises loading again with ``weights_only`` off, which would run whatever code the file
+    holds: that advice is never passed on, only which object the file holds.
+    """
+    text = _ANSI.sub("", str(e))
+    if "weights_only" in text or "weights only" in text.lower():
+        found = _GLOBAL.search(text)
+        if found is None and not isinstance(e, pickle.UnpicklingError):
+            return "torch cannot load it as tensors and plain data"
+        what = f" ({found[1]})" if found else ""
+        return (f"it holds a pickled Python object{what}, not only tensors and plain data; "
+                f"a policy checkpoint never does, and such a file is not loaded")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+    return first if len(first) <= 200 else first[:200] + "…"
 
 
 def tokenizer_dict(tok: Tokenizer) -> dict:
@@ -73,8 +97,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             source = path
         state = torch.load(source, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, gzip.BadGzipFile) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable policy checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: not a readable policy checkpoint ({_load_failure(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a latentsel policy checkpoint (format {FORMAT!r} expected)")
     missing = [k for k in _REQUIRED if k not in state]

@@ -20,7 +20,7 @@ from latentsel.traces import Trace, write_traces
 from latentsel.traces.regimes import PROMPT_REGIMES, bigram_split, generate
 from latentsel.world import World, default_world
 
-__all__ = ["SPLITS", "COMPETENT", "wilson", "score", "evaluate", "markdown_table", "check_policy_name"]
+__all__ = ["SPLITS", "COMPETENT", "wilson", "score", "evaluate", "markdown_table", "check_policy_name", "trace_path"]
 
 SPLITS = ("eval-seen", "eval-unseen", "eval-ood")
 """Teacher-forced per-step accuracy on eval-seen at which a policy counts as competent (DESIGN §7)."""
@@ -83,6 +83,23 @@ def check_policy_name(name: str) -> str:
     return name
 
 
+def trace_path(out: str | os.PathLike, name: str, split: str) -> Path:
+    """``out/traces/{name}.{split}.jsonl.gz``, where ``evaluate`` writes a policy's completions.
+
+    ValueError for a name that is not a plain file-name part (:func:`check_policy_name`) and for a
+    target that resolves outside ``out`` (a link under it pointing elsewhere): nothing is ever
+    written outside ``--out``.
+    """
+    check_policy_name(name)
+    out = Path(out)
+    target = out / "traces" / f"{name}.{split}.jsonl.gz"
+    resolved, root = target.resolve(), out.resolve()
+    if not resolved.is_relative_to(root):
+        raise ValueError(f"the trace file of policy {name!r} on {split}, {target}, resolves to {resolved}, "
+                         f"outside --out {out}")
+    return target
+
+
 def evaluate(policies: dict[str, str | os.PathLike], out: str | os.PathLike, *, n: int = 1000, seed: int = 1,
              split_seed: int = 0, splits: Sequence[str] = SPLITS, device: str | None = None,
              batch_size: int = 256, temperature: float = 0.0, save_traces: bool = False,
@@ -103,7 +120,11 @@ def evaluate(policies: dict[str, str | os.PathLike], out: str | os.PathLike, *, 
         check_policy_name(name)
     for s in splits:
         if s not in PROMPT_REGIMES:
-            raise ValueError(f"unknown split {s!r}; choose from {', '.join(PROMPT_REGIMES)}")
+            raise ValueError(f"unknown split {str(s)[:80]!r}; choose from {', '.join(PROMPT_REGIMES)}")
+    if save_traces:  # refused before any policy runs; checked again as each file is written
+        for name in policies:
+            for s in splits:
+                trace_path(out, name, s)
     split = bigram_split(world.n_skills, split_seed)
     prompts = {s: generate(s, n, seed, world=world, split=split) for s in splits}
     dev = pick_device(device)
@@ -122,7 +143,7 @@ def evaluate(policies: dict[str, str | os.PathLike], out: str | os.PathLike, *, 
                                    temperature=temperature, batch_size=batch_size, progress=progress)
             entry["splits"][s] = score(traces, prompts[s])
             if save_traces:
-                write_traces(out / "traces" / f"{name}.{s}.jsonl.gz", traces, world=world)
+                write_traces(trace_path(out, name, s), traces, world=world)
         record["policies"][name] = entry
     with atomic_open(out / "eval.json", "w") as f:
         json.dump(record, f, indent=1)

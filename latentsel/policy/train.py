@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -154,12 +155,14 @@ def _build(cfg: TrainConfig, tok: Tokenizer, ckpt: Path, device) -> tuple[GPT, d
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records after ``step``: a killed run may have logged steps its checkpoint lacks.
 
-    A last line cut short (a kill or a full disk mid-append) is dropped too; an unreadable line
-    before it is an error naming the file and line.
+    A last line cut short (a kill or a full disk mid-append) is dropped with a warning naming the
+    file and line, and the file is rewritten without it before anything is appended; an
+    unreadable line before it is an error naming the file and line.
     """
     if not path.exists():
         return
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
     keep = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -168,8 +171,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
             rec = json.loads(line)
             rec_step = int(rec["step"])
         except (ValueError, KeyError, TypeError) as e:
-            if n == len(lines):
-                break  # the torn end of an interrupted append
+            if n == last:  # the torn end of an interrupted append
+                print(f"warning: {path}:{n}: dropped a torn last line (an interrupted append): {line[:60]!r}",
+                      file=sys.stderr)
+                break
             raise ValueError(f"{path}:{n}: not a metrics record ({type(e).__name__}: {str(e)[:80]}); "
                              f"remove the line or start afresh with another --out") from None
         if rec_step <= step:

@@ -17,12 +17,11 @@ import numpy as np
 from latentsel.models.data import HiddenBlocks, HLSMData
 from latentsel.models.registry import model_spec
 from latentsel.traces import Trace
+from latentsel.traces.format import MAX_HIDDEN_RUN, echo, hidden_run_error
 from latentsel.world import World
 from latentsel.world.executor import apply_all, apply_distinct, encode
 
 __all__ = ["build_data", "MAX_HIDDEN_RUN"]
-
-MAX_HIDDEN_RUN = 2
 
 
 def _block_plan(tr: Trace, world: World) -> tuple[list[int], dict[int, list[int]]] | None:
@@ -30,16 +29,11 @@ def _block_plan(tr: Trace, world: World) -> tuple[list[int], dict[int, list[int]
     steps that read a hidden entry after l of them (0-based steps). ``None`` if no observed
     step reads a hidden entry.
 
-    Raises ValueError for a run of more than ``MAX_HIDDEN_RUN`` hidden steps before an observed one."""
-    run = 0
-    for t, y in enumerate(tr.steps):
-        if y is None:
-            run += 1
-            continue
-        if run > MAX_HIDDEN_RUN:
-            raise ValueError(f"trace {tr.id!r}: steps {t - run + 1}-{t} are hidden; at most {MAX_HIDDEN_RUN} "
-                             f"consecutive hidden steps can precede an observed one")
-        run = 0
+    Raises ValueError for hidden steps the enumeration cannot read (:func:`hidden_run_error`:
+    more than ``MAX_HIDDEN_RUN`` in a row before an observed step), as the trace reader does."""
+    reason = hidden_run_error(tr.steps)
+    if reason is not None:
+        raise ValueError(f"trace {echo(tr.id)}: {reason}")
     needed, readers = set(), []
     for t in reversed(range(tr.depth)):
         # entry e of step t's history is h_e: the input (e = 0) or step e - 1

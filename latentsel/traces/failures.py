@@ -23,7 +23,8 @@ from typing import NamedTuple
 
 from latentsel.traces.format import Trace
 
-__all__ = ["StepStatus", "CompletionStatus", "completion_status", "fitted_prefix", "is_malformed", "NO_END",
+__all__ = ["StepStatus", "CompletionStatus", "completion_status", "fitted_prefix", "read_prefixes", "is_malformed",
+           "NO_END",
            "unreadable_reason", "overlong_reason", "stopped_reason", "ran_on_reason"]
 
 NO_END = "no end token"
@@ -133,3 +134,21 @@ def fitted_prefix(trace: Trace, status: CompletionStatus | None = None) -> Trace
     program = None if trace.program is None else list(trace.program[:n])
     return Trace(trace.id, trace.input, program, list(trace.steps[:n]), None, trace.source, trace.truth,
                  dict(trace.extra))
+
+
+def read_prefixes(traces) -> tuple[list[Trace], int, int]:
+    """Every trace as a model may see it: a malformed completion cut to its read prefix (one
+    with no step read left out), every other trace as it is. Returns ``(traces, cut, left_out)``:
+    the malformed completions cut, and those left out."""
+    out, cut, left_out = [], 0, 0
+    for tr in traces:
+        if not is_malformed(tr):
+            out.append(tr)
+            continue
+        prefix = fitted_prefix(tr)
+        if prefix is None:
+            left_out += 1
+            continue
+        cut += prefix.depth < tr.depth
+        out.append(prefix)
+    return out, cut, left_out

@@ -3,6 +3,11 @@
 ``read_traces`` validates every record against a world and reports the first bad one as
 ``file:line: reason`` (a :class:`TraceFormatError`), or, with ``skip_invalid=True``, skips
 the bad ones and hands their errors back. ``write_traces`` writes atomically.
+
+A record is valid only if a model can be fitted to it: :func:`hidden_run_error` is the one
+statement of which runs of hidden steps the exact enumeration reads (DESIGN §4), and the
+reader, ``simulate`` and ``build_data`` all ask it. An error echoes a value of the record cut
+to a few hundred characters (:func:`echo`), so a huge field never makes a huge message.
 """
 from __future__ import annotations
 
@@ -11,7 +16,10 @@ import json
 import math
 import os
 import re
+import reprlib
+import stat
 import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +29,8 @@ from latentsel._io import atomic_open
 from latentsel.world import World, default_world
 from latentsel.world.types import unknown_name
 
-__all__ = ["Trace", "Truth", "TraceFormatError", "read_traces", "iter_traces", "write_traces", "parse_trace", "golden_trace"]
+__all__ = ["Trace", "Truth", "TraceFormatError", "read_traces", "iter_traces", "write_traces", "parse_trace", "golden_trace",
+           "MAX_HIDDEN_RUN", "hidden_run_error", "echo"]
 
 _KNOWN_KEYS = ("id", "input", "program", "steps", "answer", "source", "truth")
 
@@ -100,6 +109,43 @@ class Trace:
 # --------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------
+MAX_HIDDEN_RUN = 2
+"""The most hidden steps in a row that may precede an observed step (DESIGN §4): the exact
+enumeration of a block of hidden steps grows as (R*K)^run."""
+
+
+def hidden_run_error(steps: Sequence[str | None]) -> str | None:
+    """Why the hidden (``None``) steps of ``steps`` cannot be fitted, or ``None`` if they can.
+
+    The rule: at most :data:`MAX_HIDDEN_RUN` consecutive hidden steps before an observed one;
+    trailing hidden steps (no observed step after them) contribute a factor 1, any number of
+    them. The reader, ``simulate(hide=...)`` and ``build_data`` all apply this function.
+    """
+    run = 0
+    for t, y in enumerate(steps):
+        if y is None:
+            run += 1
+            continue
+        if run > MAX_HIDDEN_RUN:
+            return (f"steps {t - run + 1}-{t} are hidden; at most {MAX_HIDDEN_RUN} consecutive hidden steps "
+                    f"can precede an observed one")
+        run = 0
+    return None
+
+
+_ECHO = reprlib.Repr()
+_ECHO.maxlevel, _ECHO.maxstring, _ECHO.maxother = 3, 120, 120
+
+
+def echo(value, limit: int = 200) -> str:
+    """``repr(value)`` cut to about ``limit`` characters (``…`` marks a cut): what an error message
+    quotes of user input, so that a 20 MB field gives a short message."""
+    if isinstance(value, str):
+        return repr(value[:limit]) + ("…" if len(value) > limit else "")
+    text = _ECHO.repr(value)  # reprlib: bounded work however long or deep the value is
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 @lru_cache(maxsize=16)
 def _string_pattern(alphabet: str, max_len: int) -> re.Pattern:
     return re.compile(f"[{re.escape(alphabet)}]{{0,{max_len}}}")
@@ -112,7 +158,7 @@ def _check_string(value, what: str, world: World) -> str:
         if len(value) > world.max_len:
             raise TraceFormatError(f"{what} has length {len(value)} > max_len={world.max_len}")
         bad = "".join(sorted(set(value) - set(world.alphabet)))
-        raise TraceFormatError(f"{what} {value!r} has characters outside the alphabet: {bad!r}")
+        raise TraceFormatError(f"{what} {echo(value)} has characters outside the alphabet: {echo(bad)}")
     return value
 
 
@@ -125,7 +171,7 @@ def _check_names(values, what: str, names: dict, n: int) -> tuple[str, ...]:
         raise TraceFormatError(f"{what} must be a list of {n} names")
     for i, v in enumerate(values):
         if not isinstance(v, str) or v not in names:
-            raise TraceFormatError(f"{what}[{i}]: unknown name {v!r}")
+            raise TraceFormatError(f"{what}[{i}]: unknown name {echo(v)}")
     return tuple(values)
 
 
@@ -143,7 +189,7 @@ def parse_trace(obj, world: World | None = None) -> Trace:
             raise TraceFormatError(f"missing key {key!r}")
     tid = obj["id"]
     if not isinstance(tid, str) or not tid:
-        raise TraceFormatError(f"id must be a non-empty string, got {tid!r}")
+        raise TraceFormatError(f"id must be a non-empty string, got {echo(tid)}")
     x = _check_string(obj["input"], "input", world)
 
     steps = obj["steps"]
@@ -160,7 +206,7 @@ def parse_trace(obj, world: World | None = None) -> Trace:
         pairs = []
         for i, pair in enumerate(program):
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
-                raise TraceFormatError(f"program[{i}] must be a [routing, skill] pair of names, got {pair!r}")
+                raise TraceFormatError(f"program[{i}] must be a [routing, skill] pair of names, got {echo(pair)}")
             route, skill = pair
             if route not in world._route_index:
                 raise TraceFormatError(f"program[{i}]: {unknown_name('routing', route, world.route_names)}"
@@ -196,6 +242,11 @@ def parse_trace(obj, world: World | None = None) -> Trace:
             raise TraceFormatError(f"truth.off must be a list of {n} booleans")
         truth = Truth(routes, skills, tuple(off))
 
+    # a malformed completion's missing steps are failures, not hidden steps (traces/failures.py):
+    # any number of them is a valid record of what the policy wrote
+    if obj.get("malformed") is None and (reason := hidden_run_error(steps)) is not None:
+        raise TraceFormatError(reason)
+
     extra = {k: v for k, v in obj.items() if k not in _KNOWN_KEYS}
     return Trace(tid, x, program, steps, answer, source, truth, extra)
 
@@ -218,8 +269,28 @@ def _finite_float(text: str) -> float:
 
 
 def _open_lines(path: Path) -> Iterator[bytes]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
+    """The lines of a regular file (gunzipped for ``.gz``); :class:`TraceFormatError` for anything
+    else, decided before the file is opened: a FIFO would block, a device might never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise TraceFormatError("no such file", str(path)) from None
+    if stat.S_ISDIR(mode):
+        raise TraceFormatError("is a directory, not a trace file", str(path))
+    if not stat.S_ISREG(mode):
+        raise TraceFormatError("not a regular file (a named pipe, device or socket); trace files are regular files",
+                               str(path))
+    # non-blocking, so that a FIFO swapped in after the stat cannot block the open; fstat says what was opened
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TraceFormatError("not a regular file (it changed while being opened)", str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as raw, (gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz"
+                                      else nullcontext(raw)) as f:
         yield from f
 
 
@@ -253,7 +324,7 @@ def iter_traces(
                     raise TraceFormatError(f"invalid JSON: {e}") from None
                 trace = parse_trace(obj, world)
                 if trace.id in seen:
-                    raise TraceFormatError(f"duplicate id {trace.id!r} (first on line {seen[trace.id]})")
+                    raise TraceFormatError(f"duplicate id {echo(trace.id)} (first on line {seen[trace.id]})")
                 seen[trace.id] = line_no
             except TraceFormatError as e:
                 err = TraceFormatError(e.reason, str(path), line_no)
@@ -263,10 +334,8 @@ def iter_traces(
                     errors.append(err)
                 continue
             yield trace
-    except FileNotFoundError:
+    except FileNotFoundError:  # removed between the stat and the open
         raise TraceFormatError("no such file", str(path)) from None
-    except IsADirectoryError:
-        raise TraceFormatError("is a directory, not a trace file", str(path)) from None
     except (OSError, EOFError, zlib.error) as e:
         # gzip.BadGzipFile is an OSError; a truncated stream raises EOFError
         raise TraceFormatError(f"cannot read: {e}", str(path), line_no + 1) from None
@@ -293,14 +362,14 @@ def write_traces(path: str | os.PathLike, traces: Iterable[Trace], *, world: Wor
             try:
                 parse_trace(record, world)
                 if trace.id in ids:
-                    raise TraceFormatError(f"duplicate id {trace.id!r}")
+                    raise TraceFormatError(f"duplicate id {echo(trace.id)}")
             except TraceFormatError as e:
-                raise TraceFormatError(f"trace {n} (id {trace.id!r}) is invalid: {e.reason}", str(path)) from None
+                raise TraceFormatError(f"trace {n} (id {echo(trace.id)}) is invalid: {e.reason}", str(path)) from None
             ids.add(trace.id)
             try:
                 line = json.dumps(record, separators=(", ", ": "), allow_nan=False)
             except ValueError:
-                raise TraceFormatError(f"trace {n} (id {trace.id!r}) is invalid: it holds NaN or an infinite number, "
+                raise TraceFormatError(f"trace {n} (id {echo(trace.id)}) is invalid: it holds NaN or an infinite number, "
                                        "which JSON cannot hold", str(path)) from None
             f.write(line)
             f.write("\n")

@@ -8,6 +8,8 @@ uniformly drawn *other* character; an off-module step has a length uniform on
 
 Hidden steps (``hide``) follow the model's definition exactly: a hidden step is on-module
 and noise-free, and its history entry, for every later step, is the executed module's output.
+They are checked against every prompt first (:func:`hidden_steps`): a step beyond a prompt's
+depth, or hidden steps a fit could not read back, are an error, never a file ``fit`` refuses.
 """
 from __future__ import annotations
 
@@ -17,21 +19,42 @@ import numpy as np
 
 from latentsel.models.registry import model_spec, validate_params
 from latentsel.traces import Trace, Truth
+from latentsel.traces.format import echo, hidden_run_error
 from latentsel.world import World
 
-__all__ = ["simulate"]
+__all__ = ["simulate", "hidden_steps"]
+
+
+def hidden_steps(hide: Sequence[int], prompts: Sequence[Trace], name: str = "hide") -> frozenset[int]:
+    """The 0-based steps of the 1-based ``hide``, checked against every prompt.
+
+    Raises ValueError naming ``name`` (the argument, e.g. ``--hide``) and the first prompt for
+    which a step is 0, beyond the prompt's depth, or one of a run of hidden steps the trace
+    reader and ``fit`` refuse (:func:`~latentsel.traces.format.hidden_run_error`).
+    """
+    hidden = frozenset(int(t) - 1 for t in hide)
+    if any(t < 0 for t in hidden):
+        raise ValueError(f"{name}: steps are numbered from 1, got {sorted(hide)}")
+    if not hidden:
+        return hidden
+    for p in prompts:
+        beyond = [t + 1 for t in sorted(hidden) if t >= p.depth]
+        if beyond:
+            raise ValueError(f"{name} {beyond[0]}: trace {echo(p.id)} has {p.depth} steps")
+        reason = hidden_run_error([None if t in hidden else "" for t in range(p.depth)])
+        if reason is not None:
+            raise ValueError(f"{name} {' '.join(str(t + 1) for t in sorted(hidden))}: trace {echo(p.id)}: {reason}")
+    return hidden
 
 
 def simulate(prompts: Sequence[Trace], params, model: str, world: World, seed: int = 0,
              source: dict | None = None, hide: Sequence[int] = ()) -> list[Trace]:
     """One simulated trace per prompt (``prompts`` need ``input`` and, except for ``grammar``,
     ``program``; a grammar prompt's depth is its number of steps). ``hide``: 1-based steps
-    to leave unobserved where a trace has them."""
+    to leave unobserved, each within every prompt's depth (:func:`hidden_steps`)."""
     params = validate_params(params, model, world.n_routes, world.n_skills)
     spec = model_spec(model)
-    hidden = {int(t) - 1 for t in hide}
-    if any(t < 0 for t in hidden):
-        raise ValueError(f"hide: steps are numbered from 1, got {sorted(hide)}")
+    hidden = hidden_steps(hide, prompts)
     rng = np.random.default_rng(seed)
     r_n, k_n, a_n = world.n_routes, world.n_skills, world.n_chars
     out = []

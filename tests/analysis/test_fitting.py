@@ -186,3 +186,24 @@ def test_fit_refuses_an_unusable_out_before_fitting(tmp_path, capsys, monkeypatc
     assert "fitting" not in captured.out
     assert captured.err.startswith(f"latentsel fit: error: --out {tmp_path / out}: ") and problem in captured.err
     assert captured.err.count("\n") == 1
+
+
+def test_malformed_completions_are_fitted_on_their_read_prefix_only():
+    from latentsel.analysis.fitting import fit_traces
+    from latentsel.traces.regimes import generate
+    from latentsel.world import default_world
+
+    world = default_world()
+    traces = generate("eval-ood", 8, 0)
+    traces[0].steps[1:] = [None, None, None]  # stopped after one step: three Nones fit would refuse as hidden
+    traces[0].extra["malformed"] = "1 of 4 steps"
+    traces[1].steps[0] = None
+    traces[1].extra["malformed"] = "step 1 holds a non-character token"
+    fit = fit_traces(traces, world, "modular", "em", progress=False)
+    assert fit.n_traces == 7 and fit.posterior.trace_ids[0] == traces[0].id
+    assert int(fit.posterior.depth[0]) == 1  # its read step only, not a perfect execution of the rest
+    for tr in traces:
+        tr.steps[0] = None
+        tr.extra["malformed"] = "step 1 holds a non-character token"
+    with pytest.raises(ValueError, match="no step of any trace was read"):
+        fit_traces(traces, world, "modular", "em", progress=False)

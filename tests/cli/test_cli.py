@@ -206,3 +206,42 @@ def test_every_option_has_help_and_shows_its_default():
     assert missing == []
     text = " ".join(build_parser()._subparsers._group_actions[0].choices["simulate"].format_help().split())
     assert "(default: 0.02)" in text and "(default: 0)" in text
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err[:2000]
+    return err
+
+
+def test_validate_refuses_the_hidden_steps_fit_refuses(tmp_path, capsys):
+    path = tmp_path / "three.jsonl"
+    record = {"id": "a", "input": "abc", "program": [["prev", "reverse"]] * 4, "steps": [None, None, None, "cba"]}
+    path.write_text(json.dumps(record) + "\n")
+    assert main(["validate", str(path)]) == 1
+    assert f"{path}:1: steps 1-3 are hidden; at most 2" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("hide, message", [
+    (["1", "2", "3"], "--hide 1 2 3: trace 'eval-ood-000000': steps 1-3 are hidden; at most 2"),
+    (["2", "9"], "--hide 9: trace 'eval-ood-000000' has 4 steps"),
+])
+def test_simulate_refuses_a_hide_fit_cannot_read(tmp_path, capsys, hide, message):
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "s.jsonl"
+    assert main(["generate", "--regime", "eval-ood", "--n", "3", "-o", str(prompts)]) == 0
+    capsys.readouterr()
+    assert main(["simulate", str(prompts), "--hide", *hide, "-o", str(out)]) == 1
+    assert message in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_an_error_message_is_capped(monkeypatch, capsys):
+    import latentsel.cli.traces as cli_traces
+
+    def huge(*args, **kwargs):
+        raise ValueError("x" * 2_000_000 + "\nsecond line")
+
+    monkeypatch.setattr(cli_traces, "read_traces", huge)
+    assert main(["validate", "t.jsonl"]) == 1
+    err = _one_error_line(capsys)
+    assert len(err) < 1200 and err.rstrip().endswith("… (1999000 more characters)")

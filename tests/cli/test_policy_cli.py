@@ -186,7 +186,7 @@ def test_prompts_deeper_than_the_context_name_the_file(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and not (tmp_path / "o.jsonl").exists()
 
 
-def test_resume_drops_a_torn_last_metrics_line_and_names_a_bad_one(tmp_path):
+def test_resume_drops_a_torn_last_metrics_line_and_names_a_bad_one(tmp_path, capsys):
     from latentsel.policy.train import TrainConfig, train
 
     cfg = TrainConfig(out=str(tmp_path / "run"), regime="toy", preset="tiny", steps=4, batch_size=4, warmup=1,
@@ -203,9 +203,12 @@ def test_resume_drops_a_torn_last_metrics_line_and_names_a_bad_one(tmp_path):
     metrics = tmp_path / "run" / "metrics.jsonl"
     with open(metrics, "a") as f:
         f.write('{"loss": 1.2, "tok')  # killed mid-append
+    capsys.readouterr()
     with pytest.raises(KeyboardInterrupt):
         train(cfg, progress=False, on_step=kill_after(3))
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+    err = capsys.readouterr().err
+    assert f"warning: {metrics}:3: dropped a torn last line" in err and len(err.strip().splitlines()) == 1
     lines = metrics.read_text().splitlines()
     metrics.write_text("\n".join([lines[0], "not json", *lines[1:]]) + "\n")
     with pytest.raises(ValueError, match=f"{metrics}:2: not a metrics record"):

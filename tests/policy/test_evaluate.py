@@ -56,3 +56,43 @@ def test_markdown_table_has_one_row_per_policy_and_a_depth_table_per_split():
     assert "| sft | 100.0% [43.9, 100.0] |" in table
     assert "| eval-seen (depth 3) |" in table and "| t = 1 | t = 2 | t = 3 | malformed |" in table
     assert table.count("| sft+rl-compound |") == 2
+
+
+def test_trace_files_are_written_inside_out_only(tmp_path):
+    """A name that is a path is refused, and so is a target that resolves outside ``out``
+    (here: ``out/traces`` a link to another folder)."""
+    from latentsel.policy.evaluate import trace_path
+
+    out = tmp_path / "evout"
+    assert trace_path(out, "sft", "eval-seen") == out / "traces" / "sft.eval-seen.jsonl.gz"
+    for name in ("../../escaped", "a/b", "..", ".hidden", "a..b"):
+        with pytest.raises(ValueError, match="policy name"):
+            trace_path(out, name, "eval-seen")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "traces").symlink_to(elsewhere)
+    with pytest.raises(ValueError, match="outside --out"):
+        trace_path(out, "sft", "eval-seen")
+
+
+def test_evaluate_writes_no_trace_file_outside_out(tmp_path):
+    import torch
+
+    from latentsel.policy.checkpoint import save_checkpoint
+    from latentsel.policy.evaluate import evaluate
+    from latentsel.policy.model import GPT, GPTConfig
+    from latentsel.policy.tokenizer import Tokenizer
+    from latentsel.world import default_world
+
+    tok = Tokenizer.from_world(default_world())
+    torch.manual_seed(0)
+    ckpt = tmp_path / "c.pt"
+    save_checkpoint(ckpt, GPT(GPTConfig(tok.vocab_size, tok.block_size(4), 1, 1, 8)), tok, step=0, policy="p")
+    out, elsewhere = tmp_path / "evout", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "traces").symlink_to(elsewhere)
+    with pytest.raises(ValueError, match="outside --out"):
+        evaluate({"p": ckpt}, out, n=1, splits=["eval-seen"], save_traces=True, progress=False, device="cpu")
+    assert not any(elsewhere.iterdir())

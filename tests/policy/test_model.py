@@ -176,3 +176,33 @@ def test_policy_package_needs_no_jax():
             "bad = [m for m in ('jax', 'numpyro', 'pyro', 'arviz', 'funsor') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class _RunsCode:
+    """Unpickled, this runs a shell command: what a checkpoint from a stranger may hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("payload", ["os.system", "a class"])
+def test_a_checkpoint_holding_pickled_objects_is_refused_in_one_plain_line(tmp_path, payload):
+    from fractions import Fraction
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    obj = _RunsCode(marker) if payload == "os.system" else Fraction(1, 3)
+    torch.save({"format": "latentsel-policy/1", "model": obj}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not a readable policy checkpoint")
+    assert "\x1b[" not in message and "weights_only" not in message and "arbitrary code" not in message
+    assert len(message.splitlines()) == 1 and len(message) < len(str(path)) + 300
+    assert ("posix.system" if payload == "os.system" else "fractions.Fraction") in message
+    assert not marker.exists()

@@ -183,3 +183,177 @@ def test_numbers_json_cannot_hold_are_refused_both_ways(tmp_path):
     with pytest.raises(TraceFormatError, match=r"out\.jsonl: trace 1 \(id 'a'\) is invalid: it holds NaN"):
         write_traces(tmp_path / "out.jsonl", [trace])
     assert not (tmp_path / "out.jsonl").exists()
+
+
+# --------------------------------------------------------------------------------------
+# hidden steps: the reader accepts exactly the runs fit can enumerate
+# --------------------------------------------------------------------------------------
+def _hidden_record(steps, **extra):
+    return json.dumps({"id": "h", "input": "abc", "program": [["prev", "reverse"]] * len(steps), "steps": steps,
+                       **extra})
+
+
+@pytest.mark.parametrize("steps, reason", [
+    ([None, None, None, "cba"], "steps 1-3 are hidden; at most 2 consecutive hidden steps can precede an observed one"),
+    (["cba", None, None, None, "abc"], "steps 2-4 are hidden; at most 2"),
+])
+def test_a_longer_run_of_hidden_steps_than_fit_enumerates_is_refused(tmp_path, steps, reason):
+    path = _write_lines(tmp_path / "h.jsonl", [json.dumps(GOOD), _hidden_record(steps)])
+    with pytest.raises(TraceFormatError) as info:
+        read_traces(path)
+    assert str(info.value).startswith(f"{path}:2: ") and reason in str(info.value)
+
+
+@pytest.mark.parametrize("steps", [[None, None, "cba"], ["cba", None, None, None], [None] * 5,
+                                   [None, None, "cba", None, None, "abc"]])
+def test_hidden_runs_fit_can_enumerate_are_read(tmp_path, steps):
+    (trace,) = read_traces(_write_lines(tmp_path / "h.jsonl", [_hidden_record(steps)]))
+    assert trace.steps == steps
+
+
+def test_a_malformed_completion_keeps_its_unreadable_steps(tmp_path):
+    """The ``None`` steps of a malformed completion are failures, not hidden steps (failures.py):
+    any number of them reads, so ``latentsel sample`` can always write what a policy produced."""
+    line = _hidden_record([None, None, None, "cba"], malformed="step 1 holds a non-character token")
+    (trace,) = read_traces(_write_lines(tmp_path / "m.jsonl", [line]))
+    assert trace.steps[:3] == [None] * 3
+
+
+def test_the_reader_accepts_exactly_the_hidden_steps_fit_accepts(tmp_path):
+    """Every pattern of hidden steps up to depth 5: ``read_traces`` (validate) refuses a record iff
+    ``build_data`` (fit) refuses the trace, with the same reason."""
+    from itertools import product
+
+    from latentsel.traces.emission import build_data
+    from latentsel.world import World, default_world
+
+    base = default_world()
+    tiny = World(skills=[base.skills[base.skill_index("reverse")]], routes=[base.routes[base.route_index("prev")]],
+                 alphabet="abc", max_len=4)
+    for depth in range(1, 6):
+        for mask in product([False, True], repeat=depth):
+            steps = [None if hidden else "abc" for hidden in mask]
+            path = _write_lines(tmp_path / "p.jsonl", [_hidden_record(steps)])
+            try:
+                read_traces(path, world=tiny)
+                read_error = None
+            except TraceFormatError as e:
+                read_error = e.reason
+            trace = Trace("h", "abc", [("prev", "reverse")] * depth, steps)
+            try:
+                build_data([trace], tiny)
+                fit_error = None
+            except ValueError as e:
+                fit_error = str(e).removeprefix("trace 'h': ")
+            assert read_error == fit_error, (steps, read_error, fit_error)
+
+
+# --------------------------------------------------------------------------------------
+# what a record echoes back is bounded
+# --------------------------------------------------------------------------------------
+BIG = "q" * 100_000
+
+
+@pytest.mark.parametrize("lines", [
+    [_bad(program=[[BIG], ["prev", "shift1"], ["longest", "evens"]])],
+    [_bad(truth={"routes": [BIG] * 3, "skills": ["reverse"] * 3, "off": [False] * 3})],
+    [_bad(id=[BIG])],
+    [_bad(id=BIG)] * 2,
+    [_bad(program=[[BIG, "reverse"], ["prev", "shift1"], ["longest", "evens"]])],
+])
+def test_an_echoed_value_is_cut_short(tmp_path, lines):
+    path = _write_lines(tmp_path / "big.jsonl", lines)
+    with pytest.raises(TraceFormatError) as info:
+        read_traces(path)
+    assert len(str(info.value)) < 600 and "qqq" in str(info.value)
+
+
+def test_write_echoes_a_long_id_cut_short(tmp_path):
+    trace = Trace(BIG, "abc", [("prev", "reverse")], ["NOT IN SIGMA"])
+    with pytest.raises(TraceFormatError) as info:
+        write_traces(tmp_path / "o.jsonl", [trace])
+    assert len(str(info.value)) < 600
+
+
+# --------------------------------------------------------------------------------------
+# only regular files are read: a FIFO or a device would block or never end
+# --------------------------------------------------------------------------------------
+@pytest.fixture
+def alarm():
+    """Fail instead of hanging: SIGALRM after 5 s."""
+    import signal
+
+    def hung(signum, frame):
+        raise TimeoutError("read_traces blocked on a file that is not a regular file")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+@pytest.mark.parametrize("name", ["t.jsonl", "t.jsonl.gz"])
+def test_a_fifo_is_refused_without_blocking(tmp_path, alarm, name):
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    with pytest.raises(TraceFormatError, match=f"{name}: not a regular file") as info:
+        read_traces(fifo)
+    assert info.value.path == str(fifo) and info.value.line is None
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="no /dev/null")
+def test_a_device_is_refused(alarm):
+    with pytest.raises(TraceFormatError, match="/dev/null: not a regular file"):
+        read_traces("/dev/null")
+
+
+# --------------------------------------------------------------------------------------
+# write then read gives the same traces
+# --------------------------------------------------------------------------------------
+_NAMES = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=0, max_size=16)
+_json_leaves = (st.none() | st.booleans() | st.integers(-2**53, 2**53)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8))
+_json = st.recursive(_json_leaves, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+                     max_leaves=8)
+
+
+@st.composite
+def _traces(draw):
+    from latentsel.world import default_world
+
+    world = default_world()
+    n = draw(st.integers(1, 4))
+    out = []
+    for i in range(n):
+        depth = draw(st.integers(1, 5))
+        steps = draw(st.lists(st.none() | _NAMES, min_size=depth, max_size=depth))
+        run = 0
+        for t, y in enumerate(steps):  # at most 2 hidden steps before an observed one
+            run = run + 1 if y is None else 0
+            if run > 2:
+                steps[t] = ""
+                run = 0
+        program = draw(st.none() | st.lists(st.tuples(st.sampled_from(world.route_names),
+                                                       st.sampled_from(world.skill_names)),
+                                             min_size=depth, max_size=depth))
+        truth = draw(st.none() | st.builds(
+            Truth, st.lists(st.sampled_from(world.route_names), min_size=depth, max_size=depth).map(tuple),
+            st.lists(st.sampled_from(world.skill_names), min_size=depth, max_size=depth).map(tuple),
+            st.lists(st.booleans(), min_size=depth, max_size=depth).map(tuple)))
+        out.append(Trace(f"t{i}-" + draw(st.text(max_size=6)), draw(_NAMES), program, steps,
+                         draw(st.none() | _NAMES), draw(st.dictionaries(st.text(max_size=5), _json, max_size=3)),
+                         truth, draw(st.dictionaries(st.text(max_size=5).filter(lambda k: k not in (
+                             "id", "input", "program", "steps", "answer", "source", "truth")), _json, max_size=2))))
+    return out
+
+
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_traces(), st.sampled_from([".jsonl", ".jsonl.gz"]))
+def test_write_then_read_gives_the_same_traces(tmp_path, traces, suffix):
+    path = tmp_path / f"rt{suffix}"
+    assert write_traces(path, traces) == len(traces)
+    back = read_traces(path)
+    assert [t.to_dict() for t in back] == [t.to_dict() for t in traces]
+    assert back == traces
