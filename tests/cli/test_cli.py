@@ -138,6 +138,7 @@ def _check_design_files(out, n_traces):
     return fit
 
 
+@pytest.mark.slow  # 30-45 s of JIT compilation; the default suite keeps to 10 minutes
 def test_fit_svi_writes_design_files(simulated, tmp_path, capsys):
     out = tmp_path / "svi"
     args = ["fit", str(simulated), "--method", "svi", "--guide", "normal", "--steps", "40", "--out", str(out)]
@@ -148,6 +149,7 @@ def test_fit_svi_writes_design_files(simulated, tmp_path, capsys):
     assert "normal guide, 40 steps" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # 30-45 s of JIT compilation; the default suite keeps to 10 minutes
 def test_fit_nuts_writes_draws_and_diagnostics(simulated, tmp_path, capsys):
     out = tmp_path / "nuts"
     args = ["fit", str(simulated), "--method", "nuts", "--warmup", "10", "--samples", "8", "--seed", "3",

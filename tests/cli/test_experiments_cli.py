@@ -30,6 +30,7 @@ def test_command_choices_are_the_design_tables(tmp_path, capsys):
         assert all(name in err for name in table) and flag in err
 
 
+@pytest.mark.slow  # 30-45 s of JIT compilation; the default suite keeps to 10 minutes
 def test_identify_then_report(tmp_path, capsys):
     out = tmp_path / "run" / "identify"
     assert main(["identify", "--regimes", "sft,compressed", "--sizes", "40", "--seeds", "0", "1", "--nuts-max", "0",

@@ -117,6 +117,7 @@ def test_infer_discrete_map_equals_brute_force(small_world, model):  # noqa: F81
     assert agree >= 3  # the comparison with our MAP is not vacuous
 
 
+@pytest.mark.slow  # 30-45 s of JIT compilation; the default suite keeps to 10 minutes
 def test_pyro_svi_reaches_numpyro_optimum(corpus):  # noqa: F811
     """The same run as test_svi.test_delta_reaches_em_map, in Pyro: its delta guide reaches
     EM's optimum, and its first loss is NumPyro's. Pyro's ClippedAdam decays the step size
