@@ -21,8 +21,9 @@ One κ serves every context, so ρ measures entanglement spread over the context
 that execute something else entirely, among many modular ones, move it little: with the skill
 swapped in 90% of every held-out bigram's executions, 300 seen-bigram + 300 held-out-bigram
 simulated traces put ρ's lower end at 0.004 (and 400 + 400 other draws at 0.025), away from 0,
-but 1,000 + 300 give [0, 0.0023]: the modular contexts' counts outweigh the few swapped ones'. Read a ρ interval that holds 0 as "no entanglement
-spread across contexts", and look at the held-out comparison for entanglement in a few.
+but 1,000 + 300 give [0, 0.0023]: the modular contexts' counts outweigh the few swapped ones'.
+Read a ρ interval that holds 0 as "no entanglement spread across contexts", and look at the
+held-out comparison for entanglement in a few.
 """
 from __future__ import annotations
 

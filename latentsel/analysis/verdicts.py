@@ -17,7 +17,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Verdict", "compare_verdict", "loo_verdict", "mcmc_flags", "ppc_flags", "sbc_failed", "sbc_flags", "MAX_RHAT", "MIN_ESS", "SE_FACTOR"]
+__all__ = ["Verdict", "compare_verdict", "loo_verdict", "mcmc_flags", "ppc_flags", "sbc_failed", "sbc_flags", "MAX_RHAT",
+           "MIN_ESS", "SE_FACTOR"]
 
 MAX_RHAT = 1.01
 MIN_ESS = 400.0
@@ -86,7 +87,8 @@ def mcmc_flags(r_hat: Sequence[float] | np.ndarray, ess_bulk: Sequence[float] | 
     return flags
 
 
-def ppc_flags(observed: Mapping[str, float], replicated: Mapping[str, np.ndarray], *, level: float = 0.95) -> list[dict]:
+def ppc_flags(observed: Mapping[str, float], replicated: Mapping[str, np.ndarray], *,
+              level: float = 0.95) -> list[dict]:
     """Posterior predictive checks: for each statistic, the observed value against the central
     ``level`` interval of its replicates; ``failed`` where it falls outside. Returns one dict per
     statistic: ``{"statistic", "observed", "lower", "upper", "p", "failed"}`` (``p``: the

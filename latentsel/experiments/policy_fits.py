@@ -54,7 +54,8 @@ from latentsel.traces.regimes import bigram_split
 from latentsel.world import World
 
 __all__ = ["find_corpora", "Corpus", "prepare_corpus", "choose_emission", "fit_policy_corpora", "modularity_test",
-           "policy_differences", "find_checkpoints", "fidelity_check", "summary_lines", "nuts_diagnostics", "FITTED_MODELS", "SPLITS"]
+           "policy_differences", "find_checkpoints", "fidelity_check", "summary_lines", "nuts_diagnostics",
+           "FITTED_MODELS", "SPLITS"]
 
 # the models compared on every corpus: those that read the program (a chain does not)
 FITTED_MODELS = tuple(name for name, spec in MODELS.items() if spec.uses_program)
@@ -579,7 +580,8 @@ def _write_outputs(out: Path, fits: dict, world: World, result: dict) -> None:
          "rows": [[r["policy"], r["split"], r["traces_fitted"], r.get("elpd_modular"), r.get("elpd_entangled"),
                    r.get("p_loo_entangled"), r.get("bad_k_modular"), r.get("bad_k_entangled"), r["verdict"]]
                   for r in result["loo"]]},
-        {"caption": "Steps where the intended module ran (exactly, with near misses or on a wrong input), by the skill bigram the step closes, "
+        {"caption": "Steps where the intended module ran (exactly, with near misses or on a wrong input), by the "
+                    "skill bigram the step closes, "
                     "pooled over splits; the difference from the base policy with a 95% Bayesian-bootstrap interval "
                     "over traces",
          "columns": ["policy", "context", "steps", "as intended", "95% interval", "difference", "95% interval",
@@ -639,7 +641,8 @@ def _ppc_statistics(idata) -> tuple[dict, dict]:
     types = [str(t) for t in pp["error_type"]["step_type"].values]
     rep = pp["error_type"].values.reshape(-1, len(types))
     for j, t in enumerate(types):
-        observed[f"share of {t} steps"], replicated[f"share of {t} steps"] = float(obs["error_type"].values[j]), rep[:, j]
+        key = f"share of {t} steps"
+        observed[key], replicated[key] = float(obs["error_type"].values[j]), rep[:, j]
     return observed, replicated
 
 

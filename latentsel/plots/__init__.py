@@ -22,5 +22,5 @@ from latentsel.plots.policy import training_curves
 
 __all__ = ["save_figure", "execution_heatmap", "selection_heatmap", "fit_execution_heatmap", "fit_selection_heatmap",
            "draw_module_digraph", "module_graph", "draw_distinguishability_graph", "identifiability_curves",
-           "contraction_curves", "sbc_histograms", "attribution_bars", "attribution_by_step", "execution_by_step", "fidelity_scatter",
-           "training_curves"]
+           "contraction_curves", "sbc_histograms", "attribution_bars", "attribution_by_step", "execution_by_step",
+           "fidelity_scatter", "training_curves"]
