@@ -164,9 +164,11 @@ def locked_folder(path: str | os.PathLike):
     process or another, fails at once with ``BlockingIOError``: ``PATH is being written by another
     latentsel run (pid N)``. The lock goes with the block, or with its process if killed; the
     lock file stays (removing it would let a third writer lock a file the second one no longer
-    sees)."""
+    sees), except that a folder the block made and that holds nothing but the lock when the
+    block raises is removed, so a failed run leaves no empty output folder."""
     path = Path(path)
     lock = path / LOCK_NAME
+    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, FILE_MODE)
@@ -182,7 +184,15 @@ def locked_folder(path: str | os.PathLike):
             raise BlockingIOError(f"{path} is being written by another latentsel run (pid {holder})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
-        yield path
+        try:
+            yield path
+        except BaseException:
+            if created:  # a folder this block made and left empty but for its lock goes with it
+                with contextlib.suppress(OSError):
+                    if os.listdir(path) == [LOCK_NAME]:
+                        os.unlink(lock)
+                        os.rmdir(path)
+            raise
     finally:
         os.close(fd)  # closing the last descriptor of the open file releases its lock
 

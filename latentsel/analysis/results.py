@@ -18,6 +18,7 @@ per trace, ``{"id", "log_evidence", "steps": [{"map_route", "map_skill", "p_off"
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -215,12 +216,13 @@ class Fit(NamedTuple):
         return diagnostics.from_conjugate(self.model, data, self.params, self.world, trace_ids=ids, chains=chains,
                                           draws=draws, seed=seed)
 
-    def save(self, out: str | os.PathLike) -> Path:
+    def save(self, out: str | os.PathLike, *, lock: bool = True) -> Path:
         """Write ``out/posterior.jsonl``, with draws ``out/samples.npz``, and ``out/fit.json``
         last, as a set: each atomically, under :func:`~latentsel._io.locked_folder` (a second
         writer of ``out`` fails at once), and ``fit.json`` records the size and SHA-256 of the
         others (``files``), so that :func:`load_fit` refuses a posterior or draws that are not
-        its own (a run killed between the files). Returns ``out``."""
+        its own (a run killed between the files). ``lock=False``: the caller holds the folder's
+        lock already (``latentsel fit`` takes it before fitting). Returns ``out``."""
         out = Path(out)
         post, world = self.posterior, self.world
         lines = []
@@ -242,7 +244,7 @@ class Fit(NamedTuple):
             buf = io.BytesIO()
             np.savez(buf, **dict(zip(self.draws._fields, map(np.asarray, self.draws))), **extra)
             files["samples.npz"] = buf.getvalue()
-        with locked_folder(out):
+        with locked_folder(out) if lock else contextlib.nullcontext():
             for name, data in files.items():
                 with atomic_open(out / name, "wb") as f:
                     f.write(data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from latentsel._io import locked_folder
 from latentsel.analysis.options import (FIT_BACKENDS, METHODS, AmortizedOptions, EMOptions,
                                         NUTSOptions, SVIOptions)
 from latentsel.cli._argtypes import add_world, at_least, nonneg_int, positive_float, world_of
@@ -76,9 +77,10 @@ def cmd_fit(args) -> int:
     if cut or left_out:
         print(f"note: {cut + left_out} malformed completions: {cut} fitted on the steps read before their first "
               f"failure, {left_out} with no step read left out (their failures are not hidden steps)", flush=True)
-    print(f"fitting {len(traces)} traces, {args.model} model: {_plan(options, len(traces))}", flush=True)
-    fit = fit_traces(traces, world, args.model, options)
-    fit.save(args.out)
+    with locked_folder(args.out):  # a second run on this --out fails before it fits, not after
+        print(f"fitting {len(traces)} traces, {args.model} model: {_plan(options, len(traces))}", flush=True)
+        fit = fit_traces(traces, world, args.model, options)
+        fit.save(args.out, lock=False)
     rec = fit.record()
     print(f"{args.model}/{args.method}: {rec['n_traces']} traces, log evidence at the estimate "
           f"{rec['log_evidence']:.6f}; {_fit_detail(rec)}")

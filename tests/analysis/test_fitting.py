@@ -207,3 +207,26 @@ def test_malformed_completions_are_fitted_on_their_read_prefix_only():
         tr.extra["malformed"] = "step 1 holds a non-character token"
     with pytest.raises(ValueError, match="no step of any trace was read"):
         fit_traces(traces, world, "modular", "em", progress=False)
+
+
+def test_fit_on_an_out_another_run_holds_fails_before_fitting(tmp_path, capsys):
+    """``latentsel fit`` takes --out's lock before it fits, not at save (belongs with the fit command)."""
+    import json
+    import subprocess
+    import sys
+
+    from latentsel.cli import main
+
+    corpus = tmp_path / "t.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "input": "abc", "program": None, "steps": ["cba"]}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    hold = ("import fcntl, os, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); "
+            "f.write(str(os.getpid())); f.flush(); print('locked', flush=True); sys.stdin.read()")
+    with subprocess.Popen([sys.executable, "-c", hold, str(out / ".latentsel.lock")],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
+        assert holder.stdout.readline() == "locked\n"
+        assert main(["fit", str(corpus), "--model", "grammar", "--out", str(out)]) == 1
+        holder.stdin.close()
+    captured = capsys.readouterr()
+    assert "fitting" not in captured.out and f"being written by another latentsel run (pid {holder.pid})" in captured.err
