@@ -12,9 +12,12 @@ inherited      the same module and an exact output, but the step's input was alr
                the golden result
 routing        on-module, executing a module of another class that differs from the
                intended one by its routing only (some member of its class has the
+               intended skill, none the intended routing)
+skill          ... by its skill only (some member has the intended routing, none the
                intended skill)
-skill          ... by its skill only (some member has the intended routing)
-routing_skill  ... by both
+either         ... by its routing or by its skill: its class holds members of both kinds,
+               so the step cannot say which one went wrong
+routing_skill  ... by both (no member has the intended routing or the intended skill)
 off_module     not explained by any module (the off-module branch)
 stopped        never written: the completion ended early
 unreadable     written but not readable (a non-character token, or too long)
@@ -42,14 +45,14 @@ from latentsel.world import World
 
 __all__ = ["CATEGORIES", "LABELS", "FITTED", "INTENDED_MODULE", "Attribution", "attribute"]
 
-CATEGORIES = ("intended", "near_miss", "inherited", "routing", "skill", "routing_skill", "off_module", "stopped",
-              "unreadable", "after_failure")
+CATEGORIES = ("intended", "near_miss", "inherited", "routing", "skill", "either", "routing_skill", "off_module",
+              "stopped", "unreadable", "after_failure")
 LABELS = {"intended": "as intended", "near_miss": "near miss", "inherited": "inherited error",
           "routing": "routing error",
-          "skill": "skill error", "routing_skill": "routing and skill error", "off_module": "off-module",
+          "skill": "skill error", "either": "routing or skill error", "routing_skill": "routing and skill error", "off_module": "off-module",
           "stopped": "stopped early", "unreadable": "unreadable step", "after_failure": "after an unreadable step"}
 # the categories the fitted model explains (the others come from the completion itself)
-FITTED = CATEGORIES[:7]
+FITTED = CATEGORIES[:8]
 # the intended module ran (exactly, with character errors, or on a wrong input)
 INTENDED_MODULE = CATEGORIES[:3]
 _STATUS_CATEGORY = {StepStatus.STOPPED: "stopped", StepStatus.UNREADABLE: "unreadable",
@@ -163,14 +166,16 @@ def attribute(traces: Sequence[Trace], world: World, statuses: Sequence[Completi
         inherited = np.array([_inherited(traces[a], b, world) for a, b in zip(i, t)], dtype=bool)
         mine = (w * same).sum((1, 2))
         other = w * ~same
-        routing = (other * route_only).sum((1, 2))
+        routing = (other * (route_only & ~skill_only)).sum((1, 2))
         skill = (other * (~route_only & skill_only)).sum((1, 2))
+        either = (other * (route_only & skill_only)).sum((1, 2))
         both = (other * (~route_only & ~skill_only)).sum((1, 2))
         mass[i, t, col["intended"]] = np.where(exact & ~inherited, mine, 0.0)
         mass[i, t, col["near_miss"]] = np.where(~exact, mine, 0.0)
         mass[i, t, col["inherited"]] = np.where(exact & inherited, mine, 0.0)
         mass[i, t, col["routing"]] = routing
         mass[i, t, col["skill"]] = skill
+        mass[i, t, col["either"]] = either
         mass[i, t, col["routing_skill"]] = both
         mass[i, t, col["off_module"]] = off[j, t]
         np.add.at(confusions, c_r * k_n + c_k, other.reshape(len(j), -1))

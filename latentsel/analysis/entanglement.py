@@ -37,7 +37,7 @@ from latentsel.models.data import HLSMData
 
 __all__ = ["context_counts", "dm_loglik", "entanglement"]
 
-_LOG_KAPPA = (-4.0, 14.0)  # the range searched; beyond e^14 the model is modular to 1e-6
+_LOG_KAPPA = (-4.0, 14.0)  # the range of log κ searched; e^14 stands for the modular limit
 
 
 def context_counts(data: HLSMData, on: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,16 +75,17 @@ def _objective(counts, exec_rows):
 
 
 def entanglement(data: HLSMData, params: StepParams, *, level: float = 0.95, max_iter: int = 30,
-                 tol: float = 1e-6) -> dict:
+                 tol: float = 1e-3) -> dict:
     """ρ (and κ) of the hierarchical model around the modular fit ``params`` (its modular rows,
     noise and off-module rate are kept), with its ``level`` profile-likelihood interval.
 
-    Returns dict(rho, rho_lower, rho_upper, kappa, iterations, loglik_modular, loglik_best,
-    log_kappa_grid, profile) — ``profile`` the Dirichlet-multinomial log marginal on the grid.
+    Returns dict(rho, rho_lower, rho_upper, converged, kappa, iterations, loglik_modular,
+    loglik_best, log_kappa_grid, profile) — ``profile`` the Dirichlet-multinomial log marginal on
+    the grid; ``converged``: the fixed point settled within ``max_iter`` alternations.
     """
     exec_rows = (np.asarray(params.route_exec), np.asarray(params.skill_exec))
     f = None
-    log_kappa, it = _LOG_KAPPA[1], 0
+    log_kappa, it, done = _LOG_KAPPA[1], 0, False
     counts = context_counts(data, step_joint(data, params).on)
     for it in range(1, max_iter + 1):
         f = _objective(counts, exec_rows)
@@ -94,7 +95,7 @@ def entanglement(data: HLSMData, params: StepParams, *, level: float = 0.95, max
         ctx = [(k * r[None] + c) / (k + c.sum(-1, keepdims=True)) for c, r in zip(counts, exec_rows)]
         p = params._replace(route_ctx=ctx[0], skill_ctx=ctx[1], lam=1.0)
         counts = context_counts(data, step_joint(data, p).on)
-        done = abs(new - log_kappa) < tol * max(1.0, abs(new))
+        done = abs(new - log_kappa) < tol
         log_kappa = new
         if done:
             break
@@ -123,6 +124,8 @@ def entanglement(data: HLSMData, params: StepParams, *, level: float = 0.95, max
     else:
         high_end = crossing(log_kappa, _LOG_KAPPA[1])
     rho = lambda lk: 0.0 if np.isinf(lk) else 1.0 / (1.0 + np.exp(lk))  # noqa: E731
-    return {"rho": rho(log_kappa), "rho_lower": rho(high_end), "rho_upper": rho(low_end),
+    # an end at the search's lower bound of κ is not a measured end: ρ's interval reaches 1
+    upper = 1.0 if low_end <= _LOG_KAPPA[0] else rho(low_end)
+    return {"rho": rho(log_kappa), "rho_lower": rho(high_end), "rho_upper": upper, "converged": bool(done),
             "kappa": float(np.exp(log_kappa)), "iterations": it, "loglik_modular": float(limit),
             "loglik_best": float(top), "log_kappa_grid": grid.tolist(), "profile": profile.tolist()}

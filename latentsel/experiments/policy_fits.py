@@ -64,6 +64,7 @@ _CORPUS = re.compile(r"^(?P<policy>.+)\.eval-(?P<split>seen|unseen|ood)\.jsonl(\
 SPLITS = ("seen", "unseen", "ood")
 _EXACT = ("intended", "inherited")  # the intended module's exact output (on a right or a wrong input)
 _CONTEXTS = ("start", "seen", "rl", "held_out")
+_MIN_BOOTSTRAP = 20  # traces a Bayesian bootstrap needs before its interval carries a verdict
 _CONTEXT_LABELS = {"start": "first step", "seen": "SFT-seen bigram", "rl": "RL bigram", "held_out": "held-out bigram"}
 
 
@@ -142,6 +143,8 @@ def choose_emission(data, *, folds: int = 5, seed: int = 0) -> dict:
     log-likelihood of each trace (modular rows). The per-skill emission is chosen only when it
     predicts better by at least 2 standard errors of the paired per-trace difference."""
     n = data.n_traces
+    if n < 2:
+        return {"chosen": "shared", "folds": 0, "verdict": f"undecided: {n} read trace(s), held out against nothing"}
     ll = {"shared": np.zeros(n), "per_skill": np.zeros(n)}
     for test in _folds(n, folds, seed):
         train = np.setdiff1d(np.arange(n), test)
@@ -284,13 +287,21 @@ def modularity_test(seen: Corpus, unseen: Corpus, world: World, noise: str = "sh
     cmp = compare_heldout(ll["modular"], ll["entangled"])
     v = compare_verdict(cmp["diff_mean"], cmp["diff_se"], "modular", "entangled",
                         what="held-out log-likelihood per trace")
+    # what "modular wins" shows: the entangled fit has never seen a held-out bigram, so its rows
+    # there are the prior's; modular winning rejects "nothing transfers", not entanglement
+    reading = {"modular": "the modules' rows from seen bigrams transfer to held-out bigrams better than "
+                          "uninformed context rows",
+               "entangled": "held-out bigrams are executed unlike the modules' rows from seen bigrams: "
+                            "less like them than uninformed context rows"}.get(v["preferred"], "")
     out.update(loglik_modular=float(ll["modular"].mean()), loglik_entangled=float(ll["entangled"].mean()),
-               diff=cmp["diff_mean"], se=cmp["diff_se"], preferred=v["preferred"], verdict=v.text)
+               diff=cmp["diff_mean"], se=cmp["diff_se"], preferred=v["preferred"],
+               verdict=v.text + (f" ({reading})" if reading else ""),
+               converged=bool(all(f.converged for f in fits.values())))
     if entangle:
         pooled = build_data(seen.prefixes + unseen.prefixes, world)
         ent = entanglement(pooled, fit_steps(pooled, rows="modular", noise=noise).params)
         out.update(rho=ent["rho"], rho_lower=ent["rho_lower"], rho_upper=ent["rho_upper"],
-                   rho_gain=ent["loglik_best"] - ent["loglik_modular"])
+                   rho_gain=ent["loglik_best"] - ent["loglik_modular"], rho_converged=ent["converged"])
     return out
 
 
@@ -330,23 +341,26 @@ def policy_differences(fits: dict, world: World, *, base: str, split_seed: int =
         n = np.concatenate([p[1] for p in parts])
         if not n.size:
             continue
-        w = rng.dirichlet(np.ones(n.size), size=draws)
-        draws_of[key] = (float(a.sum() / n.sum()), (w @ a) / (w @ n), int(n.sum()))
+        d = np.concatenate([(w @ a) / (w @ n) for w in (rng.dirichlet(np.ones(n.size), size=m)
+                                                         for m in np.diff(np.r_[0:draws:500, draws]))])
+        draws_of[key] = (float(a.sum() / n.sum()), d, int(n.sum()), int(n.size))
     rows = []
     for policy in sorted({p for p, _ in draws_of}):
         for name in _CONTEXTS:
             if (policy, name) not in draws_of:
                 continue
-            share, d, n = draws_of[(policy, name)]
+            share, d, n, n_traces = draws_of[(policy, name)]
             row = {"policy": policy, "context": name, "steps": n, "as_intended": share,
                    "lower": float(np.quantile(d, 0.025)), "upper": float(np.quantile(d, 0.975))}
             if policy != base and (base, name) in draws_of:
-                b_share, b_d, _ = draws_of[(base, name)]
+                b_share, b_d, _, b_traces = draws_of[(base, name)]
                 diff = d - b_d
                 lo, hi = np.quantile(diff, [0.025, 0.975])
-                row.update(base=base, diff=share - b_share, diff_lower=float(lo), diff_upper=float(hi),
-                           verdict=("no difference: the 95% interval holds 0" if lo <= 0 <= hi else
-                                    f"{policy} {'above' if lo > 0 else 'below'} {base}"))
+                verdict = ("no difference: the 95% interval holds 0" if lo <= 0 <= hi else
+                           f"{policy} {'above' if lo > 0 else 'below'} {base}")
+                if min(n_traces, b_traces) < _MIN_BOOTSTRAP:
+                    verdict = f"undecided: fewer than {_MIN_BOOTSTRAP} traces with such steps"
+                row.update(base=base, diff=share - b_share, diff_lower=float(lo), diff_upper=float(hi), verdict=verdict)
             rows.append(row)
     return rows
 
@@ -488,13 +502,20 @@ def fit_policy_corpora(corpora: dict[tuple[str, str], Path], out: str | Path, wo
     modularity = []
     for policy in sorted({p for p, _ in fits}):
         seen, unseen = fits.get((policy, "seen")), fits.get((policy, "unseen"))
-        if seen is None or unseen is None or seen.corpus.data is None or unseen.corpus.data is None:
+        if seen is None or unseen is None:
+            continue
+        if min(len(seen.corpus.prefixes), len(unseen.corpus.prefixes)) < 2:
+            warnings.append(f"{policy}: no modularity test: fewer than 2 read traces in eval-seen or eval-unseen")
             continue
         res = modularity_test(seen.corpus, unseen.corpus, world, noise=seen.emission["chosen"],
                               entangle=entangle)
         modularity.append({"policy": policy, **res})
     policies = sorted({p for p, _ in fits})
     base = "sft" if "sft" in policies else policies[0]
+    for (policy, split), cf in fits.items():
+        if split == "seen" and np.any(_contexts(cf.corpus, world, split_seed) > 1):
+            warnings.append(f"{cf.corpus.name}: its programs close bigrams the split of --split-seed {split_seed} "
+                            "does not call seen; the bigram contexts below use another split than the policies'")
     differences = policy_differences(fits, world, base=base, split_seed=split_seed, seed=seed) if fits else []
     fidelity = fidelity_check(fits, checkpoints, world) if checkpoints else []
     result = {"attribution": attr_rows, "by_step": step_rows, "emission": emission_rows, "loo": loo_rows,
@@ -558,7 +579,7 @@ def _write_outputs(out: Path, fits: dict, world: World, result: dict) -> None:
          "rows": [[r["policy"], r["split"], r["traces"], r["malformed"],
                    *[pct(r[c]) for c in CATEGORIES if c not in FITTED], pct(r["ran_on"]), r["off_module_rate"]]
                   for r in result["attribution"]]},
-        {"caption": "Emission: one noise against a noise per executed skill, by 5-fold held-out log-likelihood per "
+        {"caption": "Emission: one noise against a noise per executed skill, by k-fold held-out log-likelihood per "
                     "trace (modular rows); the richer emission is chosen only when it wins by 2 standard errors",
          "columns": ["policy", "split", "one noise", "per-skill noise", "difference", "se", "chosen"],
          "rows": [[r["policy"], r["split"], r.get("loglik_shared"), r.get("loglik_per_skill"), r.get("diff"),
@@ -656,12 +677,13 @@ def summary_lines(result: dict) -> list[str]:
     lines = [f"{'corpus':<24} {'steps':>6} " + " ".join(f"{c[:9]:>9}" for c in CATEGORIES) + f" {'ran_on':>7}  noise"]
     for r in result["attribution"]:
         lines.append(f"{r['policy'] + '.' + r['split']:<24} {r['steps']:>6} "
-                     + " ".join(f"{r[c]:>9.3f}" for c in CATEGORIES) + f" {r['ran_on']:>7.3f}  {r['noise']} "
-                     f"({r['emission']})")
+                     + " ".join(f"{r[c]:>9.3f}" for c in CATEGORIES) + f" {r['ran_on']:>7.3f}  "
+                     + ("—" if r["noise"] is None else f"{r['noise']} ({r['emission']})"))
     lines += [f"emission {r['policy']}.{r['split']}: {r['verdict']} -> {r['chosen']}" for r in result["emission"]]
     lines += [f"PSIS-LOO {r['policy']}.{r['split']}: {r['verdict']}" for r in result["loo"]]
     for r in result["modularity"]:
-        rho = (f"; entanglement rho = {r['rho']:.4f} [{r['rho_lower']:.4f}, {r['rho_upper']:.4f}]" if "rho" in r
+        rho = (f"; entanglement rho = {r['rho']:.4f} [{r['rho_lower']:.4f}, {r['rho_upper']:.4f}]"
+               + ("" if r["rho_converged"] else " (NOT CONVERGED: its fixed point did not settle)") if "rho" in r
                else "")
         lines.append(f"modularity {r['policy']} ({r['train']} -> {r['test']}): modular {r['loglik_modular']:.2f}, "
                      f"entangled {r['loglik_entangled']:.2f} per held-out trace; {r['verdict']}{rho}")
@@ -684,6 +706,8 @@ def nuts_diagnostics(traces: Sequence[Trace], world: World, out: str | Path, *, 
     Pareto-k plots. Failed diagnostics are flagged (``flags``), never left for the reader to find."""
     out = Path(out)
     traces = [p for p in (fitted_prefix(tr) for tr in list(traces)[:n_traces]) if p is not None]
+    if not traces:
+        raise ValueError(f"{label}: no step of its first {n_traces} traces was read; nothing for NUTS to fit")
     data = build_data(traces, world)
     res = fit_nuts("modular", data, num_warmup=warmup, num_samples=samples, num_chains=2, seed=seed,
                    progress_bar=progress)
@@ -715,8 +739,11 @@ def nuts_diagnostics(traces: Sequence[Trace], world: World, out: str | Path, *, 
     flags = mcmc_flags(worst["r_hat"].to_numpy(), worst["ess_bulk"].to_numpy())
     checks = ppc_flags(*_ppc_statistics(idata))
     flags += [f"PPC FAILED: observed {c['statistic']} {c['observed']:.3f} outside the replicates' 95% interval "
-              f"[{c['lower']:.3f}, {c['upper']:.3f}] (p = {c['p']:.3f})" for c in checks if c["failed"]
-              and c["lower"] is not None]
+              f"[{c['lower']:.3f}, {c['upper']:.3f}] (p = {c['p']:.3f})" if c["lower"] is not None else
+              f"PPC FAILED: {c['statistic']}: no finite observed value or replicate to compare"
+              for c in checks if c["failed"]]
+    if int(res.diverging.sum()):
+        flags.append(f"DIVERGENCES: {int(res.diverging.sum())} divergent transitions; the draws may be biased")
     result = {"max_r_hat": float(worst["r_hat"].max()), "min_ess_bulk": float(worst["ess_bulk"].min()),
               "divergences": int(res.diverging.sum()), "n_traces": len(traces), "draws": 2 * samples,
               "flags": flags, "ppc": checks}

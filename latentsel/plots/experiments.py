@@ -188,7 +188,7 @@ def sbc_histograms(ranks, n_draws: int, *, names: Sequence[str], bins: int | Non
 
 # -- error attribution -----------------------------------------------------------------
 # colours of the attribution categories of latentsel.analysis.attribution; other keys take the cycle's
-_COLOURS = {"intended": "#4c9a2a", "near_miss": "#7fbf5f", "inherited": "#c5e3b0", "routing": "tab:blue", "skill": "tab:orange",
+_COLOURS = {"intended": "#4c9a2a", "near_miss": "#7fbf5f", "inherited": "#c5e3b0", "routing": "tab:blue", "skill": "tab:orange", "either": "#9fb6cd",
             "routing_skill": "tab:purple", "off_module": "0.6", "stopped": "tab:red", "unreadable": "#8c564b",
             "after_failure": "#e7a1b0"}
 _SPLIT_ORDER = ("seen", "unseen", "ood")

@@ -114,6 +114,7 @@ def completion_status(trace: Trace) -> CompletionStatus:
     for t, y in enumerate(trace.steps):
         if t >= written and y is None:
             steps.append(StepStatus.STOPPED)
+            failed = True
         elif y is None:
             steps.append(StepStatus.UNREADABLE)
             failed = True

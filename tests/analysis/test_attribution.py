@@ -97,3 +97,15 @@ def test_a_near_miss_is_the_intended_module_with_character_errors():
     on, off = _point_mass(data, {(0, 0): ("prev", "reverse")})
     att = attribute([tr], WORLD, statuses, fitted, data, on, off)
     assert att.mass[0, 0, COL["near_miss"]] == 1.0 and att.mass[0, 0, COL["intended"]] == 0.0
+
+
+def test_a_class_reachable_both_ways_is_either_not_routing():
+    from latentsel.analysis.attribution import _step_classes
+
+    match = np.array([[[3, 1], [1, 2]]], dtype=np.int8)  # one step, R = K = 2; intended (0, 0)
+    same, route_only, skill_only = _step_classes(match, np.array([0]), np.array([0]))
+    assert same[0].tolist() == [[True, False], [False, False]]
+    # (0, 1) shares its emission with (1, 0): a skill error or a routing error, the step cannot say
+    assert route_only[0, 0, 1] and skill_only[0, 0, 1]
+    # (1, 1) matches 2, like no module with the intended routing or skill: both went wrong
+    assert not route_only[0, 1, 1] and not skill_only[0, 1, 1]

@@ -43,7 +43,7 @@ def test_rho_comes_out_either_way(truth):
               else _entangled_truth(0.9))
     data = build_data(simulate(prompts, params, truth, WORLD, seed=3), WORLD)
     res = entanglement(data, fit_steps(data, rows="modular").params)
-    assert res["rho_lower"] <= res["rho"] <= res["rho_upper"]
+    assert res["converged"] and res["rho_lower"] <= res["rho"] <= res["rho_upper"]
     if truth == "modular":
         assert res["rho_lower"] == 0.0 and res["rho_upper"] < 0.002
     else:
