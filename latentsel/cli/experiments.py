@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from latentsel._io import locked_folder
 from latentsel.cli._argtypes import add_world, at_least, nonneg_int, world_of
 from latentsel.experiments.designs import IDENTIFY_MODELS, IDENTIFY_REGIMES, SWEEP_BACKENDS
 from latentsel.traces import read_traces
@@ -36,6 +37,11 @@ def cmd_demo(args) -> int:
 
 
 def cmd_identify(args) -> int:
+    with locked_folder(args.out):  # a second run into this --out fails at once
+        return _identify(args)
+
+
+def _identify(args) -> int:
     import shutil
     from pathlib import Path
 
@@ -82,6 +88,11 @@ def cmd_identify(args) -> int:
 
 
 def cmd_analyze(args) -> int:
+    with locked_folder(args.out):  # a second run into this --out fails at once
+        return _analyze(args)
+
+
+def _analyze(args) -> int:
     import sys
 
     from latentsel.experiments.policy_fits import (FITTED_MODELS, find_checkpoints, find_corpora, fit_policy_corpora,
