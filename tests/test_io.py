@@ -1,15 +1,34 @@
 """Atomic writes and folder locks (latentsel/_io.py): a failed write names its target and leaves
 no temporary file, a killed writer's temporary files are swept, two writers of a folder exclude
 each other."""
+import contextlib
 import errno
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from latentsel import _io
 from latentsel._io import LOCK_NAME, atomic_open, atomic_path, locked_folder
+
+
+_HOLD = ("import fcntl, os, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); "
+         "f.write(str(os.getpid())); f.flush(); print('locked', flush=True); sys.stdin.read()")
+
+
+@contextlib.contextmanager
+def another_run_holding(folder: Path):
+    """Another process holding ``folder``'s lock (as a latentsel run does) for the block; yields
+    its pid. It releases the lock, by exiting, when the block ends."""
+    with subprocess.Popen([sys.executable, "-c", _HOLD, str(Path(folder) / LOCK_NAME)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
+        assert holder.stdout.readline() == "locked\n"
+        try:
+            yield holder.pid
+        finally:
+            holder.stdin.close()
 
 
 def _hidden(folder):

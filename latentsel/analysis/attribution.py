@@ -127,7 +127,7 @@ def _step_classes(match: np.ndarray, c_r: np.ndarray, c_k: np.ndarray):
 
 
 def attribute(traces: Sequence[Trace], world: World, statuses: Sequence[CompletionStatus],
-              fitted: Sequence[int], data: HLSMData, on: np.ndarray, off: np.ndarray, *,
+              fitted: Sequence[int], data: HLSMData | None, on: np.ndarray | None, off: np.ndarray | None, *,
               chunk: int = 2048) -> Attribution:
     """Attribute every step of ``traces``.
 
@@ -135,7 +135,8 @@ def attribute(traces: Sequence[Trace], world: World, statuses: Sequence[Completi
         traces: the corpus as read (N traces), with their completion ``statuses``.
         fitted: int[F], the trace behind each row of ``data`` (the fitted prefixes, see
             :func:`latentsel.traces.failures.fitted_prefix`).
-        data: the statistics of the fitted prefixes; every step observed and free.
+        data: the statistics of the fitted prefixes; every step observed and free (``None``,
+            with ``on`` and ``off``, when no step of the corpus was read).
         on: [F, T', R, K], p(r_t = r, k_t = k, u_t = 0 | D) at each fitted step; off: [F, T'],
             p(u_t = 1 | D) (see :func:`latentsel.analysis.stepwise.step_joint`).
     """
@@ -153,8 +154,9 @@ def attribute(traces: Sequence[Trace], world: World, statuses: Sequence[Completi
     route_counts = np.zeros((t_max, r_n, r_n))
     skill_counts = np.zeros((t_max, k_n, k_n))
     fitted = np.asarray(fitted, dtype=np.int64)
-    on, off = np.asarray(on, dtype=np.float64), np.asarray(off, dtype=np.float64)
-    rows, steps = np.nonzero(data.step_mask)
+    if data is not None:
+        on, off = np.asarray(on, dtype=np.float64), np.asarray(off, dtype=np.float64)
+    rows, steps = np.nonzero(data.step_mask) if data is not None else (np.zeros(0, int), np.zeros(0, int))
     for lo in range(0, rows.size, chunk):
         j, t = rows[lo:lo + chunk], steps[lo:lo + chunk]
         c_r, c_k = data.route_intended[j, t], data.skill_intended[j, t]

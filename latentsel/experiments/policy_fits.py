@@ -237,8 +237,7 @@ def _fit_corpus(c: Corpus, world: World, where: Path, *, draws: int, seed: int, 
         return done, True
     (where / _DONE).unlink(missing_ok=True)  # this task is not finished until written again
     if c.data is None:  # nothing read: the attribution is the failures alone
-        att = attribute(c.traces, world, c.statuses, [], _empty_data(c, world), np.zeros((0, 1, world.n_routes,
-                        world.n_skills)), np.zeros((0, 1)))
+        att = attribute(c.traces, world, c.statuses, [], None, None, None)
         cf = CorpusFit(c, {"chosen": None, "verdict": "no step was read"}, None, att,
                        {"verdict": {"preferred": None, "text": "no step was read"}, "compare": []})
         _save_task(cf, where, key)
@@ -266,12 +265,6 @@ def _fit_corpus(c: Corpus, world: World, where: Path, *, draws: int, seed: int, 
     cf = CorpusFit(c, emission, fit.params, att, loo)
     _save_task(cf, where, key)
     return cf, False
-
-
-def _empty_data(c: Corpus, world: World):
-    """The statistics of a corpus none of whose steps was read: one unused trace's worth."""
-    return build_data([Trace("-", c.traces[0].input, c.traces[0].program[:1], [c.traces[0].input], None, {},
-                             None, {})], world).take(slice(0, 0))
 
 
 def modularity_test(seen: Corpus, unseen: Corpus, world: World, noise: str = "shared", *,

@@ -109,3 +109,12 @@ def test_a_class_reachable_both_ways_is_either_not_routing():
     assert route_only[0, 0, 1] and skill_only[0, 0, 1]
     # (1, 1) matches 2, like no module with the intended routing or skill: both went wrong
     assert not route_only[0, 1, 1] and not skill_only[0, 1, 1]
+
+
+def test_a_corpus_with_nothing_read_is_all_failures():
+    x = "abcd"
+    tr = Trace("f", x, [("prev", "reverse"), ("prev", "sort")], [None, None], None, {}, None,
+               {"malformed": "step 1 holds a non-character token; 1 of 2 steps"})
+    att = attribute([tr], WORLD, [completion_status(tr)], [], None, None, None)
+    assert att.mass[0, 0, COL["unreadable"]] == 1.0 and att.mass[0, 1, COL["stopped"]] == 1.0
+    assert att.rates()["intended"] == 0.0

@@ -149,18 +149,13 @@ def test_a_save_killed_between_its_files_is_refused_not_mixed(world, tmp_path, m
 
 def test_a_fit_is_not_saved_into_a_folder_another_run_is_writing(world, tmp_path):
     import re
-    import subprocess
-    import sys
 
-    hold = ("import fcntl, os, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); "
-            "f.write(str(os.getpid())); f.flush(); print('locked', flush=True); sys.stdin.read()")
-    with subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / ".latentsel.lock")],
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
-        assert holder.stdout.readline() == "locked\n"
+    from tests.test_io import another_run_holding
+
+    with another_run_holding(tmp_path) as pid:
         with pytest.raises(BlockingIOError, match=f"^{re.escape(str(tmp_path))} is being written by another "
-                                                  rf"latentsel run \(pid {holder.pid}\)$"):
+                                                  rf"latentsel run \(pid {pid}\)$"):
             _small_fit(world, 0).save(tmp_path)
-        holder.stdin.close()  # the holder exits, and its lock with it
     assert not (tmp_path / "posterior.jsonl").exists() and not (tmp_path / "fit.json").exists()
     _small_fit(world, 0).save(tmp_path)  # the lock went with its holder
 
@@ -212,21 +207,15 @@ def test_malformed_completions_are_fitted_on_their_read_prefix_only():
 def test_fit_on_an_out_another_run_holds_fails_before_fitting(tmp_path, capsys):
     """``latentsel fit`` takes --out's lock before it fits, not at save (belongs with the fit command)."""
     import json
-    import subprocess
-    import sys
 
     from latentsel.cli import main
+    from tests.test_io import another_run_holding
 
     corpus = tmp_path / "t.jsonl"
     corpus.write_text(json.dumps({"id": "a", "input": "abc", "program": None, "steps": ["cba"]}) + "\n")
     out = tmp_path / "out"
     out.mkdir()
-    hold = ("import fcntl, os, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); "
-            "f.write(str(os.getpid())); f.flush(); print('locked', flush=True); sys.stdin.read()")
-    with subprocess.Popen([sys.executable, "-c", hold, str(out / ".latentsel.lock")],
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
-        assert holder.stdout.readline() == "locked\n"
+    with another_run_holding(out) as pid:
         assert main(["fit", str(corpus), "--model", "grammar", "--out", str(out)]) == 1
-        holder.stdin.close()
     captured = capsys.readouterr()
-    assert "fitting" not in captured.out and f"being written by another latentsel run (pid {holder.pid})" in captured.err
+    assert "fitting" not in captured.out and f"being written by another latentsel run (pid {pid})" in captured.err

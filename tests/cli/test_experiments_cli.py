@@ -197,20 +197,14 @@ def test_find_corpora_errors(tmp_path):
 @pytest.mark.parametrize("command", [["identify", "--regimes", "sft", "--sizes", "20", "--seeds", "0", "--sbc", "0",
                                       "--nuts-max", "0"], ["analyze", "CORPORA"]])
 def test_a_second_run_into_one_out_fails_at_once(tmp_path, capsys, command):
-    import subprocess
-    import sys
+    from tests.test_io import another_run_holding
 
     out = tmp_path / "out"
     out.mkdir()
     corpora = tmp_path / "corpora"
     corpora.mkdir()
-    hold = ("import fcntl, os, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); "
-            "f.write(str(os.getpid())); f.flush(); print('locked', flush=True); sys.stdin.read()")
-    with subprocess.Popen([sys.executable, "-c", hold, str(out / ".latentsel.lock")],
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
-        assert holder.stdout.readline() == "locked\n"
+    with another_run_holding(out) as pid:
         args = [str(corpora) if a == "CORPORA" else a for a in command]
         assert main(args + ["--out", str(out)]) == 1
-        holder.stdin.close()
     captured = capsys.readouterr()
-    assert f"being written by another latentsel run (pid {holder.pid})" in captured.err and not captured.out
+    assert f"being written by another latentsel run (pid {pid})" in captured.err and not captured.out

@@ -6,9 +6,10 @@ import pytest
 from latentsel.experiments.policy_fits import choose_emission, modularity_test, prepare_corpus
 from latentsel.models.registry import default_params
 from latentsel.traces import write_traces
-from latentsel.traces.regimes import bigram_split, generate
+from latentsel.traces.regimes import generate
 from latentsel.traces.simulate import simulate
 from latentsel.world import default_world
+from tests.analysis.test_entanglement import _entangled_truth
 
 WORLD = default_world()
 
@@ -65,17 +66,6 @@ def test_the_emission_is_chosen_either_way(tmp_path, per_skill):
     assert choice["chosen"] == ("per_skill" if per_skill else "shared"), choice["verdict"]
 
 
-def _entangled(strength):
-    params = default_params("entangled", WORLD, fidelity=0.9, noise=0.05, off_module=0.02)
-    rows = np.array(params.skill_exec_ctx)
-    rng = np.random.default_rng(0)
-    for p, c in zip(*np.nonzero(bigram_split(WORLD.n_skills, 0).labels == 2)):
-        other = (c + 1 + rng.integers(WORLD.n_skills - 1)) % WORLD.n_skills
-        rows[p, c] *= 1 - strength
-        rows[p, c, other] += strength
-    return params._replace(skill_exec_ctx=rows)
-
-
 @pytest.mark.parametrize("truth", ["modular", "entangled"])
 def test_the_modularity_test_comes_out_either_way(tmp_path, truth):
     """Modular execution: the modular fit predicts held-out bigrams better. Execution that swaps
@@ -83,7 +73,7 @@ def test_the_modularity_test_comes_out_either_way(tmp_path, truth):
     entangled fit has data enough for its context rows (at 300 seen traces it still loses to
     modular's pooling: measured 0.34 ± 0.08 nats a trace for modular)."""
     params = (default_params("modular", WORLD, fidelity=0.9, noise=0.05, off_module=0.02) if truth == "modular"
-              else _entangled(0.9))
+              else _entangled_truth(0.9))
     corpora = {}
     for split, seed in (("seen", 1), ("unseen", 2)):
         traces = simulate(generate(f"eval-{split}", 1000 if split == "seen" else 300, seed), params, truth, WORLD,
