@@ -7,9 +7,12 @@ running cluster) or ``backend="dask"`` (``pip install "dask[distributed]"``; con
 ``distributed.Client()`` to ``DASK_SCHEDULER_ADDRESS`` when set, otherwise starts a local one).
 Each task is independent and seeded, so the records do not depend on the backend.
 
-:func:`sbc` is simulation-based calibration of the conjugate posterior at the EM estimate:
-θ ~ prior, N traces of the ``sft`` regime from θ, fit, and the rank of θ among L posterior
-draws, for a few parameters. A calibrated posterior gives uniform ranks.
+:func:`sbc` is simulation-based calibration of the conjugate posterior at the EM estimate, per
+regime: θ ~ prior, N traces of the regime from θ, fit, and the rank of θ among L posterior
+draws for every execution row's fidelity, noise and off_module, and (on fully observed regimes)
+of the number of steps that executed their intended module among L draws of the selections (one
+exact draw given each θ draw; ties split at random). A calibrated posterior gives uniform ranks;
+each quantity is tested by its ECDF against a simultaneous band (:mod:`latentsel.analysis.sbc`).
 
 Resuming: given ``tasks_dir``, both save every finished task (the records of one (regime, N,
 seed), the ranks of one SBC replication) there, atomically, as soon as its result reaches the
@@ -37,7 +40,8 @@ from tqdm.auto import tqdm
 from latentsel import __version__
 from latentsel._io import atomic_open
 from latentsel._jax import start_jax
-from latentsel.experiments.designs import IDENTIFY_MODELS, IDENTIFY_REGIMES, SWEEP_BACKENDS
+from latentsel.analysis.sbc import sbc_test, tie_randomized_rank
+from latentsel.experiments.designs import IDENTIFY_MODELS, SWEEP_BACKENDS, Design, Regime, Truth
 from latentsel.experiments.identify import regime_traces, run_task
 from latentsel.inference.conjugate import conjugate_posterior
 from latentsel.inference.em import fit_em
@@ -47,13 +51,15 @@ from latentsel.traces.emission import build_data
 from latentsel.world import World
 from latentsel.world.loading import load_world
 
-__all__ = ["sweep", "sbc", "sbc_parameters", "Task", "sweep_tasks", "sbc_tasks", "done_tasks"]
+__all__ = ["sweep", "sbc", "sbc_parameters", "Task", "sweep_tasks", "sbc_tasks", "done_tasks", "nuts_cells"]
 
 
-def sbc_parameters(world: World) -> tuple[str, ...]:
-    """The scalars SBC checks: the first routing's and the first skill's fidelity, noise and off_module."""
-    r, k = world.route_names[0], world.skill_names[0]
-    return (f"route_exec[{r},{r}]", f"skill_exec[{k},{k}]", "noise", "off_module")
+def sbc_parameters(world: World, discrete: bool = True) -> tuple[str, ...]:
+    """The quantities SBC checks: every execution row's fidelity (its intended entry), noise,
+    off_module and, where ``discrete``, the number of steps that executed their intended module
+    (a function of the selections, ranked with ties split at random)."""
+    rows = [f"route_exec[{r},{r}]" for r in world.route_names] + [f"skill_exec[{k},{k}]" for k in world.skill_names]
+    return (*rows, "noise", "off_module", *(("n_intended",) if discrete else ()))
 
 
 class Task(NamedTuple):
@@ -158,45 +164,58 @@ def _run(tasks: Sequence[Task], *, n_jobs: int, backend: str, progress: bool, de
     return [out[i] for i in range(len(tasks))]
 
 
-def _task(regime, n, seed, models, nuts_max, nuts_draws, world):
+def _task(regime: dict, truth: dict, n: int, seed: int, models, nuts_draws: int, test_traces: int, world):
     start_jax()  # a worker process is an entry point: float64, as in the parent
-    return run_task(regime, n, seed, models=models, nuts_max=nuts_max, nuts_draws=nuts_draws, world=load_world(world))
+    return run_task(Regime(**{**regime, "hide": tuple(regime["hide"])}), n, seed, truth=Truth(**truth),
+                    models=models, nuts_draws=nuts_draws, test_traces=test_traces, world=load_world(world))
 
 
-def sweep_tasks(regimes: Sequence[str], sizes: Sequence[int], seeds: Sequence[int], *,
-                models: Sequence[str] = IDENTIFY_MODELS, nuts_max: int = 0, nuts_draws: int = 150,
-                world: str | None = None) -> list[Task]:
-    """The tasks of :func:`sweep`, one per (regime, N, seed), the largest N first."""
-    for r in regimes:
-        if r not in IDENTIFY_REGIMES:
-            raise ValueError(f"unknown regime {r!r}; choose from {', '.join(IDENTIFY_REGIMES)}")
-    for m in models:
-        if m not in IDENTIFY_MODELS:
-            raise ValueError(f"unknown model {m!r}; identify fits {', '.join(IDENTIFY_MODELS)}")
-    if not sizes or min(sizes) < 1:
-        raise ValueError(f"sizes must be positive trace counts, got {list(sizes)}")
-    if not seeds:
-        raise ValueError("seeds: give at least one seed")
+def nuts_cells(design: Design) -> set[tuple[str, str, int, int]]:
+    """The (regime, truth, N, seed) cells whose modular fit NUTS checks: per (regime, truth) of a
+    fully observed regime, the smallest N if it is at most ``nuts_max``, at the first seed."""
+    if not design.nuts_max or "modular" not in design.models:
+        return set()
+    first = {}
+    for r, t, n, s in design.cells():
+        if not design.regimes[r].hide and n <= design.nuts_max and (r, t) in design.nuts_pairs():
+            first[(r, t)] = min(first.get((r, t), (n, s)), (n, s))
+    return {(r, t, n, s) for (r, t), (n, s) in first.items()}
+
+
+def sweep_tasks(design: Design, *, world: str | None = None) -> list[Task]:
+    """The tasks of :func:`sweep`, one per (regime, truth, N, seed), the largest N first."""
     load_world(world)  # a bad name fails here, not in every worker
-    key = _digest(world, kind="identify", models=list(models), nuts_max=nuts_max, nuts_draws=nuts_draws)
-    # the big tasks first, so that the pool is not left waiting on one at the end
-    grid = sorted(((r, int(n), int(s)) for r in regimes for n in sizes for s in seeds), key=lambda t: -t[1])
-    return [Task(f"identify-{r}-N{n}-seed{s}-{key}", _task, (r, n, s, tuple(models), nuts_max, nuts_draws, world))
-            for r, n, s in grid]
+    key = _digest(world, kind="identify", models=list(design.models))
+    nuts = nuts_cells(design)
+    cells = sorted(design.cells(), key=lambda c: -c[2])  # the big tasks first: no pool waits on one at the end
+    tasks = []
+    for r, t, n, s in cells:
+        regime, truth = design.regimes[r], design.truths[t]
+        args = ({**regime._asdict(), "hide": list(regime.hide)}, truth._asdict(), n, s, tuple(design.models),
+                design.nuts_draws if (r, t, n, s) in nuts else 0, design.test_traces_of(r, t), world)
+        tasks.append(Task(f"identify-{_safe(r)}-{_safe(t)}-N{n}-seed{s}-{key}", _task, args))
+    return tasks
 
 
-def sweep(regimes: Sequence[str], sizes: Sequence[int], seeds: Sequence[int], *, models: Sequence[str] = IDENTIFY_MODELS,
-          nuts_max: int = 0, nuts_draws: int = 150, n_jobs: int = 2, backend: str = "loky",
-          progress: bool = True, world: str | None = None, tasks_dir: str | os.PathLike | None = None) -> list[dict]:
-    """Records of every (regime, model, N, seed), sorted by regime, model, N and seed. ``world``:
-    the world's name for :func:`~latentsel.world.loading.load_world` (default: the default
-    world), which each worker process loads. ``tasks_dir``: the folder of finished tasks that
-    makes the sweep resumable (see the module docstring)."""
-    tasks = sweep_tasks(regimes, sizes, seeds, models=models, nuts_max=nuts_max, nuts_draws=nuts_draws, world=world)
+def _safe(name: str) -> str:
+    """A design name as a file-name part (the task's arguments, not its name, identify it)."""
+    return "".join(c if c.isalnum() or c in "+-_." else "_" for c in name)[:40]
+
+
+def sweep(design: Design, *, n_jobs: int = 2, backend: str = "loky", progress: bool = True, world: str | None = None,
+          tasks_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Records of every (regime, truth, model, N, seed) of ``design``, sorted by regime and truth
+    (in the design's order), model, N and seed. ``world``: the world's name for
+    :func:`~latentsel.world.loading.load_world` (default: the default world), which each worker
+    process loads. ``tasks_dir``: the folder of finished tasks that makes the sweep resumable
+    (see the module docstring)."""
+    tasks = sweep_tasks(design, world=world)
     results = _run(tasks, n_jobs=n_jobs, backend=backend, progress=progress, desc="identify", tasks_dir=tasks_dir)
-    order = {r: i for i, r in enumerate(regimes)}
+    order_r = {r: i for i, r in enumerate(design.regimes)}
+    order_t = {t: i for i, t in enumerate(design.truths)}
     records = [rec for res in results for rec in res]
-    return sorted(records, key=lambda r: (order[r["regime"]], IDENTIFY_MODELS.index(r["model"]), r["n_traces"], r["seed"]))
+    return sorted(records, key=lambda r: (order_r[r["regime"]], order_t[r["truth"]], IDENTIFY_MODELS.index(r["model"]),
+                                          r["n_traces"], r["seed"]))
 
 
 def _prior_draw(world: World, rng: np.random.Generator, priors: Priors) -> ModularParams:
@@ -205,43 +224,84 @@ def _prior_draw(world: World, rng: np.random.Generator, priors: Priors) -> Modul
                          float(rng.beta(*priors.noise)), float(rng.beta(*priors.off_module)))
 
 
-def _sbc_rep(rep: int, n_traces: int, n_draws: int, seed: int, world: str | None) -> np.ndarray:
+def _n_intended(route, skill, data) -> np.ndarray:
+    """The number of steps (over the corpus) that executed their intended module: ``[...]``."""
+    hit = (route == data.route_intended) & (skill == data.skill_intended) & data.step_mask
+    return hit.sum((-2, -1))
+
+
+def _sbc_rep(regime: dict, rep: int, n_traces: int, n_draws: int, seed: int, world: str | None) -> list[int]:
+    from latentsel.inference.sampling import sample_selections
+
     start_jax()  # a worker process is an entry point: float64, as in the parent
     world = load_world(world)
+    regime = Regime(**{**regime, "hide": tuple(regime["hide"])})
     rng = np.random.default_rng([seed, rep, 0x5BC])
     theta = _prior_draw(world, rng, Priors())
-    traces, _ = regime_traces("sft", n_traces, seed * 100_003 + rep, world, truth=theta)
+    traces, _ = regime_traces(regime, n_traces, seed * 100_003 + rep, world, truth=theta)
     data = build_data(traces, world)
     em = fit_em("modular", data, max_iter=300)
     draws = conjugate_posterior("modular", em.params, data).sample((n_draws,), seed=int(rng.integers(2**31)))
-    r, k = 0, 0  # sbc_parameters(world)
-    pairs = [(draws.route_exec[:, r, r], theta.route_exec[r, r]), (draws.skill_exec[:, k, k], theta.skill_exec[k, k]),
-             (draws.noise, theta.noise), (draws.off_module, theta.off_module)]
-    return np.array([int((d < t).sum()) for d, t in pairs])
+    values = [np.concatenate([np.diagonal(draws.route_exec, axis1=-2, axis2=-1),
+                              np.diagonal(draws.skill_exec, axis1=-2, axis2=-1),
+                              draws.noise[:, None], draws.off_module[:, None]], axis=1)]
+    truth = [np.concatenate([np.diag(theta.route_exec), np.diag(theta.skill_exec), [theta.noise, theta.off_module]])]
+    if not regime.hide:  # one exact draw of the selections per θ draw (through blocks: 0.15 s each)
+        counts = []
+        for i in range(n_draws):
+            params = ModularParams(draws.route_exec[i], draws.skill_exec[i], float(draws.noise[i]),
+                                   float(draws.off_module[i]))
+            sel = sample_selections("modular", params, data, 1, seed=int(rng.integers(2**31)))
+            counts.append(int(_n_intended(sel.route[0], sel.skill[0], data)))
+        executed = np.zeros(data.step_mask.shape, bool)
+        for i, tr in enumerate(traces):
+            executed[i, : tr.depth] = [(world.route_index(r), world.skill_index(k)) == p
+                                       for r, k, p in zip(tr.truth.routes, tr.truth.skills,
+                                                          ((world.route_index(a), world.skill_index(b))
+                                                           for a, b in tr.program))]
+        values.append(np.asarray(counts, float)[:, None])
+        truth.append([float(executed.sum())])
+    return tie_randomized_rank(np.concatenate(values, axis=1), np.concatenate(truth), rng).tolist()
 
 
-def sbc_tasks(n_reps: int, *, n_traces: int = 100, n_draws: int = 99, seed: int = 0,
-              world: str | None = None) -> list[Task]:
-    """The tasks of :func:`sbc`, one per replication."""
-    key = _digest(world, kind="sbc", n_traces=n_traces, n_draws=n_draws, seed=seed)
-    return [Task(f"sbc-rep{rep}-{key}", _sbc_rep, (rep, n_traces, n_draws, seed, world)) for rep in range(n_reps)]
+def sbc_tasks(design: Design, *, seed: int = 0, world: str | None = None) -> list[Task]:
+    """The tasks of :func:`sbc`, one per (regime, replication)."""
+    tasks = []
+    for name in design.sbc_regimes:
+        regime = design.regimes[name]
+        args = {**regime._asdict(), "hide": list(regime.hide)}
+        key = _digest(world, kind="sbc", regime=args, n_traces=design.sbc_traces, n_draws=design.sbc_draws, seed=seed)
+        tasks += [Task(f"sbc-{_safe(name)}-rep{rep}-{key}", _sbc_rep,
+                       (args, rep, design.sbc_traces, design.sbc_draws, seed, world))
+                  for rep in range(design.sbc_reps)]
+    return tasks
 
 
-def sbc(n_reps: int, *, n_traces: int = 100, n_draws: int = 99, seed: int = 0, n_jobs: int = 2, backend: str = "loky",
-        progress: bool = True, world: str | None = None, tasks_dir: str | os.PathLike | None = None) -> dict:
-    """Simulation-based calibration: ``{"parameters", "ranks": int[n_params][n_reps], "n_draws",
-    "n_traces", "n_reps", "chi2_p"}``; ranks lie in 0..n_draws, and ``chi2_p`` is the p-value of a
-    chi-square test of uniform ranks (10 bins) per parameter. ``tasks_dir``: as for :func:`sweep`."""
+def sbc(design: Design, *, seed: int = 0, n_jobs: int = 2, backend: str = "loky", progress: bool = True,
+        world: str | None = None, tasks_dir: str | os.PathLike | None = None) -> dict:
+    """Simulation-based calibration of every regime in ``design.sbc_regimes``:
+    ``{regime: {"parameters", "ranks": int[n_params][n_reps], "n_draws", "n_traces", "n_reps",
+    "ecdf_p", "failed", "chi2_p"}}``. Ranks lie in 0..n_draws; ``ecdf_p`` is the p-value of the
+    ECDF test of uniform ranks and ``failed`` its verdict at family-wise level 0.01 over the
+    regime's quantities (:func:`latentsel.analysis.sbc.sbc_test`); ``chi2_p`` a chi-square test
+    of 10 rank bins, for comparison. ``tasks_dir``: as for :func:`sweep`."""
     from scipy.stats import chisquare
 
-    if n_reps < 1 or n_draws < 1 or n_traces < 1:
-        raise ValueError(f"sbc needs n_reps, n_draws and n_traces >= 1, got {n_reps}, {n_draws}, {n_traces}")
-    tasks = sbc_tasks(n_reps, n_traces=n_traces, n_draws=n_draws, seed=seed, world=world)
-    ranks = np.stack(_run(tasks, n_jobs=n_jobs, backend=backend, progress=progress, desc="SBC", tasks_dir=tasks_dir),
-                     axis=1)
-    # integer bin edges over the n_draws + 1 possible ranks, the expected counts by bin width
-    edges = np.unique(np.linspace(0, n_draws + 1, min(10, n_draws + 1) + 1).round().astype(int))
-    expected = np.diff(edges) / (n_draws + 1) * n_reps
-    p = [float(chisquare(np.histogram(r, edges)[0], expected).pvalue) for r in ranks]
-    return {"parameters": list(sbc_parameters(load_world(world))), "ranks": ranks.tolist(), "n_draws": n_draws, "n_traces": n_traces,
-            "n_reps": n_reps, "chi2_p": p}
+    if design.sbc_reps and (design.sbc_draws < 1 or design.sbc_traces < 1):
+        raise ValueError(f"sbc needs draws and traces >= 1, got {design.sbc_draws}, {design.sbc_traces}")
+    tasks = sbc_tasks(design, seed=seed, world=world)
+    results = _run(tasks, n_jobs=n_jobs, backend=backend, progress=progress, desc="SBC", tasks_dir=tasks_dir)
+    world_obj, n_draws, out = load_world(world), design.sbc_draws, {}
+    for i, name in enumerate(design.sbc_regimes):
+        ranks = np.asarray(results[i * design.sbc_reps: (i + 1) * design.sbc_reps], int).T  # [params, reps]
+        if not ranks.size:
+            continue
+        edges = np.unique(np.linspace(0, n_draws + 1, min(10, n_draws + 1) + 1).round().astype(int))
+        expected = np.diff(edges) / (n_draws + 1) * ranks.shape[1]
+        tests = sbc_test(ranks, n_draws)
+        out[name] = {"parameters": list(sbc_parameters(world_obj, discrete=not design.regimes[name].hide)),
+                     "ranks": ranks.tolist(), "n_draws": n_draws, "n_traces": design.sbc_traces,
+                     "n_reps": int(ranks.shape[1]), "ecdf_p": [t["p"] for t in tests],
+                     "failed": [bool(t["failed"]) for t in tests],
+                     "chi2_p": [float(chisquare(np.histogram(r, edges)[0], expected).pvalue) for r in ranks]}
+    return out
