@@ -10,7 +10,7 @@ import time
 
 from latentsel._io import locked_folder
 from latentsel.cli._argtypes import add_world, at_least, nonneg_int, world_of
-from latentsel.experiments.designs import IDENTIFY_MODELS, IDENTIFY_REGIMES, SWEEP_BACKENDS
+from latentsel.experiments.designs import IDENTIFY_MODELS, SWEEP_BACKENDS
 from latentsel.traces import read_traces
 
 __all__ = ["add_demo", "add_commands"]
@@ -25,6 +25,13 @@ def _names(choices):
         return names
 
     return parse
+
+
+def _list(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("an empty list")
+    return names
 
 
 def cmd_demo(args) -> int:
@@ -45,46 +52,60 @@ def _identify(args) -> int:
     import shutil
     from pathlib import Path
 
-    from latentsel.experiments.identify_outputs import summary_rows, write_identify
+    from latentsel.analysis.claims import claim_verdicts
+    from latentsel.experiments.designs import load_design
+    from latentsel.experiments.identify_outputs import posterior_checks, summary_rows, write_identify
     from latentsel.experiments.sweeps import done_tasks, sbc, sbc_tasks, sweep, sweep_tasks
 
     t0 = time.perf_counter()
-    n_tasks = len(args.regimes) * len(args.sizes) * len(args.seeds)
-    print(f"identify: {n_tasks} tasks (regimes x sizes x seeds, {len(args.models)} models each, the largest "
-          f"N = {max(args.sizes)}), {args.sbc} SBC replications of {args.sbc_traces} traces, on {args.jobs} "
-          f"{args.backend} worker(s)", flush=True)
+    design = _design(args, load_design)
+    cells = design.cells()
+    print(f"identify: {design.source}: {len(cells)} tasks (regime x truth x N x seed, {len(design.models)} models "
+          f"each, the largest N = {max(c[2] for c in cells)}), SBC on {len(design.sbc_regimes)} regime(s) x "
+          f"{design.sbc_reps} replications of {design.sbc_traces} traces, on {args.jobs} {args.backend} worker(s)",
+          flush=True)
     # every finished fit and SBC replication is saved here; it stays after the outputs are written,
     # so that a rerun (another figure, a larger sweep) redoes only what is new
     tasks_dir = Path(args.out) / ".tasks"
     if args.fresh and tasks_dir.exists():
         shutil.rmtree(tasks_dir)
-    planned = sweep_tasks(args.regimes, args.sizes, args.seeds, models=args.models, nuts_max=args.nuts_max,
-                          nuts_draws=args.nuts_draws, world=args.world)
-    planned += sbc_tasks(args.sbc, n_traces=args.sbc_traces, world=args.world)
+    planned = sweep_tasks(design, world=args.world) + sbc_tasks(design, world=args.world)
     done = done_tasks(planned, tasks_dir)
     if done:
         print(f"identify: {done} of {len(planned)} tasks (fits and SBC replications) already done in {args.out}, "
               f"running {len(planned) - done}", flush=True)
-    records = sweep(args.regimes, args.sizes, args.seeds, models=args.models, nuts_max=args.nuts_max,
-                    nuts_draws=args.nuts_draws, n_jobs=args.jobs, backend=args.backend, world=args.world,
-                    tasks_dir=tasks_dir)
-    calib = (sbc(args.sbc, n_traces=args.sbc_traces, n_jobs=args.jobs, backend=args.backend, world=args.world,
-                 tasks_dir=tasks_dir)
-             if args.sbc else None)
-    config = {k: getattr(args, k) for k in ("regimes", "sizes", "seeds", "models", "nuts_max", "nuts_draws", "sbc",
-                                            "sbc_traces", "backend", "jobs", "world")}
-    path = write_identify(args.out, records, config, world_of(args), sbc=calib, exemplar_n=args.exemplar_n)
-    if calib is not None:
-        from latentsel.analysis.verdicts import sbc_flags
-
-        for line in sbc_flags(calib["parameters"], calib["chi2_p"]):
-            print(line)
-    print(f"{'regime':<11} {'model':<10} {'N':>6} {'MAP acc':>8} {'class acc':>9} {'truth mass':>10} "
-          f"{'param err':>9} {'KL reached':>10}")
-    for regime, model, n, _, acc, cls, _, mass, err, kl, _ in summary_rows(records):
-        print(f"{regime:<11} {model:<10} {n:>6} {acc:>8.3f} {cls:>9.3f} {mass:>10.3f} {err:>9.3f} {kl:>10.2f}")
+    records = sweep(design, n_jobs=args.jobs, backend=args.backend, world=args.world, tasks_dir=tasks_dir)
+    calib = sbc(design, n_jobs=args.jobs, backend=args.backend, world=args.world, tasks_dir=tasks_dir)
+    verdicts = claim_verdicts(records, design.claims)
+    config = {k: getattr(args, k) for k in ("design", "backend", "jobs", "world")}
+    path = write_identify(args.out, records, config, world_of(args), design=design, sbc=calib, verdicts=verdicts,
+                          exemplar_n=args.exemplar_n)
+    for name, res in calib.items():
+        failed = [p for p, bad in zip(res["parameters"], res["failed"]) if bad]
+        print(f"SBC {name}: " + (f"FAILED on {len(failed)} of {len(failed) + res['failed'].count(False)}: "
+                                 f"{', '.join(failed)}" if failed else f"{len(res['parameters'])} quantities pass"))
+    for check in posterior_checks(records):
+        print(f"posterior {check['regime']} · {check['truth']}: {check['text']}")
+    print(f"{'regime':<14} {'truth':<10} {'model':<10} {'N':>6} {'MAP acc':>8} {'class acc':>9} {'truth mass':>10} "
+          f"{'class err':>9} {'coverage':>8} {'held-out Δ':>10}")
+    for regime, truth, model, n, _, acc, cls, mass, err, cov, _, diff in summary_rows(records):
+        diff = "-" if diff is None else f"{diff:+.3f}"
+        print(f"{regime:<14} {truth:<10} {model:<10} {n:>6} {acc:>8.3f} {cls:>9.3f} {mass:>10.3f} {err:>9.3f} "
+              f"{cov:>8.2f} {diff:>10}")
+    for v in verdicts:
+        print(f"{v['claim']}: {v['verdict'].upper()}: {v['text']}")
     print(f"wrote {path} and figures under {args.out} in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def _design(args, load_design):
+    """The design of ``--design`` with the command line's overrides."""
+    design = load_design(args.design)
+    design = design.restrict(regimes=args.regimes, truths=args.truths, sizes=args.sizes, seeds=args.seeds,
+                             models=args.models)
+    changes = {k: v for k, v in (("nuts_max", args.nuts_max), ("nuts_draws", args.nuts_draws),
+                                 ("sbc_reps", args.sbc), ("sbc_traces", args.sbc_traces)) if v is not None}
+    return design._replace(**changes)
 
 
 def cmd_analyze(args) -> int:
@@ -140,15 +161,15 @@ def add_demo(sub) -> None:
     p.add_argument("--out", default="latentsel-demo", help="output folder (default: %(default)s)")
     p.add_argument("--n", type=nonneg_int, default=2000, help="golden traces per data regime (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the regimes' prompts")
-    p.add_argument("--sizes", type=at_least(1), nargs="+", default=[100, 300, 1000], metavar="N",
-                   help="trace counts of the identify sweep (default: %(default)s)")
-    p.add_argument("--seeds", type=nonneg_int, nargs="+", default=[0, 1], metavar="SEED",
-                   help="seeds of the identify sweep (default: %(default)s)")
+    p.add_argument("--sizes", type=at_least(1), nargs="+", default=None, metavar="N",
+                   help="trace counts of the identify sweep (default: the default design's)")
+    p.add_argument("--seeds", type=nonneg_int, nargs="+", default=None, metavar="SEED",
+                   help="seeds of the identify sweep (default: the default design's)")
     p.add_argument("--nuts-max", type=nonneg_int, default=100,
                    help="NUTS cross-check of identify where N is at most this (default: %(default)s)")
     p.add_argument("--nuts-draws", type=at_least(4), default=100,
                    help="NUTS warm-up and kept draws per chain (default: %(default)s)")
-    p.add_argument("--sbc", type=nonneg_int, default=100, help="SBC replications (default: %(default)s)")
+    p.add_argument("--sbc", type=nonneg_int, default=40, help="SBC replications per regime (default: %(default)s)")
     p.add_argument("--corpora", default=None,
                    help="folder of policy corpora (default: the shipped CPU-run corpora of the checkout)")
     p.add_argument("--policy-traces", type=at_least(1), default=400,
@@ -160,22 +181,27 @@ def add_demo(sub) -> None:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("identify", help="identifiability experiments on simulated regimes")
-    p.add_argument("--regimes", type=_names(list(IDENTIFY_REGIMES)), default=list(IDENTIFY_REGIMES),
-                   help="comma-separated regimes (default: sft,rl,atomic,compressed; compressed = sft with step 2 "
-                        "of 3 hidden)")
-    p.add_argument("--sizes", type=at_least(1), nargs="+", default=[100, 300, 1000], metavar="N",
-                   help="numbers of traces (default: %(default)s)")
-    p.add_argument("--seeds", type=nonneg_int, nargs="+", default=[0, 1], metavar="SEED",
-                   help="seeds of every (regime, N): each draws its own prompts and traces")
-    p.add_argument("--models", type=_names(list(IDENTIFY_MODELS)), default=list(IDENTIFY_MODELS), help="comma-separated models")
-    p.add_argument("--nuts-max", type=nonneg_int, default=100,
-                   help="run the NUTS cross-check where N is at most this (default: %(default)s; 0: never)")
-    p.add_argument("--nuts-draws", type=at_least(4), default=100, help="NUTS warm-up and kept draws per chain")
-    p.add_argument("--sbc", type=nonneg_int, default=100, help="SBC replications (default: %(default)s; 0: none)")
-    p.add_argument("--sbc-traces", type=at_least(1), default=100, help="traces per SBC replication")
+    p = sub.add_parser("identify", help="identifiability experiments: a design of regimes x truths x N x seeds, "
+                                        "with a verdict per claim")
+    p.add_argument("--design", default=None, metavar="FILE",
+                   help="a TOML design (default: the shipped one, latentsel/experiments/default_design.toml: copy "
+                        "and extend it)")
+    p.add_argument("--regimes", type=_list, default=None,
+                   help="comma-separated regimes of the design to run (default: all its runs)")
+    p.add_argument("--truths", type=_list, default=None, help="comma-separated truths of the design to run")
+    p.add_argument("--sizes", type=at_least(1), nargs="+", default=None, metavar="N",
+                   help="numbers of traces, replacing every run's")
+    p.add_argument("--seeds", type=nonneg_int, nargs="+", default=None, metavar="SEED",
+                   help="seeds, replacing every run's: each draws its own prompts and traces")
+    p.add_argument("--models", type=_names(list(IDENTIFY_MODELS)), default=None, help="comma-separated models")
+    p.add_argument("--nuts-max", type=nonneg_int, default=None,
+                   help="run the NUTS check where N is at most this (default: the design's; 0: never)")
+    p.add_argument("--nuts-draws", type=at_least(4), default=None, help="NUTS warm-up and kept draws per chain")
+    p.add_argument("--sbc", type=nonneg_int, default=None, help="SBC replications per regime (0: none)")
+    p.add_argument("--sbc-traces", type=at_least(1), default=None, help="traces per SBC replication")
     p.add_argument("--exemplar-n", type=at_least(1), default=None,
-                   help="traces of the data sets drawn in the class and heatmap figures (default: the largest N)")
+                   help="traces of the data sets drawn in the class and heatmap figures (default: the largest N, "
+                        "at most 300)")
     p.add_argument("--jobs", type=at_least(1), default=2, help="parallel worker processes (default: %(default)s)")
     p.add_argument("--backend", choices=SWEEP_BACKENDS, default="loky",
                    help="joblib backend; ray or dask to run the sweep on a cluster (default: %(default)s)")

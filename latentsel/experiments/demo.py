@@ -18,8 +18,9 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from latentsel.analysis.verdicts import sbc_flags
-from latentsel.experiments.identify_outputs import summary_rows, write_identify
+from latentsel.analysis.claims import claim_verdicts
+from latentsel.experiments.designs import default_design
+from latentsel.experiments.identify_outputs import write_identify
 from latentsel.experiments.policy_fits import (find_checkpoints, find_corpora, fit_policy_corpora, nuts_diagnostics,
                                                summary_lines)
 from latentsel.experiments.sweeps import sbc, sweep
@@ -35,12 +36,13 @@ SHIPPED_CORPORA = SHIPPED_RUN / "corpora"
 DEMO_POLICIES = ("sft", "sft+rl-compound")
 
 
-def run_demo(out: str | Path = "latentsel-demo", n: int = 2000, seed: int = 0, *, sizes: Sequence[int] = (100, 300, 1000),
-             seeds: Sequence[int] = (0, 1), nuts_max: int = 100, nuts_draws: int = 100, sbc_reps: int = 100,
+def run_demo(out: str | Path = "latentsel-demo", n: int = 2000, seed: int = 0, *, sizes: Sequence[int] | None = None,
+             seeds: Sequence[int] | None = None, nuts_max: int = 100, nuts_draws: int = 100, sbc_reps: int = 40,
              corpora: str | Path | None = None, policy_traces: int = 400, nuts_traces: int = 150,
              jobs: int = 2, progress: bool = True) -> dict:
     """Run the demo into ``out`` and print its summary; returns ``{"regimes", "identify", "policies",
-    "report"}``. ``n``: golden traces per data regime; ``sizes``/``seeds``: the identify sweep;
+    "report"}``. ``n``: golden traces per data regime; ``sizes``/``seeds``: the identify sweep
+    (default: the default design's, :mod:`latentsel.experiments.designs`);
     ``policy_traces``: traces of each policy corpus fitted; ``nuts_traces``: traces of the NUTS
     diagnostics (0 skips it)."""
     out = Path(out)
@@ -57,20 +59,20 @@ def run_demo(out: str | Path = "latentsel-demo", n: int = 2000, seed: int = 0, *
                       r["unique_step"], r["median_consistent"]] for k, r in rows.items()]}])
 
     t0 = time.perf_counter()
-    records = sweep(["sft", "rl", "atomic", "compressed"], sizes, seeds, nuts_max=nuts_max, nuts_draws=nuts_draws,
-                    n_jobs=jobs, progress=progress)
-    calib = sbc(sbc_reps, n_jobs=jobs, progress=progress) if sbc_reps else None
-    write_identify(out / "identify", records, {"sizes": list(sizes), "seeds": list(seeds), "nuts_max": nuts_max,
-                                               "nuts_draws": nuts_draws, "sbc": sbc_reps}, world, sbc=calib,
-                   exemplar_n=min(max(sizes), 300))
+    design = default_design().restrict(sizes=sizes, seeds=seeds)
+    design = design._replace(nuts_max=nuts_max, nuts_draws=nuts_draws, sbc_reps=sbc_reps)
+    records = sweep(design, n_jobs=jobs, progress=progress)
+    calib = sbc(design, n_jobs=jobs, progress=progress)
+    verdicts = claim_verdicts(records, design.claims)
+    write_identify(out / "identify", records, {"sizes": sizes and list(sizes), "seeds": seeds and list(seeds),
+                                               "nuts_max": nuts_max, "nuts_draws": nuts_draws, "sbc": sbc_reps},
+                   world, design=design, sbc=calib, verdicts=verdicts)
     print(f"identify: {len(records)} fits in {time.perf_counter() - t0:.0f} s")
-    for line in sbc_flags(calib["parameters"], calib["chi2_p"]) if calib is not None else []:
-        print(f"  {line}")
-    print(f"{'regime':<11} {'model':<10} {'N':>6} {'MAP acc':>8} {'class acc':>9} {'truth mass':>10} "
-          f"{'param err':>9} {'KL reached':>10} {'KL unreached':>12}")
-    for regime, model, size, _, acc, cls, _, mass, err, kl, klu in summary_rows(records):
-        print(f"{regime:<11} {model:<10} {size:>6} {acc:>8.3f} {cls:>9.3f} {mass:>10.3f} {err:>9.3f} {kl:>10.2f} "
-              f"{'-' if klu is None else f'{klu:.2f}':>12}")
+    for name, res in calib.items():
+        failed = [p for p, bad in zip(res["parameters"], res["failed"]) if bad]
+        print(f"  SBC {name}: " + (f"FAILED on {', '.join(failed)}" if failed else "every quantity passes"))
+    for v in verdicts:
+        print(f"  {v['claim']}: {v['verdict'].upper()}: {v['text']}")
 
     t0 = time.perf_counter()
     folder = Path(corpora) if corpora is not None else SHIPPED_CORPORA

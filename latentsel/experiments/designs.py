@@ -22,6 +22,7 @@ IDENTIFY_MODELS = ("modular", "entangled")
 NUTS_CHECK_MODELS = ("modular",)
 SWEEP_BACKENDS = ("loky", "threading", "sequential", "ray", "dask")
 TRUTH_KINDS = ("modular", "entangled")
+TRUTH_CONTEXTS = ("beyond-sft", "all")
 CLAIMS = ("C1", "C2", "C3", "C4")
 DEFAULT_DESIGN = Path(__file__).with_name("default_design.toml")
 # the prompt regimes a design may draw programs from (latentsel.traces.regimes.PROMPT_REGIMES)
@@ -56,11 +57,14 @@ class Regime(NamedTuple):
 
 class Truth(NamedTuple):
     """The parameters traces are simulated from: ``modular``, or ``entangled`` with
-    ``strength`` in [0, 1] (:func:`latentsel.experiments.identify.entangled_truth`)."""
+    ``strength`` in [0, 1] in the skill ``contexts`` ``"beyond-sft"`` (every bigram outside the
+    SFT-seen half) or ``"all"`` (every step after the first)
+    (:func:`latentsel.experiments.identify.entangled_truth`)."""
 
     name: str
     kind: str
     strength: float = 0.0
+    contexts: str = "beyond-sft"
 
 
 class Run(NamedTuple):
@@ -205,14 +209,17 @@ def _regime(where: str, name: str, fields: dict) -> Regime:
 
 
 def _truth(where: str, name: str, fields: dict) -> Truth:
-    _check_fields(where, fields, {"kind", "strength"})
+    _check_fields(where, fields, {"kind", "strength", "contexts"})
     kind = _typed(f"{where}.kind", fields.get("kind", "modular"), str)
     if kind not in TRUTH_KINDS:
         raise DesignError(f"{where}.kind: unknown truth {kind!r}; choose from {', '.join(TRUTH_KINDS)}")
     strength = _typed(f"{where}.strength", fields.get("strength", 1.0 if kind == "entangled" else 0.0), float)
     if not 0 <= strength <= 1 or (kind == "modular" and strength):
         raise DesignError(f"{where}.strength: must lie in [0, 1] (and be 0 for a modular truth), got {strength}")
-    return Truth(name, kind, strength)
+    contexts = _typed(f"{where}.contexts", fields.get("contexts", "beyond-sft"), str)
+    if contexts not in TRUTH_CONTEXTS:
+        raise DesignError(f"{where}.contexts: expected one of {', '.join(TRUTH_CONTEXTS)}, got {contexts!r}")
+    return Truth(name, kind, strength, contexts)
 
 
 def _int_list(where: str, value, low: int) -> tuple:

@@ -93,16 +93,18 @@ def truth_params(world: World, seed: int, fidelity: float, *, noise: float = 0.0
     return ModularParams(rows(world.n_routes), rows(world.n_skills), noise, off_module)
 
 
-def entangled_truth(world: World, seed: int, fidelity: float, strength: float) -> EntangledParams:
+def entangled_truth(world: World, seed: int, fidelity: float, strength: float, contexts: str = "beyond-sft"
+                    ) -> EntangledParams:
     """The entangled truth of ``strength`` (see the module docstring): θ* at the first step and
-    after SFT-seen skill bigrams, swapped toward each skill's most confusable one elsewhere."""
+    (with ``contexts="beyond-sft"``) after SFT-seen skill bigrams, swapped toward each skill's
+    most confusable one elsewhere (with ``contexts="all"``: at every step after the first)."""
     if not 0 <= strength <= 1:
         raise ValueError(f"strength must lie in [0, 1], got {strength}")
     base = truth_params(world, seed, fidelity)
     r_n, k_n = world.n_routes, world.n_skills
     route = np.broadcast_to(base.route_exec, (r_n + 1, r_n, r_n)).copy()
     skill = np.broadcast_to(base.skill_exec, (k_n + 1, k_n, k_n)).copy()
-    seen = bigram_split(k_n).seen
+    seen = bigram_split(k_n).seen if contexts == "beyond-sft" else np.zeros((k_n, k_n), bool)
     off_diag = base.skill_exec - np.diag(np.diag(base.skill_exec))
     partner = off_diag.argmax(-1)
     for c in range(k_n):
@@ -118,7 +120,7 @@ def make_truth(truth: Truth, world: World, seed: int, fidelity: float):
     """The parameters of ``truth`` at ``fidelity`` and the model that simulates from them."""
     if truth.kind == "modular":
         return truth_params(world, seed, fidelity), "modular"
-    return entangled_truth(world, seed, fidelity, truth.strength), "entangled"
+    return entangled_truth(world, seed, fidelity, truth.strength, truth.contexts), "entangled"
 
 
 def _regime(regime: Regime | str) -> Regime:

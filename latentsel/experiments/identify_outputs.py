@@ -1,7 +1,10 @@
 """The files of ``latentsel identify``: ``identify.json``, ``sbc.json``, figures and a report section.
 
-``DIR/identify.json`` is ``{"records": [...], "config": {...}}`` (one record per regime, model,
-N and seed; :mod:`latentsel.experiments.identify` defines the measures). Figures go to ``DIR/figures/``;
+``DIR/identify.json`` is ``{"records": [...], "config": {...}, "design": {...}, "verdicts": [...],
+"posterior_checks": [...]}``: one record per regime, truth, model, N and seed
+(:mod:`latentsel.experiments.identify` defines the measures), the design run, a verdict per
+claim (:mod:`latentsel.analysis.claims`) and, per (regime, truth), whether the reported
+posterior was checked against NUTS. Figures go to ``DIR/figures/``;
 ``DIR/section.json`` puts them and the summary tables in ``latentsel report``. ``latentsel identify``
 also keeps every finished task of its sweep in ``DIR/.tasks/`` (:mod:`latentsel.experiments.sweeps`),
 so that a rerun into ``DIR`` resumes.
@@ -19,7 +22,6 @@ from latentsel import plots
 from latentsel._io import atomic_open
 from latentsel.analysis.equivalence import distinguishability_graph, module_classes
 from latentsel.analysis.posterior import posterior_from_data
-from latentsel.analysis.verdicts import sbc_failed
 from latentsel.experiments.identify import reached_rows, regime_traces
 from latentsel.inference.conjugate import conjugate_posterior
 from latentsel.inference.em import fit_em
@@ -29,8 +31,10 @@ from latentsel.world import World
 
 __all__ = ["write_identify", "summary_rows", "SUMMARY_COLUMNS"]
 
-SUMMARY_COLUMNS = ("map_accuracy", "class_accuracy", "step_class_accuracy", "truth_mass", "param_error",
-                   "kl_reached", "kl_unreached")
+SUMMARY_COLUMNS = ("map_accuracy", "class_accuracy", "truth_mass", "class_param_error", "class_coverage",
+                   "kl_reached", "heldout_diff")
+# a conjugate posterior within these of NUTS (class totals of reached rows) counts as checked
+CHECK_MAX_DIFF, CHECK_SD_RATIO = 0.05, (2 / 3, 1.5)
 
 
 def _mean(values):
@@ -39,20 +43,20 @@ def _mean(values):
 
 
 def summary_rows(records: Sequence[dict], columns: Sequence[str] = SUMMARY_COLUMNS) -> list[list]:
-    """[regime, model, N, n_seeds, *means over seeds] for every (regime, model, N)."""
+    """[regime, truth, model, N, n_seeds, *means over seeds] for every (regime, truth, model, N)."""
     groups = defaultdict(list)
     for r in records:
-        groups[(r["regime"], r["model"], r["n_traces"])].append(r)
+        groups[(r["regime"], r.get("truth", "modular"), r["model"], r["n_traces"])].append(r)
     return [[*key, len(rs), *(_mean(r[c] for r in rs) for c in columns)] for key, rs in groups.items()]
 
 
-def _exemplar_figures(out: Path, regimes: Sequence[str], n: int, seed: int, world: World) -> list[dict]:
+def _exemplar_figures(out: Path, regimes: dict, n: int, seed: int, world: World) -> list[dict]:
     """Figures that need the data themselves: the classes of every regime, the fitted execution
     matrices of the most varied regime, and one trace's selections and module graph."""
     figs = []
     datasets = {}
-    for name in regimes:
-        traces, truth = regime_traces(name, n, seed, world)
+    for name, regime in regimes.items():
+        traces, truth = regime_traces(regime, n, seed, world)
         data = build_data(traces, world)
         datasets[name] = (traces, truth, data)
         classes = module_classes(data)
@@ -105,47 +109,119 @@ def _save(out: Path, fig, name: str, caption: str) -> dict:
     return {"file": f"figures/{name}", "caption": caption}
 
 
-def write_identify(out: str | Path, records: Sequence[dict], config: dict, world: World, *, sbc: dict | None = None,
-                   exemplar_n: int | None = None) -> Path:
+def posterior_checks(records: Sequence[dict]) -> list[dict]:
+    """Per (regime, truth): ``{"regime", "truth", "status", "text"}``, status ``"checked"`` (NUTS
+    converged on the class totals it compares, R-hat <= 1.01 and bulk ESS >= 400, no divergences,
+    and the conjugate q within CHECK_MAX_DIFF of its means and CHECK_SD_RATIO of its sds),
+    ``"approximate"`` (NUTS converged and q differs by more: the measured error is quoted) or
+    ``"unchecked"`` (NUTS did not run there, or did not converge)."""
+    out = []
+    for key in dict.fromkeys((r["regime"], r.get("truth", "modular")) for r in records):
+        nuts = [r for r in records if (r["regime"], r.get("truth", "modular")) == key
+                and r.get("nuts_max_abs_diff") is not None]
+        if not nuts:
+            out.append({"regime": key[0], "truth": key[1], "status": "unchecked",
+                        "text": "approximate, not checked: NUTS did not run on this regime (hidden steps, N above "
+                                "the design's nuts.max_traces, or not named in [nuts])"})
+            continue
+        r = nuts[0]
+        where = f"N = {r['n_traces']}, seed {r['seed']}, {r['nuts_quantities']} class totals"
+        error = (f"max |mean difference| {r['nuts_max_abs_diff']:.3f}, sd ratio (conjugate / NUTS) "
+                 f"{r['nuts_sd_ratio_min']:.2f} to {r['nuts_sd_ratio_max']:.2f} (median {r['nuts_sd_ratio']:.2f})")
+        if not r["nuts_converged"]:
+            out.append({"regime": key[0], "truth": key[1], "status": "unchecked",
+                        "text": f"approximate, not checked: NUTS did not converge ({where}: R-hat "
+                                f"{r['nuts_r_hat']:.3f}, bulk ESS {r['nuts_ess_bulk']:.0f}, "
+                                f"{r['nuts_divergences']} divergences); against it: {error}"})
+        elif r["nuts_max_abs_diff"] <= CHECK_MAX_DIFF and CHECK_SD_RATIO[0] <= r["nuts_sd_ratio_min"] \
+                and r["nuts_sd_ratio_max"] <= CHECK_SD_RATIO[1]:
+            out.append({"regime": key[0], "truth": key[1], "status": "checked",
+                        "text": f"checked against NUTS ({where}; R-hat {r['nuts_r_hat']:.3f}, bulk ESS "
+                                f"{r['nuts_ess_bulk']:.0f}): {error}"})
+        else:
+            out.append({"regime": key[0], "truth": key[1], "status": "approximate",
+                        "text": f"approximate: against converged NUTS ({where}) {error}"})
+    return out
+
+
+def _labelled(records: Sequence[dict]) -> list[dict]:
+    """Records with the truth in the regime's label (the curves' colour is the regime)."""
+    return [{**r, "regime": f"{r['regime']} · {r.get('truth', 'modular')}"} for r in records]
+
+
+def write_identify(out: str | Path, records: Sequence[dict], config: dict, world: World, *, design=None,
+                   sbc: dict | None = None, verdicts: Sequence[dict] = (), exemplar_n: int | None = None) -> Path:
     """Write ``identify.json`` (and ``sbc.json``), the figures and the report section under ``out``."""
+    from latentsel.analysis.sbc import ecdf_band
+    from latentsel.plots.sbc import sbc_ecdf_differences
+
     out = Path(out)
-    with atomic_open(out / "identify.json") as f:
-        json.dump({"records": list(records), "config": config}, f, indent=1)
+    checks = posterior_checks(records)
+    labelled = _labelled(records)
     figs = [
-        _save(out, plots.identifiability_curves(records, title="recovery against N"), "recovery.png",
+        _save(out, plots.identifiability_curves(labelled, metrics=("map_accuracy", "class_accuracy", "truth_mass",
+                                                                   "class_param_error"),
+                                                title="recovery against N"), "recovery.png",
               "Recovery against the number of traces: MAP accuracy per label and per class, posterior mass on "
-              "the executed module, and parameter error on the rows the data reach (mean over seeds, band = "
-              "min to max). Colour = regime, line style = model."),
-        _save(out, plots.contraction_curves(records, title="posterior contraction against N"), "contraction.png",
+              "the executed module, and the class-level parameter error on the rows the data reach (mean over "
+              "seeds, band = min to max). Colour = regime · truth, line style = model."),
+        _save(out, plots.contraction_curves(labelled, title="posterior contraction against N"), "contraction.png",
               "Contraction: mean KL from prior to posterior over the execution rows the data reach (left) and "
-              "never reach (right). Unreached rows stay exactly at the prior at every N."),
+              "never reach (right)."),
     ]
-    tables = [{"caption": "Recovery per regime, model and N (means over seeds)",
-               "columns": ["regime", "model", "N", "seeds", *SUMMARY_COLUMNS], "rows": summary_rows(records)}]
-    nuts = [r for r in records if r.get("nuts_max_abs_diff") is not None]
-    if nuts:
-        tables.append({"caption": "NUTS against the conjugate posterior (modular model, reached rows)",
-                       "columns": ["regime", "N", "seed", "max |mean diff|", "median sd ratio (conjugate / NUTS)",
-                                   "NUTS R-hat", "divergences"],
-                       "rows": [[r["regime"], r["n_traces"], r["seed"], r["nuts_max_abs_diff"], r["nuts_sd_ratio"],
-                                 r["nuts_r_hat"], r["nuts_divergences"]] for r in nuts]})
-    if sbc is not None:
+    held = [r for r in labelled if r.get("heldout_diff") is not None and r["model"] == "entangled"]
+    if held:
+        figs.append(_save(out, plots.identifiability_curves(held, metrics=("heldout_diff",),
+                                                            title="held-out log-likelihood: entangled minus modular"),
+                          "separation.png",
+                          "Claim C2: held-out log-likelihood per trace of the entangled fit minus the modular fit, on "
+                          "fresh traces of the same regime and truth (mean over seeds, band = min to max). Above 0 "
+                          "the data have taught the entangled model what the modular one cannot represent."))
+    tables = []
+    if verdicts:
+        tables.append({"caption": "Verdicts on the identifiability claims (DESIGN §6)",
+                       "columns": ["claim", "verdict", "N", "value", "interval", "evidence"],
+                       "rows": [[v["claim"], v["verdict"], v["n"], v["value"],
+                                 None if v["interval"] is None else f"[{v['interval'][0]:.3g}, {v['interval'][1]:.3g}]",
+                                 v["text"]] for v in verdicts]})
+    tables.append({"caption": "Recovery per regime, truth, model and N (means over seeds)",
+                   "columns": ["regime", "truth", "model", "N", "seeds", *SUMMARY_COLUMNS],
+                   "rows": summary_rows(records)})
+    tables.append({"caption": "Is each regime's reported posterior exact enough? (conjugate q against NUTS on the "
+                              "class totals of reached rows)", "columns": ["regime", "truth", "status", "evidence"],
+                   "rows": [[c["regime"], c["truth"], c["status"], c["text"]] for c in checks]})
+    if sbc:
         with atomic_open(out / "sbc.json") as f:
             json.dump(sbc, f)
-        figs.append(_save(out, plots.sbc_histograms(np.asarray(sbc["ranks"]), sbc["n_draws"], names=sbc["parameters"],
-                                                    title="simulation-based calibration"), "sbc.png",
-                          f"SBC rank histograms ({sbc['n_reps']} replications of {sbc['n_traces']} sft traces, "
-                          f"{sbc['n_draws']} posterior draws each); the band is where 99% of bins of a calibrated "
-                          "posterior fall."))
-        tables.append({"caption": "SBC: chi-square test of uniform ranks (failed: p below 0.01 over the number of "
-                                  "parameters)", "columns": ["parameter", "p-value", "failed"],
-                       "rows": [[p, v, bad] for p, v, bad in zip(sbc["parameters"], sbc["chi2_p"],
-                                                                  sbc_failed(sbc["chi2_p"]))]})
-    regimes = list(dict.fromkeys(r["regime"] for r in records))
-    n = exemplar_n or max(r["n_traces"] for r in records)
-    figs += _exemplar_figures(out, regimes, n, int(records[0]["seed"]), world)
-    text = ["Traces simulated from known modular parameters under each regime, fitted by EM with the modular and "
-            "the entangled model; the posterior of the parameters is Dirichlet(prior + expected counts) at the EM "
-            "estimate, checked against NUTS where N is small."]
+        rows = []
+        for name, res in sbc.items():
+            ranks = np.asarray(res["ranks"])
+            band = ecdf_band(res["n_reps"], res["n_draws"])
+            figs.append(_save(out, sbc_ecdf_differences(ranks, res["n_draws"], names=res["parameters"], band=band,
+                                                        failed=res["failed"], title=f"SBC: {name}"),
+                              f"sbc-{name}.png",
+                              f"SBC of the {name} regime ({res['n_reps']} replications of {res['n_traces']} traces "
+                              f"from prior draws, {res['n_draws']} posterior draws each): the ECDF of each "
+                              "quantity's ranks minus the uniform CDF, in the 95% simultaneous band of uniform "
+                              "ranks; red panels failed the test at family-wise level 0.01."))
+            failed = [p for p, bad in zip(res["parameters"], res["failed"]) if bad]
+            rows.append([name, res["n_reps"], len(res["parameters"]), len(failed), ", ".join(failed) or "none",
+                         min(res["ecdf_p"])])
+        tables.append({"caption": "SBC per regime: quantities whose ranks fail the ECDF test (Bonferroni over the "
+                                  "regime's quantities, family-wise 0.01)",
+                       "columns": ["regime", "replications", "quantities", "failed", "which", "smallest p"],
+                       "rows": rows})
+    with atomic_open(out / "identify.json") as f:
+        json.dump({"records": list(records), "config": config, "design": None if design is None else design.to_json(),
+                   "verdicts": list(verdicts), "posterior_checks": checks}, f, indent=1)
+    regimes = {r["regime"]: None for r in records}
+    if design is not None:
+        shown = [n for n in ("sft", "rl", "compressed") if n in regimes] or list(regimes)[:3]
+        n = exemplar_n or min(max(r["n_traces"] for r in records), 300)
+        figs += _exemplar_figures(out, {k: design.regimes[k] for k in shown}, n, int(records[0]["seed"]), world)
+    text = ["Traces simulated from known truths (modular, or entangled: execution depending on the previous intended "
+            "skill) under regimes that vary one factor at a time, fitted by EM with the modular and the entangled "
+            "model; the posterior of the parameters is Dirichlet(prior + expected counts) at the EM estimate, "
+            "reported per aliasing class and checked against NUTS where the design affords it."]
     write_section(out, "Identifiability experiments", order=10, text=text, figures=figs, tables=tables)
     return out / "identify.json"
