@@ -93,7 +93,7 @@ def _identify(args) -> int:
         print(f"{regime:<14} {truth:<10} {model:<10} {n:>6} {acc:>8.3f} {cls:>9.3f} {mass:>10.3f} {err:>9.3f} "
               f"{cov:>8.2f} {diff:>10}")
     for v in verdicts:
-        print(f"{v['claim']}: {v['verdict'].upper()}: {v['text']}")
+        print(f"{v['label']}: {v['verdict'].upper()}: {v['text']}")
     print(f"wrote {path} and figures under {args.out} in {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -72,7 +72,7 @@ def run_demo(out: str | Path = "latentsel-demo", n: int = 2000, seed: int = 0, *
         failed = [p for p, bad in zip(res["parameters"], res["failed"]) if bad]
         print(f"  SBC {name}: " + (f"FAILED on {', '.join(failed)}" if failed else "every quantity passes"))
     for v in verdicts:
-        print(f"  {v['claim']}: {v['verdict'].upper()}: {v['text']}")
+        print(f"  {v['label']}: {v['verdict'].upper()}: {v['text']}")
 
     t0 = time.perf_counter()
     folder = Path(corpora) if corpora is not None else SHIPPED_CORPORA

@@ -8,6 +8,7 @@ without loading JAX.
 """
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from pathlib import Path
@@ -150,7 +151,7 @@ class Design(NamedTuple):
 
     def to_json(self) -> dict:
         """The design as plain JSON (``identify.json``'s ``design``)."""
-        return {"regimes": {k: v._asdict() for k, v in self.regimes.items()},
+        return json.loads(json.dumps({"regimes": {k: v._asdict() for k, v in self.regimes.items()},
                 "truths": {k: v._asdict() for k, v in self.truths.items()},
                 "runs": [r._asdict() for r in self.runs], "models": list(self.models),
                 "test_traces": self.test_traces,
@@ -158,7 +159,7 @@ class Design(NamedTuple):
                          "truths": list(self.nuts_truths)},
                 "sbc": {"regimes": list(self.sbc_regimes), "replications": self.sbc_reps, "traces": self.sbc_traces,
                         "draws": self.sbc_draws},
-                "claims": self.claims, "source": self.source}
+                "claims": self.claims, "source": self.source}))
 
 
 class DesignError(ValueError):
@@ -295,14 +296,18 @@ def parse_design(doc: dict, source: str = "<design>") -> Design:
     nuts_truths = _names(f"{source}: nuts.truths", nuts["truths"], truths, "truth") if "truths" in nuts else ()
     claims_doc = _check_fields(f"{source}: [claims]", doc.get("claims", {}), set(CLAIMS))
     claims = {}
-    for claim, spec in claims_doc.items():
-        where = f"{source}: claims.{claim}"
-        _check_fields(where, spec, _CLAIM_KEYS[claim])
-        for key, value in spec.items():
-            table, what = (truths, "truth") if key.startswith("truth") else (regimes, "regime")
-            names = _names(f"{where}.{key}", value, table, what)
-            spec = {**spec, key: list(names) if key in ("regimes", "truths") else names[0]}
-        claims[claim] = spec
+    for claim, specs in claims_doc.items():
+        specs = specs if isinstance(specs, list) else [specs]  # a claim may be tested on several pairs
+        claims[claim] = []
+        for i, spec in enumerate(specs, 1):
+            where = f"{source}: claims.{claim}" + (f" #{i}" if len(specs) > 1 else "")
+            _check_fields(where, spec, _CLAIM_KEYS[claim])
+            out = {}
+            for key, value in spec.items():
+                table, what = (truths, "truth") if key.startswith("truth") else (regimes, "regime")
+                names = _names(f"{where}.{key}", value, table, what)
+                out[key] = list(names) if key in ("regimes", "truths") else names[0]
+            claims[claim].append(out)
     v = list(ints.values())
     return Design(regimes, truths, tuple(runs), tuple(models), test_traces, v[0], v[1], sbc_regimes, v[2], v[3], v[4],
                   claims, source, nuts_regimes, nuts_truths)

@@ -35,7 +35,11 @@ Measures per (regime, truth, model, N, seed):
 * ``param_error``: mean total-variation distance between E_q[row] and the true row over the
   rows the data reach; ``class_param_error`` (± ``class_param_error_se`` over rows): the same on
   class totals; ``class_coverage``: the share of reached rows' class totals whose true value lies
-  in q's central 95% interval (``coverage``: the same per entry, which aliasing breaks). For a
+  in q's central 95% interval (``coverage``: the same per entry, which aliasing breaks;
+  ``fidelity_coverage``: the same for each row's intended entry's class, its fidelity;
+  ``route_log_z`` and ``skill_log_z`` ± se over rows: the mean log distance of the true fidelity
+  from q's mean in q's sds over the routing and the skill rows, which falls as N grows when q
+  contracts on the truth and rises when it contracts elsewhere). For a
   modular fit of an entangled truth the truth's faithful rows (those of the first step) are the
   reference;
 * ``kl_reached`` / ``kl_unreached``: mean KL(q(row) ‖ prior(row)) over reached / unreached rows;
@@ -267,7 +271,7 @@ def _class_quantities(labels: np.ndarray, reached: np.ndarray) -> tuple[np.ndarr
 def _class_measures(q: ConjugatePosterior, truth_rows: Sequence[np.ndarray], classes: Sequence[np.ndarray],
                     reached: Sequence[np.ndarray]) -> dict:
     """Class-level error, its se over rows, and coverage of the truth by q's 95% intervals."""
-    errors, cover, cover_entry = [], [], []
+    errors, cover, cover_entry, cover_fid, z_fid = [], [], [], [], []
     for conc, true, lab, hit in zip((q.route, q.skill), truth_rows, classes, reached):
         a0 = conc.sum(-1, keepdims=True)
         a_cls, t_cls = _class_totals(conc, lab), _class_totals(np.broadcast_to(true, conc.shape), lab)
@@ -282,12 +286,27 @@ def _class_measures(q: ConjugatePosterior, truth_rows: Sequence[np.ndarray], cla
         ae, be = conc[hit], a0[hit] - conc[hit]
         te = np.broadcast_to(true, conc.shape)[hit]
         cover_entry.append(((te >= beta_dist.ppf(0.025, ae, be)) & (te <= beta_dist.ppf(0.975, ae, be))).ravel())
+        # the intended entry's class in every reached row: the execution fidelity
+        n_cols = conc.shape[-1]
+        flat_lab = lab.reshape(-1, n_cols)
+        rows_hit = np.flatnonzero(hit.reshape(-1))
+        col = flat_lab[rows_hit, rows_hit % n_cols]
+        a = a_cls.reshape(-1, n_cols)[rows_hit, col]
+        b = a0.reshape(-1)[rows_hit] - a
+        t = t_cls.reshape(-1, n_cols)[rows_hit, col]
+        cover_fid.append((t >= beta_dist.ppf(0.025, a, b)) & (t <= beta_dist.ppf(0.975, a, b)))
+        m = a / (a + b)
+        z_fid.append(np.abs(m - t) / np.sqrt(m * (1 - m) / (a + b + 1)))
     err = np.concatenate(errors)
-    cov, cov_e = np.concatenate(cover), np.concatenate(cover_entry)
+    cov, cov_e, cov_f = np.concatenate(cover), np.concatenate(cover_entry), np.concatenate(cover_fid)
+    log_z = [np.log(np.maximum(z, 1e-6)) for z in z_fid]
     return {"class_param_error": _mean_or_none(err),
             "class_param_error_se": float(err.std(ddof=1) / np.sqrt(err.size)) if err.size > 1 else None,
             "class_coverage": _mean_or_none(cov.astype(float)), "class_quantities": int(cov.size),
-            "coverage": _mean_or_none(cov_e.astype(float))}
+            "coverage": _mean_or_none(cov_e.astype(float)), "fidelity_coverage": _mean_or_none(cov_f.astype(float)),
+            **{f"{part}_log_z": _mean_or_none(z) for part, z in zip(("route", "skill"), log_z)},
+            **{f"{part}_log_z_se": float(z.std(ddof=1) / np.sqrt(z.size)) if z.size > 1 else None
+               for part, z in zip(("route", "skill"), log_z)}}
 
 
 def _mean_or_none(x: np.ndarray):

@@ -181,7 +181,7 @@ def write_identify(out: str | Path, records: Sequence[dict], config: dict, world
     if verdicts:
         tables.append({"caption": "Verdicts on the identifiability claims (DESIGN §6)",
                        "columns": ["claim", "verdict", "N", "value", "interval", "evidence"],
-                       "rows": [[v["claim"], v["verdict"], v["n"], v["value"],
+                       "rows": [[v.get("label", v["claim"]), v["verdict"], v["n"], v["value"],
                                  None if v["interval"] is None else f"[{v['interval'][0]:.3g}, {v['interval'][1]:.3g}]",
                                  v["text"]] for v in verdicts]})
     tables.append({"caption": "Recovery per regime, truth, model and N (means over seeds)",

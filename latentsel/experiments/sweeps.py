@@ -193,7 +193,9 @@ def sweep_tasks(design: Design, *, world: str | None = None) -> list[Task]:
         regime, truth = design.regimes[r], design.truths[t]
         args = ({**regime._asdict(), "hide": list(regime.hide)}, truth._asdict(), n, s, tuple(design.models),
                 design.nuts_draws if (r, t, n, s) in nuts else 0, design.test_traces_of(r, t), world)
-        tasks.append(Task(f"identify-{_safe(r)}-{_safe(t)}-N{n}-seed{s}-{key}", _task, args))
+        # the file name holds a digest of every argument: another configuration writes another file
+        digest = hashlib.sha256(json.dumps([key, args]).encode()).hexdigest()[:16]
+        tasks.append(Task(f"identify-{_safe(r)}-{_safe(t)}-N{n}-seed{s}-{digest}", _task, args))
     return tasks
 
 
