@@ -59,9 +59,10 @@ from scipy.stats import beta as beta_dist
 
 from latentsel.analysis.equivalence import block_equivalent, block_steps, module_classes, step_equivalent
 from latentsel.analysis.posterior import posterior_from_data
-from latentsel.experiments.designs import IDENTIFY_MODELS, Regime, Truth, identify_regime, prompts_for
+from latentsel.experiments.designs import IDENTIFY_MODELS, NUTS_CHECK_MODELS, Regime, Truth, identify_regime, prompts_for
 from latentsel.inference.conjugate import ConjugatePosterior, conjugate_posterior
 from latentsel.inference.em import fit_em
+from latentsel.inference.mcmc import diagnostics, fit_nuts
 from latentsel.models.data import previous_intended
 from latentsel.models.params import EntangledParams, ModularParams
 from latentsel.models.registry import model_spec
@@ -393,8 +394,6 @@ def _nuts_check(data, q: ConjugatePosterior, classes, rows, *, draws: int, seed:
     """NUTS on the modular model against the conjugate q on the class totals of the reached
     rows (:func:`_class_quantities`): the largest difference of posterior means, the range of
     the ratio of posterior sds, and NUTS's own worst split R-hat and bulk ESS on them."""
-    from latentsel.inference.mcmc import diagnostics, fit_nuts
-
     t0 = time.perf_counter()
     res = fit_nuts("modular", data, num_warmup=draws, num_samples=draws, num_chains=2, seed=seed)
     diffs, ratios, derived = [], [], {}
@@ -448,7 +447,7 @@ def run_task(regime: Regime | str, n_traces: int, seed: int, *, truth: Truth = M
     compound = np.zeros(data.step_mask.shape, bool)
     compound[:, [h - 1 for h in spec.hide if h <= compound.shape[1]]] = True
     test = None
-    if test_traces:
+    if test_traces and len(set(models)) > 1:  # the held-out comparison needs both fits
         test_set, _ = regime_traces(spec, test_traces, seed + TEST_SEED_OFFSET, world, truth_spec=truth)
         test = build_data(test_set, world)
     records, heldout = [], {}
@@ -465,7 +464,7 @@ def run_task(regime: Regime | str, n_traces: int, seed: int, *, truth: Truth = M
         if test is not None:
             heldout[model] = np.asarray(posterior_from_data(test, em.params, model, joint=False).log_evidence)
             record["heldout_loglik"] = float(heldout[model].mean())
-        if nuts_draws and model == "modular" and not spec.hide:
+        if nuts_draws and model in NUTS_CHECK_MODELS and not spec.hide:
             record.update(_nuts_check(data, q, row_classes(model, data), reached_rows(model, data), draws=nuts_draws,
                                       seed=seed))
         records.append(record)

@@ -22,10 +22,12 @@ from latentsel import plots
 from latentsel._io import atomic_open
 from latentsel.analysis.equivalence import distinguishability_graph, module_classes
 from latentsel.analysis.posterior import posterior_from_data
+from latentsel.analysis.sbc import ecdf_band
 from latentsel.experiments.identify import reached_rows, regime_traces
 from latentsel.inference.conjugate import conjugate_posterior
 from latentsel.inference.em import fit_em
 from latentsel.plots.report import write_section
+from latentsel.plots.sbc import sbc_ecdf_differences
 from latentsel.traces.emission import build_data
 from latentsel.world import World
 
@@ -66,7 +68,7 @@ def _exemplar_figures(out: Path, regimes: dict, n: int, seed: int, world: World)
                           f"Distinguishability graph of the {name} regime ({n} traces, seed {seed}): "
                           f"{classes.n_classes} classes of {world.n_modules} modules, the largest of "
                           f"{int(classes.sizes.max())}. Only classes of two or more modules are drawn."))
-    name = "rl" if "rl" in datasets else regimes[0]
+    name = "rl" if "rl" in datasets else next(iter(regimes))
     traces, truth, data = datasets[name]
     em = fit_em("modular", data, max_iter=300)
     q = conjugate_posterior("modular", em.params, data)
@@ -152,9 +154,6 @@ def _labelled(records: Sequence[dict]) -> list[dict]:
 def write_identify(out: str | Path, records: Sequence[dict], config: dict, world: World, *, design=None,
                    sbc: dict | None = None, verdicts: Sequence[dict] = (), exemplar_n: int | None = None) -> Path:
     """Write ``identify.json`` (and ``sbc.json``), the figures and the report section under ``out``."""
-    from latentsel.analysis.sbc import ecdf_band
-    from latentsel.plots.sbc import sbc_ecdf_differences
-
     out = Path(out)
     checks = posterior_checks(records)
     labelled = _labelled(records)

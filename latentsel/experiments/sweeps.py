@@ -45,6 +45,7 @@ from latentsel.experiments.designs import IDENTIFY_MODELS, SWEEP_BACKENDS, Desig
 from latentsel.experiments.identify import regime_traces, run_task
 from latentsel.inference.conjugate import conjugate_posterior
 from latentsel.inference.em import fit_em
+from latentsel.inference.sampling import sample_selections
 from latentsel.models.params import ModularParams, Priors
 from latentsel.models.registry import model_spec
 from latentsel.traces.emission import build_data
@@ -233,8 +234,6 @@ def _n_intended(route, skill, data) -> np.ndarray:
 
 
 def _sbc_rep(regime: dict, rep: int, n_traces: int, n_draws: int, seed: int, world: str | None) -> list[int]:
-    from latentsel.inference.sampling import sample_selections
-
     start_jax()  # a worker process is an entry point: float64, as in the parent
     world = load_world(world)
     regime = Regime(**{**regime, "hide": tuple(regime["hide"])})

@@ -9,21 +9,21 @@ from latentsel import plots
 from latentsel.analysis.attribution import CATEGORIES
 from latentsel.cli import main
 from latentsel.experiments import sweeps
-from latentsel.experiments.designs import IDENTIFY_MODELS, IDENTIFY_REGIMES, SWEEP_BACKENDS
+from latentsel.experiments.designs import IDENTIFY_MODELS, SWEEP_BACKENDS
 from latentsel.experiments.policy_fits import find_corpora
 from latentsel.models.registry import default_params
 from latentsel.traces import write_traces
 from latentsel.traces.regimes import generate
 from latentsel.traces.simulate import simulate
 
-IDENTIFY_FIELDS = {"regime", "model", "n_traces", "seed", "map_accuracy", "class_accuracy", "truth_mass", "param_error",
-                   "kl_reached", "kl_unreached"}
+IDENTIFY_FIELDS = {"regime", "truth", "model", "n_traces", "seed", "map_accuracy", "class_accuracy", "truth_mass",
+                   "param_error", "class_param_error", "class_coverage", "kl_reached", "kl_unreached", "heldout_diff",
+                   "compound_gap", "kl_outside_max", "nuts_converged"}
 
 
 def test_command_choices_are_the_design_tables(tmp_path, capsys):
     """The identify command offers exactly the JAX-free tables' entries."""
-    for flag, table in (("--regimes", IDENTIFY_REGIMES), ("--models", IDENTIFY_MODELS),
-                        ("--backend", SWEEP_BACKENDS)):
+    for flag, table in (("--models", IDENTIFY_MODELS), ("--backend", SWEEP_BACKENDS)):
         with pytest.raises(SystemExit):
             main(["identify", flag, "bogus", "--out", str(tmp_path)])
         err = capsys.readouterr().err
@@ -33,16 +33,18 @@ def test_command_choices_are_the_design_tables(tmp_path, capsys):
 @pytest.mark.slow  # 30-45 s of JIT compilation; the default suite keeps to 10 minutes
 def test_identify_then_report(tmp_path, capsys):
     out = tmp_path / "run" / "identify"
-    assert main(["identify", "--regimes", "sft,compressed", "--sizes", "40", "--seeds", "0", "1", "--nuts-max", "0",
-                 "--sbc", "3", "--sbc-traces", "20", "--jobs", "1", "--backend", "sequential", "--out",
-                 str(out)]) == 0
+    assert main(["identify", "--regimes", "sft,compressed", "--truths", "modular", "--sizes", "40", "80", "--seeds",
+                 "0", "1", "--nuts-max", "0", "--sbc", "3", "--sbc-traces", "20", "--jobs", "1", "--backend",
+                 "sequential", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "compressed" in printed and "identify.json" in printed
+    assert "compressed" in printed and "identify.json" in printed and "C4 (sft, rl, modular truth): " in printed
     doc = json.loads((out / "identify.json").read_text())
-    assert len(doc["records"]) == 2 * 2 * 2
+    assert len(doc["records"]) == 2 * 2 * 2 * 2
     for rec in doc["records"]:
         assert IDENTIFY_FIELDS <= set(rec)
-    assert len(json.loads((out / "sbc.json").read_text())["ranks"][0]) == 3
+    assert [v["claim"] for v in doc["verdicts"]] == ["C1", "C2", "C3", "C3", "C4"]
+    assert doc["design"]["runs"] and {c["regime"] for c in doc["posterior_checks"]} == {"sft", "compressed"}
+    assert len(json.loads((out / "sbc.json").read_text())["sft"]["ranks"][0]) == 3
     section = json.loads((out / "section.json").read_text())
     for fig in section["figures"]:
         assert (out / fig["file"]).stat().st_size > 5000
@@ -52,8 +54,9 @@ def test_identify_then_report(tmp_path, capsys):
 
 
 # three fits and two SBC replications, of the shapes test_identify_then_report compiles
-TINY_IDENTIFY = ["identify", "--regimes", "sft", "--sizes", "40", "--seeds", "0", "1", "2", "--models", "modular",
-                 "--nuts-max", "0", "--sbc", "2", "--sbc-traces", "20", "--jobs", "1", "--backend", "sequential"]
+TINY_IDENTIFY = ["identify", "--regimes", "sft", "--truths", "modular", "--sizes", "40", "--seeds", "0", "1", "2",
+                 "--models", "modular", "--nuts-max", "0", "--sbc", "2", "--sbc-traces", "20", "--jobs", "1",
+                 "--backend", "sequential"]
 
 
 def _placeholder_figure(fig, path, dpi=110):
@@ -87,7 +90,7 @@ def _count_fits(monkeypatch, fail_at=None):
     calls, real = [], sweeps.run_task
 
     def counted(regime, n, seed, **kwargs):
-        calls.append((regime, n, seed))
+        calls.append((regime.name, n, seed))
         if len(calls) == fail_at:
             raise KeyboardInterrupt
         return real(regime, n, seed, **kwargs)
@@ -100,7 +103,7 @@ def test_identify_reruns_only_the_missing_task(uninterrupted, tmp_path, monkeypa
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
     (out / "identify.json").unlink()
-    (lost,) = (out / ".tasks").glob("identify-sft-N40-seed1-*.json")
+    (lost,) = (out / ".tasks").glob("identify-sft-modular-N40-seed1-*.json")
     lost.unlink()
     fits = _count_fits(monkeypatch)
     assert _identify(monkeypatch, out) == 0
@@ -131,8 +134,18 @@ def test_identify_resumes_after_a_kill(uninterrupted, tmp_path, monkeypatch, cap
     assert (out / "sbc.json").read_text() == (uninterrupted / "sbc.json").read_text()
 
 
+def test_identify_names_what_the_design_lacks(tmp_path, capsys):
+    assert main(["identify", "--regimes", "sft,nope", "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "default_design.toml: no regime 'nope'; it has sft, " in err and err.count("\n") == 1
+    bad = tmp_path / "design.toml"
+    bad.write_text("[regimes]\nsft = {fidelity = 2}\n")
+    assert main(["identify", "--design", str(bad), "--out", str(tmp_path / "y")]) == 1
+    assert f"{bad}: regimes.sft.fidelity: must lie in (0, 0.98), got 2.0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["identify", "--regimes", "sft,nope", "--out", "x"], "unknown 'nope'"),
     (["identify", "--sizes", "0", "--out", "x"], "expected an integer >= 1"),
     (["identify", "--backend", "spark", "--out", "x"], "invalid choice"),
 ])
@@ -194,8 +207,8 @@ def test_find_corpora_errors(tmp_path):
         find_corpora(tmp_path)
 
 
-@pytest.mark.parametrize("command", [["identify", "--regimes", "sft", "--sizes", "20", "--seeds", "0", "--sbc", "0",
-                                      "--nuts-max", "0"], ["analyze", "CORPORA"]])
+@pytest.mark.parametrize("command", [["identify", "--regimes", "sft", "--truths", "modular", "--sizes", "20", "--seeds",
+                                      "0", "--sbc", "0", "--nuts-max", "0"], ["analyze", "CORPORA"]])
 def test_a_second_run_into_one_out_fails_at_once(tmp_path, capsys, command):
     from tests.test_io import another_run_holding
 
