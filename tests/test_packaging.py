@@ -38,3 +38,14 @@ def test_every_subpackage_is_listed_for_installation():
     folders = {".".join(("latentsel", *p.parent.relative_to(root / "latentsel").parts))
                for p in (root / "latentsel").rglob("__init__.py")}
     assert folders | {"latentsel.models", "latentsel.inference"} == listed
+
+
+def test_a_wheel_holds_the_default_design(tmp_path):
+    """Data files the package reads at import (the default identify design) travel in the wheel."""
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(root)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("latentsel-*.whl")
+    assert "latentsel/experiments/default_design.toml" in zipfile.ZipFile(wheel).namelist()
