@@ -61,7 +61,7 @@ def _identify(args) -> int:
     design = _design(args, load_design)
     cells = design.cells()
     print(f"identify: {design.source}: {len(cells)} tasks (regime x truth x N x seed, {len(design.models)} models "
-          f"each, the largest N = {max(c[2] for c in cells)}), SBC on {len(design.sbc_regimes)} regime(s) x "
+          f"each, the largest N = {max(c[2] for c in cells)}), SBC on {len(design.sbc_groups())} data layout(s) x "
           f"{design.sbc_reps} replications of {design.sbc_traces} traces, on {args.jobs} {args.backend} worker(s)",
           flush=True)
     # every finished fit and SBC replication is saved here; it stays after the outputs are written,
@@ -82,7 +82,7 @@ def _identify(args) -> int:
                           exemplar_n=args.exemplar_n)
     for name, res in calib.items():
         failed = [p for p, bad in zip(res["parameters"], res["failed"]) if bad]
-        print(f"SBC {name}: " + (f"FAILED on {len(failed)} of {len(failed) + res['failed'].count(False)}: "
+        print(f"SBC {', '.join(res['regimes'])}: " + (f"FAILED on {len(failed)} of {len(failed) + res['failed'].count(False)}: "
                                  f"{', '.join(failed)}" if failed else f"{len(res['parameters'])} quantities pass"))
     for check in posterior_checks(records):
         print(f"posterior {check['regime']} · {check['truth']}: {check['text']}")

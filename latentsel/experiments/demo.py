@@ -70,7 +70,7 @@ def run_demo(out: str | Path = "latentsel-demo", n: int = 2000, seed: int = 0, *
     print(f"identify: {len(records)} fits in {time.perf_counter() - t0:.0f} s")
     for name, res in calib.items():
         failed = [p for p, bad in zip(res["parameters"], res["failed"]) if bad]
-        print(f"  SBC {name}: " + (f"FAILED on {', '.join(failed)}" if failed else "every quantity passes"))
+        print(f"  SBC {', '.join(res['regimes'])}: " + (f"FAILED on {', '.join(failed)}" if failed else "every quantity passes"))
     for v in verdicts:
         print(f"  {v['label']}: {v['verdict'].upper()}: {v['text']}")
 

@@ -103,6 +103,17 @@ class Design(NamedTuple):
         return {(r, t) for r in self.regimes for t in self.truths
                 if (not self.nuts_regimes or r in self.nuts_regimes) and (not self.nuts_truths or t in self.nuts_truths)}
 
+    def sbc_groups(self) -> list[tuple[str, tuple[str, ...]]]:
+        """The regimes SBC calibrates (``sbc.regimes``, default every regime the runs name), one
+        per data layout: SBC draws its truths from the prior, so regimes that differ only in
+        fidelity or declared support share their calibration. ``[(representative, names)]``."""
+        names = self.sbc_regimes or tuple(dict.fromkeys(r for run in self.runs for r in run.regimes))
+        groups: dict[tuple, list[str]] = {}
+        for name in names:
+            g = self.regimes[name]
+            groups.setdefault((g.source, g.traces_per_prompt, g.hide, g.varied), []).append(name)
+        return [(members[0], tuple(members)) for members in groups.values()] if self.sbc_reps else []
+
     def test_traces_of(self, regime: str, truth: str) -> int:
         """Held-out traces per task of (regime, truth): the most any run containing it asks for."""
         counts = [self.test_traces if run.test_traces is None else run.test_traces for run in self.runs
@@ -147,6 +158,8 @@ class Design(NamedTuple):
         if not runs:
             raise ValueError(f"{self.source}: no run is left with regimes {regimes} and truths {truths}")
         sbc = tuple(r for r in self.sbc_regimes if regimes is None or r in regimes)
+        if self.sbc_regimes and not sbc:  # none of the named ones is left: no SBC, not all of them
+            return self._replace(runs=tuple(runs), models=tuple(models) if models else self.models, sbc_reps=0)
         return self._replace(runs=tuple(runs), models=tuple(models) if models else self.models, sbc_regimes=sbc)
 
     def to_json(self) -> dict:

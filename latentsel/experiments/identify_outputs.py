@@ -1,13 +1,15 @@
-"""The files of ``latentsel identify``: ``identify.json``, ``sbc.json``, figures and a report section.
+"""The files of ``latentsel identify``: ``identify.json``, ``summary.md``, ``sbc.json``, figures and
+a report section.
 
 ``DIR/identify.json`` is ``{"records": [...], "config": {...}, "design": {...}, "verdicts": [...],
 "posterior_checks": [...]}``: one record per regime, truth, model, N and seed
 (:mod:`latentsel.experiments.identify` defines the measures), the design run, a verdict per
 claim (:mod:`latentsel.analysis.claims`) and, per (regime, truth), whether the reported
-posterior was checked against NUTS. Figures go to ``DIR/figures/``;
-``DIR/section.json`` puts them and the summary tables in ``latentsel report``. ``latentsel identify``
-also keeps every finished task of its sweep in ``DIR/.tasks/`` (:mod:`latentsel.experiments.sweeps`),
-so that a rerun into ``DIR`` resumes.
+posterior was checked against NUTS. ``DIR/summary.md`` gives the verdicts, the checks, SBC and
+the recovery table in Markdown. Figures go to ``DIR/figures/``; ``DIR/section.json`` puts them
+and the tables in ``latentsel report``. ``latentsel identify`` also keeps every finished task of
+its sweep in ``DIR/.tasks/`` (:mod:`latentsel.experiments.sweeps`), so that a rerun into ``DIR``
+resumes.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from latentsel.plots.sbc import sbc_ecdf_differences
 from latentsel.traces.emission import build_data
 from latentsel.world import World
 
-__all__ = ["write_identify", "summary_rows", "SUMMARY_COLUMNS"]
+__all__ = ["write_identify", "summary_rows", "summary_markdown", "posterior_checks", "SUMMARY_COLUMNS"]
 
 SUMMARY_COLUMNS = ("map_accuracy", "class_accuracy", "truth_mass", "class_param_error", "class_coverage",
                    "kl_reached", "heldout_diff")
@@ -146,6 +148,46 @@ def posterior_checks(records: Sequence[dict]) -> list[dict]:
     return out
 
 
+def _cell(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v).replace("|", "\\|")
+
+
+def _table(columns: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(_cell(v) for v in row) + " |" for row in rows)]
+
+
+def summary_markdown(records: Sequence[dict], verdicts: Sequence[dict], checks: Sequence[dict], sbc: dict,
+                     design=None) -> str:
+    """``summary.md``: the verdicts, the posterior checks, SBC and the recovery table, as Markdown."""
+    lines = ["# Identifiability experiments", ""]
+    if design is not None:
+        cells = design.cells()
+        lines += [f"Design: `{design.source}`: {len(cells)} tasks (regime × truth × N × seed), models "
+                  f"{', '.join(design.models)}.", ""]
+    lines += ["## Verdicts", "", *_table(["claim", "verdict", "decided at N", "value", "interval (± 2 se)", "evidence"],
+                                         [[v.get("label", v["claim"]), v["verdict"], v["n"], v["value"],
+                                           None if v["interval"] is None else
+                                           f"[{v['interval'][0]:.3g}, {v['interval'][1]:.3g}]", v["text"]]
+                                          for v in verdicts]), ""]
+    lines += ["## Is each reported posterior exact enough?", "",
+              *_table(["regime", "truth", "status", "evidence"],
+                      [[c["regime"], c["truth"], c["status"], c["text"]] for c in checks]), ""]
+    if sbc:
+        lines += ["## Simulation-based calibration", "",
+                  *_table(["regime", "replications", "traces", "quantities", "failed (family-wise 0.01)"],
+                          [[", ".join(r.get("regimes", [name])), r["n_reps"], r["n_traces"], len(r["parameters"]),
+                            ", ".join(p for p, bad in zip(r["parameters"], r["failed"]) if bad) or "none"]
+                           for name, r in sbc.items()]), ""]
+    lines += ["## Recovery (means over seeds)", "",
+              *_table(["regime", "truth", "model", "N", "seeds", *SUMMARY_COLUMNS], summary_rows(records)), ""]
+    return "\n".join(lines)
+
+
 def _labelled(records: Sequence[dict]) -> list[dict]:
     """Records with the truth in the regime's label (the curves' colour is the regime)."""
     return [{**r, "regime": f"{r['regime']} · {r.get('truth', 'modular')}"} for r in records]
@@ -199,12 +241,13 @@ def write_identify(out: str | Path, records: Sequence[dict], config: dict, world
             figs.append(_save(out, sbc_ecdf_differences(ranks, res["n_draws"], names=res["parameters"], band=band,
                                                         failed=res["failed"], title=f"SBC: {name}"),
                               f"sbc-{name}.png",
-                              f"SBC of the {name} regime ({res['n_reps']} replications of {res['n_traces']} traces "
+                              f"SBC of the {', '.join(res.get('regimes', [name]))} regime(s) ({res['n_reps']} replications of {res['n_traces']} traces "
                               f"from prior draws, {res['n_draws']} posterior draws each): the ECDF of each "
                               "quantity's ranks minus the uniform CDF, in the 95% simultaneous band of uniform "
                               "ranks; red panels failed the test at family-wise level 0.01."))
             failed = [p for p, bad in zip(res["parameters"], res["failed"]) if bad]
-            rows.append([name, res["n_reps"], len(res["parameters"]), len(failed), ", ".join(failed) or "none",
+            rows.append([", ".join(res.get("regimes", [name])), res["n_reps"], len(res["parameters"]), len(failed),
+                         ", ".join(failed) or "none",
                          min(res["ecdf_p"])])
         tables.append({"caption": "SBC per regime: quantities whose ranks fail the ECDF test (Bonferroni over the "
                                   "regime's quantities, family-wise 0.01)",
@@ -213,6 +256,8 @@ def write_identify(out: str | Path, records: Sequence[dict], config: dict, world
     with atomic_open(out / "identify.json") as f:
         json.dump({"records": list(records), "config": config, "design": None if design is None else design.to_json(),
                    "verdicts": list(verdicts), "posterior_checks": checks}, f, indent=1)
+    with atomic_open(out / "summary.md") as f:
+        f.write(summary_markdown(records, verdicts, checks, sbc or {}, design))
     regimes = {r["regime"]: None for r in records}
     if design is not None:
         shown = [n for n in ("sft", "rl", "compressed") if n in regimes] or list(regimes)[:3]

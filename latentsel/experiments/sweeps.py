@@ -268,7 +268,7 @@ def _sbc_rep(regime: dict, rep: int, n_traces: int, n_draws: int, seed: int, wor
 def sbc_tasks(design: Design, *, seed: int = 0, world: str | None = None) -> list[Task]:
     """The tasks of :func:`sbc`, one per (regime, replication)."""
     tasks = []
-    for name in design.sbc_regimes:
+    for name, _ in design.sbc_groups():
         regime = design.regimes[name]
         args = {**regime._asdict(), "hide": list(regime.hide)}
         key = _digest(world, kind="sbc", regime=args, n_traces=design.sbc_traces, n_draws=design.sbc_draws, seed=seed)
@@ -280,9 +280,10 @@ def sbc_tasks(design: Design, *, seed: int = 0, world: str | None = None) -> lis
 
 def sbc(design: Design, *, seed: int = 0, n_jobs: int = 2, backend: str = "loky", progress: bool = True,
         world: str | None = None, tasks_dir: str | os.PathLike | None = None) -> dict:
-    """Simulation-based calibration of every regime in ``design.sbc_regimes``:
-    ``{regime: {"parameters", "ranks": int[n_params][n_reps], "n_draws", "n_traces", "n_reps",
-    "ecdf_p", "failed", "chi2_p"}}``. Ranks lie in 0..n_draws; ``ecdf_p`` is the p-value of the
+    """Simulation-based calibration of every data layout of ``design.sbc_groups()``:
+    ``{regime: {"regimes", "parameters", "ranks": int[n_params][n_reps], "n_draws", "n_traces",
+    "n_reps", "ecdf_p", "failed", "chi2_p"}}``, keyed by the first regime of each layout
+    (``regimes``: all of them). Ranks lie in 0..n_draws; ``ecdf_p`` is the p-value of the
     ECDF test of uniform ranks and ``failed`` its verdict at family-wise level 0.01 over the
     regime's quantities (:func:`latentsel.analysis.sbc.sbc_test`); ``chi2_p`` a chi-square test
     of 10 rank bins, for comparison. ``tasks_dir``: as for :func:`sweep`."""
@@ -293,14 +294,14 @@ def sbc(design: Design, *, seed: int = 0, n_jobs: int = 2, backend: str = "loky"
     tasks = sbc_tasks(design, seed=seed, world=world)
     results = _run(tasks, n_jobs=n_jobs, backend=backend, progress=progress, desc="SBC", tasks_dir=tasks_dir)
     world_obj, n_draws, out = load_world(world), design.sbc_draws, {}
-    for i, name in enumerate(design.sbc_regimes):
+    for i, (name, members) in enumerate(design.sbc_groups()):
         ranks = np.asarray(results[i * design.sbc_reps: (i + 1) * design.sbc_reps], int).T  # [params, reps]
         if not ranks.size:
             continue
         edges = np.unique(np.linspace(0, n_draws + 1, min(10, n_draws + 1) + 1).round().astype(int))
         expected = np.diff(edges) / (n_draws + 1) * ranks.shape[1]
         tests = sbc_test(ranks, n_draws)
-        out[name] = {"parameters": list(sbc_parameters(world_obj, discrete=not design.regimes[name].hide)),
+        out[name] = {"regimes": list(members), "parameters": list(sbc_parameters(world_obj, discrete=not design.regimes[name].hide)),
                      "ranks": ranks.tolist(), "n_draws": n_draws, "n_traces": design.sbc_traces,
                      "n_reps": int(ranks.shape[1]), "ecdf_p": [t["p"] for t in tests],
                      "failed": [bool(t["failed"]) for t in tests],

@@ -76,8 +76,11 @@ def test_demo_runs(tmp_path, capsys):
     assert "PSIS-LOO sft.seen:" in printed and "modularity sft (" in printed and "fidelity sft " in printed
     assert len(read_traces(out / "regimes" / "sft.jsonl.gz")) == 30
     records = json.loads((out / "identify" / "identify.json").read_text())["records"]
-    assert {(r["regime"], r["model"]) for r in records} == {(g, m) for g in ("sft", "rl", "atomic", "compressed")
-                                                            for m in ("modular", "entangled")}
+    from latentsel.experiments.designs import default_design
+
+    cells = {(r, t) for r, t, _, _ in default_design().cells()}
+    assert {(r["regime"], r["truth"], r["model"]) for r in records} == {(r, t, m) for r, t in cells
+                                                                        for m in ("modular", "entangled")}
     assert (out / "policies" / "attribution.json").exists()
     html = (out / "report.html").read_text()
     assert html.count("<img") >= 10 and "Identifiability experiments" in html

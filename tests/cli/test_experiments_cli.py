@@ -99,6 +99,15 @@ def _count_fits(monkeypatch, fail_at=None):
     return calls
 
 
+def test_identify_writes_its_verdicts_as_markdown(uninterrupted):
+    text = (uninterrupted / "summary.md").read_text()
+    doc = json.loads((uninterrupted / "identify.json").read_text())
+    assert text.startswith("# Identifiability experiments") and "## Verdicts" in text
+    for v in doc["verdicts"]:  # one row per verdict, none decided by a one-size run
+        assert f"| {v['label']} | {v['verdict']} |" in text and v["verdict"] == "undecided at this N"
+    assert "| sft | modular | modular | 40 | 3 |" in text
+
+
 def test_identify_reruns_only_the_missing_task(uninterrupted, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)

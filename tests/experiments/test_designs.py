@@ -102,3 +102,13 @@ def test_a_missing_design_file_is_named(tmp_path):
     with pytest.raises(DesignError, match=f"{tmp_path / 'none.toml'}: cannot read the design"):
         load_design(tmp_path / "none.toml")
     assert isinstance(load_design(), Design)
+
+
+def test_sbc_runs_once_per_data_layout():
+    """Regimes that differ only in fidelity share an SBC (its truths come from the prior)."""
+    groups = dict(load_design().sbc_groups())
+    assert groups["sft"] == ("sft", "sft+errors") and groups["compressed"] == ("compressed", "compressed+errors")
+    assert groups["compressed+rl"] == ("compressed+rl", "compressed+errors+rl") and "rl" in groups
+    assert sum(len(v) for v in groups.values()) == len({r for run in load_design().runs for r in run.regimes})
+    assert load_design()._replace(sbc_reps=0).sbc_groups() == []
+    assert dict(load_design().restrict(regimes=["rl"]).sbc_groups()) == {"rl": ("rl",)}
