@@ -169,7 +169,7 @@ def add_demo(sub) -> None:
                    help="NUTS cross-check of identify where N is at most this (default: %(default)s)")
     p.add_argument("--nuts-draws", type=at_least(4), default=100,
                    help="NUTS warm-up and kept draws per chain (default: %(default)s)")
-    p.add_argument("--sbc", type=nonneg_int, default=40, help="SBC replications per regime (default: %(default)s)")
+    p.add_argument("--sbc", type=nonneg_int, default=30, help="SBC replications per data layout (default: %(default)s)")
     p.add_argument("--corpora", default=None,
                    help="folder of policy corpora (default: the shipped CPU-run corpora of the checkout)")
     p.add_argument("--policy-traces", type=at_least(1), default=400,

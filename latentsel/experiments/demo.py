@@ -37,7 +37,7 @@ DEMO_POLICIES = ("sft", "sft+rl-compound")
 
 
 def run_demo(out: str | Path = "latentsel-demo", n: int = 2000, seed: int = 0, *, sizes: Sequence[int] | None = None,
-             seeds: Sequence[int] | None = None, nuts_max: int = 100, nuts_draws: int = 100, sbc_reps: int = 40,
+             seeds: Sequence[int] | None = None, nuts_max: int = 100, nuts_draws: int = 100, sbc_reps: int = 30,
              corpora: str | Path | None = None, policy_traces: int = 400, nuts_traces: int = 150,
              jobs: int = 2, progress: bool = True) -> dict:
     """Run the demo into ``out`` and print its summary; returns ``{"regimes", "identify", "policies",

@@ -295,6 +295,10 @@ def _class_measures(q: ConjugatePosterior, truth_rows: Sequence[np.ndarray], cla
         a = a_cls.reshape(-1, n_cols)[rows_hit, col]
         b = a0.reshape(-1)[rows_hit] - a
         t = t_cls.reshape(-1, n_cols)[rows_hit, col]
+        # a row whose steps alias every entry with the intended one (steps no module explains)
+        # says nothing about its fidelity: its class total is 1 whatever the data
+        informative = b > 1e-9 * a0.reshape(-1)[rows_hit]
+        a, b, t = a[informative], b[informative], t[informative]
         cover_fid.append((t >= beta_dist.ppf(0.025, a, b)) & (t <= beta_dist.ppf(0.975, a, b)))
         m = a / (a + b)
         z_fid.append(np.abs(m - t) / np.sqrt(m * (1 - m) / (a + b + 1)))

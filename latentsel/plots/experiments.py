@@ -105,7 +105,8 @@ def _curves(records, metrics: Sequence[str], title: str) -> Figure:
     handles = [Line2D([], [], color=colour[g], label=g) for g in regimes]
     handles += [Line2D([], [], color="0.3", linestyle=style[m], label=m) for m in models]
     handles.append(Patch(color="0.3", alpha=0.18, label="min–max over seeds"))
-    _legend(fig, handles)
+    # as many columns as labels of this length fit across the figure
+    _legend(fig, handles, ncols=max(2, min(8, 110 // max(len(h.get_label()) + 6 for h in handles))))
     return fig
 
 

@@ -368,3 +368,18 @@ def test_declared_support_narrower_than_the_data_shows_in_c1_measures(world):
     bad = run_task(narrow, 60, 0, models=("entangled",), world=world)[0]
     assert ok["kl_outside_max"] == 0.0 and ok["rows_outside_reached"] == 0
     assert bad["kl_outside_max"] > 0.01 and bad["rows_outside_reached"] > 0
+
+
+def test_class_measures_skip_rows_the_steps_cannot_inform():
+    """A row whose steps alias every entry (the class total is 1 whatever the data) has no
+    fidelity to cover or to measure a distance to: it is left out, never a NaN."""
+    from latentsel.experiments.identify import _class_measures
+    from latentsel.inference.conjugate import ConjugatePosterior
+
+    conc = np.array([[3.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
+    labels = np.array([[0, 1, 2], [0, 0, 0]])  # the second row: one class
+    truth = np.array([[0.6, 0.2, 0.2], [0.5, 0.25, 0.25]])
+    q = ConjugatePosterior("modular", conc, conc, np.ones(2), np.ones(2))
+    out = _class_measures(q, (truth, truth), (labels, labels), (np.ones(2, bool), np.ones(2, bool)))
+    assert np.isfinite(out["route_log_z"]) and np.isfinite(out["skill_log_z"])
+    assert out["fidelity_coverage"] == 1.0
