@@ -44,7 +44,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_identify(args) -> int:
+    from latentsel.plots.report import retract_sections
+
     with locked_folder(args.out):  # a second run into this --out fails at once
+        retract_sections(args.out)  # a run stopped half-way leaves no section vouching for a mix
         return _identify(args)
 
 
@@ -84,7 +87,7 @@ def _identify(args) -> int:
         failed = [p for p, bad in zip(res["parameters"], res["failed"]) if bad]
         print(f"SBC {', '.join(res['regimes'])}: " + (f"FAILED on {len(failed)} of {len(failed) + res['failed'].count(False)}: "
                                  f"{', '.join(failed)}" if failed else f"{len(res['parameters'])} quantities pass"))
-    for check in posterior_checks(records):
+    for check in posterior_checks(records, design):
         print(f"posterior {check['regime']} · {check['truth']}: {check['text']}")
     print(f"{'regime':<14} {'truth':<10} {'model':<10} {'N':>6} {'MAP acc':>8} {'class acc':>9} {'truth mass':>10} "
           f"{'class err':>9} {'coverage':>8} {'held-out Δ':>10}")
@@ -109,7 +112,10 @@ def _design(args, load_design):
 
 
 def cmd_analyze(args) -> int:
+    from latentsel.plots.report import retract_sections
+
     with locked_folder(args.out):  # a second run into this --out fails at once
+        retract_sections(args.out)  # a run stopped half-way leaves no section vouching for a mix
         return _analyze(args)
 
 

@@ -24,7 +24,7 @@ from latentsel.experiments.identify_outputs import write_identify
 from latentsel.experiments.policy_fits import (find_checkpoints, find_corpora, fit_policy_corpora, nuts_diagnostics,
                                                summary_lines)
 from latentsel.experiments.sweeps import sbc, sweep
-from latentsel.plots.report import write_report, write_section
+from latentsel.plots.report import retract_sections, write_report, write_section
 from latentsel.traces import read_traces, write_traces
 from latentsel.traces.consistency import consistent_modules
 from latentsel.traces.regimes import PROMPT_REGIMES, bigram_split, generate
@@ -48,6 +48,7 @@ def run_demo(out: str | Path = "latentsel-demo", n: int = 2000, seed: int = 0, *
     out = Path(out)
     world = default_world()
     t_start = time.perf_counter()
+    retract_sections(out)  # a demo stopped half-way leaves no section vouching for a mix of runs
     rows = _regimes(out / "regimes", world, n, seed, progress)
     write_section(out / "regimes", "Data regimes and module aliasing", order=5, text=[
         "Golden traces of every data regime, checked against the batch executor. 'unique' is the fraction of "

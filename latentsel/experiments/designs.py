@@ -338,7 +338,9 @@ def load_design(path: str | Path | None = None) -> Design:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise DesignError(f"{path}: not a TOML design: {e}") from None
-    return parse_design(doc, str(path))
+    # the shipped design is named as in the source tree, not by where it is installed
+    shown = "latentsel/experiments/default_design.toml" if path.resolve() == DEFAULT_DESIGN.resolve() else str(path)
+    return parse_design(doc, shown)
 
 
 def default_design() -> Design:

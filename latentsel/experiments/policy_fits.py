@@ -628,7 +628,9 @@ def _write_outputs(out: Path, fits: dict, world: World, result: dict) -> None:
                                                               f"{r['rho_upper']:.4f}]" if "rho" in r else "")
              for r in result["modularity"]]
     write_section(out, "Policy traces: where every step went, and is execution modular?", order=30, text=text,
-                  figures=figures, tables=tables)
+                  figures=figures, tables=tables,
+                  files=[name for name in ("attribution.json", "modularity.json", "differences.json")
+                         if (out / name).is_file()])
 
 
 def _fidelity_rows(rows: list[dict]) -> list[list]:

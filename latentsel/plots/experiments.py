@@ -26,6 +26,8 @@ _METRIC_LABELS = {
     "step_class_accuracy": "MAP accuracy (per class, observed steps)",
     "truth_mass": "posterior mass on the truth",
     "param_error": "parameter error",
+    "class_param_error": "parameter error (class totals)",
+    "heldout_diff": "held-out log-lik. per trace, entangled − modular",
     "kl_reached": "KL(posterior | prior), reached rows",
     "kl_unreached": "KL(posterior | prior), unreached rows",
 }

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import html
 import json
 import math
@@ -41,7 +42,8 @@ from latentsel._io import atomic_open
 
 SECTION_FILE = "section.json"
 DEFAULT_ORDER = 100
-_KEYS = {"title", "order", "text", "figures", "tables"}
+_KEYS = {"title", "order", "text", "figures", "tables", "files"}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 # suffix -> (MIME type, leading bytes the file must start with; None: not checked)
 _IMAGE_TYPES = {
     ".png": ("image/png", b"\x89PNG\r\n\x1a\n"),
@@ -84,14 +86,20 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 """
 
 
-def write_section(folder, title, *, order=DEFAULT_ORDER, text=(), figures=(), tables=()) -> Path:
+def write_section(folder, title, *, order=DEFAULT_ORDER, text=(), figures=(), tables=(), files=()) -> Path:
     """Write ``folder/section.json`` atomically and return its path.
 
     ``text``: paragraphs (str); ``figures``: dicts ``{"file", "caption"}`` with ``file``
     relative to ``folder`` (it must exist); ``tables``: dicts ``{"caption", "columns",
     "rows"}``, ``columns`` [n_cols] names and ``rows`` [n_rows][n_cols] cells (str, int,
-    float, bool, None; NumPy scalars and arrays are converted). Bad input raises ValueError
-    naming the section file and the figure, table or row at fault.
+    float, bool, None; NumPy scalars and arrays are converted); ``files``: the other outputs of
+    the run in ``folder`` (relative paths). Bad input raises ValueError naming the section file
+    and the figure, table or row at fault.
+
+    The section is written last and records the SHA-256 of every figure and file, so it marks
+    a finished run's outputs as one set: :func:`write_report` refuses a section whose files
+    changed after it was written (a later run stopped half-way). :func:`retract_sections`
+    removes a folder's sections before a run rewrites it.
     """
     folder = Path(folder)
     path = folder / SECTION_FILE
@@ -102,12 +110,33 @@ def write_section(folder, title, *, order=DEFAULT_ORDER, text=(), figures=(), ta
                 "tables": [_plain_table(t) for t in tables]}
     try:
         _check(manifest, folder)
+        for figure in manifest["figures"]:
+            figure["sha256"] = hashlib.sha256(_figure_bytes(folder, figure["file"])).hexdigest()
+        if files:
+            manifest["files"] = {str(name): hashlib.sha256(_file_bytes(folder, str(name), "file")).hexdigest()
+                                 for name in files}
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     with atomic_open(path) as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
     return path
+
+
+def retract_sections(folder) -> int:
+    """Remove every ``section.json`` under ``folder`` (its hidden folders aside) before a run
+    rewrites it, so that a run stopped half-way leaves no section vouching for a mix of old and
+    new files; returns how many were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if SECTION_FILE in names:
+            os.remove(os.path.join(root, SECTION_FILE))
+            removed += 1
+    return removed
 
 
 def write_report(run_dir, *, title="latentsel report", out=None) -> Path:
@@ -174,39 +203,65 @@ def _check(manifest, folder: Path) -> None:
         raise ValueError("'tables' must be a list")
     for i, table in enumerate(tables):
         _check_table(table, i)
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise ValueError("'files' must be an object of file: sha256")
+    for name, recorded in files.items():
+        _same(recorded, _file_bytes(folder, name, "file"), f"file {name}", folder)
 
 
 def _check_figure(figure, i: int, folder: Path) -> None:
     if not isinstance(figure, dict) or not isinstance(figure.get("file"), str) or not figure["file"]:
         raise ValueError(f"figure {i} must be an object with a 'file' string")
-    if set(figure) - {"file", "caption"} or not isinstance(figure.get("caption", ""), str):
-        raise ValueError(f"figure {i} ({figure['file']}) takes 'file' and a 'caption' string only")
+    if set(figure) - {"file", "caption", "sha256"} or not isinstance(figure.get("caption", ""), str):
+        raise ValueError(f"figure {i} ({figure['file']}) takes 'file', a 'caption' string and its 'sha256' only")
     name = figure["file"]
     if Path(name).is_absolute() or ".." in Path(name).parts:
         raise ValueError(f"figure file {name} must be a path inside the section folder")
     if Path(name).suffix.lower() not in _IMAGE_TYPES:
         raise ValueError(f"figure file {name}: unsupported type, use one of {sorted(_IMAGE_TYPES)}")
-    _figure_bytes(folder, name)
+    data = _figure_bytes(folder, name)
+    _same(figure.get("sha256"), data, f"figure file {name}", folder)
 
 
-def _figure_bytes(folder: Path, name: str) -> bytes:
-    """The bytes of figure ``name`` (a relative path whose suffix is in ``_IMAGE_TYPES``), read
-    once and checked; ValueError(reason) unless ``folder / name`` is a regular file inside
-    ``folder``, with no symbolic link from ``folder`` down to it, that holds its type's data."""
+def _same(recorded, data: bytes, what: str, folder: Path) -> None:
+    """ValueError unless ``data`` has the SHA-256 the section recorded (when it recorded one)."""
+    if recorded is None:
+        return
+    if not isinstance(recorded, str) or not _SHA256.fullmatch(recorded):
+        raise ValueError(f"{what}: 'sha256' must be 64 hex digits")
+    if hashlib.sha256(data).hexdigest() != recorded:
+        raise ValueError(f"{what} changed after its section was written (a later run into {folder} stopped "
+                         "half-way, or something else wrote it); rerun the command that writes this folder")
+
+
+def _file_bytes(folder: Path, name: str, what: str) -> bytes:
+    """The bytes of ``folder / name``; ValueError(reason) unless it is a regular file inside
+    ``folder``, named by a relative path without ``..``, with no symbolic link from ``folder``
+    down to it."""
+    if Path(name).is_absolute() or ".." in Path(name).parts or not Path(name).parts:
+        raise ValueError(f"{what} {name} must be a path inside the section folder")
     parts = Path(name).parts
     for j in range(1, len(parts) + 1):
         if folder.joinpath(*parts[:j]).is_symlink():
             link = "it" if j == len(parts) else f"its folder {Path(*parts[:j])}"
-            raise ValueError(f"figure file {name}: {link} is a symbolic link; a figure must be a regular "
+            raise ValueError(f"{what} {name}: {link} is a symbolic link; a {what.split()[0]} must be a regular "
                              "file inside the section folder")
     path = folder / name
     if not path.exists():
-        raise ValueError(f"figure file {name} does not exist in {folder}")
+        raise ValueError(f"{what} {name} does not exist in {folder}")
     if not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder)):
-        raise ValueError(f"figure file {name} lies outside the section folder {folder}")
+        raise ValueError(f"{what} {name} lies outside the section folder {folder}")
     if not stat.S_ISREG(os.lstat(path).st_mode):
-        raise ValueError(f"figure file {name} is not a regular file")
-    data = _read_below(folder, parts, name)
+        raise ValueError(f"{what} {name} is not a regular file")
+    return _read_below(folder, parts, name, what)
+
+
+def _figure_bytes(folder: Path, name: str) -> bytes:
+    """The bytes of figure ``name`` (a relative path whose suffix is in ``_IMAGE_TYPES``), read
+    once and checked (:func:`_file_bytes`) to hold its type's data."""
+    path = folder / name
+    data = _file_bytes(folder, name, "figure file")
     mime, magic = _IMAGE_TYPES[path.suffix.lower()]
     ok = _SVG_START.match(data[:_SVG_PROLOG_BYTES]) if magic is None else data.startswith(magic)
     if not ok:
@@ -215,7 +270,7 @@ def _figure_bytes(folder: Path, name: str) -> bytes:
     return data
 
 
-def _read_below(folder: Path, parts: tuple, name: str) -> bytes:
+def _read_below(folder: Path, parts: tuple, name: str, what: str = "figure file") -> bytes:
     """The bytes of the regular file ``folder/parts...``, opened one component at a time
     relative to its parent without following a link, so that a file or folder swapped for a
     link (or a FIFO) after :func:`_figure_bytes` looked at it is refused, not followed (or
@@ -232,11 +287,11 @@ def _read_below(folder: Path, parts: tuple, name: str) -> bytes:
         finally:
             os.close(parent)
     except OSError as err:
-        raise ValueError(f"figure file {name} cannot be opened as a regular file inside the section "
+        raise ValueError(f"{what} {name} cannot be opened as a regular file inside the section "
                          f"folder ({err.strerror})") from None
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ValueError(f"figure file {name} is not a regular file")
+            raise ValueError(f"{what} {name} is not a regular file")
         return f.read()
 
 
@@ -318,6 +373,7 @@ def _render_section(n: int, manifest: dict, folder: Path, rel: str) -> str:
 def _render_figure(figure: dict, folder: Path) -> str:
     # checked again on the bytes embedded: the file may have changed since the section was read
     data = _figure_bytes(folder, figure["file"])
+    _same(figure.get("sha256"), data, f"figure file {figure['file']}", folder)
     mime, _ = _IMAGE_TYPES[Path(figure["file"]).suffix.lower()]
     caption = figure.get("caption", "")
     alt = html.escape(caption or figure["file"])

@@ -130,6 +130,19 @@ def test_identify_reruns_only_the_missing_task(uninterrupted, tmp_path, monkeypa
     assert _records(out)[0] == want
 
 
+def test_a_rerun_stopped_half_way_leaves_no_section_to_report(uninterrupted, tmp_path, monkeypatch):
+    """A rerun into a finished folder retracts its section first: stopped half-way, it leaves
+    files of two runs and no section vouching for them, so the report refuses the folder."""
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    for task in (out / ".tasks").glob("identify-*.json"):
+        task.unlink()
+    _count_fits(monkeypatch, fail_at=2)
+    assert _identify(monkeypatch, out) == 130
+    assert not (out / "section.json").exists() and (out / "identify.json").exists()
+    assert main(["report", str(out)]) == 1
+
+
 def test_identify_resumes_after_a_kill(uninterrupted, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     fits = _count_fits(monkeypatch, fail_at=3)

@@ -516,3 +516,40 @@ def test_a_table_too_wide_to_fit_scrolls_in_its_own_box(tmp_path, browser):
 def _captions_within_body(layout: dict) -> bool:
     return all(left >= layout["bodyLeft"] - 0.5 and right <= layout["bodyRight"] + 0.5
                for left, right in layout["captions"])
+
+
+def test_a_section_vouches_for_its_files_as_one_set(tmp_path):
+    """A section records the SHA-256 of its figures and files, written last: a file changed after
+    it (a later run stopped half-way) makes the report refuse the folder, naming the file."""
+    run = _run(tmp_path)
+    (run / "identify" / "identify.json").write_text('{"records": []}')
+    write_section(run / "identify", "Identify", figures=[{"file": "figures/curves.png"}], files=["identify.json"])
+    doc = json.loads((run / "identify" / "section.json").read_text())
+    assert len(doc["figures"][0]["sha256"]) == 64 and set(doc["files"]) == {"identify.json"}
+    write_report(run)
+    (run / "identify" / "identify.json").write_text('{"records": [1]}')  # a newer run's file
+    with pytest.raises(ValueError, match=r"identify/section.json: file identify.json changed after its section "
+                                         r"was written \(a later run into .* stopped half-way"):
+        write_report(run)
+    (run / "identify" / "identify.json").write_text('{"records": []}')
+    write_report(run)
+    curves = run / "identify" / "figures" / "curves.png"
+    curves.write_bytes(curves.read_bytes() + b"\0")  # another figure in its place
+    with pytest.raises(ValueError, match="figure file figures/curves.png changed after its section was written"):
+        write_report(run)
+    with pytest.raises(ValueError, match="file ../x must be a path inside the section folder"):
+        write_section(run / "demo", "Demo", files=["../x"])
+    doc["figures"][0]["sha256"] = "abc"
+    (run / "identify" / "section.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="'sha256' must be 64 hex digits"):
+        write_report(run)
+
+
+def test_a_run_retracts_its_sections_before_rewriting(tmp_path):
+    run = _run(tmp_path)
+    (run / ".tasks").mkdir()
+    (run / ".tasks" / "section.json").write_text("{}")  # hidden folders are not the run's outputs
+    assert report.retract_sections(run) == 2 and report.retract_sections(tmp_path / "none") == 0
+    assert not list(run.rglob("*/section.json"))[1:] and (run / ".tasks" / "section.json").exists()
+    with pytest.raises(ValueError, match="holds no section.json"):
+        write_report(run / "identify")
