@@ -253,6 +253,11 @@ class HLSMData(NamedTuple):
 
     def take(self, index) -> "HLSMData":
         """The traces at ``index`` (a slice or an index array), with their blocks."""
+        if isinstance(index, slice) and not self.blocks:
+            # a chunk of a corpus without blocks: views of the arrays, no O(N) work per chunk
+            masks = {name: None if getattr(self, name) is None else getattr(self, name)[index]
+                     for name in ("emit_mask", "free_mask")}
+            return self._replace(**{name: getattr(self, name)[index] for name in self._fields[:5]}, **masks)
         rows = np.arange(self.n_traces)[index]
         trace_map = np.full(self.n_traces, -1)
         trace_map[rows] = np.arange(rows.size)
