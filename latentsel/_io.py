@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["FILE_MODE", "LOCK_NAME", "STALE_AFTER_S", "atomic_open", "atomic_path", "digest", "locked_folder"]
+__all__ = ["FILE_MODE", "LOCK_NAME", "STALE_AFTER_S", "atomic_open", "atomic_path", "digest", "discard", "locked_folder"]
 
 # mkstemp creates files 0600; outputs get the mode an ordinary open() would give them
 _UMASK = os.umask(0)
@@ -141,7 +141,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, encoding: str | Non
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes only ('w' or 'wb'), got mode={mode!r}")
     with atomic_path(path) as tmp, open(tmp, "wb") as raw:
-        stream = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if Path(path).suffix == ".gz" else raw
+        # the header names the target, not the temporary file: the same content, the same bytes
+        stream = (gzip.GzipFile(filename=Path(path).name[:-3], fileobj=raw, mode="wb", mtime=0)
+                  if Path(path).suffix == ".gz" else raw)
         try:
             if mode == "w":
                 text = io.TextIOWrapper(stream, encoding=encoding, newline="\n")
@@ -182,9 +184,12 @@ def locked_folder(path: str | os.PathLike):
                 raise
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             raise BlockingIOError(f"{path} is being written by another latentsel run (pid {holder})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
         try:
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+            except OSError as e:  # a full disk: named, and cleaned up below like any failure
+                raise _cannot_write(lock, e) from e
             yield path
         except BaseException:
             if created:  # a folder this block made and left empty but for its lock goes with it
@@ -195,6 +200,13 @@ def locked_folder(path: str | os.PathLike):
             raise
     finally:
         os.close(fd)  # closing the last descriptor of the open file releases its lock
+
+
+def discard(path: str | os.PathLike) -> None:
+    """Remove ``path`` if it exists, and the temporary files dead writers of it left."""
+    path = Path(path)
+    _sweep_stale(path)
+    path.unlink(missing_ok=True)
 
 
 def digest(data: bytes) -> dict:

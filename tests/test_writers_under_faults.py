@@ -69,7 +69,7 @@ def kill_at_random(write, versions, check, *, rng: random.Random, kills: int, ma
     for i in range(kills):
         r, w = os.pipe()
 
-        def loop(first=i % 2):
+        def loop(first=i % 2, r=r, w=w):
             os.close(r)
             try:
                 k, told = first, False
@@ -466,7 +466,7 @@ def test_metrics_log_killed_mid_append_tears_at_most_its_last_line_which_resume_
     path = tmp_path / "run" / "metrics.jsonl"
     path.parent.mkdir()
     rng = _rng("metrics")
-    state = {"next": 1, "torn": 0}
+    state = {"next": 1}
 
     def append_from(first):
         step = first
@@ -487,21 +487,19 @@ def test_metrics_log_killed_mid_append_tears_at_most_its_last_line_which_resume_
         ckpt = rng.randint(0, len(steps) + (tail == whole))
         _truncate_metrics(path, ckpt)
         err = capsys.readouterr().err
-        if tail and tail != whole:
-            state["torn"] += 1; print("TORN")
+        if tail and tail != whole:  # torn
             assert err.startswith(f"warning: {path}:{nxt}: dropped a torn last line (an interrupted append)")
         else:
             assert err == ""
-        assert path.read_bytes() == b"".join(json.dumps(_metrics_record(s)).encode() + b"\n"
-                                             for s in range(1, ckpt + 1))
+        assert (path.read_bytes() if path.exists() else b"") == b"".join(
+            json.dumps(_metrics_record(s)).encode() + b"\n" for s in range(1, ckpt + 1))
         state["next"] = ckpt + 1
         return ckpt
 
     _append_metrics(tmp_path / "warm.jsonl", 1)
-    seen = []
     for _ in range(_kills(request)):  # each run resumes where the last one's checkpoint left it
-        seen += kill_at_random(append_from, [state["next"]] * 2, check, rng=rng, kills=1, max_delay=0.05,
-                               log=tmp_path / "child.log")
+        kill_at_random(append_from, [state["next"]] * 2, check, rng=rng, kills=1, max_delay=0.05,
+                       log=tmp_path / "child.log")
     _append_metrics(path, state["next"])
     _truncate_metrics(path, state["next"])
     assert _temp_files(path.parent) == [] and capsys.readouterr().err == ""
@@ -543,11 +541,11 @@ def test_training_killed_at_random_resumes_to_the_run_it_would_have_been(tmp_pat
             assert proc.returncode == 0, (tmp_path / "stderr.txt").read_text()
             break
         kills += 1
-        *lines, tail = metrics.read_bytes().split(b"\n")
+        lines = metrics.read_bytes().split(b"\n")[:-1]  # the last line may be torn
         assert [json.loads(line)["step"] for line in lines] == list(range(1, len(lines) + 1))
         if ckpt.exists():
             assert load_checkpoint(ckpt)["step"] % 3 == 0
-    print("\nKILLS", kills, (tmp_path / "stderr.txt").read_text()); assert kills >= 3
+    assert kills >= 3
     train(cfg, progress=False)  # the last resume, in this process
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 61)) and load_checkpoint(ckpt)["step"] == 60
@@ -602,7 +600,7 @@ def tiny_fs(tmp_path):
     where = tmp_path / "tiny"
     where.mkdir()
     proc = subprocess.run([mount, "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True,
-                          text=True)
+                          text=True, check=False)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a 64 KiB tmpfs (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
     try:
@@ -758,22 +756,15 @@ def _save_checkpoint(request, path):
 
 # --- what the faults above found ----------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="locked_folder writes its lock's PID outside the error handling: on a full "
-                                       "file system the OSError names no path and the new folder is left behind")
-def test_a_fit_saved_into_a_new_folder_on_a_full_file_system_names_it_and_leaves_nothing(tiny_fs):
-    from latentsel.analysis.results import Fit  # noqa: F401 - what the lock guards
-    from latentsel._io import locked_folder
-
+def test_a_fit_saved_into_a_new_folder_on_a_full_file_system_names_it_and_leaves_nothing(tiny_fs, fits_ab):
     _fill(tiny_fs, 0)
     where = tiny_fs / "new"
-    with pytest.raises(OSError, match=f"^cannot write {re.escape(str(where / LOCK_NAME))}: No space left on device"):
-        with locked_folder(where):
-            pass
+    with pytest.raises(OSError, match=rf"^cannot write {re.escape(str(where))}(/{re.escape(LOCK_NAME)})?: "
+                                      "No space left on device$"):
+        fits_ab[0].save(where)  # locked_folder(where) first
     assert not where.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="Fit.save without draws removes samples.npz but does not sweep the stale "
-                                       "temporary files of a killed nuts save's samples.npz")
 def test_an_em_save_sweeps_the_temp_files_a_killed_nuts_save_left(tmp_path, fits_ab):
     nuts = _nuts_shaped(fits_ab[1], 1)
     out = tmp_path / "fit"
@@ -786,8 +777,6 @@ def test_an_em_save_sweeps_the_temp_files_a_killed_nuts_save_left(tmp_path, fits
     assert _temp_files(out) == []
 
 
-@pytest.mark.xfail(strict=True, reason="atomic_open's GzipFile takes its header's FNAME from the temporary file "
-                                       "(.NAME.PID.XXXXXXXX.tmp), so the bytes change with every write")
 def test_a_gz_file_written_twice_is_the_same_bytes(tmp_path):
     from latentsel._io import atomic_open
 

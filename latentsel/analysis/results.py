@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import beta as beta_dist
 
-from latentsel._io import atomic_open, digest, locked_folder
+from latentsel._io import atomic_open, digest, discard, locked_folder
 from latentsel.analysis.options import METHODS, EMOptions, FitOptions
 from latentsel.inference.conjugate import ConjugatePosterior
 from latentsel.models.registry import model_spec, params_class, validate_params
@@ -249,7 +249,7 @@ class Fit(NamedTuple):
                 with atomic_open(out / name, "wb") as f:
                     f.write(data)
             if self.draws is None:
-                (out / "samples.npz").unlink(missing_ok=True)  # a previous fit's draws are not this fit's
+                discard(out / "samples.npz")  # a previous fit's draws (and killed writes of them) are not this fit's
             with atomic_open(out / "fit.json") as f:
                 json.dump({**self.record(), "files": {name: digest(data) for name, data in files.items()}}, f,
                           indent=1)
