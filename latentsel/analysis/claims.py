@@ -5,8 +5,11 @@ rests on, its interval (± 2 standard errors, seeds pooled) and the N at which i
 A verdict is only as strong as its numbers: where the interval does not decide, it says so.
 
 * **C1** rows outside the data's declared program support stay at the prior at every N:
-  the largest KL(q(row) ‖ prior(row)) over those rows, at every N. Supported when it is 0 (to
-  1e-9) at every N; refuted when any row moved; undecided when the design has no such row.
+  the largest KL(q(row) ‖ prior(row)) over those rows that no step reaches, at every N.
+  Supported when it is 0 (to 1e-9) at every N; refuted when any moved; undecided when the
+  design has no such row, or when its data reach rows outside the support it declares (a wrong
+  declaration, not evidence). For the conjugate posterior a row without steps gets no counts,
+  so C1 holds by construction there; a posterior that shares strength across rows could fail.
 * **C2** with an entangled truth, the modular and entangled fits become separable as N grows,
   sooner with varied (RL-style) data than with golden (SFT-style) traces: the held-out
   log-likelihood per trace, entangled minus modular (Δ ± se). A regime *separates* from the
@@ -14,8 +17,9 @@ A verdict is only as strong as its numbers: where the interval does not decide, 
   and the golden one does not, or later; refuted when the golden regime separates first (a
   small-N Δ below 0 is the entangled model's variance, not evidence against the claim).
 * **C3** compressed compound steps are identified only up to their class (pairs of modules
-  through the hidden step) until varied data separate them: the share of compound-position
-  steps whose MAP selection is right up to its class but not exactly (``compound_gap``).
+  through the hidden step) until varied data separate them: the share of hidden compound steps
+  whose MAP selection is right up to its class but not exactly (``compound_gap``), in the
+  compressed regime and in the one that adds varied traces of the same prompts.
   Supported when that share is above 0 under ``compressed`` and lower under the separated
   regime (each by 2 se); refuted when the varied data leave it higher, or change it by less
   than 0.01 with the whole interval inside ±0.01; undecided otherwise.
@@ -47,9 +51,10 @@ C3_MARGIN = 0.01
 
 
 def pooled(records: Sequence[Mapping], value: str, se: str | None = None) -> dict:
-    """``{N: (mean, se, n_seeds)}`` of ``value`` over seeds: the mean of the seeds' values and,
-    with a per-record ``se`` field, sqrt(Σ se²) / n; without one, the seeds' sd / sqrt(n) (None
-    for one seed)."""
+    """``{N: (mean, se, n_seeds)}`` of ``value`` over seeds: the mean of the seeds' values and
+    its standard error, the larger of the within-fit one (with a per-record ``se`` field,
+    sqrt(Σ se²) / n) and the seeds' sd / sqrt(n) (each seed redraws the truth and the data);
+    None for one seed without an ``se`` field."""
     groups = defaultdict(list)
     for r in records:
         if r.get(value) is not None:
@@ -57,10 +62,13 @@ def pooled(records: Sequence[Mapping], value: str, se: str | None = None) -> dic
     out = {}
     for n, rs in sorted(groups.items()):
         v = np.array([r[value] for r in rs], float)
+        between = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else None
         if se is not None and all(r.get(se) is not None for r in rs):
-            s = math.sqrt(sum(r[se] ** 2 for r in rs)) / len(rs)
+            within = math.sqrt(sum(r[se] ** 2 for r in rs)) / len(rs)
+            # each seed redraws the truth and the data: the spread between seeds counts too
+            s = within if between is None else max(within, between)
         else:
-            s = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else None
+            s = between
         out[n] = (float(v.mean()), s, len(rs))
     return out
 
@@ -84,8 +92,16 @@ def _fmt(mean, se) -> str:
 def verdict_c1(records: Sequence[Mapping], spec: Mapping | None = None) -> dict:
     spec = spec or {}
     rs = _select(records, truths=spec.get("truths"), regimes=spec.get("regimes"))
+    measure = "largest KL(q(row) || prior(row)) over rows outside the declared program support that no step reaches"
+    wrong = [r for r in rs if r.get("rows_outside_reached")]
+    if wrong:
+        w = max(wrong, key=lambda r: r["rows_outside_reached"])
+        return _verdict("C1", UNDECIDED, f"the declared support is wrong: the data of {w['regime']} reach "
+                                         f"{w['rows_outside_reached']} rows outside it ({w['model']} fit, "
+                                         f"N = {w['n_traces']}); declare the support the data follow",
+                        measure=measure, n=w["n_traces"], details={"regime": w["regime"],
+                                                                   "rows_outside_reached": w["rows_outside_reached"]})
     rs = [r for r in rs if r.get("rows_outside")]
-    measure = "largest KL(q(row) || prior(row)) over rows outside the declared program support"
     if not rs:
         return _verdict("C1", UNDECIDED, "no row lies outside a regime's declared support in this design",
                         measure=measure)
@@ -94,15 +110,15 @@ def verdict_c1(records: Sequence[Mapping], spec: Mapping | None = None) -> dict:
     kl = worst["kl_outside_max"]
     n_rows = max(r["rows_outside"] for r in rs)
     if kl > KL_TOL:
-        reached = worst.get("rows_outside_reached", 0)
-        return _verdict("C1", REFUTED, f"rows outside the declared support moved from the prior: KL up to {kl:.3g} "
-                                       f"({worst['regime']}, {worst['truth']} truth, {worst['model']} fit, "
-                                       f"N = {worst['n_traces']}; the data reach {reached} of those rows)",
-                        measure=measure, value=kl, n=worst["n_traces"],
-                        details={"regime": worst["regime"], "rows_outside_reached": reached})
+        return _verdict("C1", REFUTED, f"rows outside the support that no step reaches moved from the prior: KL up "
+                                       f"to {kl:.3g} ({worst['regime']}, {worst['truth']} truth, {worst['model']} "
+                                       f"fit, N = {worst['n_traces']})", measure=measure, value=kl,
+                        n=worst["n_traces"], details={"regime": worst["regime"]})
     return _verdict("C1", SUPPORTED, f"every row outside the declared support (up to {n_rows} per fit, "
                                      f"{len(rs)} fits) stayed at the prior at every N ({', '.join(map(str, sizes))}): "
-                                     f"largest KL {kl:.1g}", measure=measure, value=kl, n=sizes[-1])
+                                     f"largest KL {kl:.1g}. For the conjugate posterior this holds by construction "
+                                     "(no step, no count); what the design checks is that its data stay inside the "
+                                     "support it declares", measure=measure, value=kl, n=sizes[-1])
 
 
 def _separates(series: dict) -> int | None:
@@ -127,6 +143,12 @@ def verdict_c2(records: Sequence[Mapping], spec: Mapping) -> dict:
     if not series.get(golden) or not series.get(varied):
         return _verdict("C2", UNDECIDED, f"not measured: the design has no held-out comparison of {golden!r} and "
                                          f"{varied!r} under the {truth!r} truth", measure=measure)
+    # both regimes are judged on the sizes both were measured at
+    common = set(series[golden]) & set(series[varied])
+    if not common:
+        return _verdict("C2", UNDECIDED, f"not measured: {golden!r} and {varied!r} share no N", measure=measure)
+    series = {name: {n: v for n, v in s_.items() if n in common} for name, s_ in series.items()}
+    series = {name: s_ for name, s_ in series.items() if s_}
     sep = {name: _separates(s) for name, s in series.items()}
     n_max = max(series[varied])
     mean, se, _ = series[varied][n_max]
@@ -153,7 +175,7 @@ def verdict_c2(records: Sequence[Mapping], spec: Mapping) -> dict:
 
 
 def verdict_c3(records: Sequence[Mapping], spec: Mapping) -> dict:
-    measure = "share of compound-position steps right only up to their class (MAP, modular fit)"
+    measure = "share of hidden compound steps right only up to their class (MAP, modular fit)"
     truth, compressed, separated = spec.get("truth"), spec.get("compressed"), spec.get("separated")
     a = pooled(_select(records, truth=truth, regime=compressed, model="modular"), "compound_gap", "compound_gap_se")
     b = pooled(_select(records, truth=truth, regime=separated, model="modular"), "compound_gap", "compound_gap_se")
@@ -196,17 +218,23 @@ def verdict_c4(records: Sequence[Mapping], spec: Mapping) -> dict:
             continue
         lo, hi = min(err), max(err)
         (e0, s0, _), (e1, s1, _) = err[lo], err[hi]
-        drop, sd = e0 - e1, math.hypot(s0 or 0.0, s1 or 0.0)
+        if s0 is None or s1 is None:  # no standard error, no verdict
+            per[name] = {"verdict": UNDECIDED, "n_min": lo, "n_max": hi, "error_min": e0, "error_max": e1,
+                         "drop": e0 - e1, "drop_se": float("nan"), "recede": {}, "away": []}
+            verdicts.append(UNDECIDED)
+            continue
+        drop, sd = e0 - e1, math.hypot(s0, s1)
         recedes = {}
         for part in ("route", "skill"):  # each family of rows apart: one may contract elsewhere
             z = pooled(_select(rs, regime=name), f"{part}_log_z", f"{part}_log_z_se")
             if lo in z and hi in z:
                 (z0, t0, _), (z1, t1, _) = z[lo], z[hi]
-                recedes[part] = (z1 - z0, math.hypot(t0 or 0.0, t1 or 0.0))
+                if t0 is not None and t1 is not None:
+                    recedes[part] = (z1 - z0, math.hypot(t0, t1))
         away = [p for p, (r, s_) in recedes.items() if s_ and r >= 2 * s_]
-        if (sd and -drop >= 2 * sd) or away:
+        if -drop >= 2 * sd or away:
             v = REFUTED
-        elif sd and drop >= 2 * sd:
+        elif drop >= 2 * sd:
             v = SUPPORTED
         else:
             v = UNDECIDED

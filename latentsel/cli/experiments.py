@@ -47,7 +47,8 @@ def cmd_identify(args) -> int:
     from latentsel.plots.report import retract_sections
 
     with locked_folder(args.out):  # a second run into this --out fails at once
-        retract_sections(args.out)  # a run stopped half-way leaves no section vouching for a mix
+        # a run stopped half-way leaves no section vouching for a mix; identify writes only its own
+        retract_sections(args.out, recursive=False)
         return _identify(args)
 
 

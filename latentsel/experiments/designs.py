@@ -315,6 +315,13 @@ def parse_design(doc: dict, source: str = "<design>") -> Design:
         for i, spec in enumerate(specs, 1):
             where = f"{source}: claims.{claim}" + (f" #{i}" if len(specs) > 1 else "")
             _check_fields(where, spec, _CLAIM_KEYS[claim])
+            required = sorted(_CLAIM_KEYS[claim] - {"truths", "regimes"})
+            missing = [k for k in required if k not in spec]
+            if claim != "C1" and missing:
+                raise DesignError(f"{where}: missing field {missing[0]!r}; {claim} needs {', '.join(required)}")
+            if claim == "C2" and truths.get(spec.get("truth")) and truths[spec["truth"]].kind != "entangled":
+                raise DesignError(f"{where}.truth: C2 is about an entangled truth; {spec['truth']!r} is "
+                                  f"{truths[spec['truth']].kind}")
             out = {}
             for key, value in spec.items():
                 table, what = (truths, "truth") if key.startswith("truth") else (regimes, "regime")

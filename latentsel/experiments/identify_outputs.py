@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from latentsel import plots
-from latentsel._io import atomic_open
+from latentsel._io import atomic_open, discard
 from latentsel.analysis.equivalence import distinguishability_graph, module_classes
 from latentsel.analysis.posterior import posterior_from_data
 from latentsel.analysis.sbc import ecdf_band
@@ -242,6 +242,8 @@ def write_identify(out: str | Path, records: Sequence[dict], config: dict, world
     tables.append({"caption": "Is each regime's reported posterior exact enough? (conjugate q against NUTS on the "
                               "class totals of reached rows)", "columns": ["regime", "truth", "status", "evidence"],
                    "rows": [[c["regime"], c["truth"], c["status"], c["text"]] for c in checks]})
+    if not sbc:
+        discard(out / "sbc.json")  # an earlier run's calibration is not this run's
     if sbc:
         with atomic_open(out / "sbc.json") as f:
             json.dump(sbc, f)

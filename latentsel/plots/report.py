@@ -123,16 +123,16 @@ def write_section(folder, title, *, order=DEFAULT_ORDER, text=(), figures=(), ta
     return path
 
 
-def retract_sections(folder) -> int:
-    """Remove every ``section.json`` under ``folder`` (its hidden folders aside) before a run
-    rewrites it, so that a run stopped half-way leaves no section vouching for a mix of old and
-    new files; returns how many were removed."""
+def retract_sections(folder, *, recursive: bool = True) -> int:
+    """Remove the ``section.json`` of ``folder`` (with ``recursive``, every one under it, its
+    hidden folders aside) before a run rewrites it, so that a run stopped half-way leaves no
+    section vouching for a mix of old and new files; returns how many were removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     removed = 0
     for root, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
         if SECTION_FILE in names:
             os.remove(os.path.join(root, SECTION_FILE))
             removed += 1

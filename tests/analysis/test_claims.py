@@ -12,18 +12,25 @@ def rec(regime, n, seed=0, truth="t", model="modular", **values):
 def test_pooled_means_over_seeds_with_their_standard_errors():
     rs = [rec("a", 10, 0, x=1.0, x_se=0.3), rec("a", 10, 1, x=3.0, x_se=0.4), rec("a", 20, 0, x=5.0, x_se=None)]
     out = pooled(rs, "x", "x_se")
-    assert out[10] == pytest.approx((2.0, 0.25, 2)) and out[20] == (5.0, None, 1)
+    # the seeds disagree by more than their own errors: the spread between them is the se
+    assert out[10] == pytest.approx((2.0, 1.0, 2)) and out[20] == (5.0, None, 1)
+    close = [rec("a", 10, 0, x=1.0, x_se=0.3), rec("a", 10, 1, x=1.1, x_se=0.4)]
+    assert pooled(close, "x", "x_se")[10] == pytest.approx((1.05, 0.25, 2))  # sqrt(0.09 + 0.16) / 2
     assert pooled(rs[:2], "x")[10][1] == pytest.approx(1.0)  # sd 1.414 / sqrt(2)
 
 
 def test_c1_each_way():
     still = [rec("a", n, model="entangled", rows_outside=5, kl_outside_max=0.0) for n in (10, 100)]
     assert verdict_c1(still)["verdict"] == SUPPORTED
-    moved = still + [rec("b", 100, model="entangled", rows_outside=5, kl_outside_max=0.2, rows_outside_reached=2)]
+    moved = still + [rec("b", 100, model="entangled", rows_outside=5, kl_outside_max=0.2)]
     v = verdict_c1(moved)
-    assert v["verdict"] == REFUTED and v["details"] == {"regime": "b", "rows_outside_reached": 2}
+    assert v["verdict"] == REFUTED and v["details"] == {"regime": "b"}
     assert verdict_c1([rec("a", 10, rows_outside=0, kl_outside_max=None)])["verdict"] == UNDECIDED
     assert verdict_c1(moved, {"regimes": ["a"]})["verdict"] == SUPPORTED
+    # data beyond the support they declare: a wrong declaration, not evidence either way
+    wrong = verdict_c1(still + [rec("c", 10, model="entangled", rows_outside=3, kl_outside_max=0.0,
+                                    rows_outside_reached=2)])
+    assert wrong["verdict"] == UNDECIDED and "declared support is wrong" in wrong["text"]
 
 
 def c2_records(golden, varied, sizes=(100, 300, 1000)):

@@ -78,7 +78,10 @@ def test_overrides_restrict_the_runs_and_replace_sizes_and_seeds(tmp_path):
     ('[[runs]]\nregimes = ["nope"]\nsizes = [1]\nseeds = [0]\n', r"runs #1\.regimes: no regime 'nope'"),
     ('[[runs]]\nregimes = ["sft"]\nsizes = [0]\nseeds = [0]\n', r"runs #1\.sizes: expected integers >= 1"),
     ('[[runs]]\nregimes = ["sft"]\nseeds = [0]\n', r"runs #1: missing field 'sizes'"),
-    ('[claims]\nC2 = {truth = "modular", golden = "sft", varied = "nope"}\n', r"claims\.C2\.varied: no regime"),
+    ('[claims]\nC2 = {truth = "tangled", golden = "sft", varied = "nope"}\n', r"claims\.C2\.varied: no regime"),
+    ('[claims]\nC2 = {truth = "modular", golden = "sft", varied = "rl"}\n', r"claims\.C2\.truth: C2 is about an "
+                                                                            r"entangled truth; 'modular' is modular"),
+    ('[claims]\nC4 = {regimes = ["sft"]}\n', r"claims\.C4: missing field 'truth'"),
     ('[claims]\nC9 = {}\n', r"\[claims\]: unknown field 'C9'"),
     ('bogus = 1\n', r"unknown field 'bogus'"),
     ('[regimes]\nx = {\n', r"not a TOML design: .*at line 8"),

@@ -549,6 +549,9 @@ def test_a_run_retracts_its_sections_before_rewriting(tmp_path):
     run = _run(tmp_path)
     (run / ".tasks").mkdir()
     (run / ".tasks" / "section.json").write_text("{}")  # hidden folders are not the run's outputs
+    _figure(run / "demo" / "sub" / "x.png")
+    write_section(run / "demo" / "sub", "Sub", figures=[{"file": "x.png"}])
+    assert report.retract_sections(run / "demo", recursive=False) == 1 and (run / "demo" / "sub" / "section.json").exists()
     assert report.retract_sections(run) == 2 and report.retract_sections(tmp_path / "none") == 0
     assert not list(run.rglob("*/section.json"))[1:] and (run / ".tasks" / "section.json").exists()
     with pytest.raises(ValueError, match="holds no section.json"):
