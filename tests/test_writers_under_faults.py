@@ -420,6 +420,7 @@ def test_sweep_task_files_killed_at_random_hold_one_whole_result(tmp_path, reque
     assert _temp_files(tasks_dir) == [] and target.read_bytes() == refs["B"]
 
 
+@pytest.mark.slow  # torch's import and a model build, about 11 s; the slow sweep kills it 50 times too
 def test_checkpoint_killed_at_random_leaves_one_loadable_checkpoint(tmp_path, checkpoints_ab, request):
     torch = pytest.importorskip("torch")
     from latentsel.policy.checkpoint import load_checkpoint, save_checkpoint
@@ -716,7 +717,8 @@ def _saved_sizes(fit, scratch: Path) -> dict:
     return {p.name: p.stat().st_size for p in scratch.iterdir() if p.name != LOCK_NAME}
 
 
-@pytest.mark.parametrize("writer", ["traces", "fit", "figure", "section", "sweep", "checkpoint"])
+@pytest.mark.parametrize("writer", ["traces", "fit", "figure", "section", "sweep",
+                                    pytest.param("checkpoint", marks=pytest.mark.slow)])  # torch: about 13 s
 def test_a_first_write_that_does_not_fit_leaves_nothing(tiny_fs, writer, request):
     """On a file system with one page left (a folder the write makes costs none), a write too
     large for it raises the OSError naming its target and leaves no file, partial or temporary,

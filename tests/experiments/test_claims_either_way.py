@@ -37,6 +37,7 @@ def test_c1_rows_outside_the_support_stay_and_a_wrong_support_is_named(world):
     assert v["verdict"] == UNDECIDED and v["details"]["regime"] == "rl-declared-sft"
 
 
+@pytest.mark.slow  # 4 fits up to N = 2000, about 16 s; the verdict's rules are in tests/analysis/test_claims.py
 def test_c4_contracts_on_a_modular_truth_and_away_from_an_entangled_one(world):
     sft = Regime("sft", "sft", 1, 0.95)
     records = _run(sft, MODULAR, (300, 2000), ("modular",), world=world)
