@@ -202,6 +202,7 @@ def test_measure_at_the_truth_recovers_known_selections(world):
     assert m["map_accuracy"] <= m["class_accuracy"]
 
 
+@pytest.mark.slow  # 7 s; C4's verdict rules are tested on records, and its simulation is slow too
 def test_recovery_improves_with_n(world):
     small = run_task("rl", 100, 0, models=("modular",), world=world)[0]
     large = run_task("rl", 2000, 0, models=("modular",), world=world)[0]
@@ -277,6 +278,7 @@ def test_conjugate_posterior_agrees_with_nuts(world):
     assert record["nuts_r_hat"] < 1.2 and record["nuts_divergences"] == 0 and not record["nuts_converged"]
 
 
+@pytest.mark.slow  # 6 s of hidden-step blocks; block equivalence itself is tested against brute force above
 def test_compressed_steps_are_identified_up_to_paths(world):
     record = run_task("compressed", 100, 0, models=("modular",), world=world)[0]
     assert record["block_class_accuracy"] is not None
