@@ -42,7 +42,7 @@ from latentsel._io import atomic_open
 from latentsel._jax import start_jax
 from latentsel.analysis.sbc import sbc_test, tie_randomized_rank
 from latentsel.experiments.designs import IDENTIFY_MODELS, SWEEP_BACKENDS, Design, Regime, Truth
-from latentsel.experiments.identify import regime_traces, run_task
+from latentsel.experiments.identify import _truth_arrays, regime_traces, run_task
 from latentsel.inference.conjugate import conjugate_posterior
 from latentsel.inference.em import fit_em
 from latentsel.inference.sampling import sample_selections
@@ -254,14 +254,8 @@ def _sbc_rep(regime: dict, rep: int, n_traces: int, n_draws: int, seed: int, wor
                                    float(draws.off_module[i]))
             sel = sample_selections("modular", params, data, 1, seed=int(rng.integers(2**31)))
             counts.append(int(_n_intended(sel.route[0], sel.skill[0], data)))
-        executed = np.zeros(data.step_mask.shape, bool)
-        for i, tr in enumerate(traces):
-            executed[i, : tr.depth] = [(world.route_index(r), world.skill_index(k)) == p
-                                       for r, k, p in zip(tr.truth.routes, tr.truth.skills,
-                                                          ((world.route_index(a), world.skill_index(b))
-                                                           for a, b in tr.program))]
         values.append(np.asarray(counts, float)[:, None])
-        truth.append([float(executed.sum())])
+        truth.append([float(_n_intended(*_truth_arrays(traces, world, data.step_mask.shape[1]), data))])
     return tie_randomized_rank(np.concatenate(values, axis=1), np.concatenate(truth), rng).tolist()
 
 
