@@ -25,25 +25,35 @@ stay in cache, which made the evidence and the E-step about twice as fast as chu
 (``benchmarks/inference.py --chunk``)."""
 
 
+def _bucket(n: int, lo: int = 64) -> int:
+    """The next power of two >= ``max(n, lo)``."""
+    return max(lo, 1 << max(0, int(n) - 1).bit_length())
+
+
 def chunks(data: HLSMData, chunk: int, pad: bool = False):
-    """``(rows, part)`` over the traces, ``chunk`` at a time, without their blocks. With ``pad``
-    the chunks have equal sizes (a multiple of 256 traces) and the last is padded with empty
-    traces, so that a jitted function compiles once."""
+    """``(rows, part)`` over the traces, ``chunk`` at a time, without their blocks.
+
+    With ``pad`` every part has a shape from a small set, so that a jitted function compiles
+    once per shape bucket and process, not once per corpus: ``chunk`` traces (the last part,
+    or a smaller corpus, padded to the next power of two of at least 64 traces) by the next
+    power of two of the depth. Padding steps are masked out everywhere."""
     n = data.n_traces
     data = data.without_blocks()
-    if n <= chunk:
+    if not pad and n <= chunk:
         yield np.arange(n), data
         return
-    if pad:
-        n_chunks = -(-n // chunk)
-        chunk = ((-(-n // n_chunks) + 255) // 256) * 256
+    t = data.step_mask.shape[1]
+    t_pad = _bucket(t, 1) if pad else t
     for lo in range(0, n, chunk):
         rows = np.arange(lo, min(lo + chunk, n))
         part = data.take(slice(lo, lo + chunk))
-        if pad and part.n_traces < chunk:  # padding steps are masked out everywhere
-            extra = chunk - part.n_traces
-            arrays = tuple(np.concatenate([a, np.zeros((extra,) + a.shape[1:], a.dtype)]) for a in part.arrays())
-            part = HLSMData.from_arrays(arrays, part.n_chars, part.max_len)
+        if pad:
+            size = min(chunk, _bucket(rows.size)) if rows.size < chunk else chunk
+            if (size, t_pad) != (rows.size, t):
+                arrays = tuple(np.pad(a, [(0, size - rows.size), (0, t_pad - t)] + [(0, 0)] * (a.ndim - 2),
+                                      constant_values=-1 if a.dtype == np.int8 else 0)
+                               for a in part.arrays())
+                part = HLSMData.from_arrays(arrays, part.n_chars, part.max_len)
         yield rows, part
 
 

@@ -128,12 +128,15 @@ def _expected_counts_chain(model, n_chars, max_len, params, arrays) -> SuffStats
     maskf = mask.astype(log_emit.dtype)
     r_n, k_n = data.n_routes, data.n_skills
     fb = forward_backward(params.route_trans, params.skill_trans, log_emit, mask)
-    post = jnp.moveaxis(fb.alphas * fb.betas, 0, 1)
-    post = post / post.sum(axis=(-2, -1), keepdims=True) * maskf[..., None, None]
+    # a padding trace (no step) has no forward messages past its start: zeros, not 0 / 0
+    alphas = jnp.where(mask.T[..., None, None], fb.alphas, 0.0)
+    post = jnp.moveaxis(alphas * fb.betas, 0, 1)
+    total = post.sum(axis=(-2, -1), keepdims=True)
+    post = post / jnp.where(total > 0, total, 1.0) * maskf[..., None, None]
     route_trans, skill_trans = params.route_trans[:r_n], params.skill_trans[:k_n]
     # pairwise marginals of consecutive steps, summed over the other factor
     b = fb.e[1:] * fb.betas[1:] / fb.zs[1:, :, None, None]  # [T-1, N, R, K]
-    a = fb.alphas[:-1]  # [T-1, N, R, K]
+    a = alphas[:-1]  # [T-1, N, R, K]
     m_next = mask.T[1:].astype(log_emit.dtype)[..., None, None]
     alpha_skill = jnp.einsum("tnab,bk->tnak", a, skill_trans)  # Σ_k' α(r', k') skill_trans[k', k]
     route_pairs = route_trans * jnp.einsum("tnak,tnrk->ar", alpha_skill, b * m_next)
@@ -209,14 +212,23 @@ def _from_free(model: str, x) -> tuple:
                                float(1 / (1 + np.exp(-x[3]))))
 
 
-def e_step(model: str, params, data: HLSMData, chunk: int = CHUNK) -> SuffStats:
-    """The E-step over a corpus of any size, ``chunk`` traces at a time, blocks included (float64)."""
+def e_step(model: str, params, data, chunk: int = CHUNK) -> SuffStats:
+    """The E-step over a corpus of any size, ``chunk`` traces at a time, blocks included (float64).
+
+    ``data`` is an :class:`HLSMData`, or a corpus that sums the E-step itself (a
+    :class:`~latentsel.inference.streaming.StreamedCorpus`, a
+    :class:`~latentsel.inference.sharded.ShardedCorpus`): anything with ``counts(model, params, chunk)``."""
+    if not isinstance(data, HLSMData):
+        return SuffStats(*data.counts(model, params, chunk))
     return SuffStats(*corpus_counts(model, params, data, expected_counts, chunk))
 
 
-def fit_em(model: str, data: HLSMData, *, init=None, priors: Priors = Priors(), max_iter: int = 200,
+def fit_em(model: str, data, *, init=None, priors: Priors = Priors(), max_iter: int = 200,
            tol: float = 1e-8, chunk: int = CHUNK, accelerate: bool = True, progress=None) -> EMResult:
     """EM to convergence: stops when J improves by less than ``tol * |J|`` between iterates.
+
+    ``data`` is an :class:`HLSMData` or a corpus that sums its own E-step (see :func:`e_step`):
+    a streamed corpus fits in memory bounded by its parts, a sharded one on a cluster.
 
     With ``accelerate`` each iterate takes two EM steps θ → θ_1 → θ_2 and extrapolates along
     them (SQUAREM, scheme S3, in the unconstrained coordinates of :func:`_to_free`). The

@@ -30,7 +30,7 @@ from latentsel.world import World, default_world
 from latentsel.world.types import unknown_name
 
 __all__ = ["Trace", "Truth", "TraceFormatError", "read_traces", "iter_traces", "write_traces", "parse_trace", "golden_trace",
-           "MAX_HIDDEN_RUN", "hidden_run_error", "echo"]
+           "MAX_HIDDEN_RUN", "hidden_run_error", "echo", "parse_line"]
 
 _KNOWN_KEYS = ("id", "input", "program", "steps", "answer", "source", "truth")
 
@@ -294,6 +294,24 @@ def _open_lines(path: Path) -> Iterator[bytes]:
         yield from f
 
 
+def parse_line(raw: bytes, world: World) -> Trace | None:
+    """One line of a trace file as a validated :class:`Trace` (``None`` for a blank line);
+    :class:`TraceFormatError` without a position for a bad one."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TraceFormatError(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise TraceFormatError("invalid JSON: nested too deeply") from None
+    except ValueError as e:
+        raise TraceFormatError(f"invalid JSON: {e}") from None
+    return parse_trace(obj, world)
+
+
 def iter_traces(
     path: str | os.PathLike, *, world: World | None = None, skip_invalid: bool = False, errors: list | None = None
 ) -> Iterator[Trace]:
@@ -310,19 +328,9 @@ def iter_traces(
     try:
         for line_no, raw in enumerate(_open_lines(path), start=1):
             try:
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise TraceFormatError(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-                if not text.strip():
+                trace = parse_line(raw, world)
+                if trace is None:
                     continue
-                try:
-                    obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-                except RecursionError:
-                    raise TraceFormatError("invalid JSON: nested too deeply") from None
-                except ValueError as e:
-                    raise TraceFormatError(f"invalid JSON: {e}") from None
-                trace = parse_trace(obj, world)
                 if trace.id in seen:
                     raise TraceFormatError(f"duplicate id {echo(trace.id)} (first on line {seen[trace.id]})")
                 seen[trace.id] = line_no

@@ -1,0 +1,204 @@
+"""Corpora larger than memory: emission statistics built chunk by chunk, E-steps summed over parts.
+
+A :class:`StreamedCorpus` reads trace files in bounded chunks
+(:func:`latentsel.traces.stream.iter_chunks`), builds each chunk's emission statistics, and
+keeps them as *parts*: on disk in a cache folder (the default; one ``.npz`` a part, read back
+one part at a time) or in memory. Traces are grouped by depth into parts padded to a power of
+two of steps, so one deep trace sizes only its own part. Its :meth:`~StreamedCorpus.counts` is
+the exact E-step of the whole corpus, summed part by part, so :func:`latentsel.inference.em.fit_em`
+fits it in memory bounded by a part, not by the corpus:
+
+    >>> corpus = StreamedCorpus(["rollouts-0.jsonl.gz", "rollouts-1.jsonl.gz"], world)
+    >>> fit = fit_em("modular", corpus)
+
+Memory: a part of ``chunk`` traces at depth T holds ``chunk * T * R * K`` bytes of match counts
+(64 MB for 65,536 depth-4 traces of the default world) plus the E-step's float64 work on 1,024
+traces at a time.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from latentsel.inference.corpus import CHUNK, corpus_counts
+from latentsel.models.data import HiddenBlocks, HLSMData
+
+__all__ = ["StreamedCorpus", "save_part", "load_part", "depth_groups"]
+
+_FIELDS = ("match", "length", "step_mask", "route_intended", "skill_intended", "emit_mask", "free_mask")
+_BLOCK_LEVELS = ("nodes", "parents", "owners", "read_node", "read_step", "read_match")
+
+
+def save_part(path: Path, data: HLSMData, rows: np.ndarray) -> None:
+    """One part as an uncompressed ``.npz`` (no pickles): its arrays, blocks and trace numbers."""
+    arrays = {name: getattr(data, name) if getattr(data, name) is not None else getattr(data, "step_mask")
+              for name in _FIELDS}
+    arrays["rows"] = np.asarray(rows, dtype=np.int64)
+    arrays["meta"] = np.array([data.n_chars, data.max_len, len(data.blocks)], dtype=np.int64)
+    for gi, g in enumerate(data.blocks):
+        arrays[f"b{gi}_trace"], arrays[f"b{gi}_hidden"] = g.trace, g.hidden
+        for name in _BLOCK_LEVELS:
+            for level, a in enumerate(getattr(g, name)):
+                arrays[f"b{gi}_{name}_{level}"] = a
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def load_part(path: Path) -> tuple[HLSMData, np.ndarray]:
+    """``(data, rows)`` of a part written by :func:`save_part`."""
+    with np.load(path, allow_pickle=False) as z:
+        n_chars, max_len, n_groups = (int(v) for v in z["meta"])
+        blocks = []
+        for gi in range(n_groups):
+            j = z[f"b{gi}_hidden"].shape[1]
+            levels = {name: tuple(z[f"b{gi}_{name}_{level}"] for level in range(j)) for name in _BLOCK_LEVELS}
+            blocks.append(HiddenBlocks(z[f"b{gi}_trace"], z[f"b{gi}_hidden"], **levels))
+        data = HLSMData(*(z[name] for name in _FIELDS[:5]), n_chars, max_len, z["emit_mask"], z["free_mask"],
+                        tuple(blocks))
+        return data, z["rows"]
+
+
+def depth_groups(depths: np.ndarray, max_cells: int) -> list[np.ndarray]:
+    """The traces of a chunk grouped by depth bucket (the next power of two), each group cut
+    so that ``traces * bucket <= max_cells``: index arrays into the chunk, in order."""
+    buckets = np.array([1 << max(0, int(d) - 1).bit_length() for d in depths], dtype=np.int64)
+    out = []
+    for b in np.unique(buckets):
+        idx = np.flatnonzero(buckets == b)
+        per = max(1, max_cells // int(b))
+        out.extend(idx[lo:lo + per] for lo in range(0, idx.size, per))
+    return out
+
+
+class _Parts:
+    """Where the parts live: a cache folder or a list in memory."""
+
+    def __init__(self, cache):
+        self.memory: list | None = [] if cache == "memory" else None
+        self.folder: Path | None = None
+        self._owned = None
+        if self.memory is None:
+            if cache is None:
+                self.folder = Path(tempfile.mkdtemp(prefix="latentsel-parts-"))
+                self._owned = weakref.finalize(self, shutil.rmtree, self.folder, True)
+            else:
+                self.folder = Path(cache)
+                self.folder.mkdir(parents=True, exist_ok=True)
+                if any(self.folder.iterdir()):
+                    raise ValueError(f"cache folder {self.folder} is not empty: give an empty or a new folder")
+        self.n = 0
+
+    def add(self, data: HLSMData, rows: np.ndarray) -> None:
+        if self.memory is not None:
+            self.memory.append((data, rows))
+        else:
+            save_part(self.folder / f"part-{self.n:06d}.npz", data, rows)
+        self.n += 1
+
+    def __iter__(self) -> Iterator[tuple[HLSMData, np.ndarray]]:
+        if self.memory is not None:
+            yield from self.memory
+            return
+        for i in range(self.n):
+            yield load_part(self.folder / f"part-{i:06d}.npz")
+
+    def close(self) -> None:
+        if self._owned is not None:
+            self._owned()
+
+
+class StreamedCorpus:
+    """The emission statistics of trace files, built once in bounded chunks and read back a part at a time.
+
+    Args:
+        paths: trace files (JSONL, ``.gz`` read as gzip), read in order.
+        world: the world of the traces.
+        model: the model the statistics are for (``grammar`` ignores the programs).
+        cache: a folder for the parts (created; must be empty), ``None`` for a temporary folder
+            removed with the corpus, or ``"memory"`` to keep them in memory.
+        chunk: traces read and built at a time (bounds memory: ``chunk * T * R * K`` bytes).
+        max_depth: the deepest trace accepted (a deeper one is a ``file:line`` error).
+        skip_invalid, errors: as :func:`latentsel.traces.format.read_traces`.
+        progress: a tqdm bar over the traces built.
+
+    Attributes: ``n_traces``, ``n_steps``, ``n_routes``, ``n_skills``, ``n_chars``, ``max_len``,
+    ``n_parts``, ``max_depth_seen``.
+    """
+
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], world, model: str = "modular", *,
+                 cache=None, chunk: int | None = None, max_depth: int | None = None, skip_invalid: bool = False,
+                 errors: list | None = None, progress: bool = False):
+        from latentsel.traces.emission import build_data
+        from latentsel.traces.stream import CHUNK_TRACES, MAX_DEPTH, iter_chunks
+
+        chunk = CHUNK_TRACES if chunk is None else chunk
+        self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+        self.model = model
+        self.n_routes, self.n_skills = world.n_routes, world.n_skills
+        self.n_chars, self.max_len = world.n_chars, world.max_len
+        self._parts = _Parts(cache)
+        self.n_traces = self.n_steps = self.max_depth_seen = 0
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc="building statistics", unit=" traces", unit_scale=True, leave=False)
+        try:
+            for traces in iter_chunks(self.paths, world=world, chunk=chunk, skip_invalid=skip_invalid, errors=errors,
+                                      max_depth=MAX_DEPTH if max_depth is None else max_depth):
+                depths = np.fromiter((len(tr.steps) for tr in traces), dtype=np.int64, count=len(traces))
+                for idx in depth_groups(depths, chunk * 4):
+                    data = build_data([traces[i] for i in idx], world, model=model)
+                    self._parts.add(data, self.n_traces + idx)
+                self.n_traces += len(traces)
+                self.n_steps += int(depths.sum())
+                self.max_depth_seen = max(self.max_depth_seen, int(depths.max()))
+                if bar is not None:
+                    bar.update(len(traces))
+        except BaseException:
+            self._parts.close()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.n_traces == 0:
+            self._parts.close()
+            raise ValueError(f"the corpus is empty: no traces in {', '.join(map(str, self.paths))}")
+
+    @property
+    def n_parts(self) -> int:
+        return self._parts.n
+
+    def parts(self) -> Iterator[tuple[HLSMData, np.ndarray]]:
+        """``(data, rows)`` of every part: its statistics and the corpus numbers of its traces."""
+        return iter(self._parts)
+
+    def counts(self, model: str, params, chunk: int = CHUNK):
+        """The exact E-step of the corpus at ``params``: the summed ``SuffStats`` fields (numpy)."""
+        from latentsel.inference.em import SuffStats, expected_counts
+
+        if model != self.model and "grammar" in (model, self.model):
+            raise ValueError(f"the statistics were built for the {self.model} model, not {model}")
+        total = None
+        for data, _ in self.parts():
+            values = corpus_counts(model, params, data, expected_counts, chunk)
+            total = values if total is None else [a + b for a, b in zip(total, values)]
+        return SuffStats(*total)
+
+    def close(self) -> None:
+        """Remove the parts (a temporary cache folder; a given ``cache`` folder is kept)."""
+        self._parts.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,265 @@
+"""Trace files read in bounded chunks: the reader of corpora too large to hold as one list.
+
+:func:`iter_chunks` yields the traces of one or more JSONL files, at most ``chunk`` at a time.
+Each chunk's lines are decoded by msgspec against a typed schema of the record (C code, no
+per-field Python), then validated in bulk: every string of the chunk against the alphabet and
+``max_len`` in one vectorized pass, names by dictionary lookups, the hidden-step rule only on
+traces with hidden steps. A chunk that fails any check, or holds a record this fast path does
+not model (a malformed completion, keys it does not know), is read again line by line through
+:func:`latentsel.traces.format.parse_line`, the one validator of the format: the errors and the
+records accepted are exactly those of :func:`latentsel.traces.format.read_traces`, down to the
+``file:line: reason`` of the first bad record.
+
+Duplicate ids are found across the whole file with a sorted array of 64-bit hashes (8 bytes a
+trace, not a set of strings); a hash that repeats is compared on the ids themselves.
+
+A trace deeper than ``max_depth`` steps is refused with its ``file:line``: one 100,000-step trace
+would otherwise size every padded array built from its chunk.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+import gc
+from functools import lru_cache
+from typing import Any, Iterator, Literal, Optional, Sequence
+
+import msgspec
+import numpy as np
+
+from latentsel.traces.failures import read_prefixes
+from latentsel.traces.format import (TraceFormatError, _DEFAULT_WORLD, _open_lines, echo,
+                                     hidden_run_error, parse_line)
+from latentsel.world import World
+from latentsel.world.executor import PAD, _lookup_table
+
+__all__ = ["iter_chunks", "count_traces", "MAX_DEPTH", "CHUNK_TRACES"]
+
+MAX_DEPTH = 1024
+"""The deepest trace a streamed fit accepts by default (``max_depth`` / ``--max-depth``)."""
+
+CHUNK_TRACES = 65_536
+"""Traces per chunk by default: ~64 MB of emission statistics at depth 4 in the default world."""
+
+
+class _Slow(Exception):
+    """This chunk needs the line-by-line parser."""
+
+
+def _depth(self) -> int:
+    return len(self.steps)
+
+
+def _extra(self) -> dict:
+    return {}  # the fast path takes only records without other keys
+
+
+@lru_cache(maxsize=8)
+def _decoder(route_names: tuple[str, ...], skill_names: tuple[str, ...]) -> msgspec.json.Decoder:
+    """The typed decoder of a record of a world: module names are literals, checked in C (and
+    not copied: a decoded name is the literal's own string)."""
+    route, skill = Literal[route_names], Literal[skill_names]
+    truth = msgspec.defstruct("TruthRecord", [("routes", list[route]), ("skills", list[skill]), ("off", list[bool])],
+                              forbid_unknown_fields=True, gc=False)
+    # a record with any other key (``malformed``, extras) fails here and is read by the full parser
+    record = msgspec.defstruct(
+        "TraceRecord",
+        [("id", str), ("input", str), ("steps", list[Optional[str]]),
+         ("program", Optional[list[tuple[route, skill]]], None), ("answer", Optional[str], None),
+         ("source", Optional[dict[str, Any]], None), ("truth", Optional[truth], None)],
+        forbid_unknown_fields=True, gc=False,
+        namespace={"depth": property(_depth), "extra": property(_extra), "__doc__": "A trace record decoded by the streaming reader."})
+    return msgspec.json.Decoder(record)
+
+
+def _fast_chunk(lines: list[bytes], world: World) -> list:
+    """The records of ``lines`` (no blank ones), trace-like (``id``, ``input``, ``program``,
+    ``steps``, ``depth``), or :class:`_Slow` if any line needs the full parser."""
+    decode = _decoder(tuple(world.route_names), tuple(world.skill_names)).decode
+    enabled = gc.isenabled()
+    gc.disable()  # a chunk allocates a million small objects and frees none: no collection can help
+    try:
+        records = [decode(raw) for raw in lines]
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise _Slow from None
+    finally:
+        if enabled:
+            gc.enable()
+    if not all(rec.id and rec.steps for rec in records):
+        raise _Slow
+    if not all(rec.program is None or len(rec.program) == len(rec.steps) for rec in records):
+        raise _Slow
+    truths = [rec for rec in records if rec.truth is not None]
+    if not all(len(t.truth.routes) == len(t.truth.skills) == len(t.truth.off) == len(t.steps) for t in truths):
+        raise _Slow
+    hidden = [rec for rec in records if None in rec.steps]
+    if any(hidden_run_error(rec.steps) is not None for rec in hidden):
+        raise _Slow
+    # every string of the chunk against the alphabet and max_len in one pass
+    strings = [rec.input for rec in records]
+    strings += [y for rec in records for y in rec.steps if y is not None]
+    strings += [rec.answer for rec in records if rec.answer is not None]
+    lens = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
+    if lens.size and lens.max() > world.max_len:
+        raise _Slow
+    chars = np.frombuffer("".join(strings).encode("utf-32-le"), dtype=np.uint32)
+    if (_lookup_table(world.alphabet)[np.minimum(chars, 0x10FFFF)] == PAD).any():
+        raise _Slow
+    return records
+
+
+class _Ids:
+    """Duplicate ids of one file in 8 bytes a trace: a sorted array of the ids' hashes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.hashes = np.empty(0, dtype=np.int64)
+        self.lines = np.empty(0, dtype=np.int64)
+
+    def first_line(self, ids: Sequence[str], lines: np.ndarray) -> list[int | None]:
+        """Per id, the line of an earlier trace with the same id (``None`` if none), then record them."""
+        h = np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids))
+        out: list[int | None] = [None] * len(ids)
+        pos = np.searchsorted(self.hashes, h)
+        hit = np.zeros(h.size, dtype=bool)
+        if self.hashes.size:
+            hit = (pos < self.hashes.size) & (self.hashes[np.minimum(pos, self.hashes.size - 1)] == h)
+        for i in np.flatnonzero(hit):  # a repeated hash: compare the ids themselves
+            lo = pos[i]
+            while lo < self.hashes.size and self.hashes[lo] == h[i]:
+                if _id_at(self.path, int(self.lines[lo])) == ids[i]:
+                    out[i] = int(self.lines[lo])
+                    break
+                lo += 1
+        # within the chunk
+        order = np.argsort(h, kind="stable")
+        same = np.flatnonzero(h[order][1:] == h[order][:-1])
+        for j in same:
+            a, b = order[j], order[j + 1]
+            if out[b] is None and ids[a] == ids[b]:
+                out[b] = int(lines[a])
+        keep = np.array([o is None for o in out], dtype=bool)
+        if keep.any():
+            hk, lk = h[keep], lines[keep]
+            at = np.searchsorted(self.hashes, hk)
+            self.hashes = np.insert(self.hashes, at, hk)
+            self.lines = np.insert(self.lines, at, lk)
+            order = np.argsort(self.hashes, kind="stable")  # equal hashes inserted in one call stay sorted
+            self.hashes, self.lines = self.hashes[order], self.lines[order]
+        return out
+
+
+def _id_at(path: Path, line: int) -> str | None:
+    for n, raw in enumerate(_open_lines(path), start=1):
+        if n == line:
+            try:
+                return msgspec.json.decode(raw)["id"]
+            except Exception:  # noqa: BLE001 - a line read once already; anything else is no match
+                return None
+    return None
+
+
+def _file_chunks(path: Path, world: World, chunk: int, skip_invalid: bool, errors: list | None,
+                 max_depth: int) -> Iterator[list]:
+    ids = _Ids(path)
+    buf: list[bytes] = []
+    buf_lines: list[int] = []
+    line_no = 0
+
+    def flush():
+        lines = np.asarray(buf_lines, dtype=np.int64)
+        try:
+            traces = _fast_chunk(buf, world)
+            positions = lines
+        except _Slow:
+            traces, kept = [], []
+            for raw, n in zip(buf, buf_lines):
+                try:
+                    tr = parse_line(raw, world)
+                except TraceFormatError as e:
+                    err = TraceFormatError(e.reason, str(path), n)
+                    if not skip_invalid:
+                        raise err from None
+                    if errors is not None:
+                        errors.append(err)
+                    continue
+                traces.append(tr)
+                kept.append(n)
+            positions = np.asarray(kept, dtype=np.int64)
+        out, out_lines = [], []
+        firsts = ids.first_line([tr.id for tr in traces], positions)
+        for tr, n, first in zip(traces, positions.tolist(), firsts):
+            reason = None
+            if first is not None:
+                reason = f"duplicate id {echo(tr.id)} (first on line {first})"
+            elif tr.depth > max_depth:
+                reason = (f"{tr.depth} steps; the deepest trace a fit accepts is max_depth={max_depth} "
+                          "(max_depth= in Python, --max-depth on the command line)")
+            if reason is not None:
+                err = TraceFormatError(reason, str(path), n)
+                if not skip_invalid:
+                    raise err
+                if errors is not None:
+                    errors.append(err)
+                continue
+            out.append(tr)
+            out_lines.append(n)
+        buf.clear()
+        buf_lines.clear()
+        return out
+
+    try:
+        for line_no, raw in enumerate(_open_lines(path), start=1):
+            if not raw.strip():
+                continue
+            buf.append(raw)
+            buf_lines.append(line_no)
+            if len(buf) >= chunk:
+                traces = flush()
+                if traces:
+                    yield traces
+        if buf:
+            traces = flush()
+            if traces:
+                yield traces
+    except FileNotFoundError:
+        raise TraceFormatError("no such file", str(path)) from None
+    except (OSError, EOFError) as e:
+        raise TraceFormatError(f"cannot read: {e}", str(path), line_no + 1) from None
+    except Exception as e:  # zlib.error from a corrupt gzip stream
+        if type(e).__module__ == "zlib":
+            raise TraceFormatError(f"cannot read: {e}", str(path), line_no + 1) from None
+        raise
+
+
+def iter_chunks(paths: str | os.PathLike | Sequence[str | os.PathLike], *, world: World | None = None,
+                chunk: int = CHUNK_TRACES, skip_invalid: bool = False, errors: list | None = None,
+                max_depth: int = MAX_DEPTH, prefixes: bool = True) -> Iterator[list]:
+    """The traces of the files ``paths`` (JSONL, ``.gz`` read as gzip), at most ``chunk`` at a time.
+
+    A chunk holds :class:`~latentsel.traces.format.Trace` objects where a line needed the full
+    parser, and otherwise light records with the same attributes (``id``, ``input``, ``program``
+    as ``(routing, skill)`` pairs, ``steps``, ``answer``, ``source``, ``truth``, ``depth``): what
+    :func:`latentsel.traces.emission.build_data` reads.
+
+    Accepts and refuses exactly what :func:`latentsel.traces.format.read_traces` does, with the
+    same ``file:line: reason`` errors (``skip_invalid`` / ``errors`` as there), plus traces deeper
+    than ``max_depth``. Ids must be unique within a file. With ``prefixes`` a malformed completion
+    is cut to the steps read before its first failure (:func:`read_prefixes`), as every fit does.
+    """
+    world = world or _DEFAULT_WORLD()
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if max_depth < 1:
+        raise ValueError(f"max_depth must be >= 1, got {max_depth}")
+    for path in ([paths] if isinstance(paths, (str, os.PathLike)) else list(paths)):
+        for traces in _file_chunks(Path(path), world, chunk, skip_invalid, errors, max_depth):
+            if prefixes:
+                traces = read_prefixes(traces)[0]
+            if traces:
+                yield traces
+
+
+def count_traces(paths, **kwargs) -> int:
+    """How many traces :func:`iter_chunks` yields (one pass over the files)."""
+    return sum(len(c) for c in iter_chunks(paths, **kwargs))
