@@ -77,46 +77,51 @@ def expected_counts(model: str, params, data: HLSMData) -> SuffStats:
 
 @partial(jax.jit, static_argnames=("model", "n_chars", "max_len"))
 def _expected_counts_independent(model, n_chars, max_len, params, arrays) -> SuffStats:
-    """The E-step of the modular and entangled models in probability space (table lookups)."""
+    """The E-step of the modular and entangled models in probability space.
+
+    The emission of a step under (r, k) is a lookup in a table over (len(y), m) by one flat
+    index; the contractions are fused elementwise products and sums (no batched matvecs).
+    With ``S = Σ_{r,k} ρ_r κ_k p(y | r, k) = p(y)``, the off-module term ``π p_off(y)`` is the
+    same for every module, so ``p(u = 1 | y) = π p_off(y) / p(y)`` and the expected mismatches
+    are ``len(y) p(u = 0 | y) - E[matches]``."""
     data = HLSMData.from_arrays(arrays, n_chars, max_len)
-    mask = jnp.asarray(data.free)
-    maskf = mask.astype(jnp.result_type(params.noise, float))
+    dtype = jnp.result_type(params.noise, float)
+    maskf = jnp.asarray(data.free).astype(dtype)
     emit = jnp.asarray(data.emit)
-    emitf = emit.astype(maskf.dtype)
+    emitf = emit.astype(dtype)
     r_n, k_n = data.n_routes, data.n_skills
     rho, kappa = execution_rows(model, params[0], params[1], data)
-    length = jnp.asarray(data.length)[..., None, None]
-    col = jnp.asarray(data.match).astype(jnp.int32) + 1
-    table = emission_table(params.noise, params.off_module, n_chars, max_len)
-    p_emit = jnp.where(emit[..., None, None], table[length, col], 1.0)
-    p_y = jnp.einsum("ntr,ntrk,ntk->nt", rho, p_emit, kappa)
-    scale = maskf / p_y
-    route_m = rho * jnp.einsum("ntrk,ntk->ntr", p_emit, kappa) * scale[..., None]
-    skill_m = kappa * jnp.einsum("ntr,ntrk->ntk", rho, p_emit) * scale[..., None]
-    # on-module mass weighted by matched / mismatched positions, by table lookup
-    on = table - params.off_module * jnp.exp(log_p_off(jnp.arange(max_len + 1.0), n_chars, max_len))[:, None]
-    on = jnp.where(jnp.arange(max_len + 2)[None, :] == 0, 0.0, on)
+    length = jnp.asarray(data.length)
+    table = emission_table(params.noise, params.off_module, n_chars, max_len)  # [L, M + 2], column m + 1
+    off = params.off_module * jnp.exp(log_p_off(jnp.arange(max_len + 1.0), n_chars, max_len))  # [L]
     m = jnp.arange(-1.0, max_len + 1.0)[None, :]
-    l_ = jnp.arange(max_len + 1.0)[:, None]
-    valid = (m >= 0) & (m <= l_)
-    on_matched = jnp.where(valid, on * m, 0.0)[length, col]
-    on_mismatched = jnp.where(valid, on * (l_ - m), 0.0)[length, col]
-    matched = jnp.sum(jnp.einsum("ntr,ntrk,ntk->nt", rho, on_matched, kappa) * scale)
-    mismatched = jnp.sum(jnp.einsum("ntr,ntrk,ntk->nt", rho, on_mismatched, kappa) * scale)
-    p_off = params.off_module * jnp.exp(log_p_off(jnp.asarray(data.length), n_chars, max_len)) * scale * emitf
+    valid = (m >= 0) & (m <= jnp.arange(max_len + 1.0)[:, None])
+    on_matched = jnp.where(valid, (table - off[:, None]) * m, 0.0)  # p_on-part times m
+    index = (length * (max_len + 2))[..., None, None] + jnp.asarray(data.match).astype(jnp.int32) + 1
+    p_emit = jnp.where(emit[..., None, None], table.ravel()[index], 1.0)
+    emit_k = (p_emit * kappa[..., None, :]).sum(-1)  # [N, T, R]: Σ_k p(y | r, k) κ_k
+    p_y = (emit_k * rho).sum(-1)
+    scale = maskf / p_y
+    route_m = rho * emit_k * scale[..., None]
+    skill_m = kappa * (rho[..., :, None] * p_emit).sum(-2) * scale[..., None]
+    matched = jnp.sum((rho[..., :, None] * on_matched.ravel()[index] * kappa[..., None, :]).sum((-2, -1))
+                      * scale * emitf)
+    p_off = off[length] * scale * emitf  # p(u = 1 | y) on observed free steps
+    mismatched = jnp.sum(length * (maskf * emitf - p_off)) - matched
     n_off = jnp.sum(p_off)
     cr, ck = jnp.asarray(data.route_intended), jnp.asarray(data.skill_intended)
     if not model_spec(model).context:
-        route_counts = jnp.einsum("ntc,ntr->cr", jax.nn.one_hot(cr, r_n, dtype=maskf.dtype), route_m)
-        skill_counts = jnp.einsum("ntc,ntk->ck", jax.nn.one_hot(ck, k_n, dtype=maskf.dtype), skill_m)
+        route_counts = jax.ops.segment_sum(route_m.reshape(-1, r_n), cr.reshape(-1), r_n)
+        skill_counts = jax.ops.segment_sum(skill_m.reshape(-1, k_n), ck.reshape(-1), k_n)
     else:
         prev_r, prev_k = previous_intended(data)
-        ctx_r = jax.nn.one_hot(prev_r * r_n + cr, (r_n + 1) * r_n, dtype=maskf.dtype)
-        ctx_k = jax.nn.one_hot(prev_k * k_n + ck, (k_n + 1) * k_n, dtype=maskf.dtype)
-        route_counts = jnp.einsum("ntc,ntr->cr", ctx_r, route_m).reshape(r_n + 1, r_n, r_n)
-        skill_counts = jnp.einsum("ntc,ntk->ck", ctx_k, skill_m).reshape(k_n + 1, k_n, k_n)
+        route_counts = jax.ops.segment_sum(route_m.reshape(-1, r_n), (prev_r * r_n + cr).reshape(-1),
+                                           (r_n + 1) * r_n).reshape(r_n + 1, r_n, r_n)
+        skill_counts = jax.ops.segment_sum(skill_m.reshape(-1, k_n), (prev_k * k_n + ck).reshape(-1),
+                                           (k_n + 1) * k_n).reshape(k_n + 1, k_n, k_n)
     return SuffStats(route_counts, skill_counts, jnp.stack([mismatched, matched]),
-                     jnp.stack([n_off, jnp.sum(emitf) - n_off]), jnp.sum(jnp.where(emit, jnp.log(p_y), 0.0)))
+                     jnp.stack([n_off, jnp.sum(emitf * maskf) - n_off]),
+                     jnp.sum(jnp.where(emit & (maskf > 0), jnp.log(p_y), 0.0)))
 
 
 @partial(jax.jit, static_argnames=("model", "n_chars", "max_len"))
