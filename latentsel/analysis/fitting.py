@@ -30,7 +30,7 @@ from latentsel.analysis.options import (
 from latentsel.analysis.posterior import posterior_from_data
 from latentsel.analysis.results import Fit, StepPosterior, params_to_json
 from latentsel.inference.collapsed import params_from_sites
-from latentsel.inference.conjugate import conjugate_posterior
+from latentsel.inference.conjugate import ConjugatePosterior, conjugate_posterior, prior_concentrations
 from latentsel.inference.em import fit_em
 from latentsel.inference.mcmc import fit_nuts
 from latentsel.inference.mcmc import summary as summary_of
@@ -41,7 +41,7 @@ from latentsel.traces.emission import build_data
 from latentsel.traces.failures import read_prefixes
 from latentsel.world import World, default_world
 
-__all__ = ["fit", "fit_traces"]
+__all__ = ["fit", "fit_traces", "fit_corpus"]
 
 
 
@@ -95,6 +95,46 @@ def fit_traces(traces: Sequence[Trace], world: World, model: str = "modular", op
                              [tr.depth for tr in traces], world)
     return Fit(model, options, params, steps, float(exact.log_evidence.sum()), len(traces), summary, world, draws,
                conjugate, result)
+
+
+def fit_corpus(corpus, world: World, model: str = "modular", options: str | EMOptions = "em", *,
+               progress: bool = True) -> Fit:
+    """EM on a corpus that sums its own E-step: a
+    :class:`~latentsel.inference.streaming.StreamedCorpus` (trace files read in bounded chunks)
+    or a :class:`~latentsel.inference.sharded.ShardedCorpus` (on a Dask or Ray cluster).
+
+    The :class:`~latentsel.analysis.results.Fit` has θ̂, the exact log evidence at θ̂ and the
+    conjugate posterior q(θ) from the E-step at θ̂, but no per-step posterior
+    (``fit.posterior`` is ``None``): for millions of traces that is a file the size of the corpus.
+    Score any traces of interest with ``latentsel.fit(traces, ...)`` or
+    :func:`~latentsel.analysis.posterior.posterior_from_data` at ``fit.params``."""
+    options = fit_options(options)
+    if options.method != "em":
+        raise ValueError(f"a streamed or sharded corpus is fitted by em, not {options.method}")
+    model_spec(model)
+    params, summary, result, _ = _fit_em(model, corpus, options, progress)
+    prior = prior_concentrations(model, corpus.n_routes, corpus.n_skills)
+    stats = result.stats  # the E-step at the fitted θ
+    conjugate = ConjugatePosterior(model, prior.route + np.asarray(stats.route_counts, float),
+                                   prior.skill + np.asarray(stats.skill_counts, float),
+                                   prior.noise + np.asarray(stats.noise_counts, float),
+                                   prior.off_module + np.asarray(stats.off_counts, float), prior)
+    summary = {**summary, "corpus": _corpus_summary(corpus)}
+    return Fit(model, options, params, None, float(result.log_evidence), int(corpus.n_traces), summary, world,
+               None, conjugate, result)
+
+
+def _corpus_summary(corpus) -> dict:
+    out = {"files": [str(p) for p in corpus.paths], "traces": int(corpus.n_traces)}
+    shards = getattr(corpus, "shards", None)
+    if shards is not None:
+        out.update(kind="sharded", backend=corpus.backend,
+                   shards=[{k: v for k, v in s.items() if k != "skipped"} | {"skipped": len(s["skipped"])}
+                           for s in shards])
+    else:
+        out.update(kind="streamed", steps=int(corpus.n_steps), parts=int(corpus.n_parts),
+                   max_depth=int(corpus.max_depth_seen))
+    return out
 
 
 @contextmanager

@@ -9,10 +9,12 @@ from __future__ import annotations
 import difflib
 from typing import NamedTuple
 
-__all__ = ["EMOptions", "SVIOptions", "NUTSOptions", "AmortizedOptions", "METHODS", "FIT_BACKENDS", "EVALUATION_TRACES",
+__all__ = ["EMOptions", "SVIOptions", "NUTSOptions", "AmortizedOptions", "METHODS", "FIT_BACKENDS", "SHARD_BACKENDS", "EVALUATION_TRACES",
            "FitOptions", "fit_options", "did_you_mean"]
 
 FIT_BACKENDS = ("numpyro", "pyro")
+# the backends of a sharded EM fit (latentsel.inference.sharded), which runs no other method
+SHARD_BACKENDS = ("dask", "ray")
 # the held-out traces of an amortized fit: a tenth of the corpus, at most this many
 EVALUATION_TRACES = 2000
 

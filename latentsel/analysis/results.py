@@ -121,7 +121,8 @@ class Fit(NamedTuple):
             and ``options.backend`` name the method and the backend.
         params: the estimate θ̂, the model's parameter NamedTuple (the posterior mean for nuts).
         posterior: every step's posterior, a :class:`StepPosterior`: exact at θ̂, or the
-            inference network's for ``amortized``.
+            inference network's for ``amortized``; ``None`` for a streamed or sharded fit
+            (:func:`~latentsel.analysis.fitting.fit_corpus`).
         log_evidence: Σ_n log p(D_n | θ̂), exact.
         n_traces: the number of traces fitted.
         summary: what the method reports, JSON-ready (iterations, losses, NUTS diagnostics, ...).
@@ -226,7 +227,7 @@ class Fit(NamedTuple):
         out = Path(out)
         post, world = self.posterior, self.world
         lines = []
-        for i, tid in enumerate(post.trace_ids):
+        for i, tid in enumerate(() if post is None else post.trace_ids):
             steps = [{"map_route": world.routes[int(post.map_route[i, t])].name,
                       "map_skill": world.skills[int(post.map_skill[i, t])].name,
                       "p_off": float(post.p_off[i, t]),
@@ -234,7 +235,8 @@ class Fit(NamedTuple):
                       "skill_probs": [float(p) for p in post.skill_probs[i, t]]}
                      for t in range(int(post.depth[i]))]
             lines.append(json.dumps({"id": tid, "log_evidence": float(post.log_evidence[i]), "steps": steps}) + "\n")
-        files = {"posterior.jsonl": "".join(lines).encode("utf-8")}
+        # a streamed or sharded fit has no per-step posterior (fit_corpus)
+        files = {} if post is None else {"posterior.jsonl": "".join(lines).encode("utf-8")}
         if self.draws is not None:
             extra = {}
             if self.result is not None and hasattr(self.result, "diverging"):
@@ -248,6 +250,8 @@ class Fit(NamedTuple):
             for name, data in files.items():
                 with atomic_open(out / name, "wb") as f:
                     f.write(data)
+            if post is None:
+                discard(out / "posterior.jsonl")  # a previous fit's posterior is not this fit's
             if self.draws is None:
                 discard(out / "samples.npz")  # a previous fit's draws (and killed writes of them) are not this fit's
             with atomic_open(out / "fit.json") as f:
@@ -317,7 +321,8 @@ def load_fit(path: str | os.PathLike, world: World | None = None) -> Fit:
             raise ValueError(f"{path / 'samples.npz'}: the draws of this nuts fit are missing ({e})") from None
     if "conjugate" in rec:
         conjugate = _conjugate_from_json(model, rec["conjugate"])
-    posterior = _read_posterior(_member(path, rec, "posterior.jsonl"), world)
+    posterior = (None if "posterior.jsonl" not in rec.get("files", {"posterior.jsonl": None})
+                 else _read_posterior(_member(path, rec, "posterior.jsonl"), world))
     summary = {k: v for k, v in rec.items() if k not in _RECORD_KEYS}
     return Fit(model, options, params, posterior, rec["log_evidence"], rec["n_traces"], summary, world, draws,
                conjugate)

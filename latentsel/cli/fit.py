@@ -6,10 +6,11 @@ choices come from the JAX-free registries.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from latentsel._io import locked_folder
-from latentsel.analysis.options import (FIT_BACKENDS, METHODS, AmortizedOptions, EMOptions,
+from latentsel.analysis.options import (SHARD_BACKENDS, FIT_BACKENDS, METHODS, AmortizedOptions, EMOptions,
                                         NUTSOptions, SVIOptions)
 from latentsel.cli._argtypes import add_world, at_least, nonneg_int, positive_float, world_of
 from latentsel.cli.traces import read_corpus
@@ -65,7 +66,76 @@ def check_out(out: str) -> None:
         raise ValueError(f"--out {out}: {above} is not writable")
 
 
+def _streamed(args) -> bool:
+    """Is this a streamed or sharded fit? ``ValueError`` for a combination that is neither."""
+    if args.backend in SHARD_BACKENDS or args.stream:
+        if args.method != "em":
+            how = f"--backend {args.backend}" if args.backend in SHARD_BACKENDS else "--stream"
+            raise ValueError(f"{how} fits by em only, not --method {args.method}")
+        if args.backend in SHARD_BACKENDS and args.stream:
+            raise ValueError(f"--stream reads the files here; --backend {args.backend} reads them on the workers: "
+                             "give one of the two")
+        return True
+    for flag, value in (("--scheduler", args.scheduler), ("--cache", args.cache)):
+        if value is not None:
+            raise ValueError(f"{flag} is for a streamed or sharded fit (--stream, or --backend dask|ray)")
+    if len(args.traces) > 1:
+        raise ValueError(f"{len(args.traces)} trace files: several files are fitted with --stream (read here in "
+                         "chunks) or --backend dask|ray (one shard a file, on a cluster)")
+    return False
+
+
+def cmd_fit_streamed(args) -> int:
+    """EM on trace files too large for memory: read in chunks here, or sharded over a cluster."""
+    from latentsel.analysis.options import EMOptions
+
+    options = EMOptions(max_iter=args.max_iter, tol=args.tol).check()
+    check_out(args.out)
+    for path in args.traces:
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such trace file")
+    if args.cache is not None and Path(args.cache).exists() and any(Path(args.cache).iterdir()):
+        raise ValueError(f"--cache {args.cache}: not empty; give an empty or a new folder")
+    from latentsel.analysis.fitting import fit_corpus
+
+    world = world_of(args)
+    with locked_folder(args.out):
+        if args.backend in SHARD_BACKENDS:
+            from latentsel.inference.sharded import ShardedCorpus
+
+            where = args.scheduler or f"a local cluster of {args.workers} workers"
+            print(f"reading {len(args.traces)} shards on {where} ({args.backend})", flush=True)
+            corpus = ShardedCorpus(args.traces, args.world, args.model, backend=args.backend, address=args.scheduler,
+                                   workers=args.workers, max_depth=args.max_depth, skip_invalid=args.skip_invalid)
+        else:
+            from latentsel.inference.streaming import StreamedCorpus
+
+            errors: list = []
+            print(f"reading {len(args.traces)} trace files in chunks", flush=True)
+            corpus = StreamedCorpus(args.traces, world, args.model, cache=args.cache, max_depth=args.max_depth,
+                                    skip_invalid=args.skip_invalid, errors=errors, progress=True)
+            corpus.skipped = errors
+        with corpus:
+            skipped = (sum(len(s["skipped"]) for s in corpus.shards) if hasattr(corpus, "shards")
+                       else len(corpus.skipped))
+            if skipped:
+                print(f"skipped {skipped} invalid records", file=sys.stderr)
+            print(f"fitting {corpus.n_traces} traces, {args.model} model: {_plan(options, corpus.n_traces)}",
+                  flush=True)
+            fit = fit_corpus(corpus, world, args.model, options)
+            fit.save(args.out, lock=False)
+    rec = fit.record()
+    print(f"{args.model}/em: {rec['n_traces']} traces, log evidence at the estimate {rec['log_evidence']:.6f}; "
+          f"{_fit_detail(rec)}")
+    print(f"wrote {Path(args.out) / 'fit.json'} (no posterior.jsonl: a streamed fit keeps no per-step posterior; "
+          "score chosen traces with `latentsel fit` on them)")
+    return 0
+
+
 def cmd_fit(args) -> int:
+    if _streamed(args):
+        return cmd_fit_streamed(args)
+    args.traces = args.traces[0]
     options = fit_options_from_args(args)
     check_out(args.out)
     # the fitting code loads JAX: after the checks that need none
@@ -134,15 +204,29 @@ def _print_nuts_summary(s: dict) -> None:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("fit", help="fit the latent model to a trace file")
-    p.add_argument("traces", help="trace file (.jsonl or .jsonl.gz)")
+    p.add_argument("traces", nargs="+", metavar="TRACES",
+                   help="trace file (.jsonl or .jsonl.gz); several with --stream or --backend dask|ray")
     p.add_argument("--model", default="modular", choices=list(MODELS),
                    help="; ".join(f"{name}: {spec.summary}" for name, spec in MODELS.items()))
     p.add_argument("--method", default="em", choices=list(METHODS),
                    help="em: MAP by EM; svi: TraceEnum_ELBO with an AutoDelta or AutoNormal guide; "
                         "nuts: posterior draws; amortized: θ by EM on a subset, then an inference network "
                         "for every step (--backend pyro) (default: %(default)s)")
-    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(FIT_BACKENDS),
-                   help="numpyro: em, svi, nuts; pyro: svi, amortized (default: %(default)s)")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(FIT_BACKENDS) + list(SHARD_BACKENDS),
+                   help="numpyro: em, svi, nuts; pyro: svi, amortized; dask, ray: em with one shard a trace file, "
+                        "each read and kept by a worker of a cluster (default: %(default)s)")
+    p.add_argument("--stream", action="store_true",
+                   help="em on trace files too large for memory: read here in chunks, statistics kept on disk "
+                        "(--cache); writes fit.json only")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="--stream: an empty folder for the statistics (default: a temporary folder, removed after)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="--backend dask|ray: a running cluster (tcp://host:8786 for Dask, ray://host:10001 or auto "
+                        "for Ray); default: a local cluster of --workers processes")
+    p.add_argument("--workers", type=at_least(1), default=2,
+                   help="--backend dask|ray without --scheduler: processes of the local cluster (default: %(default)s)")
+    p.add_argument("--max-depth", type=at_least(1), default=None,
+                   help="--stream, --backend dask|ray: the deepest trace accepted (default: 1024 steps)")
     p.add_argument("--out", required=True, help="output folder for fit.json and posterior.jsonl (nuts: samples.npz)")
     p.add_argument("--max-iter", type=nonneg_int, default=500, help="EM E-steps at most (default: %(default)s)")
     p.add_argument("--tol", type=float, default=1e-8, help="relative tolerance on the EM objective")
