@@ -3,7 +3,7 @@
 The corpus is ``--distinct`` simulated depth-4 traces (modular truth, eval-ood prompts), written
 as ``--shards`` files; a corpus larger than ``--distinct`` repeats them under new ids (the cost of
 reading, building and the E-step does not depend on which traces repeat; the fit's optimum is the
-one of the distinct traces, scaled). The fit is :class:`~latentsel.inference.streaming.StreamedCorpus`
+one of the distinct traces, scaled). The fit is :class:`~latentsel.analysis.streaming.StreamedCorpus`
 (statistics built once, kept in a cache folder on disk, read back a part at a time) and
 :func:`~latentsel.inference.em.fit_em`, in a child process whose peak RSS (``ru_maxrss``, which
 counts every page it touched, file-backed ones too) is reported per phase. The anchor, measured in
@@ -87,7 +87,7 @@ def _child(kind: str, paths, args, queue):
     t0 = time.perf_counter()
     init = None
     if kind == "streamed":
-        from latentsel.inference.streaming import StreamedCorpus
+        from latentsel.analysis.streaming import StreamedCorpus
 
         if args.init_from:
             from latentsel.traces.format import read_traces
@@ -126,9 +126,11 @@ def _child(kind: str, paths, args, queue):
         from latentsel.traces.format import read_traces
 
         traces = []
-        for p in paths:
+        for p in paths:  # whole files, as read_traces reads, until the anchor has its traces
+            if len(traces) >= args.anchor:
+                break
             traces.extend(read_traces(p, world=world))
-        traces = traces[:args.anchor]
+        del traces[args.anchor:]
         row["read_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         data = build_data(traces, world)

@@ -90,8 +90,9 @@ def corpus_posterior(model: str, params, data: HLSMData, chunk: int = CHUNK, *, 
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
         fast = _fast_rows(model, data)
         if fast.size == n:  # every trace: chunks are consecutive, concatenated once
-            parts = [jax.tree.map(np.asarray, exact_posterior(model, params, part, joint=joint))
-                     for _, part in chunks(data, chunk)]
+            # padded to a shape bucket (compiled once a process), cut back to the chunk's traces and steps
+            parts = [_cut(exact_posterior(model, params, part, joint=joint), rows.size, t)
+                     for rows, part in chunks(data, chunk, pad=True)]
             out = parts[0] if len(parts) == 1 else ExactPosterior(*(None if f[0] is None else np.concatenate(f)
                                                                     for f in zip(*parts)))
             if data.blocks:  # writable for the blocks
@@ -100,8 +101,8 @@ def corpus_posterior(model: str, params, data: HLSMData, chunk: int = CHUNK, *, 
             out = ExactPosterior(np.zeros(n), np.zeros((n, t, r_n)), np.zeros((n, t, k_n)), np.zeros((n, t)),
                                  np.full((n, t), -1), np.full((n, t), -1),
                                  np.zeros((n, t, r_n, k_n)) if joint else None)
-            for rows, part in (chunks(data.take(fast), chunk) if fast.size else ()):
-                post = jax.tree.map(np.asarray, exact_posterior(model, params, part, joint=joint))
+            for rows, part in (chunks(data.take(fast), chunk, pad=True) if fast.size else ()):
+                post = _cut(exact_posterior(model, params, part, joint=joint), rows.size, t)
                 for field, value in zip(out, post):
                     if field is not None:
                         field[fast[rows]] = value
@@ -123,6 +124,11 @@ def corpus_posterior(model: str, params, data: HLSMData, chunk: int = CHUNK, *, 
             path = block_map(model, params, data, g)
             out.map_route[rows, ti], out.map_skill[rows, ti] = path[bi, ti, 0], path[bi, ti, 1]
     return out
+
+
+def _cut(post: ExactPosterior, n: int, t: int) -> ExactPosterior:
+    """A padded chunk's results, numpy, cut back to its ``n`` traces and ``t`` steps."""
+    return jax.tree.map(lambda a: np.asarray(a)[:n, :t] if np.ndim(a) > 1 else np.asarray(a)[:n], post)
 
 
 def _fill(out: ExactPosterior, rows, steps, joint, p_off) -> None:

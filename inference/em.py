@@ -221,8 +221,8 @@ def e_step(model: str, params, data, chunk: int = CHUNK) -> SuffStats:
     """The E-step over a corpus of any size, ``chunk`` traces at a time, blocks included (float64).
 
     ``data`` is an :class:`HLSMData`, or a corpus that sums the E-step itself (a
-    :class:`~latentsel.inference.streaming.StreamedCorpus`, a
-    :class:`~latentsel.inference.sharded.ShardedCorpus`): anything with ``counts(model, params, chunk)``."""
+    :class:`~latentsel.analysis.streaming.StreamedCorpus`, a
+    :class:`~latentsel.analysis.sharded.ShardedCorpus`): anything with ``counts(model, params, chunk)``."""
     if not isinstance(data, HLSMData):
         return SuffStats(*data.counts(model, params, chunk))
     return SuffStats(*corpus_counts(model, params, data, expected_counts, chunk))

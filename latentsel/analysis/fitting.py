@@ -100,8 +100,8 @@ def fit_traces(traces: Sequence[Trace], world: World, model: str = "modular", op
 def fit_corpus(corpus, world: World, model: str = "modular", options: str | EMOptions = "em", *,
                progress: bool = True) -> Fit:
     """EM on a corpus that sums its own E-step: a
-    :class:`~latentsel.inference.streaming.StreamedCorpus` (trace files read in bounded chunks)
-    or a :class:`~latentsel.inference.sharded.ShardedCorpus` (on a Dask or Ray cluster).
+    :class:`~latentsel.analysis.streaming.StreamedCorpus` (trace files read in bounded chunks)
+    or a :class:`~latentsel.analysis.sharded.ShardedCorpus` (on a Dask or Ray cluster).
 
     The :class:`~latentsel.analysis.results.Fit` has θ̂, the exact log evidence at θ̂ and the
     conjugate posterior q(θ) from the E-step at θ̂, but no per-step posterior

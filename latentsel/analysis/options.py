@@ -13,7 +13,7 @@ __all__ = ["EMOptions", "SVIOptions", "NUTSOptions", "AmortizedOptions", "METHOD
            "FitOptions", "fit_options", "did_you_mean"]
 
 FIT_BACKENDS = ("numpyro", "pyro")
-# the backends of a sharded EM fit (latentsel.inference.sharded), which runs no other method
+# the backends of a sharded EM fit (latentsel.analysis.sharded), which runs no other method
 SHARD_BACKENDS = ("dask", "ray")
 # the held-out traces of an amortized fit: a tenth of the corpus, at most this many
 EVALUATION_TRACES = 2000

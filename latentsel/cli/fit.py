@@ -96,19 +96,20 @@ def cmd_fit_streamed(args) -> int:
             raise ValueError(f"{path}: no such trace file")
     if args.cache is not None and Path(args.cache).exists() and any(Path(args.cache).iterdir()):
         raise ValueError(f"--cache {args.cache}: not empty; give an empty or a new folder")
+    # the fitting code loads JAX: after the checks that need none
     from latentsel.analysis.fitting import fit_corpus
 
     world = world_of(args)
     with locked_folder(args.out):
         if args.backend in SHARD_BACKENDS:
-            from latentsel.inference.sharded import ShardedCorpus
+            from latentsel.analysis.sharded import ShardedCorpus  # loads JAX, as above
 
             where = args.scheduler or f"a local cluster of {args.workers} workers"
             print(f"reading {len(args.traces)} shards on {where} ({args.backend})", flush=True)
             corpus = ShardedCorpus(args.traces, args.world, args.model, backend=args.backend, address=args.scheduler,
                                    workers=args.workers, max_depth=args.max_depth, skip_invalid=args.skip_invalid)
         else:
-            from latentsel.inference.streaming import StreamedCorpus
+            from latentsel.analysis.streaming import StreamedCorpus  # loads JAX, as above
 
             errors: list = []
             print(f"reading {len(args.traces)} trace files in chunks", flush=True)

@@ -25,9 +25,14 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from latentsel.inference.corpus import CHUNK, corpus_counts
+from latentsel.inference.em import SuffStats, expected_counts
 from latentsel.models.data import HiddenBlocks, HLSMData
+from latentsel.models.registry import model_spec
+from latentsel.traces.emission import build_data
+from latentsel.traces.stream import CHUNK_TRACES, MAX_DEPTH, iter_chunks
 
 __all__ = ["StreamedCorpus", "save_part", "load_part", "depth_groups"]
 
@@ -136,27 +141,24 @@ class StreamedCorpus:
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], world, model: str = "modular", *,
                  cache=None, chunk: int | None = None, max_depth: int | None = None, skip_invalid: bool = False,
                  errors: list | None = None, progress: bool = False):
-        from latentsel.traces.emission import build_data
-        from latentsel.traces.stream import CHUNK_TRACES, MAX_DEPTH, iter_chunks
-
         chunk = CHUNK_TRACES if chunk is None else chunk
         self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
         self.model = model
         self.n_routes, self.n_skills = world.n_routes, world.n_skills
         self.n_chars, self.max_len = world.n_chars, world.max_len
         self._parts = _Parts(cache)
+        self.max_depth = MAX_DEPTH if max_depth is None else max_depth
         self.n_traces = self.n_steps = self.max_depth_seen = 0
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(desc="building statistics", unit=" traces", unit_scale=True, leave=False)
         try:
             for traces in iter_chunks(self.paths, world=world, chunk=chunk, skip_invalid=skip_invalid, errors=errors,
-                                      max_depth=MAX_DEPTH if max_depth is None else max_depth):
+                                      max_depth=self.max_depth):
                 depths = np.fromiter((len(tr.steps) for tr in traces), dtype=np.int64, count=len(traces))
                 for idx in depth_groups(depths, chunk * 4):
-                    data = build_data([traces[i] for i in idx], world, model=model)
+                    data = build_data([traces[i] for i in idx], world, model=model,
+                                      max_depth=self.max_depth)
                     self._parts.add(data, self.n_traces + idx)
                 self.n_traces += len(traces)
                 self.n_steps += int(depths.sum())
@@ -183,9 +185,7 @@ class StreamedCorpus:
 
     def counts(self, model: str, params, chunk: int = CHUNK):
         """The exact E-step of the corpus at ``params``: the summed ``SuffStats`` fields (numpy)."""
-        from latentsel.inference.em import SuffStats, expected_counts
-
-        if model != self.model and "grammar" in (model, self.model):
+        if model_spec(model).uses_program != model_spec(self.model).uses_program:
             raise ValueError(f"the statistics were built for the {self.model} model, not {model}")
         total = None
         for data, _ in self.parts():

@@ -2,7 +2,7 @@
 
 A :class:`ShardedCorpus` sends each trace file (a *shard*) to a worker of a Dask or Ray
 cluster, which reads it in chunks and keeps its emission statistics
-(:class:`~latentsel.inference.streaming.StreamedCorpus`) in its own memory or on its local disk.
+(:class:`~latentsel.analysis.streaming.StreamedCorpus`) in its own memory or on its local disk.
 Each E-step sends θ to every shard and brings back its expected sufficient statistics (a few
 kilobytes), summed in shard order; the M-step runs here. So
 :func:`latentsel.inference.em.fit_em` on a sharded corpus gives the single-process fit: the
@@ -19,13 +19,19 @@ stopped with the corpus. Bytes moved per E-step: θ out to every shard and ``2 R
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from latentsel.analysis.streaming import StreamedCorpus
 from latentsel.inference.corpus import CHUNK
+from latentsel.inference.em import SuffStats
+from latentsel.traces.stream import CHUNK_TRACES, MAX_DEPTH
+from latentsel.world import World
+from latentsel.world.loading import load_world
 
 __all__ = ["ShardedCorpus", "BACKENDS"]
 
@@ -33,9 +39,6 @@ BACKENDS = ("dask", "ray")
 
 
 def _build(path, world, model, chunk, max_depth, skip_invalid, cache):
-    from latentsel.inference.streaming import StreamedCorpus
-    from latentsel.world.loading import load_world
-
     errors: list = []
     corpus = StreamedCorpus(path, load_world(world), model, cache=cache, chunk=chunk, max_depth=max_depth,
                             skip_invalid=skip_invalid, errors=errors)
@@ -50,7 +53,10 @@ def _meta(corpus) -> dict:
 
 
 def _counts(corpus, model, params, chunk):
-    return [np.asarray(v) for v in corpus.counts(model, params, chunk)]
+    """The shard's E-step and the seconds it took on the worker."""
+    t0 = time.perf_counter()
+    values = [np.asarray(v) for v in corpus.counts(model, params, chunk)]
+    return values, time.perf_counter() - t0
 
 
 class _ShardActor:
@@ -74,7 +80,7 @@ class ShardedCorpus:
         world: the world of the traces, named so that every worker can load it: ``None`` (the
             default world) or ``"MODULE:ATTR"`` / ``"FILE.py:ATTR"`` (see
             :func:`latentsel.world.loading.load_world`; the file must be readable on the workers).
-        model: as :class:`~latentsel.inference.streaming.StreamedCorpus`.
+        model: as :class:`~latentsel.analysis.streaming.StreamedCorpus`.
         backend: ``"dask"`` or ``"ray"``.
         client: a ``dask.distributed.Client`` to use (dask), left open on :meth:`close`.
         address: a running cluster's address: a Dask scheduler (``tcp://host:8786``) or a Ray
@@ -83,10 +89,11 @@ class ShardedCorpus:
             here (default 2).
         cache: where a worker keeps its shard's parts: ``"memory"`` (default) or ``None`` (a
             temporary folder on the worker's disk).
-        chunk, max_depth, skip_invalid: as :class:`~latentsel.inference.streaming.StreamedCorpus`.
+        chunk, max_depth, skip_invalid: as :class:`~latentsel.analysis.streaming.StreamedCorpus`.
 
     Attributes: ``n_traces``, ``n_routes``, ``n_skills``, ``shards`` (per shard: traces, steps,
-    parts, deepest trace, skipped records, and the worker that holds it).
+    parts, deepest trace, skipped records, and the worker that holds it), ``last_seconds`` (per
+    shard, the seconds its last E-step took on its worker).
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], world: str | None = None, model: str = "modular", *,
@@ -101,9 +108,6 @@ class ShardedCorpus:
         missing = [p for p in self.paths if not p.is_file()]
         if missing:
             raise ValueError(f"{missing[0]}: no such trace file")
-        from latentsel.world import World
-        from latentsel.world.loading import load_world
-
         if isinstance(world, World):
             raise TypeError("pass the world by name (None for the default world, or 'MODULE:ATTR'), so that every "
                             "worker can load it: a World holds functions that do not cross a process boundary")
@@ -111,8 +115,6 @@ class ShardedCorpus:
         self.backend, self.model = backend, model
         self.n_routes, self.n_skills = loaded.n_routes, loaded.n_skills
         self._owned = []
-        from latentsel.traces.stream import CHUNK_TRACES, MAX_DEPTH
-
         args = [(str(p.resolve()), world, model, CHUNK_TRACES if chunk is None else chunk,
                  MAX_DEPTH if max_depth is None else max_depth, skip_invalid, cache) for p in self.paths]
         try:
@@ -164,8 +166,6 @@ class ShardedCorpus:
     # --- the E-step ------------------------------------------------------------------------
     def counts(self, model: str, params, chunk: int = CHUNK):
         """The exact E-step of every shard at ``params``, summed in shard order (numpy)."""
-        from latentsel.inference.em import SuffStats
-
         params = type(params)(*(np.asarray(p) for p in params))
         if self.backend == "dask":
             parts = self.client.gather([self.client.submit(_counts, f, model, params, chunk, pure=False)
@@ -174,8 +174,9 @@ class ShardedCorpus:
             import ray
 
             parts = ray.get([a.counts.remote(model, params, chunk) for a in self._actors])
-        total = parts[0]
-        for values in parts[1:]:
+        self.last_seconds = [seconds for _, seconds in parts]
+        total = parts[0][0]
+        for values, _ in parts[1:]:
             total = [a + b for a, b in zip(total, values)]
         return SuffStats(*total)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from latentsel.inference.em import e_step, fit_em, prior_mean_params
-from latentsel.inference.streaming import StreamedCorpus, depth_groups, load_part, save_part
+from latentsel.analysis.streaming import StreamedCorpus, depth_groups, load_part, save_part
 from latentsel.models.registry import default_params
 from latentsel.traces.emission import build_data
 from latentsel.traces.failures import read_prefixes
@@ -191,7 +191,7 @@ def test_a_part_round_trips_with_its_blocks(corpus, world, tmp_path):
 
 def test_sharded_em_on_a_local_dask_cluster(corpus, world):
     pytest.importorskip("dask.distributed")
-    from latentsel.inference.sharded import ShardedCorpus
+    from latentsel.analysis.sharded import ShardedCorpus
 
     paths, traces = corpus
     ref = fit_em("modular", build_data(traces, world), tol=1e-12, max_iter=12)
@@ -206,7 +206,7 @@ def test_sharded_em_on_a_local_dask_cluster(corpus, world):
 
 def test_a_bad_shard_names_its_file_and_line(corpus, world, tmp_path):
     pytest.importorskip("dask.distributed")
-    from latentsel.inference.sharded import ShardedCorpus
+    from latentsel.analysis.sharded import ShardedCorpus
 
     lines = _lines(corpus[0][0])[:10]
     lines[7] = lines[7].replace('"input": "', '"input": "9', 1)
@@ -221,7 +221,7 @@ def test_a_bad_shard_names_its_file_and_line(corpus, world, tmp_path):
 @pytest.mark.slow
 def test_sharded_em_on_a_local_ray_cluster(corpus, world):
     pytest.importorskip("ray")
-    from latentsel.inference.sharded import ShardedCorpus
+    from latentsel.analysis.sharded import ShardedCorpus
 
     paths, traces = corpus
     ref = fit_em("modular", build_data(traces, world), tol=1e-12, max_iter=12)
