@@ -13,11 +13,11 @@ import numpy as np
 
 from latentsel.inference.blocks import block_map, block_posterior
 from latentsel.inference.chain_blocks import chain_block_map, chain_block_posterior, layouts
-from latentsel.inference.exact import ExactPosterior, exact_posterior
+from latentsel.inference.exact import ExactPosterior, exact_log_evidence, exact_posterior
 from latentsel.models.data import HLSMData
 from latentsel.models.registry import model_spec
 
-__all__ = ["corpus_posterior", "corpus_counts", "chunks", "block_chunks", "CHUNK"]
+__all__ = ["corpus_posterior", "corpus_log_evidence", "corpus_counts", "chunks", "block_chunks", "CHUNK"]
 
 CHUNK = 1024
 """Traces per jitted call: a chunk's per-step tensors ([chunk, T, R, K] float64, 8 MB at T = 4)
@@ -123,6 +123,26 @@ def corpus_posterior(model: str, params, data: HLSMData, chunk: int = CHUNK, *, 
             np.add.at(out.log_evidence, g.trace, np.asarray(res.log_evidence))
             path = block_map(model, params, data, g)
             out.map_route[rows, ti], out.map_skill[rows, ti] = path[bi, ti, 0], path[bi, ti, 1]
+    return out
+
+
+def corpus_log_evidence(model: str, params, data: HLSMData, chunk: int = CHUNK) -> np.ndarray:
+    """log p(D_n | θ) of every trace (numpy, float64): :func:`corpus_posterior`'s
+    ``log_evidence`` without the rest of the posterior."""
+    n = data.n_traces
+    out = np.zeros(n)
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        fast = _fast_rows(model, data)
+        sub = data if fast.size == n else data.take(fast)
+        for rows, part in (chunks(sub, chunk, pad=True) if fast.size else ()):
+            out[fast[rows]] = np.asarray(exact_log_evidence(model, params, part))[:rows.size]
+        if model_spec(model).chain:
+            for layout in layouts(data):
+                out[layout.traces] = np.asarray(chain_block_posterior(params, data, layout)[0])
+            return out
+        for g in (part for group in data.blocks for part in block_chunks(group, n)):
+            np.add.at(out, g.trace, np.asarray(block_posterior(model, params, data, g).log_evidence))
     return out
 
 

@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from latentsel.inference.logspace import log_transition, lse, safe_log
-from latentsel.models.data import HLSMData, emission, execution_rows, log_emission, log_p_off
+from latentsel.models.data import HLSMData, emission, emission_table, execution_rows, log_emission, log_p_off
 from latentsel.models.registry import model_spec
 
-__all__ = ["ExactPosterior", "ForwardBackward", "exact_posterior", "independent_posterior", "forward_backward", "chain_posterior"]
+__all__ = ["ExactPosterior", "ForwardBackward", "exact_posterior", "exact_log_evidence", "independent_posterior",
+           "forward_backward", "chain_posterior"]
 
 
 class ExactPosterior(NamedTuple):
@@ -311,3 +312,57 @@ def _exact_posterior(model, n_chars, max_len, params, arrays, joint=True) -> Exa
     return independent_posterior(route_prior, skill_prior, p_emit,
                                  lambda: log_emission(data, params.noise, params.off_module), log_off_term, mask, emit,
                                  joint)
+
+
+def exact_log_evidence(model: str, params, data: HLSMData):
+    """log p(D_n | θ) of every trace from its steps outside hidden-step blocks, ``[N]`` (jitted):
+    the evidence alone, without the posterior, MAP or off-module marginals of
+    :func:`exact_posterior` (and its log-space fallbacks where those would lose their
+    normalizers, so the same numbers). For ``grammar`` every trace must be free of blocks."""
+    return _exact_log_evidence(model, data.n_chars, data.max_len, params, data.arrays())
+
+
+@partial(jax.jit, static_argnames=("model", "n_chars", "max_len"))
+def _exact_log_evidence(model, n_chars, max_len, params, arrays):
+    data = HLSMData.from_arrays(arrays, n_chars, max_len)
+    mask = jnp.asarray(data.free)
+    emit = jnp.asarray(data.emit)
+    if model_spec(model).chain:
+        log_emit = log_emission(data, params.noise, params.off_module)
+        log_rt, log_st = safe_log(params.route_trans), safe_log(params.skill_trans)
+        n, t_max, r_n, k_n = log_emit.shape
+        # the forward pass alone, scaled, as in chain_posterior; log space where it would under/overflow
+        shift = jnp.max(log_emit, axis=(-2, -1))
+        e = jnp.moveaxis(jnp.exp(log_emit - shift[..., None, None]), 1, 0)
+        rt, st = jnp.exp(log_rt), jnp.exp(log_st)
+        init = rt[r_n][:, None] * st[k_n][None, :]
+
+        def fwd(alpha, xs):
+            e_t, m_t, t = xs
+            pred = jnp.where(t == 0, init[None], jnp.einsum("nab,ar,bk->nrk", alpha, rt[:r_n], st[:k_n]))
+            a = pred * e_t
+            z = a.sum(axis=(1, 2))
+            return jnp.where(m_t[:, None, None], a / z[:, None, None], alpha), jnp.where(m_t, z, 1.0)
+
+        _, zs = jax.lax.scan(fwd, jnp.zeros((n, r_n, k_n), log_emit.dtype), (e, mask.T, jnp.arange(t_max)))
+        fast = jnp.sum(jnp.log(zs), axis=0) + jnp.sum(jnp.where(mask, shift, 0.0), axis=1)
+        growth = jnp.sum(jnp.where(mask.T, -jnp.log(jnp.maximum(zs, UNDERFLOW)), 0.0), axis=0)
+        risky = (jnp.any(mask.T & ~(zs >= UNDERFLOW)) | jnp.any(growth > 500.0) | jnp.any(~jnp.isfinite(fast)))
+        return jax.lax.cond(risky, lambda a: log_chain(*a, mask)[1], lambda a: fast, (log_rt, log_st, log_emit))
+    route_prior, skill_prior = execution_rows(model, params[0], params[1], data)
+    length = jnp.asarray(data.length)
+    table = emission_table(params.noise, params.off_module, n_chars, max_len)
+    index = (length * (max_len + 2))[..., None, None] + jnp.asarray(data.match).astype(jnp.int32) + 1
+    p_emit = table.ravel()[index]
+    p_y = ((p_emit * skill_prior[..., None, :]).sum(-1) * route_prior).sum(-1)
+    fast = jnp.sum(jnp.where(emit, jnp.log(p_y), 0.0), axis=1)
+    risky = jnp.any(emit & ~(jnp.log(p_y) >= jnp.log(UNDERFLOW)))
+
+    def careful(_):  # the full path's log-space branch: exact where p(y_t) underflows
+        p_emit_full = emission(data, params.noise, params.off_module)
+        log_off_term = jnp.log(params.off_module) + log_p_off(length, data.n_chars, data.max_len)
+        return independent_posterior(route_prior, skill_prior, p_emit_full,
+                                     lambda: log_emission(data, params.noise, params.off_module), log_off_term, mask,
+                                     emit, False).log_evidence
+
+    return jax.lax.cond(risky, careful, lambda _: fast, None)

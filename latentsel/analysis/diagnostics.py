@@ -10,7 +10,7 @@ An :class:`arviz.InferenceData` of an HLSM fit holds these groups, every array w
 * ``sample_stats``: the sampler's statistics under ArviZ's names (``diverging``,
   ``acceptance_rate``, ``n_steps``, ``tree_depth``, ``lp``, ``step_size``), NUTS only.
 * ``log_likelihood``: variable ``trace`` over ``trace_id``, log p(D_n | θ_s) for every draw.
-  We compute it with the exact evidence (:func:`latentsel.analysis.posterior.posterior_from_data`), selections summed out,
+  We compute it with the exact evidence (:func:`latentsel.analysis.posterior.log_evidence_from_data`), selections summed out,
   because a per-trace marginal likelihood is what PSIS-LOO leaves out: NumPyro's
   ``log_likelihood`` of an enumerated model gives per-site values at one assignment of the
   discrete selections, which is not log p(D_n | θ). (The variable cannot share the name of its
@@ -41,7 +41,7 @@ from matplotlib import MatplotlibDeprecationWarning
 from tqdm.auto import tqdm
 
 from latentsel._io import atomic_open, atomic_path
-from latentsel.analysis.posterior import posterior_from_data
+from latentsel.analysis.posterior import log_evidence_from_data, posterior_from_data
 from latentsel.inference.collapsed import params_from_sites
 from latentsel.inference.conjugate import conjugate_posterior
 from latentsel.models.data import HLSMData
@@ -171,7 +171,7 @@ def _log_likelihood(model: str, data: HLSMData, draws, progress_bar: bool) -> np
     flat, cls = _flat_draws(draws), type(draws)
     out = np.empty((chains * n_draws, data.n_traces))
     for s in tqdm(range(out.shape[0]), desc="log-likelihood", disable=not progress_bar):
-        out[s] = np.asarray(posterior_from_data(data, cls(*(f[s] for f in flat)), model, joint=False).log_evidence)
+        out[s] = log_evidence_from_data(data, cls(*(f[s] for f in flat)), model)
     return out.reshape(chains, n_draws, -1)
 
 

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import numpy as np
 
-from latentsel.inference.corpus import CHUNK, corpus_posterior
+from latentsel.inference.corpus import CHUNK, corpus_log_evidence, corpus_posterior
 from latentsel.inference.exact import ExactPosterior
 from latentsel.inference.sampling import sample_selections
 from latentsel.models.data import HLSMData
@@ -14,7 +14,7 @@ from latentsel.traces import Trace
 from latentsel.traces.emission import build_data
 from latentsel.world import World, default_world
 
-__all__ = ["log_evidence", "posterior", "posterior_from_data", "posterior_samples"]
+__all__ = ["log_evidence", "log_evidence_from_data", "posterior", "posterior_from_data", "posterior_samples"]
 
 
 def posterior_from_data(data: HLSMData, params, model: str, *, chunk: int = CHUNK, joint: bool = True) -> ExactPosterior:
@@ -29,6 +29,13 @@ def posterior(traces: Sequence[Trace], params, model: str = "modular", world: Wo
     world = world or default_world()
     params_class(model)
     return posterior_from_data(build_data(traces, world, model=model), params, model)
+
+
+def log_evidence_from_data(data: HLSMData, params, model: str, *, chunk: int = CHUNK) -> np.ndarray:
+    """log p(D_n | θ) of every trace of a prepared corpus (float64): the evidence alone, the
+    same numbers as :func:`posterior_from_data`'s ``log_evidence`` at a fraction of its cost."""
+    params = validate_params(params, model, data.n_routes, data.n_skills)
+    return corpus_log_evidence(model, params, data, chunk)
 
 
 EVIDENCE_BACKENDS = ("closed", "numpyro", "pyro")
@@ -48,7 +55,7 @@ def log_evidence(traces: Sequence[Trace], params, model: str = "modular", world:
     params_class(model)
     data = build_data(traces, world, model=model)
     if backend == "closed":
-        return posterior_from_data(data, params, model, joint=False).log_evidence
+        return log_evidence_from_data(data, params, model)
     params = validate_params(params, model, data.n_routes, data.n_skills)
     if backend == "numpyro":
         # funsor loads only for the enumerated NumPyro program

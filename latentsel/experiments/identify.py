@@ -60,7 +60,7 @@ import numpy as np
 from scipy.stats import beta as beta_dist
 
 from latentsel.analysis.equivalence import block_equivalent, block_steps, module_classes, step_equivalent
-from latentsel.analysis.posterior import posterior_from_data
+from latentsel.analysis.posterior import log_evidence_from_data, posterior_from_data
 from latentsel.experiments.designs import IDENTIFY_MODELS, NUTS_CHECK_MODELS, Regime, Truth, identify_regime, prompts_for
 from latentsel.inference.conjugate import ConjugatePosterior, conjugate_posterior
 from latentsel.inference.em import fit_em
@@ -484,7 +484,7 @@ def run_task(regime: Regime | str, n_traces: int, seed: int, *, truth: Truth = M
                             support=support_rows(model, spec, world)),
                   "em_iterations": len(em.objective) - 1, "fit_seconds": time.perf_counter() - t0, **_NO_NUTS}
         if test is not None:
-            heldout[model] = np.asarray(posterior_from_data(test, em.params, model, joint=False).log_evidence)
+            heldout[model] = log_evidence_from_data(test, em.params, model)
             record["heldout_loglik"] = float(heldout[model].mean())
         if nuts_draws and model in NUTS_CHECK_MODELS and not spec.hide:
             record.update(_nuts_check(data, q, row_classes(model, data), reached_rows(model, data), draws=nuts_draws,

@@ -198,3 +198,18 @@ def test_without_joint_gives_the_same_posterior(small_world, model):
     np.testing.assert_array_equal(lean.map_route, full.map_route)
     np.testing.assert_array_equal(lean.map_skill, full.map_skill)
     np.testing.assert_allclose(full.joint_probs.sum(-1), full.route_probs, atol=1e-15)
+
+
+@pytest.mark.parametrize("model", ["modular", "entangled", "grammar"])
+def test_evidence_alone_is_the_posteriors_evidence(world, model):
+    """The evidence-only path (no marginals, MAP or off-module posterior) gives the full path's
+    numbers, over several padded chunks."""
+    from latentsel.analysis.posterior import log_evidence_from_data, posterior_from_data
+    from latentsel.traces.emission import build_data
+
+    rng = np.random.default_rng(7)
+    data = build_data(random_traces(rng, world, 150, max_depth=4, program=model != "grammar"), world, model=model)
+    params = random_params(rng, model, world.n_routes, world.n_skills)
+    want = posterior_from_data(data, params, model, joint=False, chunk=64).log_evidence
+    got = log_evidence_from_data(data, params, model, chunk=64)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
