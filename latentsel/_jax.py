@@ -5,7 +5,19 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["start_jax"]
+__all__ = ["start_jax", "compilation_cache_dir"]
+
+CACHE_ENV = "LATENTSEL_JAX_CACHE"
+
+
+def compilation_cache_dir() -> str | None:
+    """Where compiled XLA programs are kept between processes: ``$LATENTSEL_JAX_CACHE`` (``off``
+    for none), else ``latentsel/jax`` under ``$XDG_CACHE_HOME`` (default ``~/.cache``)."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "none", "false") else value
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "latentsel", "jax")
 
 
 def start_jax(devices: int = 1) -> None:
@@ -20,3 +32,10 @@ def start_jax(devices: int = 1) -> None:
     import jax  # this is where JAX starts
 
     jax.config.update("jax_enable_x64", True)
+    # every jitted function compiles once per shape bucket and *machine*: a command's first
+    # call reads the programs an earlier command compiled (JAX's persistent cache, keyed on the
+    # program, the JAX version and the backend)
+    cache = compilation_cache_dir()
+    if cache is not None and jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)

@@ -25,9 +25,9 @@ import os
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+import msgspec
 import numpy as np
 import pandas as pd
-from scipy.stats import beta as beta_dist
 
 from latentsel._io import atomic_open, digest, discard, locked_folder
 from latentsel.analysis.options import METHODS, EMOptions, FitOptions
@@ -189,6 +189,8 @@ class Fit(NamedTuple):
                 a0 = a.sum(-1, keepdims=True)
                 m = a / a0
                 sd = np.sqrt(m * (1 - m) / (a0 + 1))
+                from scipy.stats import beta as beta_dist  # scipy.stats takes a second to import: only here
+
                 lower, upper = beta_dist.ppf(lo_q, a, a0 - a), beta_dist.ppf(hi_q, a, a0 - a)
             else:
                 sd = lower = upper = np.full(prob.shape, np.nan)
@@ -227,16 +229,20 @@ class Fit(NamedTuple):
         out = Path(out)
         post, world = self.posterior, self.world
         lines = []
-        for i, tid in enumerate(() if post is None else post.trace_ids):
-            steps = [{"map_route": world.routes[int(post.map_route[i, t])].name,
-                      "map_skill": world.skills[int(post.map_skill[i, t])].name,
-                      "p_off": float(post.p_off[i, t]),
-                      "route_probs": [float(p) for p in post.route_probs[i, t]],
-                      "skill_probs": [float(p) for p in post.skill_probs[i, t]]}
-                     for t in range(int(post.depth[i]))]
-            lines.append(json.dumps({"id": tid, "log_evidence": float(post.log_evidence[i]), "steps": steps}) + "\n")
+        if post is not None:
+            # Python lists once (tolist), then one msgspec encode a trace: a fifth of json.dumps's time
+            routes, skills = world.route_names, world.skill_names
+            map_route, map_skill, p_off = post.map_route.tolist(), post.map_skill.tolist(), post.p_off.tolist()
+            route_probs, skill_probs = post.route_probs.tolist(), post.skill_probs.tolist()
+            evidence, depth = post.log_evidence.tolist(), post.depth.tolist()
+            for i, tid in enumerate(post.trace_ids):
+                steps = [{"map_route": routes[map_route[i][t]], "map_skill": skills[map_skill[i][t]],
+                          "p_off": p_off[i][t], "route_probs": route_probs[i][t], "skill_probs": skill_probs[i][t]}
+                         for t in range(int(depth[i]))]
+                lines.append(msgspec.json.encode({"id": tid, "log_evidence": evidence[i], "steps": steps}))
+                lines.append(b"\n")
         # a streamed or sharded fit has no per-step posterior (fit_corpus)
-        files = {} if post is None else {"posterior.jsonl": "".join(lines).encode("utf-8")}
+        files = {} if post is None else {"posterior.jsonl": b"".join(lines)}
         if self.draws is not None:
             extra = {}
             if self.result is not None and hasattr(self.result, "diverging"):

@@ -140,12 +140,12 @@ class _Ids:
                 out[b] = int(lines[a])
         keep = np.array([o is None for o in out], dtype=bool)
         if keep.any():
-            hk, lk = h[keep], lines[keep]
-            at = np.searchsorted(self.hashes, hk)
+            order = np.argsort(h[keep], kind="stable")
+            hk, lk = h[keep][order], lines[keep][order]
+            # sorted keys at non-decreasing positions: the merged array stays sorted (one copy, no sort)
+            at = np.searchsorted(self.hashes, hk, side="right")
             self.hashes = np.insert(self.hashes, at, hk)
             self.lines = np.insert(self.lines, at, lk)
-            order = np.argsort(self.hashes, kind="stable")  # equal hashes inserted in one call stay sorted
-            self.hashes, self.lines = self.hashes[order], self.lines[order]
         return out
 
 
