@@ -354,7 +354,7 @@ def _exact_log_evidence(model, n_chars, max_len, params, arrays):
     table = emission_table(params.noise, params.off_module, n_chars, max_len)
     index = (length * (max_len + 2))[..., None, None] + jnp.asarray(data.match).astype(jnp.int32) + 1
     p_emit = table.ravel()[index]
-    p_y = ((p_emit * skill_prior[..., None, :]).sum(-1) * route_prior).sum(-1)
+    p_y = jnp.einsum("ntr,ntr->nt", jnp.einsum("ntrk,ntk->ntr", p_emit, skill_prior), route_prior)
     fast = jnp.sum(jnp.where(emit, jnp.log(p_y), 0.0), axis=1)
     risky = jnp.any(emit & ~(jnp.log(p_y) >= jnp.log(UNDERFLOW)))
 

@@ -342,5 +342,6 @@ def emission(data: HLSMData, noise, off_module):
     (1 outside ``emit_mask``). Float64 holds it without underflow for any step of the world."""
     table = emission_table(noise, off_module, data.n_chars, data.max_len)
     length = jnp.asarray(data.length)
-    p = table[length[..., None, None], jnp.asarray(data.match).astype(jnp.int32) + 1]
+    # one flat index into the table: a 1-D gather, not a 2-D one
+    p = table.ravel()[(length * (data.max_len + 2))[..., None, None] + jnp.asarray(data.match).astype(jnp.int32) + 1]
     return jnp.where(jnp.asarray(data.emit)[..., None, None], p, 1.0)
