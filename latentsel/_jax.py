@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["start_jax", "compilation_cache_dir"]
+__all__ = ["start_jax", "compilation_cache_dir", "use_compilation_cache"]
 
 CACHE_ENV = "LATENTSEL_JAX_CACHE"
 
@@ -32,9 +32,16 @@ def start_jax(devices: int = 1) -> None:
     import jax  # this is where JAX starts
 
     jax.config.update("jax_enable_x64", True)
-    # every jitted function compiles once per shape bucket and *machine*: a command's first
-    # call reads the programs an earlier command compiled (JAX's persistent cache, keyed on the
-    # program, the JAX version and the backend)
+    use_compilation_cache()
+
+
+def use_compilation_cache() -> None:
+    """Keep compiled programs in :func:`compilation_cache_dir` (JAX's persistent cache, keyed on
+    the program, the JAX version and the backend), so that every jitted function compiles once
+    per shape bucket and *machine*: a command's first call reads what an earlier command (or a
+    worker of a cluster, on its own machine) compiled. A process that set a cache keeps it."""
+    import jax  # loads JAX: only when a command or a worker runs inference
+
     cache = compilation_cache_dir()
     if cache is not None and jax.config.jax_compilation_cache_dir is None:
         jax.config.update("jax_compilation_cache_dir", cache)

@@ -1,9 +1,12 @@
 """Test platform: CPU, float64, fixed seeds."""
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_ENABLE_X64", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# the commands' compiled programs are kept for the session's subprocesses, not in the user's cache
+os.environ.setdefault("LATENTSEL_JAX_CACHE", os.path.join(tempfile.gettempdir(), f"latentsel-test-jax-{os.getuid()}"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from latentsel._jax import use_compilation_cache
 from latentsel.analysis.streaming import StreamedCorpus
 from latentsel.inference.corpus import CHUNK
 from latentsel.inference.em import SuffStats
@@ -39,6 +40,7 @@ BACKENDS = ("dask", "ray")
 
 
 def _build(path, world, model, chunk, max_depth, skip_invalid, cache):
+    use_compilation_cache()  # on the worker: compiled once per worker machine, not per run
     errors: list = []
     corpus = StreamedCorpus(path, load_world(world), model, cache=cache, chunk=chunk, max_depth=max_depth,
                             skip_invalid=skip_invalid, errors=errors)
