@@ -17,10 +17,13 @@ traces at a time.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import tempfile
 import weakref
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -32,7 +35,10 @@ from latentsel.inference.em import SuffStats, expected_counts
 from latentsel.models.data import HiddenBlocks, HLSMData
 from latentsel.models.registry import model_spec
 from latentsel.traces.emission import build_data
+from latentsel.traces.format import Trace
 from latentsel.traces.stream import CHUNK_TRACES, MAX_DEPTH, iter_chunks
+from latentsel.world import World, default_world
+from latentsel.world.loading import load_world
 
 __all__ = ["StreamedCorpus", "save_part", "load_part", "depth_groups"]
 
@@ -101,12 +107,19 @@ class _Parts:
                     raise ValueError(f"cache folder {self.folder} is not empty: give an empty or a new folder")
         self.n = 0
 
-    def add(self, data: HLSMData, rows: np.ndarray) -> None:
+    def reserve(self, n: int) -> list[Path] | None:
+        """The files of the next ``n`` parts (``None`` in memory): numbered in reading order."""
         if self.memory is not None:
-            self.memory.append((data, rows))
-        else:
-            save_part(self.folder / f"part-{self.n:06d}.npz", data, rows)
-        self.n += 1
+            return None
+        files = [self.folder / f"part-{self.n + i:06d}.npz" for i in range(n)]
+        self.n += n
+        return files
+
+    def collect(self, files, built: list) -> None:
+        """The parts of one chunk, built: kept in memory, or already written to ``files``."""
+        if self.memory is not None:
+            self.memory.extend(built)
+            self.n += len(built)
 
     def __iter__(self) -> Iterator[tuple[HLSMData, np.ndarray]]:
         if self.memory is not None:
@@ -120,28 +133,67 @@ class _Parts:
             self._owned()
 
 
+def _plain(tr) -> Trace:
+    """What the statistics read of a trace, as a :class:`Trace` (a decoded record's class is made
+    per world and does not cross a process boundary)."""
+    program = None if tr.program is None else [tuple(p) for p in tr.program]
+    return Trace(tr.id, tr.input, program, list(tr.steps))
+
+
+def _build_parts(world, model: str, max_depth: int, traces, first_row: int, max_cells: int, files):
+    """The parts of one chunk: per depth group its statistics, written to ``files`` (one path a
+    group) or returned. Runs here or in a worker process (``world`` then is its name)."""
+    if not isinstance(world, World):
+        world = load_world(world)
+    depths = np.fromiter((len(tr.steps) for tr in traces), dtype=np.int64, count=len(traces))
+    out = []
+    for j, idx in enumerate(depth_groups(depths, max_cells)):
+        data = build_data([traces[i] for i in idx], world, model=model, max_depth=max_depth)
+        rows = first_row + idx
+        if files is None:
+            out.append((data, rows))
+        else:
+            save_part(files[j], data, rows)
+            out.append(None)
+    return out
+
+
 class StreamedCorpus:
     """The emission statistics of trace files, built once in bounded chunks and read back a part at a time.
 
     Args:
         paths: trace files (JSONL, ``.gz`` read as gzip), read in order.
-        world: the world of the traces.
+        world: the world of the traces: a :class:`~latentsel.world.World`, or its name (``None``
+            for the default world, ``"MODULE:ATTR"``; see :func:`latentsel.world.loading.load_world`),
+            which ``workers > 1`` needs unless it is the default world.
         model: the model the statistics are for (``grammar`` ignores the programs).
         cache: a folder for the parts (created; must be empty), ``None`` for a temporary folder
             removed with the corpus, or ``"memory"`` to keep them in memory.
-        chunk: traces read and built at a time (bounds memory: ``chunk * T * R * K`` bytes).
+        chunk: traces read and built at a time (bounds memory: ``chunk * T * R * K`` bytes a chunk
+            being built, so ``workers + 1`` chunks at most).
         max_depth: the deepest trace accepted (a deeper one is a ``file:line`` error).
         skip_invalid, errors: as :func:`latentsel.traces.format.read_traces`.
         progress: a tqdm bar over the traces built.
+        workers: processes building the statistics (the reading stays here, in order; parts are
+            numbered in reading order, so the corpus is the same for any number of workers).
 
     Attributes: ``n_traces``, ``n_steps``, ``n_routes``, ``n_skills``, ``n_chars``, ``max_len``,
     ``n_parts``, ``max_depth_seen``.
     """
 
-    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], world, model: str = "modular", *,
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], world=None, model: str = "modular", *,
                  cache=None, chunk: int | None = None, max_depth: int | None = None, skip_invalid: bool = False,
-                 errors: list | None = None, progress: bool = False):
+                 errors: list | None = None, progress: bool = False, workers: int = 1):
         chunk = CHUNK_TRACES if chunk is None else chunk
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        spec = None
+        if isinstance(world, World):
+            if workers > 1 and world != default_world():
+                raise TypeError("workers > 1 needs the world by name ('MODULE:ATTR'), so that every worker can "
+                                "load it: a World holds functions that do not cross a process boundary")
+        else:
+            spec, world = world, load_world(world)
         self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
         self.model = model
         self.n_routes, self.n_skills = world.n_routes, world.n_skills
@@ -149,26 +201,43 @@ class StreamedCorpus:
         self._parts = _Parts(cache)
         self.max_depth = MAX_DEPTH if max_depth is None else max_depth
         self.n_traces = self.n_steps = self.max_depth_seen = 0
-        bar = None
-        if progress:
-            bar = tqdm(desc="building statistics", unit=" traces", unit_scale=True, leave=False)
+        bar = tqdm(desc="building statistics", unit=" traces", unit_scale=True, leave=False) if progress else None
+        pool = None
+        if workers > 1:
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        pending: deque = deque()
         try:
             for traces in iter_chunks(self.paths, world=world, chunk=chunk, skip_invalid=skip_invalid, errors=errors,
                                       max_depth=self.max_depth):
                 depths = np.fromiter((len(tr.steps) for tr in traces), dtype=np.int64, count=len(traces))
-                for idx in depth_groups(depths, chunk * 4):
-                    data = build_data([traces[i] for i in idx], world, model=model,
-                                      max_depth=self.max_depth)
-                    self._parts.add(data, self.n_traces + idx)
+                n_groups = len(depth_groups(depths, chunk * 4))
+                files = self._parts.reserve(n_groups)
+                if pool is None:
+                    self._parts.collect(files, _build_parts(world, model, self.max_depth, traces, self.n_traces,
+                                                            chunk * 4, files))
+                else:
+                    pending.append((files, pool.submit(_build_parts, spec, model, self.max_depth,
+                                                       [_plain(tr) for tr in traces], self.n_traces, chunk * 4,
+                                                       files)))
+                    while len(pending) > workers:  # at most workers + 1 chunks in flight
+                        done_files, future = pending.popleft()
+                        self._parts.collect(done_files, future.result())
                 self.n_traces += len(traces)
                 self.n_steps += int(depths.sum())
                 self.max_depth_seen = max(self.max_depth_seen, int(depths.max()))
                 if bar is not None:
                     bar.update(len(traces))
+            while pending:
+                done_files, future = pending.popleft()
+                self._parts.collect(done_files, future.result())
         except BaseException:
+            for _, future in pending:
+                future.cancel()
             self._parts.close()
             raise
         finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             if bar is not None:
                 bar.close()
         if self.n_traces == 0:

@@ -112,9 +112,11 @@ def cmd_fit_streamed(args) -> int:
             from latentsel.analysis.streaming import StreamedCorpus  # loads JAX, as above
 
             errors: list = []
-            print(f"reading {len(args.traces)} trace files in chunks", flush=True)
-            corpus = StreamedCorpus(args.traces, world, args.model, cache=args.cache, max_depth=args.max_depth,
-                                    skip_invalid=args.skip_invalid, errors=errors, progress=True)
+            print(f"reading {len(args.traces)} trace files in chunks, statistics built by {args.workers} processes",
+                  flush=True)
+            corpus = StreamedCorpus(args.traces, args.world, args.model, cache=args.cache, max_depth=args.max_depth,
+                                    skip_invalid=args.skip_invalid, errors=errors, progress=True,
+                                    workers=args.workers)
             corpus.skipped = errors
         with corpus:
             skipped = (sum(len(s["skipped"]) for s in corpus.shards) if hasattr(corpus, "shards")
@@ -225,7 +227,8 @@ def add_commands(sub) -> None:
                    help="--backend dask|ray: a running cluster (tcp://host:8786 for Dask, ray://host:10001 or auto "
                         "for Ray); default: a local cluster of --workers processes")
     p.add_argument("--workers", type=at_least(1), default=2,
-                   help="--backend dask|ray without --scheduler: processes of the local cluster (default: %(default)s)")
+                   help="--stream: processes building the statistics; --backend dask|ray without --scheduler: "
+                        "processes of the local cluster (default: %(default)s)")
     p.add_argument("--max-depth", type=at_least(1), default=None,
                    help="--stream, --backend dask|ray: the deepest trace accepted (default: 1024 steps)")
     p.add_argument("--out", required=True, help="output folder for fit.json and posterior.jsonl (nuts: samples.npz)")
