@@ -6,7 +6,8 @@ reading, building and the E-step does not depend on which traces repeat; the fit
 one of the distinct traces, scaled). The fit is :class:`~latentsel.analysis.streaming.StreamedCorpus`
 (statistics built once, kept in a cache folder on disk, read back a part at a time) and
 :func:`~latentsel.inference.em.fit_em`, in a child process whose peak RSS (``ru_maxrss``, which
-counts every page it touched, file-backed ones too) is reported per phase. The anchor, measured in
+counts every page it touched, file-backed ones too) is reported per phase; the statistics are
+built by ``--workers`` processes, whose own peak is not in that figure (each holds one chunk). The anchor, measured in
 the same run: the in-memory path (``read_traces`` + ``build_data`` + ``fit_em``) on the first
 ``--anchor`` traces.
 
@@ -83,7 +84,7 @@ def _child(kind: str, paths, args, queue):
 
     world = default_world()
     peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # noqa: E731 - GiB
-    row = {"kind": kind}
+    row = {"kind": kind, "workers": args.workers if kind == "streamed" else 1}
     t0 = time.perf_counter()
     init = None
     if kind == "streamed":
@@ -106,9 +107,11 @@ def _child(kind: str, paths, args, queue):
         import shutil
 
         shutil.rmtree(cache, ignore_errors=True)
-        corpus = StreamedCorpus(paths, world, cache=cache, progress=False)
+        corpus = StreamedCorpus(paths, world, cache=cache, progress=False, workers=args.workers)
         row["build_s"] = time.perf_counter() - t0
         row["build_peak_gib"] = peak()
+        # the build processes (ended by now): the largest one's peak
+        row["build_worker_peak_gib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
         row["cache_bytes"] = sum(p.stat().st_size for p in cache.iterdir())
         row["traces"] = corpus.n_traces
         t1 = time.perf_counter()
@@ -187,6 +190,7 @@ def parse_args(argv=None):
     p.add_argument("--init-from", type=int, default=0,
                    help="start EM at the EM fit of this many traces of the first shard (0: the prior mean)")
     p.add_argument("--max-iter", type=int, default=500)
+    p.add_argument("--workers", type=int, default=2, help="processes building the statistics")
     p.add_argument("--data", default="/tmp/latentsel-bench")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
