@@ -82,8 +82,7 @@ def _expected_counts_independent(model, n_chars, max_len, params, arrays) -> Suf
     The emission of a step under (r, k) is a lookup in a table over (len(y), m) by one flat
     index; the contractions over r and k are batched matrix-vector products.
     With ``S = Σ_{r,k} ρ_r κ_k p(y | r, k) = p(y)``, the off-module term ``π p_off(y)`` is the
-    same for every module, so ``p(u = 1 | y) = π p_off(y) / p(y)`` and the expected mismatches
-    are ``len(y) p(u = 0 | y) - E[matches]``."""
+    same for every module, so ``p(u = 1 | y) = π p_off(y) / p(y)``."""
     data = HLSMData.from_arrays(arrays, n_chars, max_len)
     dtype = jnp.result_type(params.noise, float)
     maskf = jnp.asarray(data.free).astype(dtype)
@@ -97,6 +96,7 @@ def _expected_counts_independent(model, n_chars, max_len, params, arrays) -> Suf
     m = jnp.arange(-1.0, max_len + 1.0)[None, :]
     valid = (m >= 0) & (m <= jnp.arange(max_len + 1.0)[:, None])
     on_matched = jnp.where(valid, (table - off[:, None]) * m, 0.0)  # p_on-part times m
+    on_mismatched = jnp.where(valid, (table - off[:, None]) * (jnp.arange(max_len + 1.0)[:, None] - m), 0.0)
     index = (length * (max_len + 2))[..., None, None] + jnp.asarray(data.match).astype(jnp.int32) + 1
     p_emit = jnp.where(emit[..., None, None], table.ravel()[index], 1.0)
     # batched matrix-vector products (XLA dots): 2.3x the fused elementwise products and sums here
@@ -106,8 +106,10 @@ def _expected_counts_independent(model, n_chars, max_len, params, arrays) -> Suf
     route_m = rho * emit_k * scale[..., None]
     skill_m = kappa * jnp.einsum("ntr,ntrk->ntk", rho, p_emit) * scale[..., None]
     matched = jnp.sum(jnp.einsum("ntr,ntrk,ntk->nt", rho, on_matched.ravel()[index], kappa) * scale * emitf)
+    # summed directly, not as len(y) p(u = 0 | y) - matches: that difference loses the digits
+    # of a tiny noise
+    mismatched = jnp.sum(jnp.einsum("ntr,ntrk,ntk->nt", rho, on_mismatched.ravel()[index], kappa) * scale * emitf)
     p_off = off[length] * scale * emitf  # p(u = 1 | y) on observed free steps
-    mismatched = jnp.sum(length * (maskf * emitf - p_off)) - matched
     n_off = jnp.sum(p_off)
     cr, ck = jnp.asarray(data.route_intended), jnp.asarray(data.skill_intended)
     if not model_spec(model).context:

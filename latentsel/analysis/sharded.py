@@ -161,7 +161,10 @@ class ShardedCorpus:
             else:
                 ray.init(address=address, log_to_driver=False)
             self._owned.append(ray)
-        actor = ray.remote(num_cpus=1)(_ShardActor)
+        # an actor holds its CPUs for life: with more shards than CPUs, each asks for a share,
+        # or the shards past the CPU count would never start
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        actor = ray.remote(num_cpus=min(1.0, cpus / len(args)))(_ShardActor)
         self._actors = [actor.remote(*a) for a in args]
         self.shards = ray.get([a.meta.remote() for a in self._actors])
 

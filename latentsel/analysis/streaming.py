@@ -231,8 +231,8 @@ class StreamedCorpus:
                 done_files, future = pending.popleft()
                 self._parts.collect(done_files, future.result())
         except BaseException:
-            for _, future in pending:
-                future.cancel()
+            if pool is not None:  # the workers stop writing before their folder goes
+                pool.shutdown(wait=True, cancel_futures=True)
             self._parts.close()
             raise
         finally:

@@ -75,8 +75,12 @@ def _streamed(args) -> bool:
         if args.backend in SHARD_BACKENDS and args.stream:
             raise ValueError(f"--stream reads the files here; --backend {args.backend} reads them on the workers: "
                              "give one of the two")
+        if args.stream and args.scheduler is not None:
+            raise ValueError("--scheduler is for --backend dask|ray; --stream fits here")
+        if args.backend in SHARD_BACKENDS and args.cache is not None:
+            raise ValueError(f"--cache is for --stream; with --backend {args.backend} each worker keeps its shard")
         return True
-    for flag, value in (("--scheduler", args.scheduler), ("--cache", args.cache)):
+    for flag, value in (("--scheduler", args.scheduler), ("--cache", args.cache), ("--max-depth", args.max_depth)):
         if value is not None:
             raise ValueError(f"{flag} is for a streamed or sharded fit (--stream, or --backend dask|ray)")
     if len(args.traces) > 1:

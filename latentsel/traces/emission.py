@@ -18,7 +18,6 @@ from latentsel.models.data import HiddenBlocks, HLSMData
 from latentsel.models.registry import model_spec
 from latentsel.traces import Trace
 from latentsel.traces.format import MAX_HIDDEN_RUN, echo, hidden_run_error
-from latentsel.traces.stream import MAX_DEPTH
 from latentsel.world import World
 from latentsel.world.executor import apply_all, apply_distinct, encode
 
@@ -142,7 +141,7 @@ def _build_blocks(world: World, codes, lens, items, t_max: int, chunk: int) -> H
 
 
 def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular", chunk: int = 16_384,
-               max_depth: int = MAX_DEPTH) -> HLSMData:
+               max_depth: int | None = None) -> HLSMData:
     """The emission statistics, intended modules, masks and hidden-step blocks of a corpus.
 
     Args:
@@ -152,7 +151,7 @@ def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular",
         model: ``modular`` / ``entangled`` need every trace to state its program; ``grammar``
             ignores the programs.
         chunk: histories per executor call (bounds memory: ``chunk * R * K * max_len`` bytes).
-        max_depth: the deepest trace accepted: the arrays are ``[N, deepest, R, K]``.
+        max_depth: the deepest trace accepted (``None``: any); the arrays are ``[N, deepest, R, K]``.
     Raises:
         ValueError naming the trace for an empty corpus, a missing program, or hidden steps
         that cannot be enumerated.
@@ -160,11 +159,9 @@ def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular",
     if len(traces) == 0:
         raise ValueError("the corpus is empty: no traces to fit")
     n, t_max = len(traces), max(tr.depth for tr in traces)
-    if t_max > max_depth:
+    if max_depth is not None and t_max > max_depth:
         deep = next(tr for tr in traces if tr.depth == t_max)
-        raise ValueError(f"trace {echo(deep.id)} has {t_max} steps; the deepest trace a fit accepts is "
-                         f"max_depth={max_depth} (every trace of a corpus is padded to its deepest: fit such "
-                         "traces streamed, `latentsel fit --stream`, which pads each depth apart)")
+        raise ValueError(f"trace {echo(deep.id)} has {t_max} steps; the deepest trace accepted is max_depth={max_depth}")
     r_n, k_n = world.n_routes, world.n_skills
     match = np.full((n, t_max, r_n, k_n), -1, dtype=np.int8)
     step_mask = np.zeros((n, t_max), dtype=bool)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 import gc
+import json
 from functools import lru_cache
 from typing import Any, Iterator, Literal, Optional, Sequence
 
@@ -80,7 +81,7 @@ def _fast_chunk(lines: list[bytes], world: World) -> list:
     gc.disable()  # a chunk allocates a million small objects and frees none: no collection can help
     try:
         records = [decode(raw) for raw in lines]
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         raise _Slow from None
     finally:
         if enabled:
@@ -152,8 +153,8 @@ class _Ids:
 def _id_at(path: Path, line: int) -> str | None:
     for n, raw in enumerate(_open_lines(path), start=1):
         if n == line:
-            try:
-                return msgspec.json.decode(raw)["id"]
+            try:  # the validating reader's decoder: it reads every id that reader accepted
+                return json.loads(raw.decode("utf-8"))["id"]
             except Exception:  # noqa: BLE001 - a line read once already; anything else is no match
                 return None
     return None
@@ -167,43 +168,38 @@ def _file_chunks(path: Path, world: World, chunk: int, skip_invalid: bool, error
     line_no = 0
 
     def flush():
-        lines = np.asarray(buf_lines, dtype=np.int64)
         try:
-            traces = _fast_chunk(buf, world)
-            positions = lines
+            parsed = list(zip(buf_lines, _fast_chunk(buf, world)))
         except _Slow:
-            traces, kept = [], []
+            parsed = []
             for raw, n in zip(buf, buf_lines):
                 try:
                     tr = parse_line(raw, world)
                 except TraceFormatError as e:
-                    err = TraceFormatError(e.reason, str(path), n)
-                    if not skip_invalid:
-                        raise err from None
-                    if errors is not None:
-                        errors.append(err)
+                    parsed.append((n, e))
                     continue
-                traces.append(tr)
-                kept.append(n)
-            positions = np.asarray(kept, dtype=np.int64)
-        out, out_lines = [], []
-        firsts = ids.first_line([tr.id for tr in traces], positions)
-        for tr, n, first in zip(traces, positions.tolist(), firsts):
-            reason = None
-            if first is not None:
-                reason = f"duplicate id {echo(tr.id)} (first on line {first})"
+                if tr is not None:  # a line of Unicode whitespace only is blank, as read_traces reads it
+                    parsed.append((n, tr))
+        good = [(n, tr) for n, tr in parsed if not isinstance(tr, TraceFormatError)]
+        firsts = dict(zip((n for n, _ in good), ids.first_line([tr.id for _, tr in good],
+                                                               np.asarray([n for n, _ in good], dtype=np.int64))))
+        out = []
+        for n, tr in parsed:  # line order: the first bad line is the one reported
+            if isinstance(tr, TraceFormatError):
+                reason = tr.reason
+            elif firsts[n] is not None:
+                reason = f"duplicate id {echo(tr.id)} (first on line {firsts[n]})"
             elif tr.depth > max_depth:
                 reason = (f"{tr.depth} steps; the deepest trace a fit accepts is max_depth={max_depth} "
                           "(max_depth= in Python, --max-depth on the command line)")
-            if reason is not None:
-                err = TraceFormatError(reason, str(path), n)
-                if not skip_invalid:
-                    raise err
-                if errors is not None:
-                    errors.append(err)
+            else:
+                out.append(tr)
                 continue
-            out.append(tr)
-            out_lines.append(n)
+            err = TraceFormatError(reason, str(path), n)
+            if not skip_invalid:
+                raise err from None
+            if errors is not None:
+                errors.append(err)
         buf.clear()
         buf_lines.clear()
         return out

@@ -254,3 +254,26 @@ def test_cli_fits_several_files_streamed(corpus, world, tmp_path):
     assert r.returncode != 0 and "several files are fitted with --stream" in r.stderr
     r = _cli("fit", paths[0], "--backend", "dask", "--method", "svi", "--out", tmp_path / "x")
     assert r.returncode != 0 and "--backend dask fits by em only" in r.stderr
+
+
+def test_the_first_bad_line_is_the_one_reported(corpus, world, tmp_path):
+    """A duplicate id before a bad character, a line of Unicode whitespace, a record nested too
+    deeply: reported (or skipped) in line order, as read_traces does."""
+    lines = _lines(corpus[0][0])[:20]
+    lines[4] = lines[1]
+    lines[10] = lines[10].replace('"input": "', '"input": "9', 1)
+    lines[12] = "\u00a0"
+    r = json.loads(lines[15])
+    r["source"] = {}
+    lines[15] = json.dumps(r).replace('"source": {}', '"source": {"deep": ' + "[" * 1200 + "]" * 1200 + "}")
+    path = tmp_path / "order.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TraceFormatError) as want:
+        read_traces(path, world=world)
+    with pytest.raises(TraceFormatError) as got:
+        list(iter_chunks(path, world=world, chunk=50))
+    assert str(got.value) == str(want.value) and got.value.line == 5
+    want_errors, got_errors = [], []
+    read_traces(path, world=world, skip_invalid=True, errors=want_errors)
+    list(iter_chunks(path, world=world, chunk=50, skip_invalid=True, errors=got_errors))
+    assert [str(e) for e in got_errors] == [str(e) for e in want_errors] and len(want_errors) == 3
