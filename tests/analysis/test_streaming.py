@@ -87,16 +87,22 @@ def test_a_bad_record_is_the_error_read_traces_gives(corpus, world, tmp_path, wh
         assert len(streamed) == len(kept) == 39
 
 
+def _first_error(path, world, chunk):
+    """``(read_traces's error, iter_chunks's error)`` on a file with a bad record."""
+    with pytest.raises(TraceFormatError) as want:
+        read_traces(path, world=world)
+    with pytest.raises(TraceFormatError) as got:
+        list(iter_chunks(path, world=world, chunk=chunk))
+    return want.value, got.value
+
+
 def test_duplicate_ids_across_chunks_and_files(corpus, world, tmp_path):
     lines = _lines(corpus[0][0])[:30]
     lines.append(lines[3])  # the same id 27 lines later, in another chunk
     path = tmp_path / "dup.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(TraceFormatError) as want:
-        read_traces(path, world=world)
-    with pytest.raises(TraceFormatError) as got:
-        list(iter_chunks(path, world=world, chunk=8))
-    assert str(got.value) == str(want.value) == f"{path}:31: duplicate id {json.loads(lines[3])['id']!r} (first on line 4)"
+    want, got = _first_error(path, world, 8)
+    assert str(got) == str(want) == f"{path}:31: duplicate id {json.loads(lines[3])['id']!r} (first on line 4)"
     # ids are unique within a file: the same file twice is two files
     assert sum(len(c) for c in iter_chunks([corpus[0][0], corpus[0][0]], world=world)) == 300
 
@@ -268,11 +274,8 @@ def test_the_first_bad_line_is_the_one_reported(corpus, world, tmp_path):
     lines[15] = json.dumps(r).replace('"source": {}', '"source": {"deep": ' + "[" * 1200 + "]" * 1200 + "}")
     path = tmp_path / "order.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(TraceFormatError) as want:
-        read_traces(path, world=world)
-    with pytest.raises(TraceFormatError) as got:
-        list(iter_chunks(path, world=world, chunk=50))
-    assert str(got.value) == str(want.value) and got.value.line == 5
+    want, got = _first_error(path, world, 50)
+    assert str(got) == str(want) and got.line == 5
     want_errors, got_errors = [], []
     read_traces(path, world=world, skip_invalid=True, errors=want_errors)
     list(iter_chunks(path, world=world, chunk=50, skip_invalid=True, errors=got_errors))
