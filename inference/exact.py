@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from latentsel.inference.logspace import log_transition, lse, safe_log
-from latentsel.models.data import HLSMData, emission, emission_table, execution_rows, log_emission, log_p_off
+from latentsel.models.data import HLSMData, emission, execution_rows, log_emission, log_p_off
 from latentsel.models.registry import model_spec
 
 __all__ = ["ExactPosterior", "ForwardBackward", "exact_posterior", "exact_log_evidence", "independent_posterior",
@@ -71,18 +71,13 @@ class ForwardBackward(NamedTuple):
     log_evidence: jax.Array
 
 
-def forward_backward(route_trans, skill_trans, log_emit, mask) -> ForwardBackward:
-    """Forward-backward over the joint state (r, k) with a factorized transition.
-
-    Args:
-        route_trans: [R + 1, R]; skill_trans: [K + 1, K] (last row = start);
-        log_emit: [N, T, R, K] log p(y_t | r, k); mask: bool[N, T] (a prefix of each row).
-    """
+def _forward(route_trans, skill_trans, log_emit, mask):
+    """The scaled forward pass of the grammar chain: ``(e [T, N, R, K], alphas [T, N, R, K],
+    zs [T, N], log_evidence [N])``, ``e`` the emission scaled by each step's largest entry."""
     n, t_max, r_n, k_n = log_emit.shape
     shift = jnp.max(log_emit, axis=(-2, -1))  # [N, T]; the emission is finite, so this is too
     e = jnp.moveaxis(jnp.exp(log_emit - shift[..., None, None]), 1, 0)  # [T, N, R, K]
     init = route_trans[r_n][:, None] * skill_trans[k_n][None, :]  # [R, K]
-    mask_t = mask.T
 
     def fwd(alpha, xs):
         e_t, m_t, t = xs
@@ -93,8 +88,28 @@ def forward_backward(route_trans, skill_trans, log_emit, mask) -> ForwardBackwar
         a = a / z[:, None, None]
         return jnp.where(m_t[:, None, None], a, alpha), (a, jnp.where(m_t, z, 1.0))
 
-    _, (alphas, zs) = jax.lax.scan(fwd, jnp.zeros((n, r_n, k_n), log_emit.dtype), (e, mask_t, jnp.arange(t_max)))
+    _, (alphas, zs) = jax.lax.scan(fwd, jnp.zeros((n, r_n, k_n), log_emit.dtype), (e, mask.T, jnp.arange(t_max)))
     log_evidence = jnp.sum(jnp.log(zs), axis=0) + jnp.sum(jnp.where(mask, shift, 0.0), axis=1)
+    return e, alphas, zs, log_evidence
+
+
+def _scaled_pass_fails(zs, mask, log_evidence):
+    """Would the scaled pass lose its normalizers (see :func:`chain_posterior`)? A scalar bool."""
+    growth = jnp.sum(jnp.where(mask.T, -jnp.log(jnp.maximum(zs, UNDERFLOW)), 0.0), axis=0)
+    return (jnp.any(mask.T & ~(zs >= UNDERFLOW)) | jnp.any(growth > 500.0)
+            | jnp.any(~jnp.isfinite(log_evidence)))
+
+
+def forward_backward(route_trans, skill_trans, log_emit, mask) -> ForwardBackward:
+    """Forward-backward over the joint state (r, k) with a factorized transition.
+
+    Args:
+        route_trans: [R + 1, R]; skill_trans: [K + 1, K] (last row = start);
+        log_emit: [N, T, R, K] log p(y_t | r, k); mask: bool[N, T] (a prefix of each row).
+    """
+    n, t_max, r_n, k_n = log_emit.shape
+    e, alphas, zs, log_evidence = _forward(route_trans, skill_trans, log_emit, mask)
+    mask_t = mask.T
 
     def bwd(beta, xs):
         e_next, m_next, z_next = xs
@@ -125,9 +140,7 @@ def chain_posterior(log_route_trans, log_skill_trans, log_emit, log_off_term, ma
     log_skill_trans_const = jax.lax.stop_gradient(log_skill_trans)
     probe = forward_backward(jnp.exp(log_route_trans_const), jnp.exp(log_skill_trans_const),
                              jax.lax.stop_gradient(log_emit), mask)
-    growth = jnp.sum(jnp.where(mask.T, -jnp.log(jnp.maximum(probe.zs, UNDERFLOW)), 0.0), axis=0)
-    risky = (jnp.any(mask.T & ~(probe.zs >= UNDERFLOW)) | jnp.any(growth > 500.0)
-             | jnp.any(~jnp.isfinite(probe.log_evidence)))
+    risky = _scaled_pass_fails(probe.zs, mask, probe.log_evidence)
 
     def guard(x):  # no gradient reaches the fast path when it is not used
         return jnp.where(risky, jax.lax.stop_gradient(x), x)
@@ -330,38 +343,20 @@ def _exact_log_evidence(model, n_chars, max_len, params, arrays):
     if model_spec(model).chain:
         log_emit = log_emission(data, params.noise, params.off_module)
         log_rt, log_st = safe_log(params.route_trans), safe_log(params.skill_trans)
-        n, t_max, r_n, k_n = log_emit.shape
         # the forward pass alone, scaled, as in chain_posterior; log space where it would under/overflow
-        shift = jnp.max(log_emit, axis=(-2, -1))
-        e = jnp.moveaxis(jnp.exp(log_emit - shift[..., None, None]), 1, 0)
-        rt, st = jnp.exp(log_rt), jnp.exp(log_st)
-        init = rt[r_n][:, None] * st[k_n][None, :]
-
-        def fwd(alpha, xs):
-            e_t, m_t, t = xs
-            pred = jnp.where(t == 0, init[None], jnp.einsum("nab,ar,bk->nrk", alpha, rt[:r_n], st[:k_n]))
-            a = pred * e_t
-            z = a.sum(axis=(1, 2))
-            return jnp.where(m_t[:, None, None], a / z[:, None, None], alpha), jnp.where(m_t, z, 1.0)
-
-        _, zs = jax.lax.scan(fwd, jnp.zeros((n, r_n, k_n), log_emit.dtype), (e, mask.T, jnp.arange(t_max)))
-        fast = jnp.sum(jnp.log(zs), axis=0) + jnp.sum(jnp.where(mask, shift, 0.0), axis=1)
-        growth = jnp.sum(jnp.where(mask.T, -jnp.log(jnp.maximum(zs, UNDERFLOW)), 0.0), axis=0)
-        risky = (jnp.any(mask.T & ~(zs >= UNDERFLOW)) | jnp.any(growth > 500.0) | jnp.any(~jnp.isfinite(fast)))
+        _, _, zs, fast = _forward(jnp.exp(log_rt), jnp.exp(log_st), log_emit, mask)
+        risky = _scaled_pass_fails(zs, mask, fast)
         return jax.lax.cond(risky, lambda a: log_chain(*a, mask)[1], lambda a: fast, (log_rt, log_st, log_emit))
     route_prior, skill_prior = execution_rows(model, params[0], params[1], data)
     length = jnp.asarray(data.length)
-    table = emission_table(params.noise, params.off_module, n_chars, max_len)
-    index = (length * (max_len + 2))[..., None, None] + jnp.asarray(data.match).astype(jnp.int32) + 1
-    p_emit = table.ravel()[index]
+    p_emit = emission(data, params.noise, params.off_module)  # 1 where no step is observed
     p_y = jnp.einsum("ntr,ntr->nt", jnp.einsum("ntrk,ntk->ntr", p_emit, skill_prior), route_prior)
     fast = jnp.sum(jnp.where(emit, jnp.log(p_y), 0.0), axis=1)
     risky = jnp.any(emit & ~(jnp.log(p_y) >= jnp.log(UNDERFLOW)))
 
     def careful(_):  # the full path's log-space branch: exact where p(y_t) underflows
-        p_emit_full = emission(data, params.noise, params.off_module)
         log_off_term = jnp.log(params.off_module) + log_p_off(length, data.n_chars, data.max_len)
-        return independent_posterior(route_prior, skill_prior, p_emit_full,
+        return independent_posterior(route_prior, skill_prior, p_emit,
                                      lambda: log_emission(data, params.noise, params.off_module), log_off_term, mask,
                                      emit, False).log_evidence
 
