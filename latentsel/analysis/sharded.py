@@ -41,16 +41,14 @@ BACKENDS = ("dask", "ray")
 
 def _build(path, world, model, chunk, max_depth, skip_invalid, cache):
     use_compilation_cache()  # on the worker: compiled once per worker machine, not per run
-    errors: list = []
-    corpus = StreamedCorpus(path, load_world(world), model, cache=cache, chunk=chunk, max_depth=max_depth,
-                            skip_invalid=skip_invalid, errors=errors)
-    corpus.skipped = [str(e) for e in errors]
-    return corpus
+    return StreamedCorpus(path, load_world(world), model, cache=cache, chunk=chunk, max_depth=max_depth,
+                          skip_invalid=skip_invalid)
 
 
 def _meta(corpus) -> dict:
     return {"n_traces": corpus.n_traces, "n_steps": corpus.n_steps, "n_parts": corpus.n_parts,
-            "max_depth": corpus.max_depth_seen, "skipped": corpus.skipped, "host": os.uname().nodename,
+            "max_depth": corpus.max_depth_seen, "skipped": [str(e) for e in corpus.skipped],
+            "host": os.uname().nodename,
             "pid": os.getpid()}
 
 
@@ -137,7 +135,7 @@ class ShardedCorpus:
             raise ImportError("the dask backend needs dask.distributed: pip install 'latentsel[dask]'") from None
         if client is None:
             if address is None:
-                cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+                cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
                 self._owned.append(cluster)
                 client = Client(cluster)
             else:

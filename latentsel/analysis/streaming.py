@@ -178,13 +178,14 @@ class StreamedCorpus:
             numbered in reading order, so the corpus is the same for any number of workers).
 
     Attributes: ``n_traces``, ``n_steps``, ``n_routes``, ``n_skills``, ``n_chars``, ``max_len``,
-    ``n_parts``, ``max_depth_seen``.
+    ``n_parts``, ``max_depth_seen``, ``skipped`` (the errors of the records skipped).
     """
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], world=None, model: str = "modular", *,
                  cache=None, chunk: int | None = None, max_depth: int | None = None, skip_invalid: bool = False,
                  errors: list | None = None, progress: bool = False, workers: int = 1):
         chunk = CHUNK_TRACES if chunk is None else chunk
+        self.skipped = errors = [] if errors is None else errors
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         spec = None

@@ -115,13 +115,11 @@ def cmd_fit_streamed(args) -> int:
         else:
             from latentsel.analysis.streaming import StreamedCorpus  # loads JAX, as above
 
-            errors: list = []
             print(f"reading {len(args.traces)} trace files in chunks, statistics built by {args.workers} processes",
                   flush=True)
             corpus = StreamedCorpus(args.traces, args.world, args.model, cache=args.cache, max_depth=args.max_depth,
-                                    skip_invalid=args.skip_invalid, errors=errors, progress=True,
+                                    skip_invalid=args.skip_invalid, progress=True,
                                     workers=args.workers)
-            corpus.skipped = errors
         with corpus:
             skipped = (sum(len(s["skipped"]) for s in corpus.shards) if hasattr(corpus, "shards")
                        else len(corpus.skipped))
