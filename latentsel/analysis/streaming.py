@@ -38,6 +38,7 @@ from latentsel.traces.emission import build_data
 from latentsel.traces.format import Trace
 from latentsel.traces.stream import CHUNK_TRACES, MAX_DEPTH, iter_chunks
 from latentsel.world import World, default_world
+from latentsel.world.compiled import set_threads
 from latentsel.world.loading import load_world
 
 __all__ = ["StreamedCorpus", "save_part", "load_part", "depth_groups"]
@@ -205,7 +206,9 @@ class StreamedCorpus:
         bar = tqdm(desc="building statistics", unit=" traces", unit_scale=True, leave=False) if progress else None
         pool = None
         if workers > 1:
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            # the workers share the cores: each compiled executor takes its part of them
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=set_threads, initargs=(max(1, (os.cpu_count() or 1) // workers),))
         pending: deque = deque()
         try:
             for traces in iter_chunks(self.paths, world=world, chunk=chunk, skip_invalid=skip_invalid, errors=errors,

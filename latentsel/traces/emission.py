@@ -10,6 +10,7 @@ corpus size.
 """
 from __future__ import annotations
 
+from itertools import chain
 from typing import Sequence
 
 import numpy as np
@@ -19,7 +20,8 @@ from latentsel.models.registry import model_spec
 from latentsel.traces import Trace
 from latentsel.traces.format import MAX_HIDDEN_RUN, echo, hidden_run_error
 from latentsel.world import World
-from latentsel.world.executor import apply_all, apply_distinct, encode
+from latentsel.world.compiled import compiled_matcher
+from latentsel.world.executor import PAD, apply_all, apply_distinct, encode
 
 __all__ = ["build_data", "MAX_HIDDEN_RUN"]
 
@@ -94,6 +96,12 @@ def _read_rows(world: World, h_codes, h_lens, node_owner, plans, items, level: i
     step = np.array([t for b in node_owner for t in steps_of[b]], dtype=np.int32)
     trace = np.array([i for i, _ in items], dtype=np.int64)[node_owner[node]] if node.size else node
     match = np.empty((node.size, world.n_routes, world.n_skills), dtype=np.int8)
+    compiled = compiled_matcher(world)
+    if compiled is not None:
+        rows = np.arange(node.size)
+        compiled(match[:, None], (rows, np.zeros_like(rows)), h_codes, h_lens, node, step + 1, y_codes, y_lens,
+                 (trace, step + 1))
+        return node.astype(np.int32), step, match
     for lo in range(0, node.size, chunk):
         sl = slice(lo, lo + chunk)
         out, out_lens, owner, index = apply_distinct(world, h_codes[node[sl]], h_lens[node[sl]], step[sl] + 1)
@@ -158,61 +166,72 @@ def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular",
     """
     if len(traces) == 0:
         raise ValueError("the corpus is empty: no traces to fit")
-    n, t_max = len(traces), max(tr.depth for tr in traces)
+    n = len(traces)
+    depth = np.fromiter(map(len, (tr.steps for tr in traces)), dtype=np.int64, count=n)
+    t_max = int(depth.max())
     if max_depth is not None and t_max > max_depth:
-        deep = next(tr for tr in traces if tr.depth == t_max)
+        deep = traces[int(np.argmax(depth))]
         raise ValueError(f"trace {echo(deep.id)} has {t_max} steps; the deepest trace accepted is max_depth={max_depth}")
     r_n, k_n = world.n_routes, world.n_skills
-    match = np.full((n, t_max, r_n, k_n), -1, dtype=np.int8)
-    step_mask = np.zeros((n, t_max), dtype=bool)
-    free = np.zeros((n, t_max), dtype=bool)
+    match = np.empty((n, t_max, r_n, k_n), dtype=np.int8)  # every cell is written below
+    step_mask = np.arange(t_max) < depth[:, None]
     route_int = np.zeros((n, t_max), dtype=np.int32)
     skill_int = np.zeros((n, t_max), dtype=np.int32)
 
     spec = model_spec(model)
-    route_of = {name: i for i, name in enumerate(world.route_names)}
-    skill_of = {name: i for i, name in enumerate(world.skill_names)}
-    strings, items = [], []
-    for i, tr in enumerate(traces):
-        depth = len(tr.steps)
-        if tr.program is None:
-            if spec.uses_program:
-                raise ValueError(f"trace {tr.id!r} states no program: only the grammar model applies")
-            prog = None
-        else:
-            try:
-                prog = [(route_of[r], skill_of[k]) for r, k in tr.program]
-            except KeyError:  # the world's lookup names the unknown module
-                prog = [(world.route_index(r), world.skill_index(k)) for r, k in tr.program]
-            if spec.uses_program:
-                route_int[i, :depth] = [r for r, _ in prog]
-                skill_int[i, :depth] = [k for _, k in prog]
-        step_mask[i, :depth] = True
-        free[i, :depth] = True
-        strings.append(tr.input)
-        # a hidden entry is a placeholder here: the steps that read it are in the block,
-        # whose tree replaces it by every executed output
-        strings.extend("" if y is None else y for y in tr.steps)
-        strings.extend([""] * (t_max - depth))
-        if None in tr.steps:
-            plan = _block_plan(tr, world)
-            if plan is not None:
-                items.append((i, plan))
-                free[i, plan[0]] = False
-                for reads in plan[1].values():
-                    free[i, reads] = False
+    if spec.uses_program:
+        programs = [tr.program for tr in traces]
+        if None in programs:
+            raise ValueError(f"trace {traces[programs.index(None)].id!r} states no program: only the grammar model applies")
+        short = np.fromiter(map(len, programs), dtype=np.int64, count=n) != depth
+        if short.any():
+            tr = traces[int(np.argmax(short))]
+            raise ValueError(f"trace {echo(tr.id)}: {len(tr.steps)} steps but a program of {len(tr.program)}")
+        module_of = {(r, k): i * k_n + j for i, r in enumerate(world.route_names) for j, k in enumerate(world.skill_names)}
+        try:
+            # the programs flattened in trace order fill the step mask's cells in C order
+            flat = np.fromiter(map(module_of.__getitem__, chain.from_iterable(tr.program for tr in traces)),
+                               dtype=np.int32, count=int(depth.sum()))
+        except (KeyError, TypeError):  # pairs as lists, or an unknown module (the world's lookup names it)
+            flat = np.array([world.route_index(r) * k_n + world.skill_index(k) for tr in traces for r, k in tr.program],
+                            dtype=np.int32)
+        route_int[step_mask], skill_int[step_mask] = np.divmod(flat, k_n)
+    # the inputs and steps of every trace, in C order of [N, T + 1]; a hidden entry is a
+    # placeholder here: the steps that read it are in the block, whose tree replaces it by
+    # every executed output
+    strings = list(chain.from_iterable(chain((tr.input,), tr.steps) for tr in traces))
+    hidden_traces = [i for i, tr in enumerate(traces) if None in tr.steps] if None in strings else []
+    first = np.concatenate([[0], np.cumsum(depth + 1)])  # each trace's input in ``strings``
+    for i in hidden_traces:
+        lo = int(first[i]) + 1
+        strings[lo: lo + int(depth[i])] = ["" if y is None else y for y in traces[i].steps]
+    free = step_mask.copy()
+    items = []
+    for i in hidden_traces:
+        plan = _block_plan(traces[i], world)
+        if plan is not None:
+            items.append((i, plan))
+            free[i, plan[0]] = False
+            for reads in plan[1].values():
+                free[i, reads] = False
     observed = step_mask.copy()
-    for i in (i for i, tr in enumerate(traces) if None in tr.steps):
+    for i in hidden_traces:
         observed[i, : traces[i].depth] = [y is not None for y in traces[i].steps]
     emit = observed & free
     # every trace's full teacher-forced history, encoded once: [N, T + 1, W]
-    codes, lens = encode(strings, world)
-    codes = codes.reshape(n, t_max + 1, world.max_len)
-    lens = lens.reshape(n, t_max + 1)
+    flat_codes, flat_lens = encode(strings, world)
+    filled = np.arange(t_max + 1) <= depth[:, None]
+    codes = np.full((n, t_max + 1, world.max_len), PAD, dtype=np.uint8)
+    lens = np.zeros((n, t_max + 1), dtype=np.int32)
+    codes[filled], lens[filled] = flat_codes, flat_lens
     length = np.where(observed, lens[:, 1:], 0).astype(np.int32)
 
+    match[~emit] = -1  # no step, or a step whose emission is not its match counts
     jobs_n, jobs_t = np.nonzero(emit)
-    for lo in range(0, jobs_n.size, chunk):
+    compiled = compiled_matcher(world)
+    if compiled is not None:  # the default world's modules: one compiled pass, no outputs written
+        compiled(match, (jobs_n, jobs_t), codes, lens, jobs_n, jobs_t + 1, codes, lens, (jobs_n, jobs_t + 1))
+    for lo in range(0, 0 if compiled is not None else jobs_n.size, chunk):
         jn, jt = jobs_n[lo: lo + chunk], jobs_t[lo: lo + chunk]
         # the executor reads only the first ``depth`` entries of each history
         out, out_lens, owner, index = apply_distinct(world, codes[jn, :t_max], lens[jn, :t_max],

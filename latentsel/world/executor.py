@@ -35,19 +35,16 @@ def encode(strings: Sequence[str], world: World) -> tuple[np.ndarray, np.ndarray
     if world.n_chars >= PAD:
         raise ValueError(f"the batch executor supports alphabets of < {PAD} characters, got {world.n_chars}")
     w = world.max_len
-    lens = np.fromiter((len(s) for s in strings), dtype=np.int32, count=len(strings))
-    codes = np.full((len(strings), w), PAD, dtype=np.uint8)
+    lens = np.fromiter(map(len, strings), dtype=np.int32, count=len(strings))
     if lens.size and lens.max() > w:
         i = int(np.argmax(lens > w))
         raise ValueError(f"string {strings[i]!r} is longer than max_len={w}")
-    chars = np.frombuffer("".join(strings).encode("utf-32-le"), dtype=np.uint32)
-    mapped = _lookup_table(world.alphabet)[np.minimum(chars, 0x10FFFF)]
-    if (mapped == PAD).any():
+    mapped = _lookup_table(world.alphabet)[np.frombuffer("".join(strings).encode("utf-32-le"), dtype=np.uint32)]
+    if (mapped == PAD).any():  # a character outside the alphabet: name its string
         i = int(np.searchsorted(np.cumsum(lens), int(np.argmax(mapped == PAD)), side="right"))
         world.check_string(strings[i])
-    rows = np.repeat(np.arange(len(strings)), lens)
-    cols = np.arange(chars.size) - np.repeat(np.cumsum(lens) - lens, lens)
-    codes[rows, cols] = mapped
+    codes = np.full((len(strings), w), PAD, dtype=np.uint8)
+    codes[np.arange(w) < lens[:, None]] = mapped  # the characters of each row fill its first len cells
     return codes, lens
 
 
