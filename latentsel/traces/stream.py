@@ -23,6 +23,8 @@ from pathlib import Path
 import gc
 import json
 from functools import lru_cache
+from operator import attrgetter
+from itertools import chain, islice
 from typing import Any, Iterator, Literal, Optional, Sequence
 
 import msgspec
@@ -86,19 +88,32 @@ def _fast_chunk(lines: list[bytes], world: World) -> list:
     finally:
         if enabled:
             gc.enable()
-    if not all(rec.id and rec.steps for rec in records):
+    n = len(records)
+    steps = [rec.steps for rec in records]
+    depth = np.fromiter(map(len, steps), dtype=np.int64, count=n)
+    if not depth.all() or not all(rec.id for rec in records):
         raise _Slow
-    if not all(rec.program is None or len(rec.program) == len(rec.steps) for rec in records):
+    programs = [rec.program for rec in records]
+    if None in programs:
+        if any(p is not None and len(p) != d for p, d in zip(programs, depth.tolist())):
+            raise _Slow
+    elif (np.fromiter(map(len, programs), dtype=np.int64, count=n) != depth).any():
         raise _Slow
-    truths = [rec for rec in records if rec.truth is not None]
-    if not all(len(t.truth.routes) == len(t.truth.skills) == len(t.truth.off) == len(t.steps) for t in truths):
-        raise _Slow
-    hidden = [rec for rec in records if None in rec.steps]
-    if any(hidden_run_error(rec.steps) is not None for rec in hidden):
-        raise _Slow
+    truths = [rec.truth for rec in records]
+    if truths.count(None) < n:  # simulated records: every truth list as long as the steps
+        have = np.array([t is not None for t in truths])
+        truths = [t for t in truths if t is not None]
+        for field in ("routes", "skills", "off"):
+            if (np.fromiter(map(len, map(attrgetter(field), truths)), dtype=np.int64, count=len(truths))
+                    != depth[have]).any():
+                raise _Slow
     # every string of the chunk against the alphabet and max_len in one pass
     strings = [rec.input for rec in records]
-    strings += [y for rec in records for y in rec.steps if y is not None]
+    strings += chain.from_iterable(steps)
+    if None in strings:  # hidden steps: the rule on their runs, and only observed strings checked
+        if any(hidden_run_error(s) is not None for s in steps if None in s):
+            raise _Slow
+        strings = [s for s in strings if s is not None]
     strings += [rec.answer for rec in records if rec.answer is not None]
     lens = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
     if lens.size and lens.max() > world.max_len:
@@ -107,6 +122,11 @@ def _fast_chunk(lines: list[bytes], world: World) -> list:
     if (_lookup_table(world.alphabet)[np.minimum(chars, 0x10FFFF)] == PAD).any():
         raise _Slow
     return records
+
+
+def _fast_type(world: World) -> type:
+    """The class of the records :func:`_fast_chunk` decodes for ``world``."""
+    return _decoder(tuple(world.route_names), tuple(world.skill_names)).type
 
 
 class _Ids:
@@ -169,20 +189,37 @@ def _file_chunks(path: Path, world: World, chunk: int, skip_invalid: bool, error
 
     def flush():
         try:
-            parsed = list(zip(buf_lines, _fast_chunk(buf, world)))
+            records = _fast_chunk(buf, world)
         except _Slow:
-            parsed = []
-            for raw, n in zip(buf, buf_lines):
-                try:
-                    tr = parse_line(raw, world)
-                except TraceFormatError as e:
-                    parsed.append((n, e))
-                    continue
-                if tr is not None:  # a line of Unicode whitespace only is blank, as read_traces reads it
-                    parsed.append((n, tr))
+            records = None
+        if records is not None:  # every line decoded and valid: only ids and depths are left to check
+            lines = np.asarray(buf_lines, dtype=np.int64)
+            firsts = ids.first_line([rec.id for rec in records], lines)
+            deep = np.fromiter(map(len, (rec.steps for rec in records)), dtype=np.int64, count=len(records)) > max_depth
+            if not deep.any() and firsts.count(None) == len(firsts):
+                buf.clear()
+                buf_lines.clear()
+                return records
+            parsed = list(zip(buf_lines, records))
+            firsts = dict(zip(buf_lines, firsts))
+            return report(parsed, firsts)
+        parsed = []
+        for raw, n in zip(buf, buf_lines):
+            try:
+                tr = parse_line(raw, world)
+            except TraceFormatError as e:
+                parsed.append((n, e))
+                continue
+            if tr is not None:  # a line of Unicode whitespace only is blank, as read_traces reads it
+                parsed.append((n, tr))
         good = [(n, tr) for n, tr in parsed if not isinstance(tr, TraceFormatError)]
         firsts = dict(zip((n for n, _ in good), ids.first_line([tr.id for _, tr in good],
                                                                np.asarray([n for n, _ in good], dtype=np.int64))))
+        return report(parsed, firsts)
+
+    def report(parsed, firsts):
+        """The traces of ``parsed``, each bad line (a parse error, a repeated id, too many
+        steps) raised or set aside in line order."""
         out = []
         for n, tr in parsed:  # line order: the first bad line is the one reported
             if isinstance(tr, TraceFormatError):
@@ -205,19 +242,23 @@ def _file_chunks(path: Path, world: World, chunk: int, skip_invalid: bool, error
         return out
 
     try:
-        for line_no, raw in enumerate(_open_lines(path), start=1):
-            if not raw.strip():
-                continue
-            buf.append(raw)
-            buf_lines.append(line_no)
-            if len(buf) >= chunk:
+        lines = _open_lines(path)
+        while True:
+            block = list(islice(lines, chunk))  # ``chunk`` lines at a time, blank ones left out
+            if not block:
+                break
+            if all(map(bytes.strip, block)):
+                buf.extend(block)
+                buf_lines.extend(range(line_no + 1, line_no + 1 + len(block)))
+            else:
+                kept = [(n, raw) for n, raw in enumerate(block, start=line_no + 1) if raw.strip()]
+                buf.extend(raw for _, raw in kept)
+                buf_lines.extend(n for n, _ in kept)
+            line_no += len(block)
+            if buf:
                 traces = flush()
                 if traces:
                     yield traces
-        if buf:
-            traces = flush()
-            if traces:
-                yield traces
     except FileNotFoundError:
         raise TraceFormatError("no such file", str(path)) from None
     except (OSError, EOFError) as e:
@@ -248,9 +289,11 @@ def iter_chunks(paths: str | os.PathLike | Sequence[str | os.PathLike], *, world
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if max_depth < 1:
         raise ValueError(f"max_depth must be >= 1, got {max_depth}")
+    fast = _fast_type(world)
     for path in ([paths] if isinstance(paths, (str, os.PathLike)) else list(paths)):
         for traces in _file_chunks(Path(path), world, chunk, skip_invalid, errors, max_depth):
-            if prefixes:
+            if prefixes and not all(type(tr) is fast for tr in traces):
+                # only the full parser reads a malformed completion: records of the fast path are whole
                 traces = read_prefixes(traces)[0]
             if traces:
                 yield traces

@@ -61,6 +61,10 @@ BAD = {
     "truth names": lambda r: r.update(truth={**r["truth"], "skills": ["zzz"] * len(r["steps"])}),
     "hidden run": lambda r: r.update(steps=[None, None, None, "ab"], program=r["program"][:1] * 4,
                                      truth=None),
+    "truth length": lambda r: r.update(truth={**r["truth"], "off": r["truth"]["off"][:-1]}),
+    "no steps": lambda r: r.update(steps=[], program=[], truth=None),
+    "bad answer": lambda r: r.update(answer="AB"),
+    "program length, some programs absent": lambda r: r.update(program=r["program"][:-1], _none_before=True),
 }
 
 
@@ -69,6 +73,8 @@ def test_a_bad_record_is_the_error_read_traces_gives(corpus, world, tmp_path, wh
     lines = _lines(corpus[0][0])[:40]
     record = json.loads(lines[25])
     BAD[what](record)
+    if record.pop("_none_before", False):  # a chunk that mixes traces with and without programs
+        lines[3] = json.dumps(dict(json.loads(lines[3]), program=None))
     lines[25] = json.dumps(record)
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
