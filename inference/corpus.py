@@ -13,7 +13,8 @@ import numpy as np
 
 from latentsel.inference.blocks import block_map, block_posterior
 from latentsel.inference.chain_blocks import chain_block_map, chain_block_posterior, layouts
-from latentsel.inference.exact import ExactPosterior, exact_log_evidence, exact_posterior
+from latentsel.inference.exact import UNDERFLOW, ExactPosterior, exact_log_evidence, exact_posterior
+from latentsel.inference.kernels import independent_log_evidence, independent_posterior_arrays
 from latentsel.models.data import HLSMData
 from latentsel.models.registry import model_spec
 
@@ -89,7 +90,17 @@ def corpus_posterior(model: str, params, data: HLSMData, chunk: int = CHUNK, *, 
     with jax.enable_x64(True):
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
         fast = _fast_rows(model, data)
-        if fast.size == n:  # every trace: chunks are consecutive, concatenated once
+        if not model_spec(model).chain:
+            # one compiled pass; the traces where it would underflow by the jitted path's log-space branch
+            *fields, careful = independent_posterior_arrays(model, params, data, UNDERFLOW, joint)
+            out = ExactPosterior(*fields)
+            fast = np.flatnonzero(careful)
+            for rows, part in (chunks(data.take(fast), chunk, pad=True) if fast.size else ()):
+                post = _cut(exact_posterior(model, params, part, joint=joint), rows.size, t)
+                for field, value in zip(out, post):
+                    if field is not None:
+                        field[fast[rows]] = value
+        elif fast.size == n:  # every trace: chunks are consecutive, concatenated once
             # padded to a shape bucket (compiled once a process), cut back to the chunk's traces and steps
             parts = [_cut(exact_posterior(model, params, part, joint=joint), rows.size, t)
                      for rows, part in chunks(data, chunk, pad=True)]
@@ -134,6 +145,10 @@ def corpus_log_evidence(model: str, params, data: HLSMData, chunk: int = CHUNK) 
     with jax.enable_x64(True):
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
         fast = _fast_rows(model, data)
+        if not model_spec(model).chain:
+            # one compiled pass; the traces where it would underflow by the jitted path's log-space branch
+            out, careful = independent_log_evidence(model, params, data, UNDERFLOW)
+            fast = np.flatnonzero(careful)
         sub = data if fast.size == n else data.take(fast)
         for rows, part in (chunks(sub, chunk, pad=True) if fast.size else ()):
             out[fast[rows]] = np.asarray(exact_log_evidence(model, params, part))[:rows.size]

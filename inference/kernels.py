@@ -1,0 +1,144 @@
+"""The evidence of the independent-step models, compiled (numba): one pass over the statistics.
+
+``log p(D_n | θ) = Σ_t log Σ_{r,k} p(r | program) p(k | program) p(y_t | r, k)``: the emission
+is a lookup in the ``[len, m]`` table (:func:`latentsel.models.data.emission_table`), the sum a
+loop that reads each step's R*K match counts once, with no ``[N, T, R, K]`` float tensor made.
+A trace with a step whose ``p(y_t)`` falls below :data:`~latentsel.inference.exact.UNDERFLOW`
+is flagged, and :func:`latentsel.inference.corpus.corpus_log_evidence` recomputes it in log
+space by the jitted path, so the result is the same, exact for every parameter in range.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from latentsel.models.data import HLSMData, emission_table
+from latentsel.models.registry import model_spec
+
+__all__ = ["independent_log_evidence", "independent_posterior_arrays"]
+
+
+def _rows(model: str, params, data: HLSMData):
+    """The execution rows as 2-D tables and each step's row in them: ``(route_p, cr, skill_p, ck)``."""
+    spec = model_spec(model)
+    if spec.chain:
+        raise ValueError(f"the compiled kernels are for the independent-step models, not the chain {model!r}")
+    route_p, skill_p = (np.asarray(p, dtype=np.float64) for p in (params[0], params[1]))
+    cr = np.asarray(data.route_intended, dtype=np.int64)
+    ck = np.asarray(data.skill_intended, dtype=np.int64)
+    r_n, k_n = data.n_routes, data.n_skills
+    if spec.context:  # row (previous intended, intended); the start is context R / K
+        prev_r = np.concatenate([np.full_like(cr[:, :1], r_n), cr[:, :-1]], axis=1)
+        prev_k = np.concatenate([np.full_like(ck[:, :1], k_n), ck[:, :-1]], axis=1)
+        cr, ck = prev_r * r_n + cr, prev_k * k_n + ck
+        route_p, skill_p = route_p.reshape(-1, r_n), skill_p.reshape(-1, k_n)
+    return np.ascontiguousarray(route_p), cr, np.ascontiguousarray(skill_p), ck
+
+
+def _table(params, data: HLSMData) -> np.ndarray:
+    return np.ascontiguousarray(emission_table(params.noise, params.off_module, data.n_chars, data.max_len),
+                                dtype=np.float64)
+
+
+def independent_posterior_arrays(model: str, params, data: HLSMData, underflow: float, joint: bool):
+    """The exact posterior of the steps outside hidden-step blocks (``modular`` / ``entangled``):
+    ``(log_evidence [N], route_probs [N, T, R], skill_probs [N, T, K], p_off [N, T],
+    map_route [N, T], map_skill [N, T], joint_probs [N, T, R, K] or None, careful: bool[N])``,
+    as :func:`latentsel.inference.exact.exact_posterior` gives them where ``careful`` is False
+    (the traces with a step whose ``p(y_t)`` is below ``underflow``, to be recomputed in log space)."""
+    route_p, cr, skill_p, ck = _rows(model, params, data)
+    n, t, r_n, k_n = data.match.shape
+    length = np.ascontiguousarray(data.length, dtype=np.int64)
+    ln = np.arange(data.max_len + 1.0)
+    # off p_off(y) by length, as exp(log off + log p_off) (the jitted path's log_off_term)
+    off_term = np.exp(np.log(float(params.off_module)) - ln * np.log(data.n_chars) - np.log(data.max_len + 1.0))
+    out = (np.zeros(n), np.zeros((n, t, r_n)), np.zeros((n, t, k_n)), np.zeros((n, t)),
+           np.full((n, t), -1, dtype=np.int64), np.full((n, t), -1, dtype=np.int64))
+    joint_probs = np.zeros((n, t, r_n, k_n)) if joint else np.zeros((0, 0, r_n, k_n))
+    careful = np.zeros(n, dtype=bool)
+    if n:
+        _posterior(np.ascontiguousarray(data.match), length, np.ascontiguousarray(data.free),
+                   np.ascontiguousarray(data.emit), cr, ck, route_p, skill_p, _table(params, data), off_term,
+                   float(underflow), joint, *out, joint_probs, careful)
+    return (*out, joint_probs if joint else None, careful)
+
+
+def independent_log_evidence(model: str, params, data: HLSMData, underflow: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(log_evidence: float64[N], careful: bool[N])`` of the steps outside hidden-step blocks
+    under ``modular`` or ``entangled``; ``careful`` marks the traces with a step whose ``p(y_t)``
+    is below ``underflow`` (their evidence is to be recomputed in log space)."""
+    route_p, cr, skill_p, ck = _rows(model, params, data)
+    table = _table(params, data)
+    out = np.zeros(data.n_traces)
+    careful = np.zeros(data.n_traces, dtype=bool)
+    if data.n_traces:
+        _evidence(np.ascontiguousarray(data.match), np.ascontiguousarray(data.length, dtype=np.int64),
+                  np.ascontiguousarray(data.emit), cr, ck, route_p, skill_p, table, float(underflow), out, careful)
+    return out, careful
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _evidence(match, length, emit, cr, ck, route_p, skill_p, table, underflow, out, careful):
+    n, t, r_n, k_n = match.shape
+    for i in prange(n):
+        total = 0.0
+        for s in range(t):
+            if not emit[i, s]:
+                continue
+            ln, a, b = length[i, s], cr[i, s], ck[i, s]
+            p = 0.0
+            for r in range(r_n):
+                acc = 0.0
+                for k in range(k_n):
+                    acc += skill_p[b, k] * table[ln, match[i, s, r, k] + 1]
+                p += route_p[a, r] * acc
+            if not p >= underflow:  # (NaN included)
+                careful[i] = True
+            else:
+                total += math.log(p)
+        out[i] = total
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _posterior(match, length, mask, emit, cr, ck, route_p, skill_p, table, off_term, underflow, with_joint,
+               log_evidence, route_probs, skill_probs, p_off, map_route, map_skill, joint_probs, careful):
+    n, t, r_n, k_n = match.shape
+    for i in prange(n):
+        w = np.empty((r_n, k_n))
+        total = 0.0
+        for s in range(t):
+            if not mask[i, s]:
+                continue
+            ln, a, b = length[i, s], cr[i, s], ck[i, s]
+            observed = emit[i, s]
+            p = 0.0
+            best, at = -1.0, 0
+            for r in range(r_n):
+                for k in range(k_n):
+                    # (ρ κ) E in the jitted path's order, so that ties in the MAP stay ties
+                    x = route_p[a, r] * skill_p[b, k]
+                    if observed:
+                        x *= table[ln, match[i, s, r, k] + 1]
+                    w[r, k] = x
+                    p += x
+                    if x > best:
+                        best, at = x, r * k_n + k
+            if observed:
+                if not p >= underflow:  # (NaN included)
+                    careful[i] = True
+                    continue
+                total += math.log(p)
+                p_off[i, s] = min(max(off_term[ln] / p, 0.0), 1.0)
+            map_route[i, s], map_skill[i, s] = at // k_n, at % k_n
+            for r in range(r_n):
+                acc = 0.0
+                for k in range(k_n):
+                    x = w[r, k] / p
+                    acc += x
+                    skill_probs[i, s, k] += x
+                    if with_joint:
+                        joint_probs[i, s, r, k] = x
+                route_probs[i, s, r] = acc
+        log_evidence[i] = total
