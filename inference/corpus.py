@@ -14,7 +14,7 @@ import numpy as np
 from latentsel.inference.blocks import block_map, block_posterior
 from latentsel.inference.chain_blocks import chain_block_map, chain_block_posterior, layouts
 from latentsel.inference.exact import UNDERFLOW, ExactPosterior, exact_log_evidence, exact_posterior
-from latentsel.inference.kernels import independent_log_evidence, independent_posterior_arrays
+from latentsel._compiled import use_compiled
 from latentsel.models.data import HLSMData
 from latentsel.models.registry import model_spec
 
@@ -24,6 +24,11 @@ CHUNK = 1024
 """Traces per jitted call: a chunk's per-step tensors ([chunk, T, R, K] float64, 8 MB at T = 4)
 stay in cache, which made the evidence and the E-step about twice as fast as chunks of 8192
 (``benchmarks/inference.py --chunk``)."""
+
+
+COMPILED_FROM = 8_192
+"""Traces from which the independent models' evidence and posterior take the compiled pass:
+below it numba's start costs more than it saves."""
 
 
 def _bucket(n: int, lo: int = 64) -> int:
@@ -90,8 +95,9 @@ def corpus_posterior(model: str, params, data: HLSMData, chunk: int = CHUNK, *, 
     with jax.enable_x64(True):
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
         fast = _fast_rows(model, data)
-        if not model_spec(model).chain:
+        if not model_spec(model).chain and use_compiled(n, COMPILED_FROM):
             # one compiled pass; the traces where it would underflow by the jitted path's log-space branch
+            from latentsel.inference.kernels import independent_posterior_arrays  # numba: only where it pays back
             *fields, careful = independent_posterior_arrays(model, params, data, UNDERFLOW, joint)
             out = ExactPosterior(*fields)
             fast = np.flatnonzero(careful)
@@ -145,8 +151,9 @@ def corpus_log_evidence(model: str, params, data: HLSMData, chunk: int = CHUNK) 
     with jax.enable_x64(True):
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
         fast = _fast_rows(model, data)
-        if not model_spec(model).chain:
+        if not model_spec(model).chain and use_compiled(n, COMPILED_FROM):
             # one compiled pass; the traces where it would underflow by the jitted path's log-space branch
+            from latentsel.inference.kernels import independent_log_evidence  # numba: only where it pays back
             out, careful = independent_log_evidence(model, params, data, UNDERFLOW)
             fast = np.flatnonzero(careful)
         sub = data if fast.size == n else data.take(fast)

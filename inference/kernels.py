@@ -38,8 +38,8 @@ def _rows(model: str, params, data: HLSMData):
 
 
 def _table(params, data: HLSMData) -> np.ndarray:
-    return np.ascontiguousarray(emission_table(params.noise, params.off_module, data.n_chars, data.max_len),
-                                dtype=np.float64)
+    return np.ascontiguousarray(emission_table(float(params.noise), float(params.off_module), data.n_chars,
+                                               data.max_len, xp=np), dtype=np.float64)
 
 
 def independent_posterior_arrays(model: str, params, data: HLSMData, underflow: float, joint: bool):

@@ -270,9 +270,10 @@ class HLSMData(NamedTuple):
         return self._replace(blocks=())
 
 
-def log_p_off(length, n_chars: int, max_len: int):
-    """log p_off(y) = -len(y) log A - log(MAX_LEN + 1); ``length: [...]`` -> ``[...]``."""
-    return -length * jnp.log(n_chars) - jnp.log(max_len + 1.0)
+def log_p_off(length, n_chars: int, max_len: int, xp=jnp):
+    """log p_off(y) = -len(y) log A - log(MAX_LEN + 1); ``length: [...]`` -> ``[...]``
+    (``xp``: the array module, ``jnp`` or ``np``)."""
+    return -length * xp.log(n_chars) - xp.log(max_len + 1.0)
 
 
 def log_p_on(data: HLSMData, noise):
@@ -324,17 +325,17 @@ def log_emission(data: HLSMData, noise, off_module):
     return jnp.where(jnp.asarray(data.emit)[..., None, None], le, 0.0)
 
 
-def emission_table(noise, off_module, n_chars: int, max_len: int):
+def emission_table(noise, off_module, n_chars: int, max_len: int, xp=jnp):
     """p(y | r, k) for every (len(y), m): ``[max_len + 1, max_len + 2]``, column ``m + 1``
-    (column 0 is m = -1, lengths differ). Entries with m > len are unused."""
-    length = jnp.arange(max_len + 1.0)[:, None]
-    m = jnp.arange(-1.0, max_len + 1.0)[None, :]
-    on = jnp.where(
-        (m >= 0) & (m <= length),
-        jnp.exp(m * jnp.log1p(-noise) + (length - m) * (jnp.log(noise) - jnp.log(n_chars - 1.0))),
-        0.0,
-    )
-    return (1 - off_module) * on + off_module * jnp.exp(log_p_off(length, n_chars, max_len))
+    (column 0 is m = -1, lengths differ). Entries with m > len are unused. ``xp``: the array
+    module (``np`` computes it in numpy, float64, without a JAX dispatch per operation)."""
+    length = xp.arange(max_len + 1.0)[:, None]
+    m = xp.arange(-1.0, max_len + 1.0)[None, :]
+    valid = (m >= 0) & (m <= length)
+    # masked before the power, so that no 0 * inf is formed at noise 0 (np warns on it)
+    exponent = xp.where(valid, m * xp.log1p(-noise) + (length - m) * (xp.log(noise) - xp.log(n_chars - 1.0)), -xp.inf)
+    on = xp.where(valid, xp.exp(exponent), 0.0)
+    return (1 - off_module) * on + off_module * xp.exp(log_p_off(length, n_chars, max_len, xp))
 
 
 def emission(data: HLSMData, noise, off_module):

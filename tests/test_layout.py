@@ -29,7 +29,7 @@ ALLOWED = {
     "cli": {"world", "traces", "models", "inference", "analysis", "plots", "experiments", "policy"},
 }
 # the root: the package itself (the public names of DESIGN §8) and private helpers
-ROOT_MODULES = {"latentsel", "latentsel._io", "latentsel._jax", "latentsel.__main__"}
+ROOT_MODULES = {"latentsel", "latentsel._io", "latentsel._jax", "latentsel._compiled", "latentsel.__main__"}
 
 
 def package_modules(roots: dict[str, Path]) -> dict[str, Path]:

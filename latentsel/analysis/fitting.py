@@ -29,11 +29,8 @@ from latentsel.analysis.options import (
 )
 from latentsel.analysis.posterior import posterior_from_data
 from latentsel.analysis.results import Fit, StepPosterior, params_to_json
-from latentsel.inference.collapsed import params_from_sites
 from latentsel.inference.conjugate import ConjugatePosterior, conjugate_posterior, prior_concentrations
 from latentsel.inference.em import fit_em
-from latentsel.inference.mcmc import fit_nuts
-from latentsel.inference.mcmc import summary as summary_of
 from latentsel.models.data import HLSMData
 from latentsel.models.registry import model_spec
 from latentsel.traces import Trace, read_traces
@@ -89,7 +86,11 @@ def fit_traces(traces: Sequence[Trace], world: World, model: str = "modular", op
     fitter = {"em": _fit_em, "svi": _fit_svi, "nuts": _fit_nuts, "amortized": _fit_amortized}[options.method]
     params, summary, result, posterior = fitter(model, data, options, progress)
     exact = posterior_from_data(data, params, model, joint=False)
-    draws = params_from_sites(model, result.samples) if options.method == "nuts" else None
+    draws = None
+    if options.method == "nuts":
+        # numpyro is imported by the NUTS and SVI fits alone: half a second of every other command
+        from latentsel.inference.collapsed import params_from_sites
+        draws = params_from_sites(model, result.samples)
     conjugate = None if draws is not None else conjugate_posterior(model, params, data)
     steps = StepPosterior.of(exact if posterior is None else posterior, exact.log_evidence, [tr.id for tr in traces],
                              [tr.depth for tr in traces], world)
@@ -218,6 +219,10 @@ def _fit_amortized(model, data, options: AmortizedOptions, progress):
 
 
 def _fit_nuts(model, data, options: NUTSOptions, progress):
+    # numpyro is imported by the NUTS and SVI fits alone: half a second of every other command
+    from latentsel.inference.collapsed import params_from_sites
+    from latentsel.inference.mcmc import fit_nuts
+    from latentsel.inference.mcmc import summary as summary_of
     result = fit_nuts(model, data, num_warmup=options.warmup, num_samples=options.samples, num_chains=options.chains,
                       seed=options.seed, progress_bar=progress)
     stds = params_from_sites(model, {name: v.std(axis=(0, 1)) for name, v in result.samples.items()})

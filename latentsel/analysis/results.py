@@ -23,16 +23,18 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
-import pandas as pd
 
 from latentsel._io import atomic_open, digest, discard, locked_folder
 from latentsel.analysis.options import METHODS, EMOptions, FitOptions
 from latentsel.inference.conjugate import ConjugatePosterior
 from latentsel.models.registry import model_spec, params_class, validate_params
 from latentsel.world import World, default_world
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["Fit", "StepPosterior", "load_fit", "read_params", "params_to_json", "SCHEMA"]
 
@@ -103,6 +105,7 @@ class StepPosterior(NamedTuple):
         posterior probabilities ``p_map_route`` / ``p_map_skill``, and ``p_off``."""
         n, t = np.nonzero(np.arange(self.route_probs.shape[1])[None, :] < self.depth[:, None])
         r, k = self.map_route[n, t], self.map_skill[n, t]
+        import pandas as pd  # tables alone need pandas: not every command pays its import
         return pd.DataFrame({
             "trace_id": np.asarray(self.trace_ids, dtype=object)[n], "step": t + 1,
             "map_route": np.asarray(self.route_names, dtype=object)[r],
@@ -173,6 +176,7 @@ class Fit(NamedTuple):
         every step's module is identified; where modules alias they are too narrow (the data
         cannot tell the aliased entries apart, see ``latentsel identify``).
         """
+        import pandas as pd  # tables alone need pandas: not every command pays its import
         if not 0 < level < 1:
             raise ValueError(f"level must lie in (0, 1), got {level}")
         spec = model_spec(self.model)

@@ -38,7 +38,6 @@ from latentsel.traces.emission import build_data
 from latentsel.traces.format import Trace
 from latentsel.traces.stream import CHUNK_TRACES, MAX_DEPTH, iter_chunks
 from latentsel.world import World, default_world
-from latentsel.world.compiled import set_threads
 from latentsel.world.loading import load_world
 
 __all__ = ["StreamedCorpus", "save_part", "load_part", "depth_groups"]
@@ -134,6 +133,12 @@ class _Parts:
             self._owned()
 
 
+def _start_worker(threads: int) -> None:
+    """A build worker's compiled executor takes ``threads`` of the cores (the workers share them)."""
+    from latentsel.world.compiled import set_threads  # numba loads in the workers, not in every importer
+    set_threads(threads)
+
+
 def _plain(tr) -> Trace:
     """What the statistics read of a trace, as a :class:`Trace` (a decoded record's class is made
     per world and does not cross a process boundary)."""
@@ -208,7 +213,7 @@ class StreamedCorpus:
         if workers > 1:
             # the workers share the cores: each compiled executor takes its part of them
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=set_threads, initargs=(max(1, (os.cpu_count() or 1) // workers),))
+                                       initializer=_start_worker, initargs=(max(1, (os.cpu_count() or 1) // workers),))
         pending: deque = deque()
         try:
             for traces in iter_chunks(self.paths, world=world, chunk=chunk, skip_invalid=skip_invalid, errors=errors,

@@ -15,15 +15,28 @@ from typing import Sequence
 
 import numpy as np
 
+from latentsel._compiled import use_compiled
 from latentsel.models.data import HiddenBlocks, HLSMData
 from latentsel.models.registry import model_spec
 from latentsel.traces import Trace
 from latentsel.traces.format import MAX_HIDDEN_RUN, echo, hidden_run_error
 from latentsel.world import World
-from latentsel.world.compiled import compiled_matcher
 from latentsel.world.executor import PAD, apply_all, apply_distinct, encode
 
 __all__ = ["build_data", "MAX_HIDDEN_RUN"]
+
+
+COMPILED_FROM = 32_768
+"""Steps from which the statistics are built by the compiled executor (when the world's modules
+have compiled twins): below it numba's start costs more than it saves."""
+
+
+def _matcher(world: World, steps: int):
+    """The compiled match counts for ``steps`` steps of ``world``, or ``None`` (the vectorized executor)."""
+    if not use_compiled(steps, COMPILED_FROM):
+        return None
+    from latentsel.world.compiled import compiled_matcher  # numba loads only where it pays back
+    return compiled_matcher(world)
 
 
 def _block_plan(tr: Trace, world: World) -> tuple[list[int], dict[int, list[int]]] | None:
@@ -96,7 +109,7 @@ def _read_rows(world: World, h_codes, h_lens, node_owner, plans, items, level: i
     step = np.array([t for b in node_owner for t in steps_of[b]], dtype=np.int32)
     trace = np.array([i for i, _ in items], dtype=np.int64)[node_owner[node]] if node.size else node
     match = np.empty((node.size, world.n_routes, world.n_skills), dtype=np.int8)
-    compiled = compiled_matcher(world)
+    compiled = _matcher(world, node.size)
     if compiled is not None:
         rows = np.arange(node.size)
         compiled(match[:, None], (rows, np.zeros_like(rows)), h_codes, h_lens, node, step + 1, y_codes, y_lens,
@@ -228,7 +241,7 @@ def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular",
 
     match[~emit] = -1  # no step, or a step whose emission is not its match counts
     jobs_n, jobs_t = np.nonzero(emit)
-    compiled = compiled_matcher(world)
+    compiled = _matcher(world, jobs_n.size)
     if compiled is not None:  # the default world's modules: one compiled pass, no outputs written
         compiled(match, (jobs_n, jobs_t), codes, lens, jobs_n, jobs_t + 1, codes, lens, (jobs_n, jobs_t + 1))
     for lo in range(0, 0 if compiled is not None else jobs_n.size, chunk):

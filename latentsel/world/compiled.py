@@ -10,13 +10,11 @@ equal to the module's reference function and the counts equal to the executor's.
 
 A world whose modules are all default ones (any subset, any order, any alphabet of < 255
 characters) is compiled (:func:`compiled_matcher`); any other world keeps the vectorized
-executor. ``LATENTSEL_EXECUTOR=numpy`` turns the compiled path off (the benchmarks' anchor).
-The kernel is compiled on first use and cached on disk by numba; this module is imported only
-where statistics are built.
+executor, as does a corpus too small to pay numba's start (:mod:`latentsel._compiled`). The
+kernel is compiled on first use and cached on disk by numba.
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import numpy as np
@@ -34,7 +32,7 @@ ROUTE_OPS = {r.fn: i for i, r in enumerate(ROUTES)}
 
 def compiled_matcher(world: World):
     """The compiled match counts of ``world``'s modules, or ``None`` where a module of the world
-    has no compiled twin (or the compiled path is turned off).
+    has no compiled twin.
 
     Returns ``match(out, at, codes, lens, hist, depth, y_codes, y_lens, y_at)``: job j reads the
     first ``depth[j]`` entries of the padded history ``codes[hist[j]]`` (``codes: uint8[H, T, W]``,
@@ -42,8 +40,6 @@ def compiled_matcher(world: World):
     agrees with ``y_codes[y_at[0][j], y_at[1][j]]`` (length ``y_lens[...]`` at the same place)
     into ``out[at[0][j], at[1][j]]`` (``out: int8[N', T', R, K]``); -1 where the lengths differ.
     """
-    if os.environ.get("LATENTSEL_EXECUTOR", "").lower() == "numpy":
-        return None
     return _matcher(world)
 
 

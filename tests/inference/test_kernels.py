@@ -46,7 +46,7 @@ def test_compiled_posterior_equals_the_jitted_one(small_world, model, seed):  # 
 
 
 @pytest.mark.parametrize("model", ["modular", "entangled"])
-def test_underflowing_traces_are_flagged_and_recomputed(small_world, model):  # noqa: F811
+def test_underflowing_traces_are_flagged_and_recomputed(small_world, model, monkeypatch):  # noqa: F811
     """Tiny noise and off-module, and execution rows with zeros: some steps' p(y_t) underflows
     (a random step matching no module it may execute). Exactly those traces are flagged, and
     the corpus functions give the log-space numbers for them (finite or -inf), never NaN."""
@@ -64,6 +64,7 @@ def test_underflowing_traces_are_flagged_and_recomputed(small_world, model):  # 
     np.testing.assert_array_equal(careful, want_flags)
     assert np.array_equal(independent_posterior_arrays(model, params, data, UNDERFLOW, joint=False)[-1], want_flags)
     want = _jitted(model, params, data, joint=False)
+    monkeypatch.setenv("LATENTSEL_COMPILED", "always")  # the corpus functions take the compiled pass
     got = corpus_posterior(model, params, data, joint=False)
     assert not np.isnan(got.log_evidence).any()
     np.testing.assert_allclose(got.log_evidence, want.log_evidence, rtol=1e-12)

@@ -92,8 +92,30 @@ def test_worlds_with_modules_of_their_own_are_not_compiled(monkeypatch):
     # a module named like a default one but with another function is not taken for it
     twin = World(skills=[Skill("reverse", lambda s, al: s)], routes=[Route("prev", lambda h: h[-1])])
     assert compiled.compiled_matcher(twin) is None
-    monkeypatch.setenv("LATENTSEL_EXECUTOR", "numpy")
-    assert compiled.compiled_matcher(base) is None
+    monkeypatch.setenv("LATENTSEL_COMPILED", "sometimes")
+    with pytest.raises(ValueError, match="LATENTSEL_COMPILED='sometimes': expected auto, always or never"):
+        build_data(simulate_few(base), base)
+
+
+def simulate_few(world, n=5):
+    from latentsel.models.registry import default_params
+    from latentsel.traces.regimes import generate
+    from latentsel.traces.simulate import simulate
+    params = default_params("modular", world.n_routes, world.n_skills)
+    return simulate(generate("eval-ood", n, seed=1, world=world), params, "modular", world, seed=2)
+
+
+def test_small_corpora_keep_the_vectorized_executor(world, monkeypatch):
+    """``auto`` compiles from COMPILED_FROM steps up: a few traces never load numba's kernel."""
+    import latentsel.world.compiled as module
+    from latentsel.traces import emission
+    calls = []
+    monkeypatch.setattr(module, "compiled_matcher", lambda w: calls.append(w) or None)
+    build_data(simulate_few(world), world)
+    assert not calls
+    monkeypatch.setattr(emission, "COMPILED_FROM", 4)
+    build_data(simulate_few(world), world)
+    assert calls
 
 
 def test_out_must_fit_the_world(world):
@@ -113,8 +135,9 @@ def test_build_data_is_the_same_with_either_executor(world, rng, monkeypatch, mo
     traces = simulate(generate("eval-ood", 300, seed=1, world=world), params, "modular", world, seed=2)
     for tr in traces[::3]:  # hide a step here and there, so that blocks are built
         tr.steps[int(rng.integers(len(tr.steps) - 1))] = None
+    monkeypatch.setenv("LATENTSEL_COMPILED", "always")
     fast = build_data(traces, world, model=model)
-    monkeypatch.setenv("LATENTSEL_EXECUTOR", "numpy")
+    monkeypatch.setenv("LATENTSEL_COMPILED", "never")
     slow = build_data(traces, world, model=model)
     assert fast.blocks and len(fast.blocks) == len(slow.blocks)
     for a, b in zip(fast.arrays(), slow.arrays()):
