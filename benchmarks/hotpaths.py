@@ -4,10 +4,12 @@ Rows (traces per second; best of ``--repeat``; warm JIT unless said):
 
 * read: the chunked msgspec reader (:func:`latentsel.traces.stream.iter_chunks`) against the
   validating line reader (``read_traces``), on the same file;
-* build: :func:`~latentsel.traces.emission.build_data` (the executor and the match counts);
-* exact from statistics: the evidence and marginals (closed form) and the EM E-step, against a
-  plain numpy baseline (the emission by table lookup, the evidence by ``einsum``, float64);
-* end to end: read + build + exact posterior;
+* build: :func:`~latentsel.traces.emission.build_data` with the compiled executor (numba)
+  against the vectorized numpy executor, on the same records (the statistics asserted equal);
+* exact from statistics: the evidence alone and the evidence with marginals and MAP, jitted
+  (JAX) and compiled (numba), and the EM E-step, against a plain numpy baseline (the emission
+  by table lookup, the evidence by ``einsum``, float64);
+* end to end: read + build + exact posterior (compiled);
 * grammar forward-backward: the factorized chain (O(RK(R+K)) a step) against dynamax's dense
   ``hmm_smoother`` over the R*K = 240 states on the same emissions, and hmmlearn's C forward and
   backward passes (``_hmmc.forward_scaling`` / ``backward_scaling``, one trace at a time, on
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import time
 import types
+from contextlib import contextmanager
 from pathlib import Path
 
 import jax
@@ -40,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from _results import timed, write_results  # noqa: E402
 
-from latentsel.analysis.posterior import posterior_from_data  # noqa: E402
+from latentsel.analysis.posterior import log_evidence_from_data, posterior_from_data  # noqa: E402
 from latentsel.inference.em import e_step, fit_em  # noqa: E402
 from latentsel.inference.exact import forward_backward  # noqa: E402
 from latentsel.models.data import emission_table, log_emission  # noqa: E402
@@ -53,9 +56,23 @@ from latentsel.traces.stream import iter_chunks  # noqa: E402
 from latentsel.world import default_world  # noqa: E402
 
 
+@contextmanager
+def compiled(value):
+    """``LATENTSEL_COMPILED`` set to ``value`` inside the block."""
+    before = os.environ.get("LATENTSEL_COMPILED")
+    os.environ["LATENTSEL_COMPILED"] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LATENTSEL_COMPILED"]
+        else:
+            os.environ["LATENTSEL_COMPILED"] = before
+
+
 def numpy_evidence(data, params):
     """The plain baseline: per-step emission by table lookup, evidence by einsum (float64)."""
-    table = np.asarray(emission_table(params.noise, params.off_module, data.n_chars, data.max_len))
+    table = emission_table(float(params.noise), float(params.off_module), data.n_chars, data.max_len, xp=np)
     total = 0.0
     for lo in range(0, data.n_traces, 1024):
         sl = slice(lo, lo + 1024)
@@ -203,18 +220,36 @@ def main(args):
     stream_s, chunks = timed(lambda: [c for c in iter_chunks(path, world=world)], args.repeat)
     row("read: iter_chunks (msgspec, bulk checks)", stream_s, ("read_traces", read_s))
     records = [tr for c in chunks for tr in c]
-    build_s, data = timed(lambda: build_data(records, world), 1)
-    row("build_data", build_s)
-    posterior_from_data(data.take(slice(0, 1024)), truth, "modular", joint=False)
-    e_step("modular", truth, data.take(slice(0, 2048)))
+    with compiled("never"):
+        vec_s, vec = timed(lambda: build_data(records, world), 1)
+    row("build_data: vectorized executor (anchor)", vec_s)
+    with compiled("always"):
+        build_data(records[:100], world)  # numba's start (the kernel is cached on disk)
+        build_s, data = timed(lambda: build_data(records, world), args.repeat)
+    assert all(np.array_equal(a, b) for a, b in zip(data.arrays(), vec.arrays()))
+    row("build_data: compiled executor", build_s, ("vectorized executor", vec_s))
+    del vec
     base_s, base = timed(lambda: numpy_evidence(data, truth), args.repeat)
     row("exact: numpy table + einsum evidence (anchor)", base_s)
-    exact_s, post = timed(lambda: posterior_from_data(data, truth, "modular", joint=False), args.repeat)
-    assert abs(post.log_evidence.sum() - base) <= 1e-9 * abs(base)
-    row("exact: evidence + marginals + MAP", exact_s, ("numpy evidence", base_s))
+    with compiled("never"):
+        posterior_from_data(data.take(slice(0, 1024)), truth, "modular", joint=False)
+        jit_s, post = timed(lambda: posterior_from_data(data, truth, "modular", joint=False), args.repeat)
+        jit_ev_s, _ = timed(lambda: log_evidence_from_data(data, truth, "modular"), args.repeat)
+    row("exact: evidence, jitted", jit_ev_s, ("numpy evidence", base_s))
+    row("exact: evidence + marginals + MAP, jitted", jit_s, ("numpy evidence", base_s))
+    with compiled("always"):
+        log_evidence_from_data(data.take(slice(0, 64)), truth, "modular")
+        posterior_from_data(data.take(slice(0, 64)), truth, "modular", joint=False)
+        ev_s, ev = timed(lambda: log_evidence_from_data(data, truth, "modular"), args.repeat)
+        exact_s, post_c = timed(lambda: posterior_from_data(data, truth, "modular", joint=False), args.repeat)
+    assert abs(ev.sum() - base) <= 1e-9 * abs(base) and abs(post_c.log_evidence.sum() - base) <= 1e-9 * abs(base)
+    assert np.allclose(post_c.route_probs, post.route_probs, rtol=1e-9, atol=1e-12)
+    row("exact: evidence, compiled", ev_s, ("numpy evidence", base_s))
+    row("exact: evidence + marginals + MAP, compiled", exact_s, ("numpy evidence", base_s))
+    e_step("modular", truth, data.take(slice(0, 2048)))
     estep_s, _ = timed(lambda: e_step("modular", truth, data), args.repeat)
-    row("exact: EM E-step (counts + evidence)", estep_s, ("numpy evidence", base_s))
-    row("end to end: iter_chunks + build + exact", stream_s + build_s + exact_s)
+    row("exact: EM E-step (counts + evidence), jitted", estep_s, ("numpy evidence", base_s))
+    row("end to end: iter_chunks + build + exact (compiled)", stream_s + build_s + exact_s)
     for r in grammar_rows(world, data, args):
         rows.append(r)
         print(r, flush=True)
@@ -222,8 +257,10 @@ def main(args):
         from latentsel.inference.pyro_enum import pyro_log_evidence
 
         sub = data.take(slice(0, args.pyro_traces))
+        # the closed form as a fit of this size runs it (jitted below the compiled kernels' threshold)
         closed_s, ref = timed(lambda: posterior_from_data(sub, truth, "modular", joint=False), args.repeat)
-        pyro_s, got = timed(lambda: pyro_log_evidence("modular", truth, sub), 1)
+        pyro_log_evidence("modular", truth, sub.take(slice(0, 64)))
+        pyro_s, got = timed(lambda: pyro_log_evidence("modular", truth, sub), args.repeat)
         assert np.allclose(got, ref.log_evidence, rtol=1e-6)
         row("Pyro enumeration evidence", pyro_s, ("closed form", closed_s), traces=args.pyro_traces)
         rows[-1]["x_closed_form"] = pyro_s / closed_s
