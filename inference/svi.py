@@ -29,17 +29,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
-from numpyro.infer import SVI, TraceEnum_ELBO, init_to_value
+from numpyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, init_to_value
 from numpyro.infer.autoguide import AutoDelta, AutoNormal
 
 from latentsel.inference.collapsed import finite_factors, global_prior, params_from_sites
 from latentsel.inference.em import prior_mean_params
+from latentsel.inference.exact import exact_log_evidence
 from latentsel.models.data import HLSMData
 from latentsel.models.numpyro_models import NUMPYRO_MODELS
 from latentsel.models.params import Priors
 from latentsel.models.registry import model_spec
 
-__all__ = ["SVIResult", "fit_svi", "softmax_priors", "check_options", "GUIDES"]
+__all__ = ["SVIResult", "fit_svi", "fit_svi_batches", "softmax_priors", "check_options", "GUIDES"]
 
 GUIDES = ("delta", "normal")
 
@@ -129,6 +130,78 @@ def fit_svi(model: str, data: HLSMData, *, guide: str = "delta", priors: Priors 
             if progress is not None:
                 progress(min(start + chunk, steps), float(losses[-1][-1]))
         losses = np.concatenate(losses)
+        raw = svi.get_params(state)
+        guide_params = {k: np.asarray(v) for k, v in raw.items()}
+        if guide == "delta":
+            point = params_from_sites(model, {name: np.asarray(raw[f"{name}_auto_loc"]) for name in names})
+            return SVIResult(_as_float(point), losses, guide, guide_params, None, None)
+        draws = auto.sample_posterior(key_post, raw, sample_shape=(posterior_samples,))
+        mean = params_from_sites(model, {name: np.asarray(draws[name]).mean(0) for name in names})
+        std = params_from_sites(model, {name: np.asarray(draws[name]).std(0) for name in names})
+        median = params_from_sites(model, {name: np.asarray(v) for name, v in auto.median(raw).items()})
+    return SVIResult(_renormalize(mean), losses, guide, guide_params, _as_float(median), _as_float(std))
+
+
+def fit_svi_batches(model: str, batches, n_traces: int, n_routes: int, n_skills: int, n_chars: int, max_len: int, *,
+                    guide: str = "delta", priors: Priors = Priors(), steps: int = 2000, lr: float = 0.05,
+                    lr_final: float = 0.002, seed: int = 0, init=None, map_in: str = "softmax",
+                    posterior_samples: int = 1000, progress: Callable | None = None,
+                    progress_every: int = 50) -> SVIResult:
+    """SVI on minibatches of a corpus too large to hold: each step's loss is the negative ELBO
+    with the minibatch's log evidence scaled by ``n_traces / its traces`` (an unbiased
+    estimate of the corpus's when the minibatches sample the traces uniformly).
+
+    The discrete selections are summed out in closed form (:func:`~latentsel.inference.exact.exact_log_evidence`,
+    its log-space branch where a step underflows), so the objective is :func:`fit_svi`'s,
+    ``Trace_ELBO`` over the global sites alone; with one minibatch of the whole corpus the
+    optimum is the same. ``batches``: an iterator of ``(data, n)``, a padded
+    :class:`~latentsel.models.data.HLSMData` without hidden-step blocks (from a few shapes:
+    one compilation each) and the number of real traces in it. The other arguments are
+    :func:`fit_svi`'s.
+    """
+    fit_priors = check_options(guide, map_in, steps, priors)
+    if n_traces < 1:
+        raise ValueError(f"n_traces must be at least 1, got {n_traces}")
+    names = model_spec(model).sites
+    init = init if init is not None else prior_mean_params(model, n_routes, n_skills, priors)
+    with jax.enable_x64(True):
+        init_values = {name: jnp.asarray(v, jnp.float64) for name, v in zip(names, init)}
+        cls = AutoDelta if guide == "delta" else AutoNormal
+        auto = cls(lambda: global_prior(model, n_routes, n_skills, fit_priors), init_loc_fn=init_to_value(values=init_values))
+
+        def batch_model(arrays, scale):
+            params = global_prior(model, n_routes, n_skills, fit_priors)
+            data = HLSMData.from_arrays(arrays, n_chars, max_len)
+            numpyro.factor("log_evidence", scale * exact_log_evidence(model, params, data).sum())
+
+        decay = (lr_final / lr) ** (1.0 / max(steps - 1, 1))
+        optim = numpyro.optim.ClippedAdam(step_size=lambda i: lr * decay ** i, clip_norm=10.0)
+        svi = SVI(batch_model, lambda arrays, scale: auto(), optim, Trace_ELBO())
+        key_init, key_post = jax.random.split(jax.random.PRNGKey(seed))
+        numpyro.handlers.seed(auto, key_init)()  # the prototype, eagerly on the small prior model
+        batches = iter(batches)
+
+        def take():
+            try:
+                data, n = next(batches)
+            except StopIteration:
+                raise ValueError("the minibatches ran out before the last step") from None
+            if data.blocks:
+                raise ValueError("a minibatch holds hidden-step blocks: SVI on minibatches takes traces without them "
+                                 "(fit such a corpus by EM)")
+            return tuple(jnp.asarray(a) for a in data.arrays()), jnp.asarray(n_traces / max(int(n), 1), jnp.float64)
+
+        arrays, scale = take()
+        state = svi.init(key_init, arrays, scale)
+        update = jax.jit(svi.update)  # compiled once per minibatch shape
+        losses = np.empty(steps)
+        for step in range(steps):
+            if step:
+                arrays, scale = take()
+            state, loss = update(state, arrays, scale)
+            losses[step] = float(loss)
+            if progress is not None and ((step + 1) % progress_every == 0 or step + 1 == steps):
+                progress(step + 1, losses[step])
         raw = svi.get_params(state)
         guide_params = {k: np.asarray(v) for k, v in raw.items()}
         if guide == "delta":

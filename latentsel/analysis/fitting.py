@@ -98,11 +98,13 @@ def fit_traces(traces: Sequence[Trace], world: World, model: str = "modular", op
                conjugate, result)
 
 
-def fit_corpus(corpus, world: World, model: str = "modular", options: str | EMOptions = "em", *,
-               progress: bool = True) -> Fit:
+def fit_corpus(corpus, world: World, model: str = "modular", options: str | EMOptions | SVIOptions = "em", *,
+               batch: int = 256, progress: bool = True) -> Fit:
     """EM on a corpus that sums its own E-step: a
     :class:`~latentsel.analysis.streaming.StreamedCorpus` (trace files read in bounded chunks)
-    or a :class:`~latentsel.analysis.sharded.ShardedCorpus` (on a Dask or Ray cluster).
+    or a :class:`~latentsel.analysis.sharded.ShardedCorpus` (on a Dask or Ray cluster). A
+    streamed corpus can also be fitted by SVI on minibatches of ``batch`` traces
+    (:func:`~latentsel.inference.svi.fit_svi_batches`, NumPyro backend).
 
     The :class:`~latentsel.analysis.results.Fit` has θ̂, the exact log evidence at θ̂ and the
     conjugate posterior q(θ) from the E-step at θ̂, but no per-step posterior
@@ -110,19 +112,41 @@ def fit_corpus(corpus, world: World, model: str = "modular", options: str | EMOp
     Score any traces of interest with ``latentsel.fit(traces, ...)`` or
     :func:`~latentsel.analysis.posterior.posterior_from_data` at ``fit.params``."""
     options = fit_options(options)
-    if options.method != "em":
-        raise ValueError(f"a streamed or sharded corpus is fitted by em, not {options.method}")
     model_spec(model)
-    params, summary, result, _ = _fit_em(model, corpus, options, progress)
+    if options.method == "svi":
+        params, summary, result = _fit_svi_minibatches(model, corpus, options, batch, progress)
+        stats = corpus.counts(model, params)  # one E-step at θ̂: its evidence and q(θ)
+        log_evidence = float(stats.log_evidence)
+    elif options.method == "em":
+        params, summary, result, _ = _fit_em(model, corpus, options, progress)
+        stats = result.stats  # the E-step at the fitted θ
+        log_evidence = float(result.log_evidence)
+    else:
+        raise ValueError(f"a streamed or sharded corpus is fitted by em (or svi when streamed), not {options.method}")
     prior = prior_concentrations(model, corpus.n_routes, corpus.n_skills)
-    stats = result.stats  # the E-step at the fitted θ
     conjugate = ConjugatePosterior(model, prior.route + np.asarray(stats.route_counts, float),
                                    prior.skill + np.asarray(stats.skill_counts, float),
                                    prior.noise + np.asarray(stats.noise_counts, float),
                                    prior.off_module + np.asarray(stats.off_counts, float), prior)
     summary = {**summary, "corpus": _corpus_summary(corpus)}
-    return Fit(model, options, params, None, float(result.log_evidence), int(corpus.n_traces), summary, world,
+    return Fit(model, options, params, None, log_evidence, int(corpus.n_traces), summary, world,
                None, conjugate, result)
+
+
+def _fit_svi_minibatches(model, corpus, options: SVIOptions, batch: int, progress):
+    if not hasattr(corpus, "minibatches"):
+        raise ValueError("a sharded corpus is fitted by em; SVI on minibatches reads a streamed corpus")
+    if options.backend != "numpyro":
+        raise ValueError(f"SVI on minibatches runs on the numpyro backend, not {options.backend}")
+    # NumPyro's SVI machinery loads only for an SVI fit
+    from latentsel.inference.svi import fit_svi_batches
+
+    desc = f"SVI ({model}, {options.guide}, minibatches of {batch})"
+    with _bar(options.steps, desc, "step", progress, "loss") as tick:
+        result = fit_svi_batches(model, corpus.minibatches(batch, options.seed), corpus.n_traces, corpus.n_routes,
+                                 corpus.n_skills, corpus.n_chars, corpus.max_len, guide=options.guide,
+                                 steps=options.steps, lr=options.lr, seed=options.seed, progress=tick)
+    return result.params, {**_svi_summary(options, result), "batch": batch}, result
 
 
 def _corpus_summary(corpus) -> dict:
@@ -174,7 +198,12 @@ def _fit_svi(model, data, options: SVIOptions, progress):
     guide, steps, lr, seed = options.guide, options.steps, options.lr, options.seed
     with _bar(steps, f"SVI ({model}, {guide}, {options.backend})", "step", progress, "loss") as tick:
         result = fit_svi(model, data, guide=guide, steps=steps, lr=lr, seed=seed, progress=tick)
-    summary = {"guide": guide, "steps": steps, "lr": lr, "seed": seed, "losses": [float(x) for x in result.losses]}
+    return result.params, _svi_summary(options, result), result, None
+
+
+def _svi_summary(options: SVIOptions, result) -> dict:
+    summary = {"guide": options.guide, "steps": options.steps, "lr": options.lr, "seed": options.seed,
+               "losses": [float(x) for x in result.losses]}
     if result.std is not None:
         summary["posterior_std"] = params_to_json(result.std)
         summary["posterior_median"] = params_to_json(result.median)
@@ -183,7 +212,7 @@ def _fit_svi(model, data, options: SVIOptions, progress):
         summary["guide_scale"] = {k.removesuffix("_auto_scale").removeprefix("AutoNormal.scales."): np.asarray(v).tolist()
                                   for k, v in result.guide_params.items()
                                   if k.endswith("_auto_scale") or k.startswith("AutoNormal.scales.")}
-    return result.params, summary, result, None
+    return summary
 
 
 def _fit_amortized(model, data, options: AmortizedOptions, progress):

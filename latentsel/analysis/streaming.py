@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from latentsel.inference.corpus import CHUNK, corpus_counts
+from latentsel.inference.corpus import CHUNK, chunks, corpus_counts
 from latentsel.inference.em import SuffStats, expected_counts
 from latentsel.models.data import HiddenBlocks, HLSMData
 from latentsel.models.registry import model_spec
@@ -122,11 +122,10 @@ class _Parts:
             self.n += len(built)
 
     def __iter__(self) -> Iterator[tuple[HLSMData, np.ndarray]]:
-        if self.memory is not None:
-            yield from self.memory
-            return
-        for i in range(self.n):
-            yield load_part(self.folder / f"part-{i:06d}.npz")
+        return (self[i] for i in range(self.n))
+
+    def __getitem__(self, i: int) -> tuple[HLSMData, np.ndarray]:
+        return self.memory[i] if self.memory is not None else load_part(self.folder / f"part-{i:06d}.npz")
 
     def close(self) -> None:
         if self._owned is not None:
@@ -260,6 +259,26 @@ class StreamedCorpus:
     def parts(self) -> Iterator[tuple[HLSMData, np.ndarray]]:
         """``(data, rows)`` of every part: its statistics and the corpus numbers of its traces."""
         return iter(self._parts)
+
+    def minibatches(self, batch: int, seed: int = 0) -> Iterator[tuple[HLSMData, int]]:
+        """Endless ``(data, n)``: minibatches of ``batch`` traces for stochastic fits
+        (:func:`~latentsel.inference.svi.fit_svi_batches`). Each epoch visits every trace once,
+        the parts and the traces within each part in a fresh random order, so a trace is in a
+        step's minibatch with probability ``batch / n_traces``. A part's last minibatch holds
+        fewer (``n``); every minibatch is padded to one of a few shapes. ``ValueError`` for a
+        corpus with hidden-step blocks (fit it by EM)."""
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        rng = np.random.default_rng(seed)
+        while True:
+            for p in rng.permutation(self.n_parts):
+                data, _ = self._parts[int(p)]
+                if data.blocks:
+                    raise ValueError("the corpus has traces with hidden-step blocks: minibatch fits take traces "
+                                     "without them (fit it by EM)")
+                shuffled = data.take(rng.permutation(data.n_traces))
+                for rows, part in chunks(shuffled, batch, pad=True):
+                    yield part, rows.size
 
     def counts(self, model: str, params, chunk: int = CHUNK):
         """The exact E-step of the corpus at ``params``: the summed ``SuffStats`` fields (numpy)."""

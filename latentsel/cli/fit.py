@@ -69,9 +69,10 @@ def check_out(out: str) -> None:
 def _streamed(args) -> bool:
     """Is this a streamed or sharded fit? ``ValueError`` for a combination that is neither."""
     if args.backend in SHARD_BACKENDS or args.stream:
-        if args.method != "em":
-            how = f"--backend {args.backend}" if args.backend in SHARD_BACKENDS else "--stream"
-            raise ValueError(f"{how} fits by em only, not --method {args.method}")
+        if args.backend in SHARD_BACKENDS and args.method != "em":
+            raise ValueError(f"--backend {args.backend} fits by em only, not --method {args.method}")
+        if args.stream and args.method not in ("em", "svi"):
+            raise ValueError(f"--stream fits by em or svi (on minibatches), not --method {args.method}")
         if args.backend in SHARD_BACKENDS and args.stream:
             raise ValueError(f"--stream reads the files here; --backend {args.backend} reads them on the workers: "
                              "give one of the two")
@@ -90,10 +91,12 @@ def _streamed(args) -> bool:
 
 
 def cmd_fit_streamed(args) -> int:
-    """EM on trace files too large for memory: read in chunks here, or sharded over a cluster."""
+    """EM on trace files too large for memory: read in chunks here, or sharded over a cluster; or
+    SVI on minibatches of the chunks read here."""
     from latentsel.analysis.options import EMOptions
 
-    options = EMOptions(max_iter=args.max_iter, tol=args.tol).check()
+    options = fit_options_from_args(args) if args.method == "svi" else EMOptions(max_iter=args.max_iter,
+                                                                                 tol=args.tol).check()
     check_out(args.out)
     for path in args.traces:
         if not Path(path).is_file():
@@ -125,12 +128,13 @@ def cmd_fit_streamed(args) -> int:
                        else len(corpus.skipped))
             if skipped:
                 print(f"skipped {skipped} invalid records", file=sys.stderr)
-            print(f"fitting {corpus.n_traces} traces, {args.model} model: {_plan(options, corpus.n_traces)}",
-                  flush=True)
-            fit = fit_corpus(corpus, world, args.model, options)
+            plan = _plan(options, corpus.n_traces) + (f" on minibatches of {args.batch} traces"
+                                                      if options.method == "svi" else "")
+            print(f"fitting {corpus.n_traces} traces, {args.model} model: {plan}", flush=True)
+            fit = fit_corpus(corpus, world, args.model, options, batch=args.batch)
             fit.save(args.out, lock=False)
     rec = fit.record()
-    print(f"{args.model}/em: {rec['n_traces']} traces, log evidence at the estimate {rec['log_evidence']:.6f}; "
+    print(f"{args.model}/{options.method}: {rec['n_traces']} traces, log evidence at the estimate {rec['log_evidence']:.6f}; "
           f"{_fit_detail(rec)}")
     print(f"wrote {Path(args.out) / 'fit.json'} (no posterior.jsonl: a streamed fit keeps no per-step posterior; "
           "score chosen traces with `latentsel fit` on them)")
@@ -240,7 +244,7 @@ def add_commands(sub) -> None:
     p.add_argument("--steps", type=at_least(1), default=2000,
                    help="SVI / amortized training steps (default: %(default)s)")
     p.add_argument("--batch", type=at_least(1), default=256,
-                   help="amortized: traces per minibatch (default: %(default)s)")
+                   help="amortized, and svi with --stream: traces per minibatch (default: %(default)s)")
     p.add_argument("--estimator", default="enum", choices=["enum", "tracegraph"],
                    help="amortized: the ELBO gradient; enum: TraceEnum_ELBO over the guide's sites (exact under q), "
                         "tracegraph: TraceGraph_ELBO score-function gradients with baselines, far slower to "

@@ -286,3 +286,65 @@ def test_the_first_bad_line_is_the_one_reported(corpus, world, tmp_path):
     read_traces(path, world=world, skip_invalid=True, errors=want_errors)
     list(iter_chunks(path, world=world, chunk=50, skip_invalid=True, errors=got_errors))
     assert [str(e) for e in got_errors] == [str(e) for e in want_errors] and len(want_errors) == 3
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    """Traces of depth 3 and 4 (one depth bucket, so one part) in a 3 x 4 world, and EM's optimum."""
+    from latentsel import World, default_world
+    from tests.inference.test_exact import random_traces
+    base = default_world()
+    world = World(skills=[base.skills[base.skill_index(n)] for n in ("reverse", "rotl", "shift1", "dedup")],
+                  routes=[base.routes[base.route_index(n)] for n in ("prev", "input", "cat_prev_input")],
+                  alphabet="abcdef", max_len=8)
+    truth = default_params("modular", 3, 4, fidelity=0.8, noise=0.05, off_module=0.05)
+    traces = simulate(random_traces(np.random.default_rng(0), world, 600, max_depth=4), truth, "modular", world, seed=1)
+    traces = [tr for tr in traces if tr.depth >= 3]
+    path = tmp_path_factory.mktemp("small") / "t.jsonl"
+    write_traces(path, traces, world=world)
+    return path, world, fit_em("modular", build_data(traces, world), tol=1e-13, max_iter=5000)
+
+
+def _svi_error(corpus, batch, n_traces, ref, **kw):
+    from latentsel.inference.svi import fit_svi_batches
+    got = fit_svi_batches("modular", corpus.minibatches(batch, seed=1), n_traces, corpus.n_routes, corpus.n_skills,
+                          corpus.n_chars, corpus.max_len, **kw).params
+    return max(np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(got, ref.params))
+
+
+def test_svi_on_one_minibatch_of_the_corpus_reaches_the_em_optimum(small_corpus):
+    """One minibatch holding the whole corpus: a deterministic loss, the objective EM maximizes
+    (``fit_svi``'s), so the delta guide lands on EM's optimum."""
+    path, world, ref = small_corpus
+    with StreamedCorpus(path, world, cache="memory", chunk=1000) as c:
+        assert c.n_parts == 1
+        assert _svi_error(c, 1024, c.n_traces, ref, steps=600) < 1e-6
+
+
+@pytest.mark.slow
+def test_svi_on_small_minibatches_ends_near_the_optimum(small_corpus):
+    """Minibatches of 32 traces, scaled by N / 32: noisy but unbiased steps, and the decayed step
+    size ends near the optimum. With the scale left out (each minibatch counted as the corpus)
+    the prior weighs N / 32 times as much and the fit ends farther off."""
+    path, world, ref = small_corpus
+    kw = dict(steps=800, lr=0.02, lr_final=0.0005)
+    with StreamedCorpus(path, world, cache="memory", chunk=1000) as c:
+        err = _svi_error(c, 32, c.n_traces, ref, **kw)
+        assert err < 0.03
+        assert _svi_error(c, 32, 32, ref, **kw) > 3 * err
+
+
+def test_svi_refuses_blocks(corpus, world):
+    from latentsel.analysis.fitting import fit_corpus
+    with StreamedCorpus(corpus[0][1:], world) as c, pytest.raises(ValueError, match="hidden-step blocks"):
+        fit_corpus(c, world, "modular", "svi", batch=16, progress=False)
+
+
+@pytest.mark.slow
+def test_the_streamed_cli_fits_by_svi(corpus, tmp_path):
+    out = tmp_path / "fit"
+    r = subprocess.run([sys.executable, "-m", "latentsel", "fit", str(corpus[0][0]), "--stream", "--method", "svi",
+                        "--steps", "50", "--batch", "64", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((out / "fit.json").read_text())
+    assert rec["method"] == "svi" and rec["batch"] == 64 and len(rec["losses"]) == 50 and rec["corpus"]["traces"] == 150
