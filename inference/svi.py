@@ -155,8 +155,9 @@ def fit_svi_batches(model: str, batches, n_traces: int, n_routes: int, n_skills:
     its log-space branch where a step underflows), so the objective is :func:`fit_svi`'s,
     ``Trace_ELBO`` over the global sites alone; with one minibatch of the whole corpus the
     optimum is the same. ``batches``: an iterator of ``(data, n)``, a padded
-    :class:`~latentsel.models.data.HLSMData` without hidden-step blocks (from a few shapes:
-    one compilation each) and the number of real traces in it. The other arguments are
+    :class:`~latentsel.models.data.HLSMData` (from a few shapes: one compilation each; any
+    hidden-step blocks are left out, so give traces without them) and the number of real
+    traces in it. The other arguments are
     :func:`fit_svi`'s.
     """
     fit_priors = check_options(guide, map_in, steps, priors)
@@ -186,9 +187,6 @@ def fit_svi_batches(model: str, batches, n_traces: int, n_routes: int, n_skills:
                 data, n = next(batches)
             except StopIteration:
                 raise ValueError("the minibatches ran out before the last step") from None
-            if data.blocks:
-                raise ValueError("a minibatch holds hidden-step blocks: SVI on minibatches takes traces without them "
-                                 "(fit such a corpus by EM)")
             return tuple(jnp.asarray(a) for a in data.arrays()), jnp.asarray(n_traces / max(int(n), 1), jnp.float64)
 
         arrays, scale = take()

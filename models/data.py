@@ -331,10 +331,11 @@ def emission_table(noise, off_module, n_chars: int, max_len: int, xp=jnp):
     module (``np`` computes it in numpy, float64, without a JAX dispatch per operation)."""
     length = xp.arange(max_len + 1.0)[:, None]
     m = xp.arange(-1.0, max_len + 1.0)[None, :]
-    valid = (m >= 0) & (m <= length)
-    # masked before the power, so that no 0 * inf is formed at noise 0 (np warns on it)
-    exponent = xp.where(valid, m * xp.log1p(-noise) + (length - m) * (xp.log(noise) - xp.log(n_chars - 1.0)), -xp.inf)
-    on = xp.where(valid, xp.exp(exponent), 0.0)
+    on = xp.where(
+        (m >= 0) & (m <= length),
+        xp.exp(m * xp.log1p(-noise) + (length - m) * (xp.log(noise) - xp.log(n_chars - 1.0))),
+        0.0,
+    )
     return (1 - off_module) * on + off_module * xp.exp(log_p_off(length, n_chars, max_len, xp))
 
 

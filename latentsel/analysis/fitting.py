@@ -138,6 +138,7 @@ def _fit_svi_minibatches(model, corpus, options: SVIOptions, batch: int, progres
         raise ValueError("a sharded corpus is fitted by em; SVI on minibatches reads a streamed corpus")
     if options.backend != "numpyro":
         raise ValueError(f"SVI on minibatches runs on the numpyro backend, not {options.backend}")
+    corpus.check_model(model)  # before the steps, not after them
     # NumPyro's SVI machinery loads only for an SVI fit
     from latentsel.inference.svi import fit_svi_batches
 

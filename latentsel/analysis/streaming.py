@@ -106,6 +106,8 @@ class _Parts:
                 if any(self.folder.iterdir()):
                     raise ValueError(f"cache folder {self.folder} is not empty: give an empty or a new folder")
         self.n = 0
+        self.sizes: list[int] = []  # traces per part
+        self.with_blocks: list[bool] = []  # does the part hold hidden-step blocks?
 
     def reserve(self, n: int) -> list[Path] | None:
         """The files of the next ``n`` parts (``None`` in memory): numbered in reading order."""
@@ -116,10 +118,14 @@ class _Parts:
         return files
 
     def collect(self, files, built: list) -> None:
-        """The parts of one chunk, built: kept in memory, or already written to ``files``."""
+        """The parts of one chunk, built: kept in memory (``(data, rows)``), or already written
+        to ``files`` (``(traces, with blocks)``)."""
         if self.memory is not None:
             self.memory.extend(built)
             self.n += len(built)
+            built = [(rows.size, bool(data.blocks)) for data, rows in built]
+        self.sizes += [int(size) for size, _ in built]
+        self.with_blocks += [blocks for _, blocks in built]
 
     def __iter__(self) -> Iterator[tuple[HLSMData, np.ndarray]]:
         return (self[i] for i in range(self.n))
@@ -159,7 +165,7 @@ def _build_parts(world, model: str, max_depth: int, traces, first_row: int, max_
             out.append((data, rows))
         else:
             save_part(files[j], data, rows)
-            out.append(None)
+            out.append((idx.size, bool(data.blocks)))
     return out
 
 
@@ -261,29 +267,38 @@ class StreamedCorpus:
         return iter(self._parts)
 
     def minibatches(self, batch: int, seed: int = 0) -> Iterator[tuple[HLSMData, int]]:
-        """Endless ``(data, n)``: minibatches of ``batch`` traces for stochastic fits
-        (:func:`~latentsel.inference.svi.fit_svi_batches`). Each epoch visits every trace once,
-        the parts and the traces within each part in a fresh random order, so a trace is in a
-        step's minibatch with probability ``batch / n_traces``. A part's last minibatch holds
-        fewer (``n``); every minibatch is padded to one of a few shapes. ``ValueError`` for a
-        corpus with hidden-step blocks (fit it by EM)."""
+        """Endless ``(data, n)``: minibatches of at most ``batch`` traces for stochastic fits
+        (:func:`~latentsel.inference.svi.fit_svi_batches`), padded to one of a few shapes; ``n``
+        is the number of real traces.
+
+        A part (read once per visit) is cut, in a fresh random order, into its ``k`` minibatches,
+        and a visit goes to a part with probability proportional to its traces over its ``k``.
+        So each step's minibatch comes from a part with probability proportional to the part's
+        traces and is a uniform sample of it, and the minibatch's evidence scaled by
+        ``n_traces / n`` is an unbiased estimate of the corpus's, whatever the sizes of the
+        parts. ``ValueError`` for a corpus with hidden-step blocks (fit it by EM)."""
         if batch < 1:
             raise ValueError(f"batch must be at least 1, got {batch}")
+        if any(self._parts.with_blocks):
+            raise ValueError("the corpus has traces with hidden-step blocks: minibatch fits take traces "
+                             "without them (fit it by EM)")
+        sizes = np.asarray(self._parts.sizes, dtype=float)
+        visits = np.ceil(sizes / batch)  # minibatches a visit to each part yields
+        weight = sizes / visits / (sizes / visits).sum()
         rng = np.random.default_rng(seed)
         while True:
-            for p in rng.permutation(self.n_parts):
-                data, _ = self._parts[int(p)]
-                if data.blocks:
-                    raise ValueError("the corpus has traces with hidden-step blocks: minibatch fits take traces "
-                                     "without them (fit it by EM)")
-                shuffled = data.take(rng.permutation(data.n_traces))
-                for rows, part in chunks(shuffled, batch, pad=True):
-                    yield part, rows.size
+            data, _ = self._parts[int(rng.choice(self.n_parts, p=weight))]
+            for rows, part in chunks(data.take(rng.permutation(data.n_traces)), batch, pad=True):
+                yield part, rows.size
+
+    def check_model(self, model: str) -> None:
+        """``ValueError`` unless the statistics serve ``model`` (``grammar`` reads no programs)."""
+        if model_spec(model).uses_program != model_spec(self.model).uses_program:
+            raise ValueError(f"the statistics were built for the {self.model} model, not {model}")
 
     def counts(self, model: str, params, chunk: int = CHUNK):
         """The exact E-step of the corpus at ``params``: the summed ``SuffStats`` fields (numpy)."""
-        if model_spec(model).uses_program != model_spec(self.model).uses_program:
-            raise ValueError(f"the statistics were built for the {self.model} model, not {model}")
+        self.check_model(model)
         total = None
         for data, _ in self.parts():
             values = corpus_counts(model, params, data, expected_counts, chunk)

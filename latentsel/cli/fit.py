@@ -73,6 +73,8 @@ def _streamed(args) -> bool:
             raise ValueError(f"--backend {args.backend} fits by em only, not --method {args.method}")
         if args.stream and args.method not in ("em", "svi"):
             raise ValueError(f"--stream fits by em or svi (on minibatches), not --method {args.method}")
+        if args.stream and args.method == "svi" and args.backend != "numpyro":
+            raise ValueError(f"--stream --method svi runs on the numpyro backend, not --backend {args.backend}")
         if args.backend in SHARD_BACKENDS and args.stream:
             raise ValueError(f"--stream reads the files here; --backend {args.backend} reads them on the workers: "
                              "give one of the two")

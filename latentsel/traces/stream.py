@@ -152,13 +152,18 @@ class _Ids:
                     out[i] = int(self.lines[lo])
                     break
                 lo += 1
-        # within the chunk
+        # within the chunk: every later copy names the first (runs of one hash, in line order)
         order = np.argsort(h, kind="stable")
-        same = np.flatnonzero(h[order][1:] == h[order][:-1])
-        for j in same:
-            a, b = order[j], order[j + 1]
-            if out[b] is None and ids[a] == ids[b]:
-                out[b] = int(lines[a])
+        hs = h[order]
+        starts = np.flatnonzero(np.r_[True, hs[1:] != hs[:-1]])
+        for lo, hi in zip(starts, np.r_[starts[1:], hs.size]):
+            if hi - lo < 2:
+                continue
+            first: dict[str, int] = {}
+            for i in order[lo:hi]:
+                if out[i] is None:  # (a copy of an earlier chunk's id is named already)
+                    out[i] = first.get(ids[i])
+                    first.setdefault(ids[i], int(lines[i]))
         keep = np.array([o is None for o in out], dtype=bool)
         if keep.any():
             order = np.argsort(h[keep], kind="stable")
@@ -186,6 +191,7 @@ def _file_chunks(path: Path, world: World, chunk: int, skip_invalid: bool, error
     buf: list[bytes] = []
     buf_lines: list[int] = []
     line_no = 0
+    block: list[bytes] = []
 
     def flush():
         try:
@@ -244,7 +250,8 @@ def _file_chunks(path: Path, world: World, chunk: int, skip_invalid: bool, error
     try:
         lines = _open_lines(path)
         while True:
-            block = list(islice(lines, chunk))  # ``chunk`` lines at a time, blank ones left out
+            block = []  # ``chunk`` lines at a time, blank ones left out
+            block.extend(islice(lines, chunk))  # (lines read before a failing one stay: its number is known)
             if not block:
                 break
             if all(map(bytes.strip, block)):
@@ -262,10 +269,10 @@ def _file_chunks(path: Path, world: World, chunk: int, skip_invalid: bool, error
     except FileNotFoundError:
         raise TraceFormatError("no such file", str(path)) from None
     except (OSError, EOFError) as e:
-        raise TraceFormatError(f"cannot read: {e}", str(path), line_no + 1) from None
+        raise TraceFormatError(f"cannot read: {e}", str(path), line_no + len(block) + 1) from None
     except Exception as e:  # zlib.error from a corrupt gzip stream
         if type(e).__module__ == "zlib":
-            raise TraceFormatError(f"cannot read: {e}", str(path), line_no + 1) from None
+            raise TraceFormatError(f"cannot read: {e}", str(path), line_no + len(block) + 1) from None
         raise
 
 

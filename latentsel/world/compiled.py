@@ -40,6 +40,10 @@ def compiled_matcher(world: World):
     agrees with ``y_codes[y_at[0][j], y_at[1][j]]`` (length ``y_lens[...]`` at the same place)
     into ``out[at[0][j], at[1][j]]`` (``out: int8[N', T', R, K]``); -1 where the lengths differ.
     """
+    try:
+        hash(world)
+    except TypeError:  # a module of the user's own whose function cannot be hashed
+        return None
     return _matcher(world)
 
 

@@ -113,6 +113,31 @@ def test_duplicate_ids_across_chunks_and_files(corpus, world, tmp_path):
     assert sum(len(c) for c in iter_chunks([corpus[0][0], corpus[0][0]], world=world)) == 300
 
 
+@pytest.mark.parametrize("chunk", [4, 100])
+def test_every_copy_of_an_id_names_its_first_line(corpus, world, tmp_path, chunk):
+    lines = _lines(corpus[0][0])[:10]
+    lines += [lines[2], lines[2], lines[2]]  # three more copies of line 3, in one chunk or across two
+    path = tmp_path / "dup3.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    want, got = [], []
+    read_traces(path, world=world, skip_invalid=True, errors=want)
+    list(iter_chunks(path, world=world, chunk=chunk, skip_invalid=True, errors=got))
+    assert [str(e) for e in got] == [str(e) for e in want] and len(want) == 3
+    assert all("(first on line 3)" in str(e) for e in got)
+
+
+def test_a_truncated_gzip_names_the_line_it_stops_at(corpus, world, tmp_path):
+    data = gzip.compress(("\n".join(_lines(corpus[0][0]) * 4) + "\n").encode())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(TraceFormatError) as want:
+        read_traces(path, world=world, skip_invalid=True)
+    for chunk in (7, 1000):
+        with pytest.raises(TraceFormatError) as got:
+            list(iter_chunks(path, world=world, chunk=chunk, skip_invalid=True))
+        assert str(got.value) == str(want.value) and "cannot read" in str(got.value) and got.value.line > 100
+
+
 def test_records_the_fast_path_does_not_model_keep_their_meaning(corpus, world, tmp_path):
     """A malformed completion is cut to its read prefix and extra keys are accepted, as in a fit."""
     lines = _lines(corpus[0][0])[:20]
@@ -332,6 +357,27 @@ def test_svi_on_small_minibatches_ends_near_the_optimum(small_corpus):
         err = _svi_error(c, 32, c.n_traces, ref, **kw)
         assert err < 0.03
         assert _svi_error(c, 32, 32, ref, **kw) > 3 * err
+
+
+def test_minibatches_are_unbiased_over_parts_of_any_size(world, tmp_path):
+    """100 depth-1 traces and 4 depth-3 ones make two parts of very unequal size. The scaled
+    minibatch evidence averages to the corpus's: each trace weighs 1 in expectation (a sampler
+    that walks part by part would weigh the 4 deep traces about 9 times and the rest 0.7)."""
+    from latentsel.inference.corpus import corpus_log_evidence
+    truth = default_params("modular", world.n_routes, world.n_skills, fidelity=0.8, noise=0.05, off_module=0.05)
+    deep = generate("eval-ood", 4, seed=6, world=world, depths=[3])
+    for p in deep:
+        p.id = "deep-" + p.id
+    traces = simulate(generate("eval-ood", 100, seed=5, world=world, depths=[1]) + deep, truth, "modular", world,
+                      seed=6)
+    write_traces(tmp_path / "t.jsonl", traces, world=world)
+    want = corpus_log_evidence("modular", truth, build_data(traces, world)).sum()
+    with StreamedCorpus(tmp_path / "t.jsonl", world, cache="memory") as c:
+        assert sorted(c._parts.sizes) == [4, 100]
+        batches = c.minibatches(16, seed=0)
+        estimates = [c.n_traces / n * corpus_log_evidence("modular", truth, data).sum()
+                     for data, n in (next(batches) for _ in range(3000))]
+    assert np.mean(estimates) == pytest.approx(want, rel=0.03)
 
 
 def test_svi_refuses_blocks(corpus, world):

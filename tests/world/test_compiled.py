@@ -92,6 +92,18 @@ def test_worlds_with_modules_of_their_own_are_not_compiled(monkeypatch):
     # a module named like a default one but with another function is not taken for it
     twin = World(skills=[Skill("reverse", lambda s, al: s)], routes=[Route("prev", lambda h: h[-1])])
     assert compiled.compiled_matcher(twin) is None
+
+    class Unhashable:  # a skill function that defines equality without a hash
+        def __eq__(self, other):
+            return self is other
+
+        __hash__ = None
+
+        def __call__(self, s, al):
+            return s
+
+    odd = World(skills=[*base.skills[:2], Skill("same", Unhashable())], routes=base.routes[:2])
+    assert compiled.compiled_matcher(odd) is None
     monkeypatch.setenv("LATENTSEL_COMPILED", "sometimes")
     with pytest.raises(ValueError, match="LATENTSEL_COMPILED='sometimes': expected auto, always or never"):
         build_data(simulate_few(base), base)
