@@ -14,10 +14,13 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from latentsel._compiled import numba_threads
 from latentsel.models.data import HLSMData, emission_table
 from latentsel.models.registry import model_spec
 
 __all__ = ["independent_log_evidence", "independent_posterior_arrays"]
+
+numba_threads()
 
 
 def _rows(model: str, params, data: HLSMData):

@@ -20,10 +20,13 @@ from functools import lru_cache
 import numpy as np
 from numba import config, njit, prange, set_num_threads
 
+from latentsel._compiled import numba_threads
 from latentsel.world.default import ROUTES, SKILLS
 from latentsel.world.types import World
 
 __all__ = ["compiled_matcher", "set_threads", "SKILL_OPS", "ROUTE_OPS"]
+
+numba_threads()
 
 # op codes, in the order of the default world's modules
 SKILL_OPS = {s.fn: i for i, s in enumerate(SKILLS)}
