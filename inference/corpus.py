@@ -95,18 +95,14 @@ def corpus_posterior(model: str, params, data: HLSMData, chunk: int = CHUNK, *, 
     with jax.enable_x64(True):
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
         fast = _fast_rows(model, data)
-        if not model_spec(model).chain and use_compiled(n, COMPILED_FROM):
+        compiled = not model_spec(model).chain and use_compiled(n, COMPILED_FROM)
+        if compiled:
             # one compiled pass; the traces where it would underflow by the jitted path's log-space branch
             from latentsel.inference.kernels import independent_posterior_arrays  # numba: only where it pays back
             *fields, careful = independent_posterior_arrays(model, params, data, UNDERFLOW, joint)
             out = ExactPosterior(*fields)
             fast = np.flatnonzero(careful)
-            for rows, part in (chunks(data.take(fast), chunk, pad=True) if fast.size else ()):
-                post = _cut(exact_posterior(model, params, part, joint=joint), rows.size, t)
-                for field, value in zip(out, post):
-                    if field is not None:
-                        field[fast[rows]] = value
-        elif fast.size == n:  # every trace: chunks are consecutive, concatenated once
+        if not compiled and fast.size == n:  # every trace: chunks are consecutive, concatenated once
             # padded to a shape bucket (compiled once a process), cut back to the chunk's traces and steps
             parts = [_cut(exact_posterior(model, params, part, joint=joint), rows.size, t)
                      for rows, part in chunks(data, chunk, pad=True)]
@@ -114,10 +110,11 @@ def corpus_posterior(model: str, params, data: HLSMData, chunk: int = CHUNK, *, 
                                                                     for f in zip(*parts)))
             if data.blocks:  # writable for the blocks
                 out = ExactPosterior(*(None if f is None else np.array(f) for f in out))
-        else:
-            out = ExactPosterior(np.zeros(n), np.zeros((n, t, r_n)), np.zeros((n, t, k_n)), np.zeros((n, t)),
-                                 np.full((n, t), -1), np.full((n, t), -1),
-                                 np.zeros((n, t, r_n, k_n)) if joint else None)
+        else:  # the traces ``fast`` by the jitted path, into ``out``
+            if not compiled:
+                out = ExactPosterior(np.zeros(n), np.zeros((n, t, r_n)), np.zeros((n, t, k_n)), np.zeros((n, t)),
+                                     np.full((n, t), -1), np.full((n, t), -1),
+                                     np.zeros((n, t, r_n, k_n)) if joint else None)
             for rows, part in (chunks(data.take(fast), chunk, pad=True) if fast.size else ()):
                 post = _cut(exact_posterior(model, params, part, joint=joint), rows.size, t)
                 for field, value in zip(out, post):

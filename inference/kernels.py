@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from latentsel._compiled import numba_threads
-from latentsel.models.data import HLSMData, emission_table
+from latentsel.models.data import HLSMData, emission_table, log_p_off, previous_intended
 from latentsel.models.registry import model_spec
 
 __all__ = ["independent_log_evidence", "independent_posterior_arrays"]
@@ -32,9 +32,8 @@ def _rows(model: str, params, data: HLSMData):
     cr = np.asarray(data.route_intended, dtype=np.int64)
     ck = np.asarray(data.skill_intended, dtype=np.int64)
     r_n, k_n = data.n_routes, data.n_skills
-    if spec.context:  # row (previous intended, intended); the start is context R / K
-        prev_r = np.concatenate([np.full_like(cr[:, :1], r_n), cr[:, :-1]], axis=1)
-        prev_k = np.concatenate([np.full_like(ck[:, :1], k_n), ck[:, :-1]], axis=1)
+    if spec.context:  # row (previous intended, intended) of the flattened context rows
+        prev_r, prev_k = previous_intended(data, xp=np)
         cr, ck = prev_r * r_n + cr, prev_k * k_n + ck
         route_p, skill_p = route_p.reshape(-1, r_n), skill_p.reshape(-1, k_n)
     return np.ascontiguousarray(route_p), cr, np.ascontiguousarray(skill_p), ck
@@ -56,10 +55,10 @@ def independent_posterior_arrays(model: str, params, data: HLSMData, underflow: 
     route_p, cr, skill_p, ck = _rows(model, params, data)
     n, t, r_n, k_n = data.match.shape
     length = np.ascontiguousarray(data.length, dtype=np.int64)
-    ln = np.arange(data.max_len + 1.0)
     # off p_off(y) by length, as exp(log off + log p_off) (the jitted path's log_off_term)
     with np.errstate(divide="ignore", under="ignore"):
-        off_term = np.exp(np.log(float(params.off_module)) - ln * np.log(data.n_chars) - np.log(data.max_len + 1.0))
+        off_term = np.exp(np.log(float(params.off_module))
+                          + log_p_off(np.arange(data.max_len + 1.0), data.n_chars, data.max_len, xp=np))
     out = (np.zeros(n), np.zeros((n, t, r_n)), np.zeros((n, t, k_n)), np.zeros((n, t)),
            np.full((n, t), -1, dtype=np.int64), np.full((n, t), -1, dtype=np.int64))
     joint_probs = np.zeros((n, t, r_n, k_n)) if joint else np.zeros((0, 0, r_n, k_n))

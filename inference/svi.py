@@ -95,15 +95,10 @@ def fit_svi(model: str, data: HLSMData, *, guide: str = "delta", priors: Priors 
     ``progress(step, loss)`` is called every ``progress_every`` steps.
     """
     fit_priors = check_options(guide, map_in, steps, priors)
-    names = model_spec(model).sites
     init = init if init is not None else prior_mean_params(model, data.n_routes, data.n_skills, priors)
     r_n, k_n = data.n_routes, data.n_skills
     with jax.enable_x64(True):
-        init_values = {name: jnp.asarray(v, jnp.float64) for name, v in zip(names, init)}
-        # the guide's prototype comes from the global prior alone: an AutoGuide runs its model
-        # op by op to build it, and the enumerated model takes tens of seconds that way
-        cls = AutoDelta if guide == "delta" else AutoNormal
-        auto = cls(lambda: global_prior(model, r_n, k_n, fit_priors), init_loc_fn=init_to_value(values=init_values))
+        auto = _guide(model, guide, init, r_n, k_n, fit_priors)
         enumerated = finite_factors(NUMPYRO_MODELS[model])
         decay = (lr_final / lr) ** (1.0 / max(steps - 1, 1))
         optim = numpyro.optim.ClippedAdam(step_size=lambda i: lr * decay ** i, clip_norm=10.0)
@@ -130,16 +125,7 @@ def fit_svi(model: str, data: HLSMData, *, guide: str = "delta", priors: Priors 
             if progress is not None:
                 progress(min(start + chunk, steps), float(losses[-1][-1]))
         losses = np.concatenate(losses)
-        raw = svi.get_params(state)
-        guide_params = {k: np.asarray(v) for k, v in raw.items()}
-        if guide == "delta":
-            point = params_from_sites(model, {name: np.asarray(raw[f"{name}_auto_loc"]) for name in names})
-            return SVIResult(_as_float(point), losses, guide, guide_params, None, None)
-        draws = auto.sample_posterior(key_post, raw, sample_shape=(posterior_samples,))
-        mean = params_from_sites(model, {name: np.asarray(draws[name]).mean(0) for name in names})
-        std = params_from_sites(model, {name: np.asarray(draws[name]).std(0) for name in names})
-        median = params_from_sites(model, {name: np.asarray(v) for name, v in auto.median(raw).items()})
-    return SVIResult(_renormalize(mean), losses, guide, guide_params, _as_float(median), _as_float(std))
+        return _result(model, auto, svi.get_params(state), losses, guide, key_post, posterior_samples)
 
 
 def fit_svi_batches(model: str, batches, n_traces: int, n_routes: int, n_skills: int, n_chars: int, max_len: int, *,
@@ -157,18 +143,14 @@ def fit_svi_batches(model: str, batches, n_traces: int, n_routes: int, n_skills:
     optimum is the same. ``batches``: an iterator of ``(data, n)``, a padded
     :class:`~latentsel.models.data.HLSMData` (from a few shapes: one compilation each; any
     hidden-step blocks are left out, so give traces without them) and the number of real
-    traces in it. The other arguments are
-    :func:`fit_svi`'s.
+    traces in it. The other arguments are :func:`fit_svi`'s.
     """
     fit_priors = check_options(guide, map_in, steps, priors)
     if n_traces < 1:
         raise ValueError(f"n_traces must be at least 1, got {n_traces}")
-    names = model_spec(model).sites
     init = init if init is not None else prior_mean_params(model, n_routes, n_skills, priors)
     with jax.enable_x64(True):
-        init_values = {name: jnp.asarray(v, jnp.float64) for name, v in zip(names, init)}
-        cls = AutoDelta if guide == "delta" else AutoNormal
-        auto = cls(lambda: global_prior(model, n_routes, n_skills, fit_priors), init_loc_fn=init_to_value(values=init_values))
+        auto = _guide(model, guide, init, n_routes, n_skills, fit_priors)
 
         def batch_model(arrays, scale):
             params = global_prior(model, n_routes, n_skills, fit_priors)
@@ -200,15 +182,30 @@ def fit_svi_batches(model: str, batches, n_traces: int, n_routes: int, n_skills:
             losses[step] = float(loss)
             if progress is not None and ((step + 1) % progress_every == 0 or step + 1 == steps):
                 progress(step + 1, losses[step])
-        raw = svi.get_params(state)
-        guide_params = {k: np.asarray(v) for k, v in raw.items()}
-        if guide == "delta":
-            point = params_from_sites(model, {name: np.asarray(raw[f"{name}_auto_loc"]) for name in names})
-            return SVIResult(_as_float(point), losses, guide, guide_params, None, None)
-        draws = auto.sample_posterior(key_post, raw, sample_shape=(posterior_samples,))
-        mean = params_from_sites(model, {name: np.asarray(draws[name]).mean(0) for name in names})
-        std = params_from_sites(model, {name: np.asarray(draws[name]).std(0) for name in names})
-        median = params_from_sites(model, {name: np.asarray(v) for name, v in auto.median(raw).items()})
+        return _result(model, auto, svi.get_params(state), losses, guide, key_post, posterior_samples)
+
+
+def _guide(model: str, guide: str, init, n_routes: int, n_skills: int, priors: Priors):
+    """The AutoDelta or AutoNormal guide of the global sites, starting at ``init``."""
+    values = {name: jnp.asarray(v, jnp.float64) for name, v in zip(model_spec(model).sites, init)}
+    # the guide's prototype comes from the global prior alone: an AutoGuide runs its model
+    # op by op to build it, and the enumerated model takes tens of seconds that way
+    cls = AutoDelta if guide == "delta" else AutoNormal
+    return cls(lambda: global_prior(model, n_routes, n_skills, priors), init_loc_fn=init_to_value(values=values))
+
+
+def _result(model: str, auto, raw: dict, losses, guide: str, key, posterior_samples: int) -> SVIResult:
+    """The :class:`SVIResult` of the fitted guide parameters ``raw``: the delta guide's point, or
+    the normal guide's posterior mean, median and standard deviations (``posterior_samples`` draws)."""
+    names = model_spec(model).sites
+    guide_params = {k: np.asarray(v) for k, v in raw.items()}
+    if guide == "delta":
+        point = params_from_sites(model, {name: np.asarray(raw[f"{name}_auto_loc"]) for name in names})
+        return SVIResult(_as_float(point), losses, guide, guide_params, None, None)
+    draws = auto.sample_posterior(key, raw, sample_shape=(posterior_samples,))
+    mean = params_from_sites(model, {name: np.asarray(draws[name]).mean(0) for name in names})
+    std = params_from_sites(model, {name: np.asarray(draws[name]).std(0) for name in names})
+    median = params_from_sites(model, {name: np.asarray(v) for name, v in auto.median(raw).items()})
     return SVIResult(_renormalize(mean), losses, guide, guide_params, _as_float(median), _as_float(std))
 
 

@@ -288,12 +288,13 @@ def log_p_on(data: HLSMData, noise):
     )
 
 
-def previous_intended(data: HLSMData):
+def previous_intended(data: HLSMData, xp=jnp):
     """The previous step's intended routing and skill, ``R`` / ``K`` (start) at t = 1:
-    ``(int[N, T], int[N, T])``, the context index of the entangled model."""
-    cr, ck = jnp.asarray(data.route_intended), jnp.asarray(data.skill_intended)
-    prev_r = jnp.concatenate([jnp.full_like(cr[:, :1], data.n_routes), cr[:, :-1]], axis=1)
-    prev_k = jnp.concatenate([jnp.full_like(ck[:, :1], data.n_skills), ck[:, :-1]], axis=1)
+    ``(int[N, T], int[N, T])``, the context index of the entangled model (``xp``: the array
+    module, ``jnp`` or ``np``)."""
+    cr, ck = xp.asarray(data.route_intended), xp.asarray(data.skill_intended)
+    prev_r = xp.concatenate([xp.full_like(cr[:, :1], data.n_routes), cr[:, :-1]], axis=1)
+    prev_k = xp.concatenate([xp.full_like(ck[:, :1], data.n_skills), ck[:, :-1]], axis=1)
     return prev_r, prev_k
 
 

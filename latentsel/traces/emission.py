@@ -244,15 +244,16 @@ def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular",
     compiled = _matcher(world, jobs_n.size)
     if compiled is not None:  # the default world's modules: one compiled pass, no outputs written
         compiled(match, (jobs_n, jobs_t), codes, lens, jobs_n, jobs_t + 1, codes, lens, (jobs_n, jobs_t + 1))
-    for lo in range(0, 0 if compiled is not None else jobs_n.size, chunk):
-        jn, jt = jobs_n[lo: lo + chunk], jobs_t[lo: lo + chunk]
-        # the executor reads only the first ``depth`` entries of each history
-        out, out_lens, owner, index = apply_distinct(world, codes[jn, :t_max], lens[jn, :t_max],
-                                                     (jt + 1).astype(np.int32))
-        # agreements counted once per distinct routed string, then spread over the routings
-        distinct = _match(out[:, None], out_lens[:, None], codes[jn[owner], jt[owner] + 1],
-                          lens[jn[owner], jt[owner] + 1], world.max_len)[:, 0]
-        match[jn, jt] = distinct[index]
+    else:
+        for lo in range(0, jobs_n.size, chunk):
+            jn, jt = jobs_n[lo: lo + chunk], jobs_t[lo: lo + chunk]
+            # the executor reads only the first ``depth`` entries of each history
+            out, out_lens, owner, index = apply_distinct(world, codes[jn, :t_max], lens[jn, :t_max],
+                                                         (jt + 1).astype(np.int32))
+            # agreements counted once per distinct routed string, then spread over the routings
+            distinct = _match(out[:, None], out_lens[:, None], codes[jn[owner], jt[owner] + 1],
+                              lens[jn[owner], jt[owner] + 1], world.max_len)[:, 0]
+            match[jn, jt] = distinct[index]
     groups = []
     for j in sorted({len(plan[0]) for _, plan in items}):
         group = [it for it in items if len(it[1][0]) == j]

@@ -188,12 +188,11 @@ def _id_at(path: Path, line: int) -> str | None:
 def _file_chunks(path: Path, world: World, chunk: int, skip_invalid: bool, errors: list | None,
                  max_depth: int) -> Iterator[list]:
     ids = _Ids(path)
-    buf: list[bytes] = []
-    buf_lines: list[int] = []
     line_no = 0
     block: list[bytes] = []
 
-    def flush():
+    def flush(buf: list[bytes], buf_lines: list[int]) -> list:
+        """The traces of the lines ``buf`` (line numbers ``buf_lines``)."""
         try:
             records = _fast_chunk(buf, world)
         except _Slow:
@@ -203,8 +202,6 @@ def _file_chunks(path: Path, world: World, chunk: int, skip_invalid: bool, error
             firsts = ids.first_line([rec.id for rec in records], lines)
             deep = np.fromiter(map(len, (rec.steps for rec in records)), dtype=np.int64, count=len(records)) > max_depth
             if not deep.any() and firsts.count(None) == len(firsts):
-                buf.clear()
-                buf_lines.clear()
                 return records
             parsed = list(zip(buf_lines, records))
             firsts = dict(zip(buf_lines, firsts))
@@ -243,8 +240,6 @@ def _file_chunks(path: Path, world: World, chunk: int, skip_invalid: bool, error
                 raise err from None
             if errors is not None:
                 errors.append(err)
-        buf.clear()
-        buf_lines.clear()
         return out
 
     try:
@@ -254,18 +249,14 @@ def _file_chunks(path: Path, world: World, chunk: int, skip_invalid: bool, error
             block.extend(islice(lines, chunk))  # (lines read before a failing one stay: its number is known)
             if not block:
                 break
-            if all(map(bytes.strip, block)):
-                buf.extend(block)
-                buf_lines.extend(range(line_no + 1, line_no + 1 + len(block)))
-            else:
-                kept = [(n, raw) for n, raw in enumerate(block, start=line_no + 1) if raw.strip()]
-                buf.extend(raw for _, raw in kept)
-                buf_lines.extend(n for n, _ in kept)
+            numbers = list(range(line_no + 1, line_no + 1 + len(block)))
             line_no += len(block)
-            if buf:
-                traces = flush()
-                if traces:
-                    yield traces
+            if not all(map(bytes.strip, block)):
+                kept = [i for i, raw in enumerate(block) if raw.strip()]
+                numbers, block = [numbers[i] for i in kept], [block[i] for i in kept]
+            traces = flush(block, numbers) if block else []
+            if traces:
+                yield traces
     except FileNotFoundError:
         raise TraceFormatError("no such file", str(path)) from None
     except (OSError, EOFError) as e:

@@ -55,7 +55,7 @@ def _matcher(world: World):
     try:
         skill_ops = np.array([SKILL_OPS[s.fn] for s in world.skills], dtype=np.int64)
         route_ops = np.array([ROUTE_OPS[r.fn] for r in world.routes], dtype=np.int64)
-    except (KeyError, TypeError):  # a module of the user's own (or an unhashable function)
+    except KeyError:  # a module of the user's own
         return None
     n_chars, width = world.n_chars, world.max_len
     length, gather, cmap = _tables(world, skill_ops)
@@ -161,24 +161,6 @@ def _special(op, s, r, n, o, a, count):
     return m
 
 
-@jit
-def _skill_len(op, s, r, n, a, count):
-    """The length of ``dedup`` / ``unique`` on ``s[r, :n]``, without writing the output."""
-    m = 0
-    if op == S_DEDUP:
-        for j in range(n):
-            if j == 0 or s[r, j] != s[r, j - 1]:
-                m += 1
-        return m
-    for c in range(a):
-        count[c] = 0
-    for j in range(n):
-        if count[s[r, j]] == 0:
-            count[s[r, j]] = 1
-            m += 1
-    return m
-
-
 @njit(cache=True, nogil=True, inline="always")
 def _put(o, r, at, h, i, e, lo, hi):
     """``o[r, at:] = h[i, e, lo:hi]``; returns the new end."""
@@ -224,7 +206,8 @@ def _route(op, h, hl, i, d, o, r):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _kernel(codes, lens, hist, depth, y_codes, y_lens, row, col, y_row, y_col, route_ops, skill_ops, special, length, gather, cmap, a, w, out):
+def _kernel(codes, lens, hist, depth, y_codes, y_lens, row, col, y_row, y_col, route_ops, skill_ops, special,
+            length, gather, cmap, a, w, out):
     n_jobs, r_n, k_n = depth.size, route_ops.size, skill_ops.size
     n_blocks = min(n_jobs, 256)
     for b in prange(n_blocks):
@@ -256,14 +239,16 @@ def _kernel(codes, lens, hist, depth, y_codes, y_lens, row, col, y_row, y_col, r
                 for k in range(k_n):
                     # most outputs have another length than y_t: only those of its length are compared
                     n_out = length[k, rlen[r]]
-                    if n_out < 0:  # a length that depends on the characters
-                        n_out = min(_skill_len(skill_ops[k], routed, r, rlen[r], a, count), w)
+                    made = n_out < 0  # dedup / unique: the length is known once the output is made
+                    if made:
+                        n_out = min(_special(skill_ops[k], routed, r, rlen[r], o, a, count), w)
                     if n_out != yl:
                         out[i, t, r, k] = -1
                         continue
                     m = 0
                     if special[k]:
-                        _special(skill_ops[k], routed, r, rlen[r], o, a, count)
+                        if not made:
+                            _special(skill_ops[k], routed, r, rlen[r], o, a, count)
                         for c in range(yl):
                             m += o[c] == y_codes[yi, yt, c]
                     else:
