@@ -2,14 +2,16 @@
 
 Rows (traces per second; best of ``--repeat``; warm JIT unless said):
 
-* read: the chunked msgspec reader (:func:`latentsel.traces.stream.iter_chunks`) against the
-  validating line reader (``read_traces``), on the same file;
+* read: the chunked columnar reader (:func:`latentsel.traces.stream.iter_chunks`: blocks parsed
+  by pyarrow into Arrow columns) against the validating line reader (``read_traces``), on the
+  same file;
 * build: :func:`~latentsel.traces.emission.build_data` with the compiled executor (numba)
-  against the vectorized numpy executor, on the same records (the statistics asserted equal);
+  against the vectorized numpy executor, on the same records, and on the reader's columns chunk
+  by chunk, as a streamed fit builds them (the statistics asserted equal);
 * exact from statistics: the evidence alone and the evidence with marginals and MAP, jitted
   (JAX) and compiled (numba), and the EM E-step, against a plain numpy baseline (the emission
   by table lookup, the evidence by ``einsum``, float64);
-* end to end: read + build + exact posterior (compiled);
+* end to end: read + build from the columns + exact posterior (compiled);
 * grammar forward-backward: the factorized chain (O(RK(R+K)) a step) against dynamax's dense
   ``hmm_smoother`` over the R*K = 240 states on the same emissions, and hmmlearn's C forward and
   backward passes (``_hmmc.forward_scaling`` / ``backward_scaling``, one trace at a time, on
@@ -218,7 +220,7 @@ def main(args):
     read_s, _ = timed(lambda: read_traces(path, world=world), 1)
     row("read: read_traces (anchor)", read_s)
     stream_s, chunks = timed(lambda: [c for c in iter_chunks(path, world=world)], args.repeat)
-    row("read: iter_chunks (msgspec, bulk checks)", stream_s, ("read_traces", read_s))
+    row("read: iter_chunks (Arrow columns)", stream_s, ("read_traces", read_s))
     records = [tr for c in chunks for tr in c]
     with compiled("never"):
         vec_s, vec = timed(lambda: build_data(records, world), 1)
@@ -229,6 +231,14 @@ def main(args):
     assert all(np.array_equal(a, b) for a, b in zip(data.arrays(), vec.arrays()))
     row("build_data: compiled executor", build_s, ("vectorized executor", vec_s))
     del vec
+    with compiled("always"):
+        cols_s, parts = timed(lambda: [build_data(c, world) for c in chunks], args.repeat)
+    lo = 0
+    for c, part in zip(chunks, parts):  # each chunk's statistics are its rows of the whole corpus's
+        assert all(np.array_equal(a, b) for a, b in zip(part.arrays(), data.take(slice(lo, lo + len(c))).arrays()))
+        lo += len(c)
+    del parts
+    row("build_data: compiled, from the reader's columns", cols_s, ("vectorized executor", vec_s))
     base_s, base = timed(lambda: numpy_evidence(data, truth), args.repeat)
     row("exact: numpy table + einsum evidence (anchor)", base_s)
     with compiled("never"):
@@ -249,7 +259,7 @@ def main(args):
     e_step("modular", truth, data.take(slice(0, 2048)))
     estep_s, _ = timed(lambda: e_step("modular", truth, data), args.repeat)
     row("exact: EM E-step (counts + evidence), jitted", estep_s, ("numpy evidence", base_s))
-    row("end to end: iter_chunks + build + exact (compiled)", stream_s + build_s + exact_s)
+    row("end to end: iter_chunks + build from columns + exact (compiled)", stream_s + cols_s + exact_s)
     for r in grammar_rows(world, data, args):
         rows.append(r)
         print(r, flush=True)

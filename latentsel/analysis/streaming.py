@@ -36,6 +36,7 @@ from latentsel.models.data import HiddenBlocks, HLSMData
 from latentsel.models.registry import model_spec
 from latentsel.traces.emission import build_data
 from latentsel.traces.format import Trace
+from latentsel.traces.columns import TraceColumns
 from latentsel.traces.stream import CHUNK_TRACES, MAX_DEPTH, iter_chunks
 from latentsel.world import World, default_world
 from latentsel.world.loading import load_world
@@ -144,6 +145,12 @@ def _start_worker(threads: int) -> None:
     set_threads(threads)
 
 
+def _depths(traces) -> np.ndarray:
+    if isinstance(traces, TraceColumns):
+        return traces.depth
+    return np.fromiter((len(tr.steps) for tr in traces), dtype=np.int64, count=len(traces))
+
+
 def _plain(tr) -> Trace:
     """What the statistics read of a trace, as a :class:`Trace` (a decoded record's class is made
     per world and does not cross a process boundary)."""
@@ -156,10 +163,11 @@ def _build_parts(world, model: str, max_depth: int, traces, first_row: int, max_
     group) or returned. Runs here or in a worker process (``world`` then is its name)."""
     if not isinstance(world, World):
         world = load_world(world)
-    depths = np.fromiter((len(tr.steps) for tr in traces), dtype=np.int64, count=len(traces))
+    depths = _depths(traces)
     out = []
     for j, idx in enumerate(depth_groups(depths, max_cells)):
-        data = build_data([traces[i] for i in idx], world, model=model, max_depth=max_depth)
+        part = traces.take(idx) if isinstance(traces, TraceColumns) else [traces[i] for i in idx]
+        data = build_data(part, world, model=model, max_depth=max_depth)
         rows = first_row + idx
         if files is None:
             out.append((data, rows))
@@ -223,16 +231,16 @@ class StreamedCorpus:
         try:
             for traces in iter_chunks(self.paths, world=world, chunk=chunk, skip_invalid=skip_invalid, errors=errors,
                                       max_depth=self.max_depth):
-                depths = np.fromiter((len(tr.steps) for tr in traces), dtype=np.int64, count=len(traces))
+                depths = _depths(traces)
                 n_groups = len(depth_groups(depths, chunk * 4))
                 files = self._parts.reserve(n_groups)
                 if pool is None:
                     self._parts.collect(files, _build_parts(world, model, self.max_depth, traces, self.n_traces,
                                                             chunk * 4, files))
                 else:
-                    pending.append((files, pool.submit(_build_parts, spec, model, self.max_depth,
-                                                       [_plain(tr) for tr in traces], self.n_traces, chunk * 4,
-                                                       files)))
+                    sent = traces if isinstance(traces, TraceColumns) else [_plain(tr) for tr in traces]
+                    pending.append((files, pool.submit(_build_parts, spec, model, self.max_depth, sent,
+                                                       self.n_traces, chunk * 4, files)))
                     while len(pending) > workers:  # at most workers + 1 chunks in flight
                         done_files, future = pending.popleft()
                         self._parts.collect(done_files, future.result())

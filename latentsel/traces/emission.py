@@ -19,6 +19,7 @@ from latentsel._compiled import use_compiled
 from latentsel.models.data import HiddenBlocks, HLSMData
 from latentsel.models.registry import model_spec
 from latentsel.traces import Trace
+from latentsel.traces.columns import TraceColumns
 from latentsel.traces.format import MAX_HIDDEN_RUN, echo, hidden_run_error
 from latentsel.world import World
 from latentsel.world.executor import PAD, apply_all, apply_distinct, encode
@@ -161,6 +162,53 @@ def _build_blocks(world: World, codes, lens, items, t_max: int, chunk: int) -> H
                         tuple(read_step), tuple(read_match))
 
 
+def _program(traces: Sequence[Trace], world: World, depth: np.ndarray) -> np.ndarray:
+    """int32[sum depth]: route * K + skill of every step of ``traces``, in trace order."""
+    k_n = world.n_skills
+    programs = [tr.program for tr in traces]
+    if None in programs:
+        raise ValueError(f"trace {traces[programs.index(None)].id!r} states no program: only the grammar model applies")
+    short = np.fromiter(map(len, programs), dtype=np.int64, count=len(traces)) != depth
+    if short.any():
+        tr = traces[int(np.argmax(short))]
+        raise ValueError(f"trace {echo(tr.id)}: {len(tr.steps)} steps but a program of {len(tr.program)}")
+    module_of = {(r, k): i * k_n + j for i, r in enumerate(world.route_names) for j, k in enumerate(world.skill_names)}
+    try:
+        return np.fromiter(map(module_of.__getitem__, chain.from_iterable(programs)), dtype=np.int32,
+                           count=int(depth.sum()))
+    except (KeyError, TypeError):  # pairs as lists, or an unknown module (the world's lookup names it)
+        return np.array([world.route_index(r) * k_n + world.skill_index(k) for tr in traces for r, k in tr.program],
+                        dtype=np.int32)
+
+
+def _columns_program(traces: TraceColumns, world: World) -> np.ndarray:
+    """:func:`_program` of a block read as columns (its names were checked against ``world``)."""
+    if traces.modules is None:
+        missing = np.asarray(traces.table.column("program").is_null())
+        raise ValueError(f"trace {traces.ids[int(np.argmax(missing))]!r} states no program: only the grammar "
+                         "model applies")
+    traces.check_world(world)
+    return traces.modules
+
+
+def _encode(traces: Sequence[Trace], world: World, depth: np.ndarray, t_max: int):
+    """``(codes: uint8[N, T + 1, W], lens: int32[N, T + 1], hidden)``: every trace's input and
+    steps in one encoding, and the traces with a hidden step (its entry a placeholder ``""``:
+    the steps that read it are in the block, whose tree replaces it by every executed output)."""
+    strings = list(chain.from_iterable(chain((tr.input,), tr.steps) for tr in traces))
+    hidden = [i for i, tr in enumerate(traces) if None in tr.steps] if None in strings else []
+    first = np.concatenate([[0], np.cumsum(depth + 1)])  # each trace's input in ``strings``
+    for i in hidden:
+        lo = int(first[i]) + 1
+        strings[lo: lo + int(depth[i])] = ["" if y is None else y for y in traces[i].steps]
+    flat_codes, flat_lens = encode(strings, world)
+    filled = np.arange(t_max + 1) <= depth[:, None]
+    codes = np.full((len(traces), t_max + 1, world.max_len), PAD, dtype=np.uint8)
+    lens = np.zeros((len(traces), t_max + 1), dtype=np.int32)
+    codes[filled], lens[filled] = flat_codes, flat_lens
+    return codes, lens, hidden
+
+
 def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular", chunk: int = 16_384,
                max_depth: int | None = None) -> HLSMData:
     """The emission statistics, intended modules, masks and hidden-step blocks of a corpus.
@@ -180,7 +228,8 @@ def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular",
     if len(traces) == 0:
         raise ValueError("the corpus is empty: no traces to fit")
     n = len(traces)
-    depth = np.fromiter(map(len, (tr.steps for tr in traces)), dtype=np.int64, count=n)
+    columns = isinstance(traces, TraceColumns)
+    depth = traces.depth if columns else np.fromiter(map(len, (tr.steps for tr in traces)), dtype=np.int64, count=n)
     t_max = int(depth.max())
     if max_depth is not None and t_max > max_depth:
         deep = traces[int(np.argmax(depth))]
@@ -193,31 +242,14 @@ def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular",
 
     spec = model_spec(model)
     if spec.uses_program:
-        programs = [tr.program for tr in traces]
-        if None in programs:
-            raise ValueError(f"trace {traces[programs.index(None)].id!r} states no program: only the grammar model applies")
-        short = np.fromiter(map(len, programs), dtype=np.int64, count=n) != depth
-        if short.any():
-            tr = traces[int(np.argmax(short))]
-            raise ValueError(f"trace {echo(tr.id)}: {len(tr.steps)} steps but a program of {len(tr.program)}")
-        module_of = {(r, k): i * k_n + j for i, r in enumerate(world.route_names) for j, k in enumerate(world.skill_names)}
-        try:
-            # the programs flattened in trace order fill the step mask's cells in C order
-            flat = np.fromiter(map(module_of.__getitem__, chain.from_iterable(tr.program for tr in traces)),
-                               dtype=np.int32, count=int(depth.sum()))
-        except (KeyError, TypeError):  # pairs as lists, or an unknown module (the world's lookup names it)
-            flat = np.array([world.route_index(r) * k_n + world.skill_index(k) for tr in traces for r, k in tr.program],
-                            dtype=np.int32)
+        # the programs flattened in trace order fill the step mask's cells in C order
+        flat = _columns_program(traces, world) if columns else _program(traces, world, depth)
         route_int[step_mask], skill_int[step_mask] = np.divmod(flat, k_n)
-    # the inputs and steps of every trace, in C order of [N, T + 1]; a hidden entry is a
-    # placeholder here: the steps that read it are in the block, whose tree replaces it by
-    # every executed output
-    strings = list(chain.from_iterable(chain((tr.input,), tr.steps) for tr in traces))
-    hidden_traces = [i for i, tr in enumerate(traces) if None in tr.steps] if None in strings else []
-    first = np.concatenate([[0], np.cumsum(depth + 1)])  # each trace's input in ``strings``
-    for i in hidden_traces:
-        lo = int(first[i]) + 1
-        strings[lo: lo + int(depth[i])] = ["" if y is None else y for y in traces[i].steps]
+    if columns:  # the inputs and steps as the reader's columns hold them (a hidden step as "")
+        codes, lens = traces.codes(world)
+        hidden_traces = traces.hidden.tolist()
+    else:
+        codes, lens, hidden_traces = _encode(traces, world, depth, t_max)
     free = step_mask.copy()
     items = []
     for i in hidden_traces:
@@ -229,14 +261,9 @@ def build_data(traces: Sequence[Trace], world: World, *, model: str = "modular",
                 free[i, reads] = False
     observed = step_mask.copy()
     for i in hidden_traces:
-        observed[i, : traces[i].depth] = [y is not None for y in traces[i].steps]
+        steps = traces[i].steps
+        observed[i, : len(steps)] = [y is not None for y in steps]
     emit = observed & free
-    # every trace's full teacher-forced history, encoded once: [N, T + 1, W]
-    flat_codes, flat_lens = encode(strings, world)
-    filled = np.arange(t_max + 1) <= depth[:, None]
-    codes = np.full((n, t_max + 1, world.max_len), PAD, dtype=np.uint8)
-    lens = np.zeros((n, t_max + 1), dtype=np.int32)
-    codes[filled], lens[filled] = flat_codes, flat_lens
     length = np.where(observed, lens[:, 1:], 0).astype(np.int32)
 
     match[~emit] = -1  # no step, or a step whose emission is not its match counts

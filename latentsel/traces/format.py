@@ -19,7 +19,7 @@ import re
 import reprlib
 import stat
 import zlib
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -271,6 +271,13 @@ def _finite_float(text: str) -> float:
 def _open_lines(path: Path) -> Iterator[bytes]:
     """The lines of a regular file (gunzipped for ``.gz``); :class:`TraceFormatError` for anything
     else, decided before the file is opened: a FIFO would block, a device might never end."""
+    with _open_binary(path) as f:
+        yield from f
+
+
+@contextmanager
+def _open_binary(path: Path):
+    """A regular file opened for binary reading (gunzipped for ``.gz``); see :func:`_open_lines`."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -291,7 +298,7 @@ def _open_lines(path: Path) -> Iterator[bytes]:
         raise
     with os.fdopen(fd, "rb") as raw, (gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz"
                                       else nullcontext(raw)) as f:
-        yield from f
+        yield f
 
 
 def parse_line(raw: bytes, world: World) -> Trace | None:

@@ -1,11 +1,12 @@
 """Trace files read in bounded chunks: the reader of corpora too large to hold as one list.
 
 :func:`iter_chunks` yields the traces of one or more JSONL files, at most ``chunk`` at a time.
-Each chunk's lines are decoded by msgspec against a typed schema of the record (C code, no
-per-field Python), then validated in bulk: every string of the chunk against the alphabet and
-``max_len`` in one vectorized pass, names by dictionary lookups, the hidden-step rule only on
-traces with hidden steps. A chunk that fails any check, or holds a record this fast path does
-not model (a malformed completion, keys it does not know), is read again line by line through
+A file is read in blocks of whole lines (bytes, not line objects), and each block is parsed
+into Arrow columns and validated in vectorized passes (:func:`latentsel.traces.columns.read_columns`):
+such a chunk is a :class:`~latentsel.traces.columns.TraceColumns`, which ``build_data`` reads
+without a per-trace Python loop, and which decodes a record only when one is asked for. A block
+that fails any check, or holds a record the fast path does not model (a malformed completion,
+keys it does not know, blank lines it cannot strip), is read again line by line through
 :func:`latentsel.traces.format.parse_line`, the one validator of the format: the errors and the
 records accepted are exactly those of :func:`latentsel.traces.format.read_traces`, down to the
 ``file:line: reason`` of the first bad record.
@@ -18,23 +19,21 @@ would otherwise size every padded array built from its chunk.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-import gc
 import json
-from functools import lru_cache
-from operator import attrgetter
-from itertools import chain, islice
-from typing import Any, Iterator, Literal, Optional, Sequence
+import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from pathlib import Path
+from typing import Iterator, Sequence
 
-import msgspec
 import numpy as np
 
+from latentsel.traces.columns import Slow, TraceColumns, check_table, parse_block, read_columns
 from latentsel.traces.failures import read_prefixes
-from latentsel.traces.format import (TraceFormatError, _DEFAULT_WORLD, _open_lines, echo,
-                                     hidden_run_error, parse_line)
+from latentsel.traces.format import (TraceFormatError, _DEFAULT_WORLD, _open_binary, _open_lines, echo,
+                                     parse_line)
 from latentsel.world import World
-from latentsel.world.executor import PAD, _lookup_table
 
 __all__ = ["iter_chunks", "count_traces", "MAX_DEPTH", "CHUNK_TRACES"]
 
@@ -44,89 +43,10 @@ MAX_DEPTH = 1024
 CHUNK_TRACES = 65_536
 """Traces per chunk by default: ~64 MB of emission statistics at depth 4 in the default world."""
 
+_READ_BYTES = 1 << 22
+"""Bytes per read of a trace file."""
 
-class _Slow(Exception):
-    """This chunk needs the line-by-line parser."""
-
-
-def _depth(self) -> int:
-    return len(self.steps)
-
-
-def _extra(self) -> dict:
-    return {}  # the fast path takes only records without other keys
-
-
-@lru_cache(maxsize=8)
-def _decoder(route_names: tuple[str, ...], skill_names: tuple[str, ...]) -> msgspec.json.Decoder:
-    """The typed decoder of a record of a world: module names are literals, checked in C (and
-    not copied: a decoded name is the literal's own string)."""
-    route, skill = Literal[route_names], Literal[skill_names]
-    truth = msgspec.defstruct("TruthRecord", [("routes", list[route]), ("skills", list[skill]), ("off", list[bool])],
-                              forbid_unknown_fields=True, gc=False)
-    # a record with any other key (``malformed``, extras) fails here and is read by the full parser
-    record = msgspec.defstruct(
-        "TraceRecord",
-        [("id", str), ("input", str), ("steps", list[Optional[str]]),
-         ("program", Optional[list[tuple[route, skill]]], None), ("answer", Optional[str], None),
-         ("source", Optional[dict[str, Any]], None), ("truth", Optional[truth], None)],
-        forbid_unknown_fields=True, gc=False,
-        namespace={"depth": property(_depth), "extra": property(_extra), "__doc__": "A trace record decoded by the streaming reader."})
-    return msgspec.json.Decoder(record)
-
-
-def _fast_chunk(lines: list[bytes], world: World) -> list:
-    """The records of ``lines`` (no blank ones), trace-like (``id``, ``input``, ``program``,
-    ``steps``, ``depth``), or :class:`_Slow` if any line needs the full parser."""
-    decode = _decoder(tuple(world.route_names), tuple(world.skill_names)).decode
-    enabled = gc.isenabled()
-    gc.disable()  # a chunk allocates a million small objects and frees none: no collection can help
-    try:
-        records = [decode(raw) for raw in lines]
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        raise _Slow from None
-    finally:
-        if enabled:
-            gc.enable()
-    n = len(records)
-    steps = [rec.steps for rec in records]
-    depth = np.fromiter(map(len, steps), dtype=np.int64, count=n)
-    if not depth.all() or not all(rec.id for rec in records):
-        raise _Slow
-    programs = [rec.program for rec in records]
-    if None in programs:
-        if any(p is not None and len(p) != d for p, d in zip(programs, depth.tolist())):
-            raise _Slow
-    elif (np.fromiter(map(len, programs), dtype=np.int64, count=n) != depth).any():
-        raise _Slow
-    truths = [rec.truth for rec in records]
-    if truths.count(None) < n:  # simulated records: every truth list as long as the steps
-        have = np.array([t is not None for t in truths])
-        truths = [t for t in truths if t is not None]
-        for field in ("routes", "skills", "off"):
-            if (np.fromiter(map(len, map(attrgetter(field), truths)), dtype=np.int64, count=len(truths))
-                    != depth[have]).any():
-                raise _Slow
-    # every string of the chunk against the alphabet and max_len in one pass
-    strings = [rec.input for rec in records]
-    strings += chain.from_iterable(steps)
-    if None in strings:  # hidden steps: the rule on their runs, and only observed strings checked
-        if any(hidden_run_error(s) is not None for s in steps if None in s):
-            raise _Slow
-        strings = [s for s in strings if s is not None]
-    strings += [rec.answer for rec in records if rec.answer is not None]
-    lens = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
-    if lens.size and lens.max() > world.max_len:
-        raise _Slow
-    chars = np.frombuffer("".join(strings).encode("utf-32-le"), dtype=np.uint32)
-    if (_lookup_table(world.alphabet)[np.minimum(chars, 0x10FFFF)] == PAD).any():
-        raise _Slow
-    return records
-
-
-def _fast_type(world: World) -> type:
-    """The class of the records :func:`_fast_chunk` decodes for ``world``."""
-    return _decoder(tuple(world.route_names), tuple(world.skill_names)).type
+_JSON_SPACE = b" \t\r\n"
 
 
 class _Ids:
@@ -185,29 +105,114 @@ def _id_at(path: Path, line: int) -> str | None:
     return None
 
 
-def _file_chunks(path: Path, world: World, chunk: int, skip_invalid: bool, errors: list | None,
-                 max_depth: int) -> Iterator[list]:
-    ids = _Ids(path)
-    line_no = 0
-    block: list[bytes] = []
+def _byte_blocks(f, chunk: int) -> Iterator[tuple[bytes, int]]:
+    """``(block, lines)``: the file ``f`` in blocks of ``chunk`` whole lines (the last may be
+    fewer, and may lack its final newline)."""
+    pieces: list[bytes] = []
+    newlines = 0
+    while True:
+        piece = f.read(_READ_BYTES)
+        if not piece:
+            break
+        count = piece.count(b"\n")
+        if newlines + count < chunk:
+            pieces.append(piece)
+            newlines += count
+            continue
+        nl = np.flatnonzero(np.frombuffer(piece, dtype=np.uint8) == 10)
+        start, k = 0, chunk - newlines - 1  # the newline that ends the block
+        while k < nl.size:
+            cut = int(nl[k]) + 1
+            pieces.append(piece[start:cut])
+            yield b"".join(pieces), chunk
+            pieces, start, k = [], cut, k + chunk
+        pieces.append(piece[start:])
+        newlines = nl.size - int(np.searchsorted(nl, start))
+    rest = b"".join(pieces)
+    if rest:
+        yield rest, newlines + (not rest.endswith(b"\n"))
 
-    def flush(buf: list[bytes], buf_lines: list[int]) -> list:
-        """The traces of the lines ``buf`` (line numbers ``buf_lines``)."""
+
+def _parsed_blocks(f, chunk: int) -> Iterator[tuple[bytes, int, object]]:
+    """``(block, lines, table)``: :func:`_byte_blocks` with each block's Arrow table (``None``
+    where the block needs the line-by-line parser)."""
+    for block, n_lines in _byte_blocks(f, chunk):
         try:
-            records = _fast_chunk(buf, world)
-        except _Slow:
-            records = None
-        if records is not None:  # every line decoded and valid: only ids and depths are left to check
-            lines = np.asarray(buf_lines, dtype=np.int64)
-            firsts = ids.first_line([rec.id for rec in records], lines)
-            deep = np.fromiter(map(len, (rec.steps for rec in records)), dtype=np.int64, count=len(records)) > max_depth
-            if not deep.any() and firsts.count(None) == len(firsts):
-                return records
-            parsed = list(zip(buf_lines, records))
-            firsts = dict(zip(buf_lines, firsts))
-            return report(parsed, firsts)
+            table = parse_block(block, n_lines)
+        except Slow:
+            table = None
+        yield block, n_lines, table
+
+
+_END = object()
+
+
+def _ahead(items: Iterator) -> Iterator:
+    """The items of ``items``, each next one made in a thread while the caller works on this one
+    (reading and parsing release Python's lock). Exceptions come in order, with their item."""
+    with ThreadPoolExecutor(1, thread_name_prefix="latentsel-read") as pool:
+        future = pool.submit(next, items, _END)
+        while (item := future.result()) is not _END:
+            future = pool.submit(next, items, _END)
+            yield item
+
+
+def _split_lines(block: bytes) -> list[bytes]:
+    """The lines of ``block`` as a file iterates them (each with its newline, the last maybe without)."""
+    lines = block.split(b"\n")
+    last = lines.pop()
+    out = [line + b"\n" for line in lines]
+    if last:
+        out.append(last)
+    return out
+
+
+def _file_chunks(path: Path, world: World, chunk: int, skip_invalid: bool, errors: list | None,
+                 max_depth: int) -> Iterator[Sequence]:
+    ids = _Ids(path)
+
+    def fail(reason: str, line: int) -> None:
+        err = TraceFormatError(reason, str(path), line)
+        if not skip_invalid:
+            raise err from None
+        if errors is not None:
+            errors.append(err)
+
+    def deep(depth: int) -> str:
+        return (f"{depth} steps; the deepest trace a fit accepts is max_depth={max_depth} "
+                "(max_depth= in Python, --max-depth on the command line)")
+
+    def columns(cols: TraceColumns, numbers: np.ndarray) -> TraceColumns:
+        """The block read as columns, less its repeated ids and too deep traces (line order)."""
+        names = cols.ids
+        firsts = ids.first_line(names, numbers)
+        too_deep = cols.depth > max_depth
+        if not too_deep.any() and firsts.count(None) == len(firsts):
+            return cols
+        bad = np.flatnonzero(too_deep | np.array([f is not None for f in firsts]))
+        for i in bad.tolist():
+            reason = (f"duplicate id {echo(names[i])} (first on line {firsts[i]})" if firsts[i] is not None
+                      else deep(int(cols.depth[i])))
+            fail(reason, int(numbers[i]))
+        return cols.take(np.setdiff1d(np.arange(len(cols)), bad))
+
+    def lines(buf: list[bytes], numbers: list[int]) -> Sequence:
+        """The traces of the lines ``buf`` (line numbers ``numbers``)."""
+        kept = [i for i, raw in enumerate(buf) if raw.strip()]
+        if len(kept) < len(buf):
+            buf, numbers = [buf[i] for i in kept], [numbers[i] for i in kept]
+        if not buf:
+            return []
+        # lines with JSON whitespace around one object each: the same records without it
+        stripped = [raw.strip(_JSON_SPACE) for raw in buf]
+        if all(line[:1] == b"{" and line[-1:] == b"}" for line in stripped):
+            try:
+                return columns(read_columns(b"\n".join(stripped), len(stripped), world),
+                               np.asarray(numbers, dtype=np.int64))
+            except Slow:
+                pass
         parsed = []
-        for raw, n in zip(buf, buf_lines):
+        for raw, n in zip(buf, numbers):
             try:
                 tr = parse_line(raw, world)
             except TraceFormatError as e:
@@ -218,64 +223,65 @@ def _file_chunks(path: Path, world: World, chunk: int, skip_invalid: bool, error
         good = [(n, tr) for n, tr in parsed if not isinstance(tr, TraceFormatError)]
         firsts = dict(zip((n for n, _ in good), ids.first_line([tr.id for _, tr in good],
                                                                np.asarray([n for n, _ in good], dtype=np.int64))))
-        return report(parsed, firsts)
-
-    def report(parsed, firsts):
-        """The traces of ``parsed``, each bad line (a parse error, a repeated id, too many
-        steps) raised or set aside in line order."""
         out = []
         for n, tr in parsed:  # line order: the first bad line is the one reported
             if isinstance(tr, TraceFormatError):
-                reason = tr.reason
+                fail(tr.reason, n)
             elif firsts[n] is not None:
-                reason = f"duplicate id {echo(tr.id)} (first on line {firsts[n]})"
+                fail(f"duplicate id {echo(tr.id)} (first on line {firsts[n]})", n)
             elif tr.depth > max_depth:
-                reason = (f"{tr.depth} steps; the deepest trace a fit accepts is max_depth={max_depth} "
-                          "(max_depth= in Python, --max-depth on the command line)")
+                fail(deep(tr.depth), n)
             else:
                 out.append(tr)
-                continue
-            err = TraceFormatError(reason, str(path), n)
-            if not skip_invalid:
-                raise err from None
-            if errors is not None:
-                errors.append(err)
         return out
 
+    line_no = 0
     try:
-        lines = _open_lines(path)
+        with _open_binary(path) as f:
+            for block, n_lines, table in _ahead(_parsed_blocks(f, chunk)):
+                numbers = np.arange(line_no + 1, line_no + 1 + n_lines, dtype=np.int64)
+                traces = None
+                if table is not None:
+                    try:
+                        traces = columns(check_table(table, block, world), numbers)
+                    except Slow:
+                        pass
+                if traces is None:
+                    traces = lines(_split_lines(block), numbers.tolist())
+                line_no += n_lines
+                if len(traces):
+                    yield traces
+        return
+    except (OSError, EOFError, zlib.error):
+        pass  # read again line by line from the block that failed, to name the line the read fails at
+    block = []
+    try:
+        stream = islice(_open_lines(path), line_no, None)
         while True:
-            block = []  # ``chunk`` lines at a time, blank ones left out
-            block.extend(islice(lines, chunk))  # (lines read before a failing one stay: its number is known)
+            block = []  # ``chunk`` lines at a time
+            block.extend(islice(stream, chunk))  # (lines read before a failing one stay: its number is known)
             if not block:
                 break
-            numbers = list(range(line_no + 1, line_no + 1 + len(block)))
+            traces = lines(block, list(range(line_no + 1, line_no + 1 + len(block))))
             line_no += len(block)
-            if not all(map(bytes.strip, block)):
-                kept = [i for i, raw in enumerate(block) if raw.strip()]
-                numbers, block = [numbers[i] for i in kept], [block[i] for i in kept]
-            traces = flush(block, numbers) if block else []
             if traces:
                 yield traces
     except FileNotFoundError:
         raise TraceFormatError("no such file", str(path)) from None
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise TraceFormatError(f"cannot read: {e}", str(path), line_no + len(block) + 1) from None
-    except Exception as e:  # zlib.error from a corrupt gzip stream
-        if type(e).__module__ == "zlib":
-            raise TraceFormatError(f"cannot read: {e}", str(path), line_no + len(block) + 1) from None
-        raise
 
 
 def iter_chunks(paths: str | os.PathLike | Sequence[str | os.PathLike], *, world: World | None = None,
                 chunk: int = CHUNK_TRACES, skip_invalid: bool = False, errors: list | None = None,
-                max_depth: int = MAX_DEPTH, prefixes: bool = True) -> Iterator[list]:
+                max_depth: int = MAX_DEPTH, prefixes: bool = True) -> Iterator[Sequence]:
     """The traces of the files ``paths`` (JSONL, ``.gz`` read as gzip), at most ``chunk`` at a time.
 
-    A chunk holds :class:`~latentsel.traces.format.Trace` objects where a line needed the full
-    parser, and otherwise light records with the same attributes (``id``, ``input``, ``program``
-    as ``(routing, skill)`` pairs, ``steps``, ``answer``, ``source``, ``truth``, ``depth``): what
-    :func:`latentsel.traces.emission.build_data` reads.
+    A chunk is a :class:`~latentsel.traces.columns.TraceColumns` where its block was read as
+    columns (its items are light records with the attributes of a
+    :class:`~latentsel.traces.format.Trace`: ``id``, ``input``, ``program`` as ``(routing, skill)``
+    pairs, ``steps``, ``answer``, ``source``, ``truth``, ``depth``), and otherwise a list of
+    :class:`~latentsel.traces.format.Trace`. :func:`latentsel.traces.emission.build_data` reads both.
 
     Accepts and refuses exactly what :func:`latentsel.traces.format.read_traces` does, with the
     same ``file:line: reason`` errors (``skip_invalid`` / ``errors`` as there), plus traces deeper
@@ -287,13 +293,12 @@ def iter_chunks(paths: str | os.PathLike | Sequence[str | os.PathLike], *, world
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if max_depth < 1:
         raise ValueError(f"max_depth must be >= 1, got {max_depth}")
-    fast = _fast_type(world)
     for path in ([paths] if isinstance(paths, (str, os.PathLike)) else list(paths)):
         for traces in _file_chunks(Path(path), world, chunk, skip_invalid, errors, max_depth):
-            if prefixes and not all(type(tr) is fast for tr in traces):
-                # only the full parser reads a malformed completion: records of the fast path are whole
+            if prefixes and not isinstance(traces, TraceColumns):
+                # only the line-by-line parser reads a malformed completion: columns are whole records
                 traces = read_prefixes(traces)[0]
-            if traces:
+            if len(traces):
                 yield traces
 
 
