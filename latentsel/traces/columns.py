@@ -113,28 +113,50 @@ def string_codes(arr, world: World) -> tuple[np.ndarray, np.ndarray]:
     return codes, lens
 
 
+@lru_cache(maxsize=16)
+def _byte_classes(alphabet: str) -> np.ndarray:
+    """uint8[256]: per byte 0 (an ASCII character of the alphabet), 1 (another ASCII byte) or 2 (not ASCII)."""
+    out = np.where(_lookup_table(alphabet)[:256] == PAD, 1, 0).astype(np.uint8)
+    out[128:] = 2
+    return out
+
+
 def _check_strings(arr, world: World) -> None:
     """:class:`Slow` unless every string of ``arr`` is at most ``max_len`` characters of the alphabet."""
     arr = _no_nulls(arr)
     data, off = _bytes(arr), _offsets(arr)
     raw = data[int(off[0]): int(off[-1])]
-    if raw.size and raw.max() >= 128:  # UTF-8 beyond ASCII: checked as code points
+    worst = int(np.take(_byte_classes(world.alphabet), raw).max(initial=0))
+    if worst == 2:  # UTF-8 beyond ASCII: checked as code points
         try:
             encode([s for s in arr.to_pylist() if s is not None], world)
         except ValueError:
             raise Slow from None
         return
-    if (off[1:] - off[:-1]).max(initial=0) > world.max_len or (_lookup_table(world.alphabet)[raw] == PAD).any():
+    if worst or (off[1:] - off[:-1]).max(initial=0) > world.max_len:
         raise Slow
 
 
-def _names(arr, names: Sequence[str]) -> np.ndarray:
-    """int32: the index of each name of a string array in ``names``; :class:`Slow` for another."""
-    pa = _pa()
-    idx = pa.compute.index_in(arr, value_set=pa.array(list(names), type=pa.string()))
+@lru_cache(maxsize=16)
+def _name_table(route_names: tuple[str, ...], skill_names: tuple[str, ...]):
+    """The module names of a world as one Arrow value set, and per entry its routing and skill
+    index (-1 where it is not one)."""
+    union = list(dict.fromkeys(route_names + skill_names))
+    route = {name: i for i, name in enumerate(route_names)}
+    skill = {name: i for i, name in enumerate(skill_names)}
+    return (_pa().array(union, type=_pa().string()), np.array([route.get(u, -1) for u in union], dtype=np.int32),
+            np.array([skill.get(u, -1) for u in union], dtype=np.int32))
+
+
+def _names(arr, world: World):
+    """``(index, routing, skill)``: per name of a string array its entry in the world's value set,
+    and per entry its routing and skill index (-1 where it is not one); :class:`Slow` for a name
+    that is neither."""
+    values, route, skill = _name_table(tuple(world.route_names), tuple(world.skill_names))
+    idx = _pa().compute.index_in(arr, value_set=values)
     if idx.null_count:
         raise Slow
-    return idx.to_numpy(zero_copy_only=False).astype(np.int32)
+    return idx.to_numpy(zero_copy_only=False), route, skill
 
 
 def _depth(self) -> int:
@@ -338,8 +360,10 @@ def check_table(table, block: bytes, world: World) -> TraceColumns:
         names = _list_values(pairs)
         if names.null_count:
             raise Slow
-        route = _names(names.take(pa.array(np.arange(0, len(names), 2))), world.route_names)
-        skill = _names(names.take(pa.array(np.arange(1, len(names), 2))), world.skill_names)
+        idx, as_route, as_skill = _names(names, world)
+        route, skill = as_route[idx[0::2]], as_skill[idx[1::2]]
+        if (route < 0).any() or (skill < 0).any():
+            raise Slow
         if stated.all():
             modules = route * world.n_skills + skill
     # truth: three lists as long as the steps, of known names and booleans
@@ -348,17 +372,24 @@ def check_table(table, block: bytes, world: World) -> TraceColumns:
         if [f.name for f in truth.type] != ["routes", "skills", "off"]:
             raise Slow
         if truth.null_count < n:
-            given = np.asarray(truth.is_valid())
+            given = None if truth.null_count == 0 else np.asarray(truth.is_valid())
             for i, name in enumerate(("routes", "skills", "off")):
                 field = truth.field(i)
                 # a null field under a given truth is a missing or null key: parse_trace refuses it
-                if (given & ~np.asarray(field.is_valid())).any() or (_lengths(field)[given] != depth[given]).any():
-                    raise Slow
-                values = _list_values(field.filter(pa.array(given)))
+                if given is None:
+                    if field.null_count or (_lengths(field) != depth).any():
+                        raise Slow
+                    values = _list_values(field)
+                else:
+                    if (given & ~np.asarray(field.is_valid())).any() or (_lengths(field)[given] != depth[given]).any():
+                        raise Slow
+                    values = _list_values(field.filter(pa.array(given)))
                 if values.null_count:
                     raise Slow
                 if name != "off":
-                    _names(values, world.route_names if name == "routes" else world.skill_names)
+                    idx, as_route, as_skill = _names(values, world)
+                    if ((as_route if name == "routes" else as_skill)[idx] < 0).any():
+                        raise Slow
     if "source" in table.column_names:
         source = _array(table.column("source"))
         if not (pa.types.is_struct(source.type) or pa.types.is_null(source.type)) or not _finite(source):

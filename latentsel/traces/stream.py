@@ -61,37 +61,34 @@ class _Ids:
         """Per id, the line of an earlier trace with the same id (``None`` if none), then record them."""
         h = np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids))
         out: list[int | None] = [None] * len(ids)
-        pos = np.searchsorted(self.hashes, h)
-        hit = np.zeros(h.size, dtype=bool)
-        if self.hashes.size:
-            hit = (pos < self.hashes.size) & (self.hashes[np.minimum(pos, self.hashes.size - 1)] == h)
-        for i in np.flatnonzero(hit):  # a repeated hash: compare the ids themselves
-            lo = pos[i]
+        order = np.argsort(h, kind="stable")  # the ids by hash (in line order within one hash)
+        hs = h[order]
+        right = np.searchsorted(self.hashes, hs, side="right")  # sorted queries: one sweep of the array
+        hit = (right > 0) & (self.hashes[np.maximum(right - 1, 0)] == hs) if self.hashes.size else right < 0
+        for k in np.flatnonzero(hit):  # a repeated hash: compare the ids themselves
+            i, lo = order[k], int(np.searchsorted(self.hashes, hs[k]))
             while lo < self.hashes.size and self.hashes[lo] == h[i]:
                 if _id_at(self.path, int(self.lines[lo])) == ids[i]:
                     out[i] = int(self.lines[lo])
                     break
                 lo += 1
         # within the chunk: every later copy names the first (runs of one hash, in line order)
-        order = np.argsort(h, kind="stable")
-        hs = h[order]
         starts = np.flatnonzero(np.r_[True, hs[1:] != hs[:-1]])
-        for lo, hi in zip(starts, np.r_[starts[1:], hs.size]):
-            if hi - lo < 2:
-                continue
+        ends = np.r_[starts[1:], hs.size]
+        runs = ends - starts > 1
+        for lo, hi in zip(starts[runs].tolist(), ends[runs].tolist()):
             first: dict[str, int] = {}
             for i in order[lo:hi]:
                 if out[i] is None:  # (a copy of an earlier chunk's id is named already)
                     out[i] = first.get(ids[i])
                     first.setdefault(ids[i], int(lines[i]))
-        keep = np.array([o is None for o in out], dtype=bool)
-        if keep.any():
-            order = np.argsort(h[keep], kind="stable")
-            hk, lk = h[keep][order], lines[keep][order]
+        kept = np.arange(hs.size)
+        if hit.any() or runs.any():
+            kept = np.flatnonzero(np.fromiter((out[i] is None for i in order), dtype=bool, count=hs.size))
+        if kept.size:
             # sorted keys at non-decreasing positions: the merged array stays sorted (one copy, no sort)
-            at = np.searchsorted(self.hashes, hk, side="right")
-            self.hashes = np.insert(self.hashes, at, hk)
-            self.lines = np.insert(self.lines, at, lk)
+            self.hashes = np.insert(self.hashes, right[kept], hs[kept])
+            self.lines = np.insert(self.lines, right[kept], lines[order[kept]])
         return out
 
 
