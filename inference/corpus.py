@@ -192,6 +192,12 @@ def corpus_counts(model: str, params, data: HLSMData, fast_counts, chunk: int = 
     with jax.enable_x64(True):
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
         fast = _fast_rows(model, data)
+        if fast.size and not model_spec(model).chain and use_compiled(data.n_traces, COMPILED_FROM):
+            # one compiled pass; the traces where it would underflow by the jitted path
+            from latentsel.inference.kernels import independent_counts  # numba: only where it pays back
+            *values, careful = independent_counts(model, params, data, UNDERFLOW)
+            add(values)
+            fast = np.flatnonzero(careful)
         if fast.size:
             sub = data.take(fast) if fast.size < data.n_traces else data
             for _, part in chunks(sub, chunk, pad=True):

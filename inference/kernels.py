@@ -1,4 +1,4 @@
-"""The evidence of the independent-step models, compiled (numba): one pass over the statistics.
+"""The evidence, posterior and E-step of the independent-step models, compiled (numba): one pass over the statistics.
 
 ``log p(D_n | θ) = Σ_t log Σ_{r,k} p(r | program) p(k | program) p(y_t | r, k)``: the emission
 is a lookup in the ``[len, m]`` table (:func:`latentsel.models.data.emission_table`), the sum a
@@ -18,7 +18,7 @@ from latentsel._compiled import numba_threads
 from latentsel.models.data import HLSMData, emission_table, log_p_off, previous_intended
 from latentsel.models.registry import model_spec
 
-__all__ = ["independent_log_evidence", "independent_posterior_arrays"]
+__all__ = ["independent_log_evidence", "independent_posterior_arrays", "independent_counts"]
 
 numba_threads()
 
@@ -147,3 +147,94 @@ def _posterior(match, length, mask, emit, cr, ck, route_p, skill_p, table, off_t
                         joint_probs[i, s, r, k] = x
                 route_probs[i, s, r] = acc
         log_evidence[i] = total
+
+
+def independent_counts(model: str, params, data: HLSMData, underflow: float):
+    """The E-step's expected counts of the steps outside hidden-step blocks (``modular`` /
+    ``entangled``), as the jitted E-step gives them: ``(route_counts, skill_counts,
+    noise_counts [2], off_counts [2], log_evidence, careful: bool[N])``, summed over the traces
+    where ``careful`` is False (those with a step whose ``p(y_t)`` is below ``underflow``, to be
+    counted by the jitted path)."""
+    route_p, cr, skill_p, ck = _rows(model, params, data)
+    table = _table(params, data)
+    max_len = data.max_len
+    with np.errstate(divide="ignore", under="ignore"):
+        off = np.exp(np.log(float(params.off_module))
+                     + log_p_off(np.arange(max_len + 1.0), data.n_chars, max_len, xp=np))
+    # the on-module part of the table times the matched and the mismatched positions
+    m = np.arange(-1.0, max_len + 1.0)[None, :]
+    ln = np.arange(max_len + 1.0)[:, None]
+    valid = (m >= 0) & (m <= ln)
+    with np.errstate(invalid="ignore"):
+        on_matched = np.where(valid, (table - off[:, None]) * m, 0.0)
+        on_mismatched = np.where(valid, (table - off[:, None]) * (ln - m), 0.0)
+    match = np.ascontiguousarray(data.match)
+    length = np.ascontiguousarray(data.length, dtype=np.int64)
+    emit, free = np.ascontiguousarray(data.emit), np.ascontiguousarray(data.free)
+    n = data.n_traces
+    log_ev, careful = np.zeros(n), np.zeros(n, dtype=bool)
+    if n:
+        _evidence(match, length, emit, cr, ck, route_p, skill_p, table, float(underflow), log_ev, careful)
+    parts = max(1, min(n, 64))  # traces cut in parts, each summed into its own row: no shared writes
+    bounds = np.linspace(0, n, parts + 1).astype(np.int64)
+    route = np.zeros((parts,) + route_p.shape)
+    skill = np.zeros((parts,) + skill_p.shape)
+    scalars = np.zeros((parts, 4))  # mismatched, matched, off, observed steps
+    if n:
+        _counts(match, length, free, emit, cr, ck, route_p, skill_p, table, np.ascontiguousarray(on_matched),
+                np.ascontiguousarray(on_mismatched), off, careful, bounds, route, skill, scalars)
+    sc = scalars.sum(axis=0)
+    return (route.sum(axis=0).reshape(np.shape(params[0])), skill.sum(axis=0).reshape(np.shape(params[1])),
+            np.array([sc[0], sc[1]]), np.array([sc[2], sc[3] - sc[2]]), float(log_ev[~careful].sum()), careful)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _counts(match, length, free, emit, cr, ck, route_p, skill_p, table, on_matched, on_mismatched, off, careful,
+            bounds, route, skill, scalars):
+    n, t, r_n, k_n = match.shape
+    for part in prange(bounds.size - 1):
+        emit_k = np.empty(r_n)
+        on_m = np.empty(r_n)
+        on_mm = np.empty(r_n)
+        skill_k = np.empty(k_n)
+        for i in range(bounds[part], bounds[part + 1]):
+            if careful[i]:
+                continue
+            for s in range(t):
+                if not free[i, s]:
+                    continue
+                ln, a, b = length[i, s], cr[i, s], ck[i, s]
+                observed = emit[i, s]
+                skill_k[:] = 0.0
+                p = 0.0
+                for r in range(r_n):
+                    acc = 0.0
+                    acc_m = 0.0
+                    acc_mm = 0.0
+                    rho = route_p[a, r]
+                    for k in range(k_n):
+                        if observed:
+                            j = match[i, s, r, k] + 1
+                            x = table[ln, j]
+                            acc_m += skill_p[b, k] * on_matched[ln, j]
+                            acc_mm += skill_p[b, k] * on_mismatched[ln, j]
+                        else:  # a free step no one observed: every module emits it with probability 1
+                            x = 1.0
+                        acc += skill_p[b, k] * x
+                        skill_k[k] += rho * x
+                    emit_k[r], on_m[r], on_mm[r] = acc, acc_m, acc_mm
+                    p += rho * acc
+                for r in range(r_n):
+                    route[part, a, r] += route_p[a, r] * emit_k[r] / p
+                for k in range(k_n):
+                    skill[part, b, k] += skill_p[b, k] * skill_k[k] / p
+                if observed:
+                    mm = 0.0
+                    mt = 0.0
+                    for r in range(r_n):
+                        mt += route_p[a, r] * on_m[r]
+                        mm += route_p[a, r] * on_mm[r]
+                    scalars[part, 0] += mm / p
+                    scalars[part, 1] += mt / p
+                    scalars[part, 2] += off[ln] / p
+                    scalars[part, 3] += 1.0

@@ -79,3 +79,64 @@ def test_the_chain_is_refused(small_world):  # noqa: F811
     data = build_data(random_traces(rng, small_world, 5, program=False), small_world, model="grammar")
     with pytest.raises(ValueError, match="not the chain"):
         independent_log_evidence("grammar", params, data, UNDERFLOW)
+
+
+def _hide(traces, rng):
+    """Hide some steps: a step read by later ones (a block) or a trailing one (free, unobserved)."""
+    for tr in traces:
+        if tr.depth >= 2 and rng.random() < 0.4:
+            tr.steps[int(rng.integers(tr.depth))] = None
+    return traces
+
+
+@pytest.mark.parametrize("model", ["modular", "entangled"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compiled_e_step_equals_the_jitted_one(small_world, model, seed, monkeypatch):  # noqa: F811
+    """The E-step's counts with the compiled kernel equal the jitted ones on the same corpus,
+    hidden steps (blocks and unobserved free steps) included."""
+    from latentsel.inference.em import e_step
+    from latentsel.inference.kernels import independent_counts
+
+    rng = np.random.default_rng(10 + seed)
+    params = random_params(rng, model, small_world.n_routes, small_world.n_skills)
+    data = build_data(_hide(random_traces(rng, small_world, 90, max_depth=4), rng), small_world, model=model)
+    assert data.blocks and (data.free & ~data.emit).any()
+    stats = {}
+    for mode in ("never", "always"):
+        monkeypatch.setenv("LATENTSEL_COMPILED", mode)
+        stats[mode] = [np.asarray(f) for f in e_step(model, params, data)]
+    for name, g, w in zip(("route", "skill", "noise", "off", "log_evidence"), stats["always"], stats["never"]):
+        np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-13, err_msg=name)
+    *_, careful = independent_counts(model, params, data, UNDERFLOW)
+    assert not careful.any()
+
+
+@pytest.mark.parametrize("model", ["modular", "entangled"])
+def test_compiled_e_step_leaves_underflowing_traces_to_the_jitted_path(small_world, model, monkeypatch):  # noqa: F811
+    """Where a step's p(y_t) underflows, the kernel counts nothing of its trace (flagged) and the
+    E-step adds the jitted path's counts of it: both modes give the same numbers."""
+    from latentsel.inference.em import e_step
+    from latentsel.inference.kernels import independent_counts
+
+    rng = np.random.default_rng(5)
+    params = random_params(rng, model, small_world.n_routes, small_world.n_skills)
+    rows = np.asarray(params[0]).copy()
+    rows[..., 0] = 0.0
+    rows /= rows.sum(-1, keepdims=True)
+    params = params._replace(**{params._fields[0]: rows}, noise=1e-200, off_module=1e-300)
+    data = build_data(random_traces(rng, small_world, 60, max_depth=3), small_world, model=model)
+    *_, careful = independent_counts(model, params, data, UNDERFLOW)
+    assert 0 < careful.sum() < data.n_traces
+    got = {}
+    for mode in ("never", "always"):
+        monkeypatch.setenv("LATENTSEL_COMPILED", mode)
+        got[mode] = [np.asarray(f) for f in e_step(model, params, data)]
+    for g, w in zip(got["always"], got["never"]):
+        np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-13, equal_nan=True)
+    # and the traces it did count are the jitted path's on them alone
+    keep = np.flatnonzero(~careful)
+    monkeypatch.setenv("LATENTSEL_COMPILED", "never")
+    want = [np.asarray(f) for f in e_step(model, params, data.take(keep))]
+    values = independent_counts(model, params, data.take(keep), UNDERFLOW)[:-1]
+    for g, w in zip(values, want):
+        np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-13)
