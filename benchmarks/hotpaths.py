@@ -8,8 +8,8 @@ Rows (traces per second; best of ``--repeat``; warm JIT unless said):
 * build: :func:`~latentsel.traces.emission.build_data` with the compiled executor (numba)
   against the vectorized numpy executor, on the same records, and on the reader's columns chunk
   by chunk, as a streamed fit builds them (the statistics asserted equal);
-* exact from statistics: the evidence alone and the evidence with marginals and MAP, jitted
-  (JAX) and compiled (numba), and the EM E-step, against a plain numpy baseline (the emission
+* exact from statistics: the evidence alone, the evidence with marginals and MAP, and the EM
+  E-step, each jitted (JAX) and compiled (numba), against a plain numpy baseline (the emission
   by table lookup, the evidence by ``einsum``, float64);
 * end to end: read + build from the columns + exact posterior (compiled);
 * grammar forward-backward: the factorized chain (O(RK(R+K)) a step) against dynamax's dense
@@ -256,9 +256,15 @@ def main(args):
     assert np.allclose(post_c.route_probs, post.route_probs, rtol=1e-9, atol=1e-12)
     row("exact: evidence, compiled", ev_s, ("numpy evidence", base_s))
     row("exact: evidence + marginals + MAP, compiled", exact_s, ("numpy evidence", base_s))
-    e_step("modular", truth, data.take(slice(0, 2048)))
-    estep_s, _ = timed(lambda: e_step("modular", truth, data), args.repeat)
+    with compiled("never"):
+        e_step("modular", truth, data.take(slice(0, 2048)))
+        estep_s, counts = timed(lambda: e_step("modular", truth, data), args.repeat)
     row("exact: EM E-step (counts + evidence), jitted", estep_s, ("numpy evidence", base_s))
+    with compiled("always"):
+        e_step("modular", truth, data.take(slice(0, 64)))
+        estep_c_s, counts_c = timed(lambda: e_step("modular", truth, data), args.repeat)
+    assert all(np.allclose(a, b, rtol=1e-10) for a, b in zip(counts_c, counts))
+    row("exact: EM E-step (counts + evidence), compiled", estep_c_s, ("numpy evidence", base_s))
     row("end to end: iter_chunks + build from columns + exact (compiled)", stream_s + cols_s + exact_s)
     for r in grammar_rows(world, data, args):
         rows.append(r)
