@@ -212,14 +212,14 @@ def _every_line_an_object(block: bytes, n_lines: int) -> bool:
 class TraceColumns(Sequence):
     """A validated block of traces as columns, and a sequence of trace records.
 
-    ``depth`` (int64[N]), ``modules`` (int32[sum depth]: route * K + skill in step order, or
-    ``None`` if a trace states no program) and ``hidden`` (the rows with a hidden step) are
+    ``depth`` (int64[N]), ``modules`` (int32[sum depth]: route * K + skill in step order, -1 on
+    the steps of a trace that states no program) and ``hidden`` (the rows with a hidden step) are
     what :func:`latentsel.traces.emission.build_data` reads, with :meth:`codes`. ``tc[i]`` is
     the record of row ``i``, decoded from its line when asked for (the streaming reader's record
     type: ``id``, ``input``, ``program``, ``steps``, ``answer``, ``source``, ``truth``, ``depth``).
     """
 
-    def __init__(self, table, block: bytes, rows: np.ndarray, depth: np.ndarray, modules: np.ndarray | None,
+    def __init__(self, table, block: bytes, rows: np.ndarray, depth: np.ndarray, modules: np.ndarray,
                  hidden: np.ndarray, world_key: tuple):
         self.table, self.block, self.rows = table, block, rows
         self.depth, self.modules, self.hidden = depth, modules, hidden
@@ -267,10 +267,8 @@ class TraceColumns(Sequence):
         """The rows ``idx`` (in that order), sharing this block."""
         idx = np.asarray(idx, dtype=np.int64)
         depth = self.depth[idx]
-        modules = None
-        if self.modules is not None:  # each taken trace's steps, in the order taken
-            first = np.r_[0, np.cumsum(self.depth)][idx]
-            modules = self.modules[np.repeat(first - (np.cumsum(depth) - depth), depth) + np.arange(depth.sum())]
+        first = np.r_[0, np.cumsum(self.depth)][idx]  # each taken trace's steps, in the order taken
+        modules = self.modules[np.repeat(first - (np.cumsum(depth) - depth), depth) + np.arange(depth.sum())]
         hidden = np.flatnonzero(np.isin(idx, self.hidden)) if self.hidden.size else self.hidden
         out = TraceColumns(self.table.take(idx), self.block, self.rows[idx], depth, modules, hidden, self.world_key)
         out._spans = self._spans
@@ -348,11 +346,13 @@ def check_table(table, block: bytes, world: World) -> TraceColumns:
         if any(hidden_run_error(s) is not None for s in steps_py):
             raise Slow
     # program: [routing, skill] pairs of known names, one per step
-    modules = None
+    modules = np.full(int(depth.sum()), -1, dtype=np.int32)
     program = _array(table.column("program"))
     if program.null_count < n:
         stated = np.asarray(program.is_valid())
-        if (_lengths(program)[stated] != depth[stated]).any():
+        lengths = _lengths(program)
+        # (a null program's list is empty: the pairs are those of the stated programs, in order)
+        if (lengths[stated] != depth[stated]).any() or lengths[~stated].any():
             raise Slow
         pairs = _list_values(program)
         if pairs.null_count or (_lengths(pairs) != 2).any():
@@ -364,8 +364,7 @@ def check_table(table, block: bytes, world: World) -> TraceColumns:
         route, skill = as_route[idx[0::2]], as_skill[idx[1::2]]
         if (route < 0).any() or (skill < 0).any():
             raise Slow
-        if stated.all():
-            modules = route * world.n_skills + skill
+        modules[np.repeat(stated, depth)] = route * world.n_skills + skill
     # truth: three lists as long as the steps, of known names and booleans
     if "truth" in table.column_names:
         truth = _array(table.column("truth"))

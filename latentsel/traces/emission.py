@@ -183,11 +183,11 @@ def _program(traces: Sequence[Trace], world: World, depth: np.ndarray) -> np.nda
 
 def _columns_program(traces: TraceColumns, world: World) -> np.ndarray:
     """:func:`_program` of a block read as columns (its names were checked against ``world``)."""
-    if traces.modules is None:
-        missing = np.asarray(traces.table.column("program").is_null())
+    traces.check_world(world)
+    missing = traces.modules[np.cumsum(traces.depth) - traces.depth] < 0  # a trace's first step
+    if missing.any():
         raise ValueError(f"trace {traces.ids[int(np.argmax(missing))]!r} states no program: only the grammar "
                          "model applies")
-    traces.check_world(world)
     return traces.modules
 
 

@@ -266,7 +266,12 @@ def _file_chunks(path: Path, world: World, chunk: int, skip_invalid: bool, error
     except FileNotFoundError:
         raise TraceFormatError("no such file", str(path)) from None
     except (OSError, EOFError, zlib.error) as e:
-        raise TraceFormatError(f"cannot read: {e}", str(path), line_no + len(block) + 1) from None
+        err = TraceFormatError(f"cannot read: {e}", str(path), line_no + len(block) + 1)
+        if block:  # the lines read before the failing one come first: their errors, then their traces
+            traces = lines(block, list(range(line_no + 1, line_no + 1 + len(block))))
+            if traces:
+                yield traces
+        raise err from None
 
 
 def iter_chunks(paths: str | os.PathLike | Sequence[str | os.PathLike], *, world: World | None = None,

@@ -208,3 +208,64 @@ def test_a_world_with_a_non_ascii_alphabet(tmp_path):
     chunks = _compare(path, world, chunk=16)
     assert all(isinstance(c, TraceColumns) for c in chunks)
     _arrays_equal(build_data(chunks[0], world), build_data(traces[:16], world))
+
+
+@pytest.mark.parametrize("why", ["duplicate id", "too deep"])
+def test_a_refused_trace_without_program_leaves_the_rest_of_its_block_fit_for_programs(lines, world, tmp_path, why):
+    """A refused line that states no program is dropped from its block, and the block's other
+    traces (all with programs) still build for the modular model."""
+    from latentsel.analysis.streaming import StreamedCorpus
+
+    body = list(lines[:6])
+    r = _record(body[0])
+    body.append(_with(r, program=None) if why == "duplicate id"
+                else _with(r, id="deep", program=None, truth=None, steps=r["steps"] * 3))
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\n".join(body) + b"\n")
+    errors = []
+    chunks = list(iter_chunks(path, world=world, chunk=100, skip_invalid=True, errors=errors, max_depth=8))
+    assert len(errors) == 1 and ":7: " in str(errors[0])
+    (cols,) = chunks
+    assert isinstance(cols, TraceColumns) and len(cols) == 6
+    _arrays_equal(build_data(cols, world), build_data(read_traces(path, world=world, skip_invalid=True)[:6], world))
+    with StreamedCorpus(path, world, "modular", skip_invalid=True, cache="memory", max_depth=8) as corpus:
+        assert corpus.n_traces == 6
+
+
+def test_the_trace_without_program_is_the_one_named(lines, world, tmp_path):
+    body = list(lines[:5])
+    body[3] = _with(_record(body[3]), program=None)
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\n".join(body) + b"\n")
+    (cols,) = list(iter_chunks(path, world=world, chunk=100))
+    ids = cols.ids
+    build_data(cols.take([0, 1, 2, 4]), world)  # the others state theirs
+    for taken in ([3], [4, 3, 0]):
+        with pytest.raises(ValueError, match=f"trace '{ids[3]}' states no program"):
+            build_data(cols.take(taken), world)
+    build_data(cols, world, model="grammar")
+
+
+@pytest.mark.parametrize("chunk", [1, 100])
+def test_a_truncated_gzip_after_a_bad_line_reports_the_bad_line_first(lines, world, tmp_path, chunk):
+    import gzip
+
+    body = [b'{"id": 5}'] + list(lines[:3])
+    path = tmp_path / "t.jsonl.gz"
+    path.write_bytes(gzip.compress(b"\n".join(body) + b"\n")[:-4])
+    with pytest.raises(TraceFormatError) as want:
+        read_traces(path, world=world)
+    with pytest.raises(TraceFormatError) as got:
+        list(iter_chunks(path, world=world, chunk=chunk))
+    assert str(got.value) == str(want.value) and ":1: " in str(got.value)
+    # skipped: the same errors, then the same read error, and the traces read before it
+    want_errors, got_errors, kept = [], [], []
+    with pytest.raises(TraceFormatError) as want:
+        for tr in read_traces(path, world=world, skip_invalid=True, errors=want_errors):
+            pass
+    with pytest.raises(TraceFormatError) as got:
+        for c in iter_chunks(path, world=world, chunk=chunk, skip_invalid=True, errors=got_errors):
+            kept.extend(c)
+    assert str(got.value) == str(want.value) and "cannot read" in str(got.value)
+    assert [str(e) for e in got_errors] == [str(e) for e in want_errors] and len(got_errors) == 1
+    assert [t.id for t in kept] == [_record(x)["id"] for x in lines[:3]]
