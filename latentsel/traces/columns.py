@@ -167,6 +167,10 @@ def _extra(self) -> dict:
     return {}  # a block is read as columns only if its records have no other keys
 
 
+def _source(self) -> dict:
+    return {} if self.source_ is None else self.source_  # as parse_trace reads a missing or null source
+
+
 @lru_cache(maxsize=8)
 def record_decoder(route_names: tuple[str, ...], skill_names: tuple[str, ...]):
     """The msgspec decoder of one line of a block :func:`read_columns` accepted, as a light
@@ -180,9 +184,11 @@ def record_decoder(route_names: tuple[str, ...], skill_names: tuple[str, ...]):
         "TraceRecord",
         [("id", str), ("input", str), ("steps", list[Optional[str]]),
          ("program", Optional[list[tuple[route, skill]]], None), ("answer", Optional[str], None),
-         ("source", Optional[dict[str, Any]], None), ("truth", Optional[truth], None)],
+         ("source_", Optional[dict[str, Any]], msgspec.field(default=None, name="source")),
+         ("truth", Optional[truth], None)],
         forbid_unknown_fields=True, gc=False,
-        namespace={"depth": property(_depth), "extra": property(_extra), "__doc__": "A trace record of a block read as columns."})
+        namespace={"depth": property(_depth), "extra": property(_extra), "source": property(_source),
+                   "__doc__": "A trace record of a block read as columns."})
     return msgspec.json.Decoder(record)
 
 

@@ -20,7 +20,7 @@ from latentsel.world import World, default_world
 def _key(tr):
     program = None if tr.program is None else [tuple(p) for p in tr.program]
     truth = None if tr.truth is None else (tuple(tr.truth.routes), tuple(tr.truth.skills), tuple(tr.truth.off))
-    return (tr.id, tr.input, list(tr.steps), program, tr.answer, dict(tr.source or {}), truth, dict(tr.extra))
+    return (tr.id, tr.input, list(tr.steps), program, tr.answer, tr.source, truth, dict(tr.extra))
 
 
 @pytest.fixture(scope="module")
