@@ -29,6 +29,7 @@ from latentsel.models.data import (
     log_emission,
     log_p_off,
     log_p_on,
+    on_module_positions,
     previous_intended,
 )
 from latentsel.models.params import Priors
@@ -93,10 +94,7 @@ def _expected_counts_independent(model, n_chars, max_len, params, arrays) -> Suf
     length = jnp.asarray(data.length)
     table = emission_table(params.noise, params.off_module, n_chars, max_len)  # [L, M + 2], column m + 1
     off = params.off_module * jnp.exp(log_p_off(jnp.arange(max_len + 1.0), n_chars, max_len))  # [L]
-    m = jnp.arange(-1.0, max_len + 1.0)[None, :]
-    valid = (m >= 0) & (m <= jnp.arange(max_len + 1.0)[:, None])
-    on_matched = jnp.where(valid, (table - off[:, None]) * m, 0.0)  # p_on-part times m
-    on_mismatched = jnp.where(valid, (table - off[:, None]) * (jnp.arange(max_len + 1.0)[:, None] - m), 0.0)
+    on_matched, on_mismatched = on_module_positions(table, off, max_len)
     index = (length * (max_len + 2))[..., None, None] + jnp.asarray(data.match).astype(jnp.int32) + 1
     p_emit = jnp.where(emit[..., None, None], table.ravel()[index], 1.0)
     # batched matrix-vector products (XLA dots): 2.3x the fused elementwise products and sums here

@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from latentsel._compiled import numba_threads
-from latentsel.models.data import HLSMData, emission_table, log_p_off, previous_intended
+from latentsel.models.data import HLSMData, emission_table, log_p_off, on_module_positions, previous_intended
 from latentsel.models.registry import model_spec
 
 __all__ = ["independent_log_evidence", "independent_posterior_arrays", "independent_counts"]
@@ -46,6 +46,13 @@ def _table(params, data: HLSMData) -> np.ndarray:
                                                    data.max_len, xp=np), dtype=np.float64)
 
 
+def _off_term(params, data: HLSMData) -> np.ndarray:
+    """π p_off(y) by length, as exp(log π + log p_off) (the jitted path's log_off_term)."""
+    with np.errstate(divide="ignore", under="ignore"):
+        return np.exp(np.log(float(params.off_module))
+                      + log_p_off(np.arange(data.max_len + 1.0), data.n_chars, data.max_len, xp=np))
+
+
 def independent_posterior_arrays(model: str, params, data: HLSMData, underflow: float, joint: bool):
     """The exact posterior of the steps outside hidden-step blocks (``modular`` / ``entangled``):
     ``(log_evidence [N], route_probs [N, T, R], skill_probs [N, T, K], p_off [N, T],
@@ -55,10 +62,7 @@ def independent_posterior_arrays(model: str, params, data: HLSMData, underflow: 
     route_p, cr, skill_p, ck = _rows(model, params, data)
     n, t, r_n, k_n = data.match.shape
     length = np.ascontiguousarray(data.length, dtype=np.int64)
-    # off p_off(y) by length, as exp(log off + log p_off) (the jitted path's log_off_term)
-    with np.errstate(divide="ignore", under="ignore"):
-        off_term = np.exp(np.log(float(params.off_module))
-                          + log_p_off(np.arange(data.max_len + 1.0), data.n_chars, data.max_len, xp=np))
+    off_term = _off_term(params, data)
     out = (np.zeros(n), np.zeros((n, t, r_n)), np.zeros((n, t, k_n)), np.zeros((n, t)),
            np.full((n, t), -1, dtype=np.int64), np.full((n, t), -1, dtype=np.int64))
     joint_probs = np.zeros((n, t, r_n, k_n)) if joint else np.zeros((0, 0, r_n, k_n))
@@ -156,18 +160,9 @@ def independent_counts(model: str, params, data: HLSMData, underflow: float):
     where ``careful`` is False (those with a step whose ``p(y_t)`` is below ``underflow``, to be
     counted by the jitted path)."""
     route_p, cr, skill_p, ck = _rows(model, params, data)
-    table = _table(params, data)
-    max_len = data.max_len
-    with np.errstate(divide="ignore", under="ignore"):
-        off = np.exp(np.log(float(params.off_module))
-                     + log_p_off(np.arange(max_len + 1.0), data.n_chars, max_len, xp=np))
-    # the on-module part of the table times the matched and the mismatched positions
-    m = np.arange(-1.0, max_len + 1.0)[None, :]
-    ln = np.arange(max_len + 1.0)[:, None]
-    valid = (m >= 0) & (m <= ln)
+    table, off = _table(params, data), _off_term(params, data)
     with np.errstate(invalid="ignore"):
-        on_matched = np.where(valid, (table - off[:, None]) * m, 0.0)
-        on_mismatched = np.where(valid, (table - off[:, None]) * (ln - m), 0.0)
+        on_matched, on_mismatched = on_module_positions(table, off, data.max_len, xp=np)
     match = np.ascontiguousarray(data.match)
     length = np.ascontiguousarray(data.length, dtype=np.int64)
     emit, free = np.ascontiguousarray(data.emit), np.ascontiguousarray(data.free)

@@ -340,6 +340,20 @@ def emission_table(noise, off_module, n_chars: int, max_len: int, xp=jnp):
     return (1 - off_module) * on + off_module * xp.exp(log_p_off(length, n_chars, max_len, xp))
 
 
+def on_module_positions(table, off, max_len: int, xp=jnp):
+    """The on-module part of :func:`emission_table` (``off``: the off-module term π p_off(y) by
+    length) times the matched and the mismatched positions, for every (len(y), m):
+    ``(matched, mismatched)``, each ``[max_len + 1, max_len + 2]`` (column ``m + 1``; 0 where m
+    is not a count of len(y)). The E-step sums them over the posterior: both are summed
+    directly, not one as len(y) p(u = 0 | y) minus the other, which loses the digits of a tiny
+    noise."""
+    length = xp.arange(max_len + 1.0)[:, None]
+    m = xp.arange(-1.0, max_len + 1.0)[None, :]
+    valid = (m >= 0) & (m <= length)
+    on = table - off[:, None]
+    return xp.where(valid, on * m, 0.0), xp.where(valid, on * (length - m), 0.0)
+
+
 def emission(data: HLSMData, noise, off_module):
     """p(y_t | r_t, k_t) with the off flag summed out, by table lookup: ``[N, T, R, K]``
     (1 outside ``emit_mask``). Float64 holds it without underflow for any step of the world."""

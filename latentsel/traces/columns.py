@@ -93,20 +93,21 @@ def _list_values(arr):
     return arr.values.slice(int(off[0]), int(off[-1] - off[0]))
 
 
-def _no_nulls(arr):
-    """``arr`` with its nulls as ``""`` (a null slot's bytes are not a string)."""
-    return _pa().compute.fill_null(arr, "") if arr.null_count else arr
+def _string_data(arr):
+    """``(arr, offsets, bytes)``: a string array with its nulls as ``""`` (a null slot's bytes are
+    not a string), its offsets, and the bytes of its strings."""
+    if arr.null_count:
+        arr = _pa().compute.fill_null(arr, "")
+    off = _offsets(arr)
+    return arr, off, _bytes(arr)[int(off[0]): int(off[-1])]
 
 
 def string_codes(arr, world: World) -> tuple[np.ndarray, np.ndarray]:
     """``(codes: uint8[S, W], lens: int32[S])`` of a string array of valid strings (a null reads
     as ``""``): ASCII data mapped byte by byte, any other decoded to code points (``encode``)."""
-    arr = _no_nulls(arr)
-    data, off = _bytes(arr), _offsets(arr)
-    lo, hi = int(off[0]), int(off[-1])
-    raw = data[lo:hi]
+    arr, off, raw = _string_data(arr)
     if raw.size and raw.max() >= 128:  # UTF-8 beyond ASCII: characters are not bytes
-        return encode(["" if s is None else s for s in arr.to_pylist()], world)
+        return encode(arr.to_pylist(), world)
     lens = (off[1:] - off[:-1]).astype(np.int32)
     codes = np.full((lens.size, world.max_len), PAD, dtype=np.uint8)
     codes[np.arange(world.max_len) < lens[:, None]] = _lookup_table(world.alphabet)[raw]
@@ -123,13 +124,11 @@ def _byte_classes(alphabet: str) -> np.ndarray:
 
 def _check_strings(arr, world: World) -> None:
     """:class:`Slow` unless every string of ``arr`` is at most ``max_len`` characters of the alphabet."""
-    arr = _no_nulls(arr)
-    data, off = _bytes(arr), _offsets(arr)
-    raw = data[int(off[0]): int(off[-1])]
+    arr, off, raw = _string_data(arr)
     worst = int(np.take(_byte_classes(world.alphabet), raw).max(initial=0))
     if worst == 2:  # UTF-8 beyond ASCII: checked as code points
         try:
-            encode([s for s in arr.to_pylist() if s is not None], world)
+            encode(arr.to_pylist(), world)
         except ValueError:
             raise Slow from None
         return
@@ -203,7 +202,7 @@ def _finite(arr, depth: int = 0) -> bool:
     if pa.types.is_list(t) or pa.types.is_large_list(t):
         return _finite(_list_values(arr), depth + 1)
     if pa.types.is_floating(t):
-        return bool(pa.compute.all(pa.compute.is_finite(arr), skip_nulls=True).as_py() is not False)
+        return pa.compute.all(pa.compute.is_finite(arr), skip_nulls=True).as_py() is not False
     return pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_string(t) or pa.types.is_null(t)
 
 
@@ -290,10 +289,8 @@ class TraceColumns(Sequence):
         codes = np.full((n, t_max + 1, world.max_len), PAD, dtype=np.uint8)
         lens = np.zeros((n, t_max + 1), dtype=np.int32)
         codes[:, 0], lens[:, 0] = x_codes, x_lens
-        steps = (np.arange(1, t_max + 1) <= self.depth[:, None])
-        full = np.zeros((n, t_max + 1), dtype=bool)
-        full[:, 1:] = steps
-        codes[full], lens[full] = s_codes, s_lens
+        steps = np.arange(t_max) < self.depth[:, None]
+        codes[:, 1:][steps], lens[:, 1:][steps] = s_codes, s_lens
         return codes, lens
 
 
@@ -372,29 +369,23 @@ def check_table(table, block: bytes, world: World) -> TraceColumns:
             raise Slow
         modules[np.repeat(stated, depth)] = route * world.n_skills + skill
     # truth: three lists as long as the steps, of known names and booleans
-    if "truth" in table.column_names:
-        truth = _array(table.column("truth"))
-        if [f.name for f in truth.type] != ["routes", "skills", "off"]:
-            raise Slow
-        if truth.null_count < n:
-            given = None if truth.null_count == 0 else np.asarray(truth.is_valid())
-            for i, name in enumerate(("routes", "skills", "off")):
-                field = truth.field(i)
-                # a null field under a given truth is a missing or null key: parse_trace refuses it
-                if given is None:
-                    if field.null_count or (_lengths(field) != depth).any():
-                        raise Slow
-                    values = _list_values(field)
-                else:
-                    if (given & ~np.asarray(field.is_valid())).any() or (_lengths(field)[given] != depth[given]).any():
-                        raise Slow
-                    values = _list_values(field.filter(pa.array(given)))
-                if values.null_count:
+    truth = _array(table.column("truth"))
+    if [f.name for f in truth.type] != ["routes", "skills", "off"]:
+        raise Slow
+    if truth.null_count < n:
+        given = np.asarray(truth.is_valid())
+        for i, name in enumerate(("routes", "skills", "off")):
+            field = truth.field(i)
+            # a null field under a given truth is a missing or null key: parse_trace refuses it
+            if (given & ~np.asarray(field.is_valid())).any() or (_lengths(field)[given] != depth[given]).any():
+                raise Slow
+            values = _list_values(field if given.all() else field.filter(pa.array(given)))
+            if values.null_count:
+                raise Slow
+            if name != "off":
+                idx, as_route, as_skill = _names(values, world)
+                if ((as_route if name == "routes" else as_skill)[idx] < 0).any():
                     raise Slow
-                if name != "off":
-                    idx, as_route, as_skill = _names(values, world)
-                    if ((as_route if name == "routes" else as_skill)[idx] < 0).any():
-                        raise Slow
     if "source" in table.column_names:
         source = _array(table.column("source"))
         if not (pa.types.is_struct(source.type) or pa.types.is_null(source.type)) or not _finite(source):

@@ -251,27 +251,34 @@ def _file_chunks(path: Path, world: World, chunk: int, skip_invalid: bool, error
         return
     except (OSError, EOFError, zlib.error):
         pass  # read again line by line from the block that failed, to name the line the read fails at
-    block = []
+    for block, first in _line_blocks(path, chunk, line_no):
+        traces = lines(block, list(range(first, first + len(block))))
+        if traces:
+            yield traces
+
+
+def _line_blocks(path: Path, chunk: int, skip: int) -> Iterator[tuple[list[bytes], int]]:
+    """``(lines, number of the first)``: the lines of ``path`` after the first ``skip``, ``chunk``
+    at a time. A read that fails yields the lines read before it, then raises the
+    :class:`TraceFormatError` naming the line it fails at (as ``read_traces`` reads: those lines first)."""
+    line_no = skip
     try:
-        stream = islice(_open_lines(path), line_no, None)
+        stream = islice(_open_lines(path), skip, None)
         while True:
-            block = []  # ``chunk`` lines at a time
-            block.extend(islice(stream, chunk))  # (lines read before a failing one stay: its number is known)
+            block: list[bytes] = []
+            try:
+                block.extend(islice(stream, chunk))  # (lines read before a failing one stay: its number is known)
+            except (OSError, EOFError, zlib.error) as e:
+                err = TraceFormatError(f"cannot read: {e}", str(path), line_no + len(block) + 1)
+                if block:
+                    yield block, line_no + 1
+                raise err from None
             if not block:
-                break
-            traces = lines(block, list(range(line_no + 1, line_no + 1 + len(block))))
+                return
+            yield block, line_no + 1
             line_no += len(block)
-            if traces:
-                yield traces
     except FileNotFoundError:
         raise TraceFormatError("no such file", str(path)) from None
-    except (OSError, EOFError, zlib.error) as e:
-        err = TraceFormatError(f"cannot read: {e}", str(path), line_no + len(block) + 1)
-        if block:  # the lines read before the failing one come first: their errors, then their traces
-            traces = lines(block, list(range(line_no + 1, line_no + 1 + len(block))))
-            if traces:
-                yield traces
-        raise err from None
 
 
 def iter_chunks(paths: str | os.PathLike | Sequence[str | os.PathLike], *, world: World | None = None,
