@@ -203,7 +203,9 @@ def _finite(arr, depth: int = 0) -> bool:
         return _finite(_list_values(arr), depth + 1)
     if pa.types.is_floating(t):
         return pa.compute.all(pa.compute.is_finite(arr), skip_nulls=True).as_py() is not False
-    return pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_string(t) or pa.types.is_null(t)
+    # (a string that looks like a date is inferred as a timestamp: still a JSON string)
+    return (pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_string(t) or pa.types.is_null(t)
+            or pa.types.is_timestamp(t))
 
 
 def _every_line_an_object(block: bytes, n_lines: int) -> bool:

@@ -269,3 +269,15 @@ def test_a_truncated_gzip_after_a_bad_line_reports_the_bad_line_first(lines, wor
     assert str(got.value) == str(want.value) and "cannot read" in str(got.value)
     assert [str(e) for e in got_errors] == [str(e) for e in want_errors] and len(got_errors) == 1
     assert [t.id for t in kept] == [_record(x)["id"] for x in lines[:3]]
+
+
+def test_dates_in_source_stay_on_the_fast_path(lines, world, tmp_path):
+    """pyarrow infers a date-like string as a timestamp: a corpus whose sources carry one is
+    still read as columns, with the same records."""
+    body = [_with(_record(x), source={"run": "ppo", "written": "2026-11-30T12:00:00", "day": "2026-11-30"})
+            for x in lines]
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\n".join(body) + b"\n")
+    chunks = _compare(path, world, chunk=7)
+    assert chunks and all(isinstance(c, TraceColumns) for c in chunks)
+    assert next(iter(chunks[0])).source["written"] == "2026-11-30T12:00:00"
